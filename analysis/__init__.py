@@ -1,0 +1,1 @@
+"""medscale analysis: scaling curves, plots and reports from sweep results."""

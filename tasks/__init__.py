@@ -1,0 +1,1 @@
+"""medscale tasks: encoders, datasets and protocols (no Ray, no MLflow in here)."""
