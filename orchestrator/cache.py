@@ -1,0 +1,124 @@
+"""Content-addressed feature cache.
+
+One entry per (encoder, weights digest, resolution, pooling, preprocessing version, dataset
+fingerprint, split): a directory of Parquet files plus `_medscale.json`, which is written last.
+An entry is complete only when that marker exists, so an interrupted extraction never leaves
+anything that looks complete. Entries are built in a scratch directory and moved into place.
+
+Paths go through pyarrow filesystems, so the cache can live on a local disk, NFS or s3:// alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+MARKER = "_medscale.json"
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    encoder: str
+    weights_kind: str
+    weights_digest: str
+    resolution: int
+    pooling: str
+    preprocess_version: str
+    dataset: str
+    dataset_fingerprint: str
+    split: str
+
+    @property
+    def digest(self) -> str:
+        blob = json.dumps({"format": CACHE_FORMAT, **asdict(self)}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    @property
+    def dirname(self) -> str:
+        # Readable prefix for people browsing the cache; the digest alone decides identity.
+        return f"{self.dataset}-{self.split}-{self.encoder}-{self.resolution}px-{self.digest}"
+
+
+def _split_uri(root: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in root:
+        return pafs.FileSystem.from_uri(root)
+    import os
+
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
+
+
+class FeatureCache:
+    def __init__(self, root: str):
+        self.root = root
+        self.fs, self.base = _split_uri(root)
+        self.fs.create_dir(f"{self.base}/features", recursive=True)
+        self.fs.create_dir(f"{self.base}/tmp", recursive=True)
+
+    def entry_path(self, key: CacheKey) -> str:
+        return f"{self.base}/features/{key.dirname}"
+
+    def is_complete(self, key: CacheKey) -> bool:
+        info = self.fs.get_file_info(f"{self.entry_path(key)}/{MARKER}")
+        return info.type == pafs.FileType.File
+
+    def meta(self, key: CacheKey) -> dict[str, Any]:
+        with self.fs.open_input_stream(f"{self.entry_path(key)}/{MARKER}") as f:
+            return json.loads(f.read().decode())
+
+    def scratch_dir(self) -> str:
+        """A fresh directory for one extraction's output; never looks like an entry."""
+        path = f"{self.base}/tmp/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.fs.create_dir(path, recursive=True)
+        return path
+
+    def commit(self, key: CacheKey, staged_dir: str, meta: dict[str, Any]) -> None:
+        """Move a staged directory of Parquet files into place, then write the marker."""
+        final = self.entry_path(key)
+        if self.fs.get_file_info(final).type != pafs.FileType.NotFound:
+            # Left by an interrupted commit (no marker) or a concurrent writer: replace it.
+            if self.is_complete(key):
+                self.fs.delete_dir(staged_dir)
+                return
+            self.fs.delete_dir(final)
+        self.fs.move(staged_dir, final)
+        record = {"key": asdict(key), "key_digest": key.digest, "created": time.time(), **meta}
+        tmp_marker = f"{final}/{MARKER}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(tmp_marker) as f:
+            f.write(json.dumps(record, indent=2, sort_keys=True).encode())
+        self.fs.move(tmp_marker, f"{final}/{MARKER}")
+
+    def read_table(self, key: CacheKey) -> pa.Table:
+        if not self.is_complete(key):
+            raise FileNotFoundError(f"no complete cache entry at {self.entry_path(key)}")
+        dataset = pads.dataset(self.entry_path(key), filesystem=self.fs, format="parquet")
+        table = dataset.to_table()
+        # Row order across Parquet parts is not meaningful: sort by case id so reads are stable.
+        return table.sort_by("case_id")
+
+    def read_arrays(self, key: CacheKey) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+        """(case ids, embeddings (n, D) float32, targets (n, C) int, patient ids)."""
+        t = self.read_table(key)
+        emb = t.column("embedding").combine_chunks()
+        dim = emb.type.list_size
+        X = emb.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+        tgt = t.column("target").combine_chunks()
+        Y = np.asarray(tgt.values.to_numpy(zero_copy_only=False), dtype=np.int64)
+        Y = Y.reshape(len(t), -1) if len(t) else Y.reshape(0, 0)
+        return t.column("case_id").to_pylist(), X, Y, t.column("patient_id").to_pylist()
+
+    def clean_scratch(self, older_than_s: float = 0.0) -> None:
+        now = time.time()
+        for info in self.fs.get_file_info(pafs.FileSelector(f"{self.base}/tmp")):
+            if info.mtime is None or now - info.mtime.timestamp() >= older_than_s:
+                if info.type == pafs.FileType.Directory:
+                    self.fs.delete_dir(info.path)

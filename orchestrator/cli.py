@@ -1,0 +1,127 @@
+"""`medscale` command line: encoders, datasets, sweep, analyze."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tasks.errors import MedscaleError
+
+
+def _cmd_encoders(args: argparse.Namespace) -> int:
+    from tasks.encoders import encoder_table
+
+    rows = encoder_table()
+    print(f"{'name':<24} {'timm model':<34} {'params':>10} {'GFLOPs@224':>11} {'GFLOPs@512':>11}")
+    for r in rows:
+        print(f"{r['name']:<24} {r['timm_model']:<34} {r['params'] / 1e6:>9.1f}M "
+              f"{r['gflops_224']:>11.1f} {r['gflops_512']:>11.1f}")
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from tasks.datasets import dataset_class, get_dataset, list_datasets
+
+    if args.action == "list":
+        for name in list_datasets():
+            cls = dataset_class(name)
+            print(f"{name:<18} {cls.task:<11} {len(cls.classes):>3} classes  protocols: {', '.join(cls.protocols)}")
+        return 0
+    if args.name is None or args.root is None:
+        raise MedscaleError(f"datasets {args.action} needs NAME and --root DIR")
+    if args.action == "synth":
+        kwargs = {"n": args.n} if args.n else {}
+        dataset_class(args.name).synth(Path(args.root), seed=args.seed, **kwargs)
+        print(f"wrote a synthetic {args.name} dataset to {args.root}")
+        return 0
+    problems = get_dataset(args.name, args.root).check()
+    for p in problems:
+        print(f"{p.path}: {p.message}")
+    if problems:
+        print(f"{args.name} at {args.root}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{args.name} at {args.root}: OK")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.sweep import run_sweep
+
+    cfg = load_config(args.config)
+    outcome = run_sweep(cfg, resume=args.resume, rerun=args.rerun, address=args.address)
+    failed = [c for c, s in outcome.cells.items() if s == "FAILED"]
+    return 1 if failed and args.strict else 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from orchestrator.analyze import analyze
+
+    analyze(tracking_uri=args.tracking_uri, experiments=args.experiment, points=args.points,
+            out=args.out, config=args.config)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="medscale", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("encoders", help="list registered encoders with parameters and GFLOPs")
+
+    d = sub.add_parser("datasets", help="list, synthesise or check datasets")
+    d.add_argument("action", choices=["list", "synth", "check"])
+    d.add_argument("name", nargs="?")
+    d.add_argument("--root", help="dataset directory (official layout)")
+    d.add_argument("--n", type=int, default=None, help="synth: number of images")
+    d.add_argument("--seed", type=int, default=0, help="synth: random seed")
+
+    s = sub.add_parser("sweep", help="run a sweep config on Ray and record it in MLflow")
+    add_sweep_args(s)
+
+    a = sub.add_parser("analyze", help="plots and a report from a sweep's MLflow runs")
+    a.add_argument("--config", help="a sweep config: read its tracking URI, experiment and output")
+    a.add_argument("--tracking-uri", help="MLflow tracking URI (default: from --config)")
+    a.add_argument("--experiment", action="append", help="experiment (sweep) name; repeatable")
+    a.add_argument("--points", help="a points CSV instead of MLflow")
+    a.add_argument("--out", help="output directory (default: <sweep output>/analysis)")
+    return ap
+
+
+def add_sweep_args(s: argparse.ArgumentParser, config_flag: bool = False) -> None:
+    if config_flag:
+        s.add_argument("--config", required=True, help="sweep config (YAML)")
+    else:
+        s.add_argument("config", help="sweep config (YAML)")
+    s.add_argument("--resume", action="store_true", help="run only the cells not finished yet")
+    s.add_argument("--rerun", action="store_true", help="run every cell again (features stay cached)")
+    s.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
+    s.add_argument("--strict", action="store_true", help="exit non-zero if any cell failed")
+
+
+COMMANDS = {"encoders": _cmd_encoders, "datasets": _cmd_datasets, "sweep": _cmd_sweep, "analyze": _cmd_analyze}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MedscaleError as e:
+        print(f"medscale: error: {e}", file=sys.stderr)
+        return 2
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    """`python sweep.py --config CONFIG`: the same as `medscale sweep CONFIG` (for `ray submit`)."""
+    ap = argparse.ArgumentParser(prog="sweep.py", description="run a medscale sweep")
+    add_sweep_args(ap, config_flag=True)
+    args = ap.parse_args(argv)
+    try:
+        return _cmd_sweep(args)
+    except MedscaleError as e:
+        print(f"medscale: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

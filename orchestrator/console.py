@@ -1,0 +1,90 @@
+"""What a sweep prints: a banner, one line per extraction and per finished cell, a summary."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestrator.config import SweepConfig
+    from orchestrator.extract import ExtractionJob
+    from orchestrator.sweep import SweepOutcome
+
+
+def _p(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def note(line: str) -> None:
+    _p(f"medscale: {line}")
+
+
+def banner(cfg: SweepConfig, n_cells: int, skipped: dict[str, str]) -> None:
+    g = cfg.grid
+    _p(f"== medscale sweep '{cfg.name}': {n_cells} cells "
+       f"({len(g.encoders)} encoders x {len(g.resolutions)} resolutions x {len(g.datasets)} datasets x "
+       f"{len(g.protocols)} protocols x {len(g.seeds)} seeds)")
+    if cfg.weights == "random":
+        _p("== WEIGHTS: random  -- encoders are RANDOMLY INITIALISED; results say nothing about pretrained models")
+    else:
+        _p(f"== weights: {cfg.weights}")
+    _p(f"== output: {cfg.output_path}   tracking: {cfg.resolved_tracking_uri}")
+    for cid, why in skipped.items():
+        note(f"skipped {cid}: {why}")
+
+
+def extract_line(job: ExtractionJob, what: str, n: int, seconds: float) -> None:
+    if what == "cached":
+        _p(f"   {job.label}: all splits cached, nothing to encode")
+    elif what == "start":
+        _p(f"   {job.label}: encoding {n} images (pooling {job.pooling}, weights {job.weights})")
+    else:
+        rate = n / seconds if seconds > 0 else float("nan")
+        _p(f"   {job.label}: {n} images in {seconds:.1f} s ({rate:.1f} img/s, Ray start-up included)")
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and v == v else "-"
+
+
+def cell_line(i: int, total: int, cell_id: str, status: str, headline: float | None,
+              seconds: float | None, error: str | None) -> None:
+    w = len(str(total))
+    line = f"[{i:>{w}}/{total}] {status:<8} {cell_id}  test_auc={_fmt(headline, '.4f')}  {_fmt(seconds, '.1f')}s"
+    if error:
+        line += f"\n          reason: {error.splitlines()[0][:300]}"
+    _p(line)
+
+
+def summary(cfg: SweepConfig, outcome: SweepOutcome) -> None:
+    out = cfg.output_path
+    rows: list[dict[str, Any]] = []
+    for cid, status in sorted(outcome.cells.items()):
+        m = outcome.metrics.get(cid, {})
+        rows.append({"cell": cid, "status": status, "test_auc": m.get("test_auc"),
+                     "compute_s": m.get("compute_s"),
+                     "reason": outcome.errors.get(cid) or outcome.skipped.get(cid, "")})
+    with (out / "summary.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["cell"])
+        w.writeheader()
+        w.writerows(rows)
+    width = max((len(r["cell"]) for r in rows), default=10)
+    _p()
+    _p(f"{'cell':<{width}}  {'status':<8}  {'test_auc':>8}  {'time':>7}")
+    _p("-" * (width + 31))
+    for r in rows:
+        _p(f"{r['cell']:<{width}}  {r['status']:<8}  {_fmt(r['test_auc'], '8.4f'):>8}  "
+           f"{_fmt(r['compute_s'], '6.1f'):>6}s")
+    counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("FINISHED", "FAILED", "SKIPPED")}
+    _p("-" * (width + 31))
+    _p(f"{counts['FINISHED']} finished, {counts['FAILED']} failed, {counts['SKIPPED']} skipped; "
+       f"images encoded this run: {outcome.n_encoded}")
+    for cid, err in outcome.errors.items():
+        _p(f"FAILED {cid}: {err.splitlines()[0][:300]}")
+    _p(f"results:  {out / 'summary.csv'}   per-cell files: {out / 'cells'}")
+    uri = cfg.resolved_tracking_uri
+    _p(f"MLflow:   {uri}  (experiment '{cfg.name}')")
+    if uri.startswith("sqlite:///"):
+        _p(f"          open the UI with: mlflow ui --backend-store-uri {uri} --port 5000")
+    sys.stdout.flush()

@@ -1,0 +1,127 @@
+"""The sweep's first phase: every (encoder, resolution, dataset) the pending cells need, embedded
+once into the feature cache. A failure (bad dataset root, missing weights, a corrupt image) is
+caught per extraction and handed back, so only the cells that depend on it fail.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from orchestrator import console
+from orchestrator.cache import FeatureCache
+from orchestrator.cells import Cell
+from orchestrator.config import SweepConfig
+from orchestrator.extract import (
+    SPLITS,
+    DigestMemo,
+    ExtractionJob,
+    ExtractResult,
+    cache_keys,
+    commit_splits,
+    compute_weights_info,
+    index_rows,
+    weights_memo_key,
+)
+
+Extraction = tuple[str, int, str]  # (encoder, resolution, dataset)
+
+# Rough host-memory need of loading an encoder to digest its weights (fp32 params x 2.5).
+_BYTES_PER_PARAM = 10
+
+
+def weights_info(encoder: str, weights: str, memo: DigestMemo) -> dict[str, str]:
+    from orchestrator import ray_backend
+    from tasks.encoders import get_encoder_spec
+
+    key = weights_memo_key(encoder, weights)
+    info = memo.get(key)
+    if info is None:
+        mem = get_encoder_spec(encoder).params * _BYTES_PER_PARAM
+        info = ray_backend.run_remote(compute_weights_info, encoder, weights, memory=mem)
+        memo.put(key, info)
+    return info
+
+
+def _error_text(e: BaseException) -> str:
+    # Ray wraps worker exceptions; the user needs the innermost message (which names the file).
+    cause = getattr(e, "cause", None) or e.__cause__
+    while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    err = cause or e
+    return f"{type(err).__name__}: {err}".strip()
+
+
+def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: SweepConfig,
+                n_gpus: float, dataset: Any, fingerprint: str) -> ExtractResult:
+    from orchestrator import ray_backend
+    from tasks.preprocess import PREPROCESS_VERSION
+
+    t0 = time.perf_counter()
+    info = weights_info(job.encoder, job.weights, memo)
+    keys = cache_keys(job, info, fingerprint, PREPROCESS_VERSION)
+    result = ExtractResult(job, keys, info["source"], info["digest"])
+    missing = [s for s in SPLITS if not cache.is_complete(keys[s])]
+    result.cached_splits = [s for s in SPLITS if s not in missing]
+    if not missing:
+        console.extract_line(job, "cached", 0, 0.0)
+        return result
+    rows = index_rows(dataset.index(), missing)
+    empty = [s for s in missing if not any(r["split"] == s for r in rows)]
+    if empty:
+        raise ValueError(f"{job.root}: split(s) {empty} of {job.dataset} have no cases")
+    res = cfg.resources
+    gpus = res.extract_gpus if n_gpus > 0 else 0.0
+    actors = res.extract_actors or (max(1, int(n_gpus // gpus)) if gpus else 1)
+    console.extract_line(job, "start", len(rows), 0.0)
+    scratch = cache.scratch_dir()
+    try:
+        ray_backend.run_embedding_pipeline(
+            rows, job, interpolation=info.get("interpolation", "bicubic"), expected_digest=info["digest"],
+            out_dir=scratch, filesystem=cache.fs, batch_size=res.extract_batch_size, actors=actors,
+            gpus_per_actor=gpus, torch_threads=res.torch_threads,
+        )
+        meta = {"weights_source": info["source"], "rows_planned": len(rows)}
+        result.n_encoded = commit_splits(cache, scratch, keys, missing, meta)
+    finally:
+        if cache.fs.get_file_info(scratch).type.name != "NotFound":
+            cache.fs.delete_dir(scratch)
+    result.seconds = time.perf_counter() - t0
+    console.extract_line(job, "done", result.n_encoded, result.seconds)
+    return result
+
+
+def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: DigestMemo,
+                n_gpus: float) -> tuple[dict[Extraction, ExtractResult], dict[Extraction, str],
+                                        dict[Extraction, tuple[str, dict[str, Any]]]]:
+    """Returns (results, failure messages, (fingerprint, preprocessing record)) per extraction."""
+    from tasks.datasets import get_dataset
+    from tasks.encoders import create_encoder
+
+    needed = sorted({c.extraction for c in cells}, key=lambda e: (e[2], e[0], e[1]))
+    results: dict[Extraction, ExtractResult] = {}
+    failures: dict[Extraction, str] = {}
+    info: dict[Extraction, tuple[str, dict[str, Any]]] = {}
+    datasets: dict[str, tuple[Any, str]] = {}  # name -> (dataset, fingerprint)
+    for i, (enc, res, ds_name) in enumerate(needed, 1):
+        console.note(f"features [{i}/{len(needed)}] {enc} @ {res}px on {ds_name}")
+        try:
+            if ds_name not in datasets:
+                root = str(cfg.data_root(ds_name))
+                if not os.path.isdir(root):
+                    raise FileNotFoundError(f"{root}: dataset root of {ds_name} does not exist "
+                                            f"(write a synthetic one: medscale datasets synth {ds_name} --root {root})")
+                ds = get_dataset(ds_name, root, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+                datasets[ds_name] = (ds, ds.fingerprint())
+            dataset, fingerprint = datasets[ds_name]
+            meta_enc = create_encoder(enc, weights="random", device="meta")
+            pooling = meta_enc.resolve_pooling(cfg.pooling)
+            job = ExtractionJob(enc, cfg.weights, res, pooling, ds_name, str(cfg.data_root(ds_name)),
+                                cfg.val_fraction, cfg.split_seed)
+            results[(enc, res, ds_name)] = extract_one(job, cache, memo, cfg, n_gpus, dataset, fingerprint)
+            info[(enc, res, ds_name)] = (fingerprint, {**meta_enc.preprocess_info(), "pooling": pooling})
+        except Exception as e:  # noqa: BLE001 - one extraction fails alone; its cells carry the reason
+            failures[(enc, res, ds_name)] = _error_text(e)
+            console.note(f"  FAILED: {failures[(enc, res, ds_name)]}")
+    return results, failures, info

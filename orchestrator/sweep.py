@@ -1,0 +1,243 @@
+"""Run a sweep: plan the grid, embed each (encoder, weights, resolution, dataset) once, run every
+cell as a Ray Tune trial, record each cell as exactly one MLflow run, and summarise.
+
+State lives in three durable places, so a killed driver loses nothing: the feature cache, the
+per-cell result directories (written by the trial before it reports) and MLflow. `--resume`
+re-derives what is missing from them instead of trusting Tune's own experiment state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator import __version__, console
+from orchestrator.cache import FeatureCache
+from orchestrator.cells import Cell, cell_spec, read_error, read_result, result_dir
+from orchestrator.config import SweepConfig
+from orchestrator.extract import DigestMemo, ExtractResult, describe
+from orchestrator.tracking import Tracker
+from tasks.errors import ConfigError, MedscaleError
+
+HEADLINE = "test_auc"
+
+
+@dataclass
+class SweepOutcome:
+    cells: dict[str, str] = field(default_factory=dict)  # cell_id -> FINISHED | FAILED | SKIPPED
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    extractions: list[ExtractResult] = field(default_factory=list)
+    already_done: bool = False
+
+    @property
+    def n_encoded(self) -> int:
+        return sum(r.n_encoded for r in self.extractions)
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return f"{sha}{'+dirty' if dirty else ''}" if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def plan_cells(cfg: SweepConfig) -> tuple[list[Cell], dict[str, str]]:
+    """The grid's cells, minus those that make no sense (returned with the reason)."""
+    from tasks.datasets import dataset_class
+    from tasks.protocols import PROTOCOLS
+
+    cells, skipped = [], {}
+    g = cfg.grid
+    for enc, res, ds, proto, seed in itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols, g.seeds):
+        cell = Cell(enc, res, ds, proto, seed)
+        dcls = dataset_class(ds)
+        if proto not in dcls.protocols:
+            skipped[cell.cell_id] = f"{ds} does not support {proto} (supports {', '.join(dcls.protocols)})"
+        elif dcls.task not in PROTOCOLS[proto].supports:
+            skipped[cell.cell_id] = f"{proto} does not handle {dcls.task} tasks"
+        else:
+            cells.append(cell)
+    return cells, skipped
+
+
+class _Runner:
+    """Holds one sweep's state while it runs; the Tune callback reports to it."""
+
+    def __init__(self, cfg: SweepConfig, tracker: Tracker, outcome: SweepOutcome, total: int):
+        self.cfg, self.tracker, self.outcome, self.total = cfg, tracker, outcome, total
+        self.results_dir = str(cfg.output_path / "cells")
+        self.params: dict[str, dict[str, Any]] = {}
+        self.run_ids: dict[str, str] = {}
+
+    def _run_id(self, cell_id: str) -> str:
+        if cell_id not in self.run_ids:
+            self.run_ids[cell_id] = self.tracker.open_run(cell_id, self.params[cell_id], self.tags(cell_id))
+        return self.run_ids[cell_id]
+
+    def tags(self, cell_id: str) -> dict[str, str]:
+        kind = self.params[cell_id].get("weights_kind", self.cfg.weights)
+        tags = {"medscale.weights": kind}
+        if kind == "random":
+            tags["mlflow.note.content"] = "RANDOM-INIT encoder weights (weights: random): not a pretrained result."
+        return tags
+
+    def on_start(self, cell_id: str) -> None:
+        self._run_id(cell_id)
+
+    def on_result(self, cell_id: str, result: dict[str, Any]) -> None:
+        metrics = read_result(self.results_dir, cell_id) or {}
+        if not metrics:
+            return self.on_error(cell_id, "the trial reported but wrote no result files")
+        run_id = self._run_id(cell_id)
+        if result.get("node_ip"):
+            self.tracker.client.set_tag(run_id, "medscale.node_ip", result["node_ip"])
+        self.tracker.finish(run_id, metrics, str(result_dir(self.results_dir, cell_id)))
+        self._done(cell_id, "FINISHED", metrics)
+
+    def on_error(self, cell_id: str, message: str) -> None:
+        self.tracker.fail(self._run_id(cell_id), message)
+        self.outcome.errors[cell_id] = message
+        self._done(cell_id, "FAILED", {})
+
+    def _done(self, cell_id: str, status: str, metrics: dict[str, float]) -> None:
+        self.outcome.cells[cell_id] = status
+        self.outcome.metrics[cell_id] = metrics
+        n = sum(1 for s in self.outcome.cells.values() if s != "SKIPPED")
+        console.cell_line(n, self.total, cell_id, status, metrics.get(HEADLINE),
+                          metrics.get("compute_s"), self.outcome.errors.get(cell_id))
+
+
+def _cell_params(cfg: SweepConfig, cell: Cell, ex: ExtractResult, ds_cls: Any, hparams: dict[str, Any],
+                 fingerprint: str, preprocess: dict[str, Any]) -> dict[str, Any]:
+    from tasks.encoders import get_encoder_spec
+
+    spec = get_encoder_spec(cell.encoder)
+    return {
+        "encoder": cell.encoder, "timm_model": spec.timm_name, "params": spec.params,
+        "gflops": round(spec.gflops(cell.resolution), 3), "resolution": cell.resolution,
+        "dataset": cell.dataset, "protocol": cell.protocol, "seed": cell.seed, "pooling": ex.job.pooling,
+        "weights": cfg.weights, "weights_kind": ex.keys["test"].weights_kind, "weights_source": ex.weights_source,
+        "weights_digest": ex.weights_digest, "dataset_fingerprint": fingerprint, "task": ds_cls.task,
+        "n_classes": len(ds_cls.classes), "sweep": cfg.name, "medscale_version": __version__,
+        "git_commit": git_commit(),
+        **{f"cache_key_{s}": k.digest for s, k in ex.keys.items()},
+        **{f"preprocess_{k}": v for k, v in preprocess.items()},
+        **{f"hp_{k}": v for k, v in hparams.items()},
+    }
+
+
+def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, address: str | None = None,
+              ray_init: dict[str, Any] | None = None) -> SweepOutcome:
+    from orchestrator import ray_backend
+    from orchestrator.extraction_phase import extract_all
+    from tasks.datasets import dataset_class
+    from tasks.protocols import create_protocol
+
+    out = cfg.output_path
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg.resolved_tracking_uri, cfg.name, artifact_root=str(out / "mlartifacts"))
+    cells, skipped = plan_cells(cfg)
+    outcome = SweepOutcome(skipped=skipped)
+    results_dir = str(out / "cells")
+    console.banner(cfg, len(cells), skipped)
+
+    if rerun:
+        n = tracker.delete_cells(c.cell_id for c in cells)
+        for c in cells:
+            shutil.rmtree(result_dir(results_dir, c.cell_id), ignore_errors=True)
+        console.note(f"--rerun: deleted {n} earlier run(s); features stay cached")
+    finished = tracker.finished_cells()
+    done = [c for c in cells if c.cell_id in finished]
+    if done and not resume and not rerun:
+        if len(done) == len(cells):
+            console.note(f"sweep '{cfg.name}' is already complete ({len(cells)} cells); "
+                         "pass --rerun to run it again")
+            outcome.already_done = True
+            for c in cells:
+                outcome.cells[c.cell_id] = "FINISHED"
+            return outcome
+        raise ConfigError(
+            f"{out}: an earlier run of sweep '{cfg.name}' finished {len(done)}/{len(cells)} cells; "
+            "pass --resume to run only the missing cells, or --rerun to start over"
+        )
+    for c in done:
+        outcome.cells[c.cell_id] = "FINISHED"
+    todo = [c for c in cells if c.cell_id not in finished]
+    if resume:
+        console.note(f"--resume: {len(done)} cell(s) already finished, {len(todo)} to go")
+
+    resources = ray_backend.start(address, **(ray_init or {}))
+    has_gpu = resources.get("GPU", 0) > 0
+    if not has_gpu:
+        console.note("no GPU in the Ray cluster: encoders and heads run on CPU")
+
+    runner = _Runner(cfg, tracker, outcome, total=len(cells))
+    for c in done:
+        outcome.metrics[c.cell_id] = read_result(results_dir, c.cell_id) or {}
+
+    cache = FeatureCache(str(out / "cache"))
+    memo = DigestMemo(out / "weights_digests.json")
+    extractions, failures, datasets = extract_all(cfg, todo, cache, memo, resources.get("GPU", 0.0))
+    outcome.extractions = list(extractions.values())
+    with (out / "extractions.jsonl").open("a") as f:
+        for ex in extractions.values():
+            f.write(json.dumps(describe(ex)) + "\n")
+
+    specs = []
+    for c in todo:
+        ex = extractions.get(c.extraction)
+        if ex is None:
+            runner.params[c.cell_id] = {"encoder": c.encoder, "resolution": c.resolution, "dataset": c.dataset,
+                                        "protocol": c.protocol, "seed": c.seed, "weights": cfg.weights}
+            runner.on_error(c.cell_id, failures[c.extraction])
+            continue
+        ds_cls = dataset_class(c.dataset)
+        hp = create_protocol(c.protocol, task=ds_cls.task, seed=c.seed, **cfg.protocols.get(c.protocol, {}))
+        hparams = {k: v for k, v in hp.get_params().items() if k not in ("task", "seed")}
+        fingerprint, preprocess = datasets[c.extraction]
+        runner.params[c.cell_id] = _cell_params(cfg, c, ex, ds_cls, hparams, fingerprint, preprocess)
+        existing = read_result(results_dir, c.cell_id)
+        if existing is not None:  # computed before the driver died: log it, do not recompute
+            runner.on_start(c.cell_id)
+            runner.on_result(c.cell_id, {})
+            continue
+        from tasks.encoders import get_encoder_spec
+
+        specs.append(cell_spec(c, keys=ex.keys, cache_root=cache.root, results_dir=results_dir,
+                               task=ds_cls.task, classes=list(ds_cls.classes),
+                               hparams=cfg.protocols.get(c.protocol, {}),
+                               size=get_encoder_spec(c.encoder).size))
+
+    def cell_resources(spec: dict[str, Any]) -> dict[str, float]:
+        res = {"CPU": cfg.resources.cell_cpus}
+        if has_gpu:
+            res["GPU"] = cfg.resources.cell_gpus[spec["size"]]
+        return res
+
+    ray_backend.run_cells(specs, runner, name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                          storage_path=str(out / "tune"), resources=cell_resources,
+                          max_failures=cfg.max_failures,
+                          error_reader=lambda cid: read_error(results_dir, cid))
+    for c in cells:  # a trial Tune never reported on (should not happen): record it, never leave RUNNING
+        if c.cell_id not in outcome.cells:
+            runner.on_error(c.cell_id, "the cell ended without a result or an error from Ray Tune")
+    for cid in skipped:
+        outcome.cells[cid] = "SKIPPED"
+    console.summary(cfg, outcome)
+    return outcome
+
+
+__all__ = ["run_sweep", "plan_cells", "SweepOutcome", "MedscaleError"]

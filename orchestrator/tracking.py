@@ -1,0 +1,167 @@
+"""Every MLflow call medscale makes lives here (MLflow's APIs move between releases).
+
+One experiment per sweep, one run per cell, found again by the `medscale.cell_id` tag. Runs are
+written from the driver only (sqlite allows one writer), through `MlflowClient` with explicit
+run ids: no global "active run", so a retried or resumed cell re-attaches to its run instead of
+creating a duplicate (the failure mode of Ray's MLflowLoggerCallback after a restore).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import time  # noqa: E402
+from collections.abc import Iterable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pandas as pd  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag, ViewType  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from tasks.errors import ConfigError  # noqa: E402
+
+CELL_TAG = "medscale.cell_id"
+SWEEP_TAG = "medscale.sweep"
+KIND_TAG = "medscale.kind"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    cell_id: str
+    status: str  # RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+
+
+def _chunks(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string,
+                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None):
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            # sqlite stores put artifacts in ./mlruns of the working directory unless told otherwise.
+            loc = Path(artifact_root).resolve().as_uri() if artifact_root else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc)
+        else:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            self.experiment_id = exp.experiment_id
+        self.experiment = experiment
+
+    # -- reading -------------------------------------------------------------------------------
+    def _search(self, filter_string: str = "") -> list[Any]:
+        return _search_runs(self.client, self.experiment_id, filter_string)
+
+    def cell_runs(self) -> dict[str, list[RunRecord]]:
+        out: dict[str, list[RunRecord]] = {}
+        for r in self._search(f"tags.`{KIND_TAG}` = 'cell'"):
+            cid = r.data.tags.get(CELL_TAG)
+            out.setdefault(cid, []).append(RunRecord(r.info.run_id, cid, r.info.status))
+        return out
+
+    def finished_cells(self) -> set[str]:
+        return {c for c, recs in self.cell_runs().items() if any(r.status == "FINISHED" for r in recs)}
+
+    # -- writing -------------------------------------------------------------------------------
+    def open_run(self, cell_id: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """The cell's run: re-attached if one exists (resume, retry), else created. Status RUNNING."""
+        existing = self.cell_runs().get(cell_id, [])
+        if existing:
+            keep, *extra = sorted(existing, key=lambda r: r.status != "FINISHED")
+            for r in extra:  # a crash between create and tag could leave a twin: keep one
+                self.client.delete_run(r.run_id)
+            run_id = keep.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            logged = self.client.get_run(run_id).data.params
+            params = {k: v for k, v in params.items() if k not in logged}
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=cell_id,
+                                         tags={CELL_TAG: cell_id, SWEEP_TAG: self.experiment,
+                                               KIND_TAG: "cell"})
+            run_id = run.info.run_id
+        plist = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        tlist = [RunTag(k, str(v)) for k, v in tags.items()]
+        for chunk in _chunks(plist, 100):
+            self.client.log_batch(run_id, params=chunk)
+        if tlist:
+            self.client.log_batch(run_id, tags=tlist)
+        return run_id
+
+    def finish(self, run_id: str, metrics: dict[str, float], artifact_dir: str | None = None) -> None:
+        now = int(time.time() * 1000)
+        mlist = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v]  # drop NaN
+        for chunk in _chunks(mlist, 1000):
+            self.client.log_batch(run_id, metrics=chunk)
+        if artifact_dir and Path(artifact_dir).is_dir():
+            self.client.log_artifacts(run_id, artifact_dir)
+        self.client.set_tag(run_id, "medscale.error", "")
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def fail(self, run_id: str, message: str) -> None:
+        self.client.set_tag(run_id, "medscale.error", message[:4000])
+        self.client.log_text(run_id, message, "error.txt")
+        self.client.set_terminated(run_id, status="FAILED")
+
+    def delete_cells(self, cell_ids: Iterable[str]) -> int:
+        runs = self.cell_runs()
+        n = 0
+        for cid in cell_ids:
+            for r in runs.get(cid, []):
+                self.client.delete_run(r.run_id)
+                n += 1
+        return n
+
+    def log_sweep_run(self, name: str, params: dict[str, Any], metrics: dict[str, float],
+                      artifact_dir: str | None = None, kind: str = "sweep") -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={KIND_TAG: kind, SWEEP_TAG: self.experiment})
+        for chunk in _chunks([Param(k, str(v)[:6000]) for k, v in params.items()], 100):
+            self.client.log_batch(run.info.run_id, params=chunk)
+        self.finish(run.info.run_id, metrics, artifact_dir)
+        return run.info.run_id
+
+
+def load_points(tracking_uri: str, experiments: list[str] | None = None, split: str = "test") -> pd.DataFrame:
+    """Finished cell runs as analysis points: one row per (run, metric of `split`)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if experiments:
+        exps = [client.get_experiment_by_name(e) for e in experiments]
+        missing = [e for e, x in zip(experiments, exps, strict=True) if x is None]
+        if missing:
+            raise ConfigError(f"{tracking_uri}: no experiment named {missing}")
+    else:
+        exps = client.search_experiments()
+    rows = []
+    for exp in exps:
+        for r in _search_runs(client, exp.experiment_id, f"tags.`{KIND_TAG}` = 'cell' and attributes.status = 'FINISHED'"):
+            p = r.data.params
+            base = {"experiment": exp.name, "run_id": r.info.run_id, "dataset": p.get("dataset"),
+                    "protocol": p.get("protocol"), "encoder": p.get("encoder"),
+                    "params": int(p.get("params", 0)), "gflops": float(p.get("gflops", "nan")),
+                    "resolution": int(p.get("resolution", 0)), "seed": int(p.get("seed", 0)),
+                    "weights": p.get("weights_kind", "")}
+            for k, v in r.data.metrics.items():
+                if k.startswith(f"{split}_"):
+                    rows.append({**base, "metric": k[len(split) + 1 :], "value": float(v)})
+    cols = ["experiment", "run_id", "dataset", "protocol", "encoder", "params", "gflops", "resolution",
+            "seed", "weights", "metric", "value"]
+    return pd.DataFrame(rows, columns=cols)

@@ -1,0 +1,74 @@
+"""The feature cache: content-addressed keys, atomic commits, nothing half-written looks complete."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.cache import CacheKey, FeatureCache
+from orchestrator.extract import embeddings_table
+
+KEY = CacheKey("test_vit_tiny16", "random", "ab" * 32, 32, "cls+mean", "1", "nih14", "f" * 64, "train")
+
+
+def _stage(cache: FeatureCache, n: int = 5, dim: int = 4) -> tuple[str, np.ndarray]:
+    emb = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+    batch = {"case_id": [f"c{i}" for i in range(n)][::-1], "split": ["train"] * n,
+             "patient_id": [f"p{i}" for i in range(n)][::-1], "target": [[i % 2, 1] for i in range(n)][::-1]}
+    d = cache.scratch_dir()
+    pq.write_table(embeddings_table(batch, emb[::-1]), f"{d}/part-0.parquet")
+    return d, emb
+
+
+def test_every_key_field_changes_the_digest():
+    seen = {KEY.digest}
+    for f in dataclasses.fields(KEY):
+        v = getattr(KEY, f.name)
+        changed = dataclasses.replace(KEY, **{f.name: v + 1 if isinstance(v, int) else v + "x"})
+        seen.add(changed.digest)
+    assert len(seen) == 1 + len(dataclasses.fields(KEY))
+
+
+def test_commit_then_read_round_trips(tmp_path):
+    cache = FeatureCache(str(tmp_path / "c"))
+    assert not cache.is_complete(KEY)
+    staged, emb = _stage(cache)
+    cache.commit(KEY, staged, {"n_rows": 5})
+    assert cache.is_complete(KEY)
+    ids, X, Y, patients = cache.read_arrays(KEY)
+    assert ids == [f"c{i}" for i in range(5)]  # sorted by case id, whatever the file order
+    np.testing.assert_array_equal(X, emb)
+    np.testing.assert_array_equal(Y, [[i % 2, 1] for i in range(5)])
+    assert patients == [f"p{i}" for i in range(5)]
+    assert cache.meta(KEY)["key"]["encoder"] == "test_vit_tiny16"
+    # The embedding column is a fixed-size list: polars sees Array(Float32, 4).
+    df = pl.read_parquet(f"{cache.entry_path(KEY)}/part-0.parquet")
+    assert df.schema["embedding"] == pl.Array(pl.Float32, 4)
+
+
+def test_entry_without_marker_is_not_complete_and_is_replaced(tmp_path):
+    cache = FeatureCache(str(tmp_path / "c"))
+    staged, _ = _stage(cache)
+    # Simulate a crash after the move but before the marker: data present, no marker.
+    cache.fs.move(staged, cache.entry_path(KEY))
+    assert not cache.is_complete(KEY)
+    with pytest.raises(FileNotFoundError):
+        cache.read_table(KEY)
+    staged2, emb = _stage(cache, n=3)
+    cache.commit(KEY, staged2, {})
+    ids, X, _, _ = cache.read_arrays(KEY)
+    assert ids == ["c0", "c1", "c2"]
+    np.testing.assert_array_equal(X, emb)
+
+
+def test_commit_keeps_an_existing_complete_entry(tmp_path):
+    cache = FeatureCache(str(tmp_path / "c"))
+    staged, emb = _stage(cache, n=4)
+    cache.commit(KEY, staged, {})
+    staged2, _ = _stage(cache, n=2)
+    cache.commit(KEY, staged2, {})  # a second writer of the same key: first complete entry wins
+    assert len(cache.read_arrays(KEY)[0]) == 4

@@ -1,0 +1,77 @@
+"""Sweep configs: every shipped file loads; bad input is rejected with the offending key's path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import load_config, parse_config
+from tasks.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _base() -> dict:
+    return yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+
+
+def test_configs_directory_is_not_empty():
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "paper.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.n_cells() > 0
+
+
+def test_demo_config_is_the_laptop_grid():
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.weights == "random"
+    assert cfg.n_cells() == 16
+    assert cfg.resolved_tracking_uri == f"sqlite:///{cfg.output_path / 'mlflow.db'}"
+
+
+def test_paper_config_is_the_published_grid():
+    cfg = load_config(REPO / "configs" / "paper.yaml")
+    g = cfg.grid
+    assert g.encoders == ["dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16"]
+    assert g.resolutions == [224, 256, 384, 512, 768, 1024]
+    assert set(g.datasets) == {"nih14", "rsna_pneumonia"}
+    assert len(g.seeds) == 5 and cfg.weights == "hub"
+
+
+@pytest.mark.parametrize(
+    "mutate, path_fragment",
+    [
+        (lambda c: c.update(colour="red"), "colour: unknown key"),
+        (lambda c: c["grid"].update(encoder=["x"]), "grid.encoder: unknown key"),
+        (lambda c: c["grid"].update(resolutions=[112, 100]), "grid.resolutions.1: 100 is not a multiple of 16"),
+        (lambda c: c["grid"].update(encoders=["dinov3_vits16", "vit_giant"]), "unknown encoder 'vit_giant'"),
+        (lambda c: c["grid"].update(datasets=["nih14", "mimic"]), "unknown dataset 'mimic'"),
+        (lambda c: c.update(weights="imagenet"), "weights: weights must be 'hub', 'random' or 'file:<path>'"),
+        (lambda c: c["data"].pop("rsna_pneumonia"), "no root given for dataset(s) ['rsna_pneumonia']"),
+        (lambda c: c["resources"].update(cell_gpus={"small": 2.0}), "resources.cell_gpus"),
+        (lambda c: c["protocols"]["knn"].update(kk=3), "protocols.knn"),
+        (lambda c: c.update(pooling="max"), "pooling"),
+    ],
+)
+def test_bad_config_names_the_key(mutate, path_fragment):
+    raw = _base()
+    mutate(raw)
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, "demo.yaml")
+    assert path_fragment in str(e.value)
+    assert str(e.value).startswith("demo.yaml: invalid sweep config")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

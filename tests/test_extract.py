@@ -1,0 +1,112 @@
+"""Feature extraction on Ray Data into the cache: once per key, equal to the bare encoder, atomic."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.cache import FeatureCache
+from orchestrator.config import parse_config
+from orchestrator.extract import DigestMemo, ExtractionJob
+from orchestrator.extraction_phase import extract_one
+from tasks.datasets import get_dataset
+from tasks.encoders import create_encoder
+from tasks.preprocess import prepare_image
+
+from .conftest import REPO, TINY, sweep_config
+
+pytestmark = pytest.mark.slow
+
+
+def _extract(tmp_path: Path, roots: dict, resolution: int = 32, encoder: str = TINY):
+    cfg = parse_config(sweep_config(tmp_path, roots))
+    ds = get_dataset("nih14", str(roots["nih14"]))
+    cache = FeatureCache(str(tmp_path / "cache"))
+    memo = DigestMemo(tmp_path / "digests.json")
+    job = ExtractionJob(encoder, "random", resolution, "cls+mean", "nih14", str(roots["nih14"]))
+    return extract_one(job, cache, memo, cfg, 0.0, ds, ds.fingerprint()), cache, ds
+
+
+def test_second_extraction_encodes_nothing_and_matches_bare_encoder(ray_session, synth_roots, tmp_path):
+    first, cache, ds = _extract(tmp_path, synth_roots)
+    index = ds.index()
+    assert first.n_encoded == len(index)
+    assert first.cached_splits == []
+    second, _, _ = _extract(tmp_path, synth_roots)
+    assert second.n_encoded == 0
+    assert second.cached_splits == ["train", "val", "test"]
+    assert {s: k.digest for s, k in first.keys.items()} == {s: k.digest for s, k in second.keys.items()}
+
+    # Every case is in its split's entry, once, with the target of the index.
+    for split, key in first.keys.items():
+        ids, X, Y, _ = cache.read_arrays(key)
+        sub = index[index["split"] == split].sort_values("case_id")
+        assert ids == list(sub["case_id"])
+        np.testing.assert_array_equal(Y, np.stack(sub["target"].to_numpy()))
+        assert X.shape == (len(sub), 2 * 64) and X.dtype == np.float32
+
+    # The pipeline's features equal the bare encoder's on the same images.
+    enc = create_encoder(TINY, weights="random", device="cpu")
+    assert enc.weights.digest == first.weights_digest
+    ids, X, _, _ = cache.read_arrays(first.keys["test"])
+    rows = index.set_index("case_id").loc[ids[:8]]
+    pixels = np.stack([prepare_image(ds.read_image(p), 32) for p in rows["path"]])
+    np.testing.assert_allclose(enc.embed(torch.from_numpy(pixels), pooling="cls+mean"), X[:8], rtol=1e-4, atol=1e-5)
+
+
+def test_a_new_resolution_is_a_new_key(ray_session, synth_roots, tmp_path):
+    a, _, _ = _extract(tmp_path, synth_roots, resolution=32)
+    b, _, _ = _extract(tmp_path, synth_roots, resolution=48)
+    assert b.n_encoded == a.n_encoded > 0
+    assert a.keys["train"].digest != b.keys["train"].digest
+
+
+KILL_SCRIPT = """
+import sys
+from pathlib import Path
+from orchestrator import ray_backend
+from orchestrator.cache import FeatureCache
+from orchestrator.config import parse_config
+from orchestrator.extract import DigestMemo, ExtractionJob
+from orchestrator.extraction_phase import extract_one
+from tasks.datasets import get_dataset
+root, out = sys.argv[1], Path(sys.argv[2])
+ray_backend.start("local", num_cpus=2, object_store_memory=200 * 1024**2)
+cfg = parse_config({"name": "k", "grid": {"encoders": ["dinov3_vits16"], "resolutions": [112],
+    "datasets": ["nih14"], "protocols": ["knn"]}, "data": {"nih14": root}, "output": str(out),
+    "resources": {"extract_batch_size": 8, "torch_threads": 1}})
+ds = get_dataset("nih14", root)
+job = ExtractionJob("dinov3_vits16", "random", 112, "cls+mean", "nih14", root)
+extract_one(job, FeatureCache(str(out / "cache")), DigestMemo(out / "d.json"), cfg, 0.0, ds, ds.fingerprint())
+print("FINISHED")
+"""
+
+
+def test_killed_extraction_leaves_no_complete_entry(synth_roots, tmp_path):
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), str(synth_roots["nih14"]), str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if list((out / "cache" / "tmp").glob("*/split=*/*.parquet")):
+                break  # some features are written, the rest are not: kill now
+            time.sleep(0.05)
+        assert proc.poll() is None, f"extraction ended before it could be killed:\n{proc.stdout.read().decode()}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    entries = list((out / "cache" / "features").glob("*"))
+    assert all(not (e / "_medscale.json").exists() for e in entries), entries
+    # What was half-written sits in scratch only, where no reader looks.
+    assert list((out / "cache" / "tmp").glob("*/split=*/*.parquet"))
