@@ -127,7 +127,7 @@ def _cell_params(cfg: SweepConfig, cell: Cell, ex: ExtractResult, ds_cls: Any, h
     spec = get_encoder_spec(cell.encoder)
     return {
         "encoder": cell.encoder, "timm_model": spec.timm_name, "params": spec.params,
-        "gflops": round(spec.gflops(cell.resolution), 3), "resolution": cell.resolution,
+        "gflops": float(spec.gflops(cell.resolution)), "resolution": cell.resolution,
         "dataset": cell.dataset, "protocol": cell.protocol, "seed": cell.seed, "pooling": ex.job.pooling,
         "weights": cfg.weights, "weights_kind": ex.keys["test"].weights_kind, "weights_source": ex.weights_source,
         "weights_digest": ex.weights_digest, "dataset_fingerprint": fingerprint, "task": ds_cls.task,
