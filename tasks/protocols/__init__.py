@@ -1,0 +1,33 @@
+"""Evaluation protocols on frozen features: registry and factory.
+
+`create_protocol(name, **hparams)` is the one way the orchestrator builds a protocol: it is called
+once per config at load time (without `task`, so the binary default is checked) to reject bad
+hyperparameters before anything runs, and once per cell with the dataset's `task` and the seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.errors import ConfigError
+from tasks.protocols.base import TASKS, Protocol
+from tasks.protocols.knn import KNN
+from tasks.protocols.linear_probe import LinearProbe
+
+PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (LinearProbe, KNN)}
+
+__all__ = ["KNN", "PROTOCOLS", "TASKS", "LinearProbe", "Protocol", "create_protocol", "list_protocols"]
+
+
+def list_protocols() -> list[str]:
+    return sorted(PROTOCOLS)
+
+
+def create_protocol(name: str, **hparams: Any) -> Protocol:
+    """A validated, unfitted protocol. ConfigError on an unknown protocol, an unknown
+    hyperparameter or a bad value, naming it and listing what is valid."""
+    cls = PROTOCOLS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown protocol {name!r}; valid protocols: {', '.join(list_protocols())}")
+    cls.check_param_names(list(hparams))
+    return cls(**hparams).validate()

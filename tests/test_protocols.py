@@ -1,0 +1,256 @@
+"""Protocols: one scikit-learn-style contract for every registered protocol and task, then the
+specifics of kNN (exact reference, limits) and the linear probe (parity with scikit-learn)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+import tasks.protocols.knn as knn_module
+from tasks.errors import ConfigError
+from tasks.protocols import KNN, PROTOCOLS, LinearProbe, create_protocol, list_protocols
+
+# Small, fast settings per protocol for the contract test (defaults are the paper's).
+FAST = {"linear_probe": {"epochs": 100, "batch_size": 64}, "knn": {"k": 10}}
+BAD_VALUES = {
+    "linear_probe": [("lr", -0.1), ("lr", "5e-3"), ("epochs", 0), ("epochs", 2.5), ("batch_size", True),
+                     ("optimizer", "lbfgs"), ("weight_decay", -1.0), ("standardize", "yes")],
+    "knn": [("k", 0), ("k", 3.0), ("temperature", 0.0), ("temperature", float("nan"))],
+}
+CASES = [(name, task) for name in list_protocols() for task in sorted(PROTOCOLS[name].supports)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The test machine has 2 cores shared with other jobs: small problems run fastest on one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def separable(task: str, n: int = 240, D: int = 16, C: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Features with a wide margin: each class (or label) pushes its own dimension to +-3."""
+    rng = np.random.default_rng(seed)
+    if task == "binary":
+        Y = rng.integers(0, 2, size=(n, 1))
+    elif task == "multilabel":
+        Y = rng.integers(0, 2, size=(n, C))
+    else:
+        Y = np.eye(C, dtype=int)[rng.integers(0, C, size=n)]
+    X = rng.normal(scale=0.5, size=(n, D))
+    X[:, :Y.shape[1]] += 3.0 * (2 * Y - 1)  # every label pattern its own direction (cosine too)
+    return X.astype(np.float32), Y.astype(np.int64)
+
+
+def trailing_underscore(obj: object) -> set[str]:
+    return {a for a in vars(obj) if a.endswith("_") and not a.startswith("__")}
+
+
+# -- the contract ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, task", CASES, ids=[f"{n}-{t}" for n, t in CASES])
+def test_protocol_contract(name, task):
+    cls = PROTOCOLS[name]
+    params = {**FAST[name], "task": task, "seed": 3}
+    p = create_protocol(name, **params)
+
+    # The constructor only stores: params round-trip, clone works, nothing fitted yet.
+    assert {k: p.get_params()[k] for k in params} == params
+    assert clone(p).get_params() == p.get_params() == cls(**params).get_params()
+    assert trailing_underscore(p) == set()
+    assert repr(p).startswith(cls.__name__)
+
+    X, Y = separable(task)
+    X_test, Y_test = separable(task, seed=1)
+    with pytest.raises(NotFittedError, match="not fitted yet: call fit"):
+        p.predict_proba(X_test)
+
+    before = set(vars(p))
+    assert p.fit(X, Y) is p
+    new = set(vars(p)) - before
+    assert new and all(a.endswith("_") for a in new)
+    assert p.get_params() == clone(p).get_params()  # fitting changed no hyperparameter
+
+    S = p.predict_proba(X_test)
+    assert S.shape == Y_test.shape and S.dtype == np.float64
+    assert np.isfinite(S).all() and S.min() >= 0.0 and S.max() <= 1.0
+    if task == "multiclass":
+        np.testing.assert_allclose(S.sum(axis=1), 1.0, atol=1e-9)
+    for j in range(Y.shape[1]):
+        assert roc_auc_score(Y_test[:, j], S[:, j]) > 0.9, f"class {j}"
+
+    # Deterministic for a fixed seed; survives pickling (results travel between processes).
+    again = create_protocol(name, **params).fit(X, Y).predict_proba(X_test)
+    np.testing.assert_array_equal(S, again)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(p)).predict_proba(X_test), S)
+
+    # Wrong inputs are told apart from bad settings.
+    with pytest.raises(ValueError, match="features"):
+        p.predict_proba(X_test[:, :-1])
+    with pytest.raises(ValueError):
+        cls(**params).fit(X, Y[:, :0] if task == "binary" else Y[:-1])
+
+
+@pytest.mark.parametrize("name", list_protocols())
+def test_bad_hyperparameters_raise_config_error(name):
+    for param, value in BAD_VALUES[name]:
+        with pytest.raises(ConfigError, match=f"{name} hyperparameter {param} must be"):
+            create_protocol(name, **{param: value})
+    with pytest.raises(ConfigError, match=r"no hyperparameter 'bogus'; valid hyperparameters: .*seed"):
+        create_protocol(name, bogus=1)
+    with pytest.raises(ConfigError, match="task must be one of"):
+        create_protocol(name, task="regression")
+    # fit validates again: set_params cannot smuggle in a bad value.
+    param, value = BAD_VALUES[name][0]
+    p = create_protocol(name).set_params(**{param: value})
+    with pytest.raises(ConfigError):
+        p.fit(*separable("binary"))
+
+
+def test_registry_and_messages():
+    assert list_protocols() == ["knn", "linear_probe"]
+    assert PROTOCOLS == {"linear_probe": LinearProbe, "knn": KNN}
+    with pytest.raises(ConfigError, match="unknown protocol 'svm'; valid protocols: knn, linear_probe"):
+        create_protocol("svm")
+    with pytest.raises(ConfigError, match=r"did you mean 'k'\?.*valid hyperparameters: k, temperature"):
+        create_protocol("knn", kk=3)  # the typo tests/test_config.py feeds the sweep config
+    with pytest.raises(ConfigError, match="YAML reads 5e-3 as text"):
+        create_protocol("linear_probe", lr="5e-3")
+    with pytest.raises(ConfigError, match="device"):
+        create_protocol("knn", device="gpu")
+
+
+def test_defaults_are_the_papers_and_the_dino_knn():
+    lp, knn = create_protocol("linear_probe"), create_protocol("knn")
+    assert (lp.lr, lp.batch_size, lp.epochs, lp.optimizer, lp.weight_decay, lp.standardize) == \
+        (0.005, 1024, 50, "adamw", 0.0, True)
+    assert (knn.k, knn.temperature) == (20, 0.07)
+    assert lp.task == knn.task == "binary" and lp.seed == knn.seed == 0 and lp.device == "auto"
+
+
+# -- kNN -------------------------------------------------------------------------------------------
+def brute_force_knn(X_tr, Y_tr, X, k, T):
+    """The definition, in float64 loops: cosine top-k, weights exp(s/T), weighted label share."""
+    def unit(A):
+        return A / np.linalg.norm(A, axis=1, keepdims=True)
+    bank, q = unit(X_tr.astype(np.float64)), unit(X.astype(np.float64))
+    out = np.zeros((len(X), Y_tr.shape[1]))
+    for i, row in enumerate(q):
+        s = bank @ row
+        nn = np.argsort(-s, kind="stable")[:k]
+        w = np.exp(s[nn] / T)
+        out[i] = (w[:, None] * Y_tr[nn]).sum(0) / w.sum()
+    return out
+
+
+def test_knn_matches_brute_force_reference():
+    rng = np.random.default_rng(0)
+    X_tr = rng.normal(size=(40, 6)).astype(np.float32)
+    Y_tr = rng.integers(0, 2, size=(40, 3))
+    X = rng.normal(size=(25, 6)).astype(np.float32)
+    p = create_protocol("knn", k=7, temperature=0.1, task="multilabel").fit(X_tr, Y_tr)
+    np.testing.assert_allclose(p.predict_proba(X), brute_force_knn(X_tr, Y_tr, X, 7, 0.1), atol=1e-5)
+
+
+def test_knn_k1_on_its_training_set_returns_the_labels(monkeypatch):
+    for task in ("multilabel", "multiclass"):
+        X, Y = separable(task, seed=5)
+        X = X + np.random.default_rng(9).normal(scale=2.0, size=X.shape).astype(np.float32)  # no margin
+        p = create_protocol("knn", k=1, task=task).fit(X, Y)
+        np.testing.assert_array_equal(p.predict_proba(X), Y)
+        # Chunking the similarity matrix changes nothing.
+        monkeypatch.setattr(knn_module, "_MAX_CHUNK_ELEMENTS", 3 * len(X))
+        np.testing.assert_array_equal(p.predict_proba(X), Y)
+        monkeypatch.undo()
+
+
+def test_knn_temperature_limits():
+    rng = np.random.default_rng(1)
+    X_tr, X = rng.normal(size=(60, 8)).astype(np.float32), rng.normal(size=(30, 8)).astype(np.float32)
+    Y_tr = np.eye(4, dtype=int)[rng.integers(0, 4, size=60)]
+    nearest = create_protocol("knn", k=1, task="multiclass").fit(X_tr, Y_tr).predict_proba(X)
+    # T -> 0: all weight on the nearest neighbour (and no overflow: exp(1/T) would be inf).
+    cold = create_protocol("knn", k=10, temperature=1e-6, task="multiclass").fit(X_tr, Y_tr).predict_proba(X)
+    np.testing.assert_allclose(cold, nearest, atol=1e-12)
+    # T -> inf: an unweighted vote, the plain share of each class among the k nearest.
+    hot = create_protocol("knn", k=10, temperature=1e6, task="multiclass").fit(X_tr, Y_tr).predict_proba(X)
+    np.testing.assert_allclose(hot, brute_force_knn(X_tr, Y_tr, X, 10, np.inf), atol=1e-5)
+    assert set(np.round(hot.ravel() * 10, 4)) <= set(range(11))  # multiples of 1/k
+
+
+def test_knn_with_k_above_the_train_size_votes_with_everyone():
+    X, Y = separable("multilabel", n=12)
+    p = create_protocol("knn", k=50, task="multilabel").fit(X, Y)
+    assert p.k_ == 12 and p.k == 50
+    np.testing.assert_allclose(p.predict_proba(X[:5]), brute_force_knn(X, Y, X[:5], 12, 0.07), atol=1e-5)
+
+
+# -- linear probe ----------------------------------------------------------------------------------
+def standard_problem(n=1500, D=20, C=1, seed=0):
+    """Overlapping classes (AUC ~0.85, not 1.0), so parity with sklearn means something."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, D))
+    W = rng.normal(size=(D, C))
+    logits = X @ W / np.sqrt(D) * 2 + rng.normal(size=(n, C))
+    return X.astype(np.float32), logits
+
+
+def test_linear_probe_matches_logistic_regression_binary():
+    X, logits = standard_problem()
+    Y = (logits > 0).astype(int)
+    tr, te = slice(0, 1000), slice(1000, None)
+    ref = LogisticRegression(max_iter=2000).fit(X[tr], Y[tr, 0]).predict_proba(X[te])[:, 1]
+    p = create_protocol("linear_probe", batch_size=100, epochs=50).fit(X[tr], Y[tr])
+    auc_ref, auc = roc_auc_score(Y[te, 0], ref), roc_auc_score(Y[te, 0], p.predict_proba(X[te])[:, 0])
+    assert 0.75 < auc_ref < 0.97 and abs(auc - auc_ref) < 0.02
+    assert np.corrcoef(ref, p.predict_proba(X[te])[:, 0])[0, 1] > 0.98  # the same classifier
+
+
+def test_linear_probe_matches_logistic_regression_multiclass():
+    X, logits = standard_problem(C=4, seed=1)
+    y = logits.argmax(axis=1)
+    Y = np.eye(4, dtype=int)[y]
+    tr, te = slice(0, 1000), slice(1000, None)
+    ref = LogisticRegression(max_iter=2000).fit(X[tr], y[tr]).predict_proba(X[te])
+    S = create_protocol("linear_probe", batch_size=100, epochs=50, task="multiclass").fit(X[tr], Y[tr]).predict_proba(X[te])
+    auc_ref = roc_auc_score(y[te], ref, multi_class="ovr")
+    assert abs(roc_auc_score(y[te], S, multi_class="ovr") - auc_ref) < 0.02
+    assert abs((S.argmax(1) == y[te]).mean() - (ref.argmax(1) == y[te]).mean()) < 0.03
+
+
+def test_binary_equals_one_class_multilabel():
+    X, logits = standard_problem(n=300)
+    Y = (logits > 0).astype(int)
+    b = create_protocol("linear_probe", epochs=30, task="binary").fit(X, Y).predict_proba(X)
+    m = create_protocol("linear_probe", epochs=30, task="multilabel").fit(X, Y).predict_proba(X)
+    np.testing.assert_array_equal(b, m)
+
+
+def test_standardize_makes_the_probe_blind_to_feature_scale():
+    X, logits = standard_problem(n=400)
+    Y = (logits > 0).astype(int)
+    rng = np.random.default_rng(2)
+    scaled = (X * np.exp(rng.uniform(-4, 4, X.shape[1])) + rng.normal(scale=50, size=X.shape[1])).astype(np.float32)
+    a = create_protocol("linear_probe", epochs=20).fit(X, Y)
+    b = create_protocol("linear_probe", epochs=20).fit(scaled, Y)
+    np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(scaled), atol=1e-4)
+    # The head is stored in raw feature space: scores are a plain affine map of X.
+    np.testing.assert_allclose(b.decision_function(scaled), scaled.astype(np.float64) @ b.coef_.T + b.intercept_)
+    assert b.coef_.shape == (1, X.shape[1]) and len(b.loss_curve_) == 20
+    assert b.loss_curve_[-1] < b.loss_curve_[0]
+
+
+def test_linear_probe_sgd_and_seeds():
+    X, Y = separable("binary")
+    p = create_protocol("linear_probe", optimizer="sgd", epochs=50, batch_size=32).fit(X, Y)
+    assert roc_auc_score(Y[:, 0], p.predict_proba(X)[:, 0]) > 0.95
+    s0 = create_protocol("linear_probe", epochs=5, seed=0).fit(X, Y).predict_proba(X)
+    s1 = create_protocol("linear_probe", epochs=5, seed=1).fit(X, Y).predict_proba(X)
+    assert not np.array_equal(s0, s1)  # the seed drives init and shuffling
