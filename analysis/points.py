@@ -1,0 +1,185 @@
+"""Analysis points: one row per (cell, seed, metric), read from a CSV or MLflow, and their means.
+
+A point is one measured value: a metric of one dataset x protocol x encoder x resolution x seed.
+`orchestrator.tracking.load_points` yields them from MLflow; `read_points_csv` reads the same
+columns from a file so that results from elsewhere can be analysed. `aggregate` reduces seeds to
+mean / std / n and a 95% t-interval; the bootstrap over test cases (issue 6) will supply better
+intervals in the same `ci_lo` / `ci_hi` columns.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from tasks.errors import ConfigError
+
+# `params` is the parameter count (not millions); `gflops` is inference GFLOPs per image at the
+# point's resolution and may be empty when unknown.
+POINT_COLUMNS = ["dataset", "protocol", "metric", "encoder", "params", "gflops", "resolution", "seed", "value"]
+OPTIONAL_COLUMNS = ["experiment", "run_id", "weights"]
+TEXT_COLUMNS = ["dataset", "protocol", "metric", "encoder"]
+
+# Headline metrics in the order the paper reports them; anything else follows alphabetically.
+MAIN_METRICS = ("auc", "acc", "precision", "recall", "f1_macro", "f1_weighted")
+# Bookkeeping a protocol may log beside its metrics: never plotted or tabulated.
+NON_METRICS = frozenset({"fit_s", "compute_s", "extract_s", "n_train", "n_val", "n_test", "feature_dim"})
+# Metrics where smaller is better (segmentation distances, registration errors): "best" flips.
+LOWER_IS_BETTER = frozenset({"loss", "hd95", "hd", "assd", "tre", "voi", "voi_split", "voi_merge",
+                             "arand", "cremi", "error", "ece", "brier"})
+
+# What one aggregated point is identified by. Weights are part of the identity: a random-init
+# and a pretrained encoder are different models and must never be averaged together.
+CELL_KEY = ["dataset", "protocol", "metric", "encoder", "weights", "resolution"]
+SUMMARY_COLUMNS = ["dataset", "protocol", "metric", "encoder", "weights", "params", "gflops", "resolution",
+                   "n", "mean", "std", "ci_lo", "ci_hi", "seeds"]
+
+
+def is_performance_metric(metric: str) -> bool:
+    """False for timing and size bookkeeping (`fit_s`, `n_train`, ...), which have no scaling curve."""
+    return metric not in NON_METRICS and not metric.endswith("_s") and not metric.startswith("n_")
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER and not metric.endswith(("_error", "_loss", "_distance"))
+
+
+def metric_order(metrics) -> list[str]:
+    """Main metrics first in the paper's order, then the rest alphabetically; bookkeeping dropped."""
+    present = {str(m) for m in metrics if is_performance_metric(str(m))}
+    return [m for m in MAIN_METRICS if m in present] + sorted(present - set(MAIN_METRICS))
+
+
+def plotted_metrics(metrics) -> list[str]:
+    """The metrics worth a figure: the main ones present, else (a task without them) every one."""
+    ordered = metric_order(metrics)
+    main = [m for m in ordered if m in MAIN_METRICS]
+    return main or ordered
+
+
+# -- reading -------------------------------------------------------------------------------------
+def _bad_rows(mask: pd.Series, raw: pd.Series, limit: int = 3) -> str:
+    rows = list(mask[mask].index[:limit])
+    # Row 1 is the first data row, on line 2 of the file (line 1 is the header).
+    shown = ", ".join(f"row {i + 1} (line {i + 2}): {raw[i]!r}" for i in rows)
+    more = int(mask.sum()) - len(rows)
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _numeric(df: pd.DataFrame, col: str, source: str, *, integer: bool = False, positive: bool = False,
+             allow_empty: bool = False) -> pd.Series:
+    raw = df[col].astype(str).str.strip()
+    num = pd.to_numeric(raw, errors="coerce")
+    empty = raw.eq("") | raw.str.lower().isin(["nan", "na", "none", "null"])
+    bad = num.isna() & ~(empty if allow_empty else pd.Series(False, index=raw.index))
+    what = "an integer" if integer else "a number"
+    if bad.any():
+        raise ConfigError(f"{source}: column '{col}' must be {what}; {_bad_rows(bad, raw)}")
+    finite = num.dropna()
+    checks = [(~np.isfinite(finite), "is not finite")]
+    if integer:
+        checks.append((np.isfinite(finite) & (finite != np.round(finite)), f"is not {what}"))
+    if positive:
+        checks.append((finite <= 0, "must be > 0"))
+    for fail, why in checks:
+        if fail.any():
+            mask = pd.Series(False, index=raw.index)
+            mask[fail[fail].index] = True
+            raise ConfigError(f"{source}: column '{col}' value {why}; {_bad_rows(mask, raw)}")
+    return num.astype("int64") if integer else num.astype("float64")
+
+
+def read_points_csv(path: str | Path) -> pd.DataFrame:
+    """Read and validate a points CSV; every error names the file, the column and the row."""
+    source = str(path)
+    if not Path(path).is_file():
+        raise ConfigError(f"{source}: no such points file")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: not a readable CSV ({e})") from e
+    raw.columns = [str(c).strip() for c in raw.columns]
+    missing = [c for c in POINT_COLUMNS if c not in raw.columns]
+    if missing:
+        raise ConfigError(f"{source}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+                          f"a points CSV needs {', '.join(POINT_COLUMNS)} "
+                          f"(optional: {', '.join(OPTIONAL_COLUMNS)})")
+    if raw.empty:
+        raise ConfigError(f"{source}: no rows (only a header)")
+    out = pd.DataFrame(index=raw.index)
+    for col in TEXT_COLUMNS:
+        text = raw[col].astype(str).str.strip()
+        if text.eq("").any():
+            raise ConfigError(f"{source}: column '{col}' is empty; {_bad_rows(text.eq(''), text)}")
+        out[col] = text
+    out["params"] = _numeric(raw, "params", source, integer=True, positive=True)
+    out["gflops"] = _numeric(raw, "gflops", source, positive=True, allow_empty=True)
+    out["resolution"] = _numeric(raw, "resolution", source, integer=True, positive=True)
+    out["seed"] = _numeric(raw, "seed", source, integer=True)
+    out["value"] = _numeric(raw, "value", source)
+    for col in OPTIONAL_COLUMNS:
+        if col in raw.columns:
+            out[col] = raw[col].astype(str).str.strip()
+    return out.reset_index(drop=True)
+
+
+def check_points(df: pd.DataFrame, source: str = "points") -> None:
+    """The columns `aggregate` relies on are there (a DataFrame built by hand or by load_points)."""
+    missing = [c for c in POINT_COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{source}: missing column(s) {', '.join(repr(c) for c in missing)}")
+
+
+def weights_kinds(df: pd.DataFrame) -> list[str]:
+    if "weights" not in df.columns:
+        return []
+    return sorted({str(w) for w in df["weights"].fillna("") if str(w)})
+
+
+def is_random_init(df: pd.DataFrame) -> bool:
+    return "random" in weights_kinds(df)
+
+
+# -- aggregating ---------------------------------------------------------------------------------
+def _t_interval(mean: float, std: float, n: int) -> tuple[float, float]:
+    if n < 2 or not math.isfinite(std):
+        return math.nan, math.nan
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std, n and a 95% t-interval over seeds per cell (columns: SUMMARY_COLUMNS).
+
+    Rows repeating the same (cell, seed), e.g. one cell read from two sweeps, are averaged first
+    so that `n` counts seeds, not rows. With n == 1 the std and the interval are NaN.
+    """
+    check_points(df)
+    d = df.copy()
+    d["weights"] = d["weights"].fillna("").astype(str) if "weights" in d.columns else ""
+    if d.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    per_seed = (d.groupby([*CELL_KEY, "seed"], sort=False, dropna=False)
+                .agg(value=("value", "mean"), params=("params", "first"), gflops=("gflops", "mean"))
+                .reset_index())
+    g = per_seed.groupby(CELL_KEY, sort=False, dropna=False)
+    out = g.agg(params=("params", "first"), gflops=("gflops", "mean"), n=("value", "size"),
+                mean=("value", "mean"), std=("value", "std")).reset_index()
+    out["seeds"] = g["seed"].agg(lambda s: ",".join(str(int(x)) for x in sorted(s))).to_numpy()
+    ci = [_t_interval(m, s, int(n)) for m, s, n in zip(out["mean"], out["std"], out["n"], strict=True)]
+    out["ci_lo"] = [lo for lo, _ in ci]
+    out["ci_hi"] = [hi for _, hi in ci]
+    out["n"] = out["n"].astype("int64")
+    rank = {m: i for i, m in enumerate(metric_order(out["metric"].unique()))}
+    out["_m"] = out["metric"].map(rank).fillna(len(rank))
+    out = out.sort_values(["dataset", "protocol", "_m", "metric", "params", "encoder", "weights", "resolution"])
+    return out[SUMMARY_COLUMNS].reset_index(drop=True)
+
+
+def model_label(encoder: str, weights: str, several_kinds: bool) -> str:
+    """Encoder name, with its weights kind when the data mixes kinds (then they are two models)."""
+    return f"{encoder} ({weights})" if several_kinds and weights else encoder

@@ -1,0 +1,236 @@
+"""analysis/: points CSV validation, aggregation, plots, report; `medscale analyze --points` end to end.
+
+Fast: points are built by hand (no Ray, no MLflow). Expected values are recomputed from the data.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy import stats
+
+from analysis.plots import DPI, FIGSIZE
+from analysis.points import POINT_COLUMNS, aggregate, read_points_csv
+from analysis.report import analyze_points
+from tasks.errors import ConfigError
+
+ENCODERS = {"dinov3_vits16": 21_600_000, "dinov3_vitb16": 85_600_000, "dinov3_vitl16": 303_100_000}
+PNG_SIZE = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
+KEY = ["dataset", "protocol", "metric", "encoder", "resolution"]
+
+
+def make_points(seeds=(0, 1, 2), weights: str = "hub", metrics=("auc", "acc", "fit_s"),
+                datasets=("nih14",), protocols=("linear_probe",), resolutions=(224, 512), seed: int = 0) -> pd.DataFrame:
+    """A grid of points with a clear but noisy trend, as load_points returns them."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for ds in datasets:
+        for proto in protocols:
+            for enc, p in ENCODERS.items():
+                for res in resolutions:
+                    for s in seeds:
+                        for m in metrics:
+                            base = 0.7 + 0.01 * math.log(p / 2e7) - 0.00002 * abs(res - 400)
+                            rows.append({"experiment": "t", "run_id": f"{ds}-{proto}-{enc}-{res}-{s}",
+                                         "dataset": ds, "protocol": proto, "metric": m, "encoder": enc,
+                                         "params": p, "gflops": p * 2 * (res / 16) ** 2 / 1e9,
+                                         "resolution": res, "seed": s, "weights": weights,
+                                         "value": base + rng.normal(0, 0.01)})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    # Names as tasks.metrics and cells.py log them: main metrics, a secondary one, bookkeeping.
+    df = make_points(metrics=("auc", "acc", "precision_macro", "n_cases", "fit_s"))
+    out = tmp_path_factory.mktemp("analysis")
+    return df, out, analyze_points(df, out, title="test analysis")
+
+
+# -- plots -------------------------------------------------------------------------------------------
+def test_every_plot_decodes_at_the_expected_size(analysed):
+    _, out, res = analysed
+    plots = [Path(p) for p in res["plots"]]
+    # auc and acc, both panels in one figure, PNG + SVG each; precision_macro is secondary and
+    # n_cases / fit_s are bookkeeping: none of them is plotted.
+    assert sorted(p.name for p in plots) == sorted(f"nih14__linear_probe__{m}.{ext}"
+                                                   for m in ("auc", "acc") for ext in ("png", "svg"))
+    for p in plots:
+        assert p.is_file() and p.parent == out / "plots"
+        if p.suffix == ".png":
+            with Image.open(p) as im:
+                im.verify()
+            with Image.open(p) as im:
+                assert im.format == "PNG" and im.size == PNG_SIZE
+        else:
+            root = ET.parse(p).getroot()
+            assert root.tag.endswith("svg")
+            assert root.get("width") == f"{FIGSIZE[0] * 72:g}pt"
+            text = p.read_text()
+            assert "params (M)" in text and "input resolution (px)" in text and "dinov3_vitb16" in text
+            assert "RANDOM-INIT" not in text
+
+
+# -- summary -----------------------------------------------------------------------------------------
+def test_summary_equals_groupby_over_seeds(analysed):
+    df, _, res = analysed
+    summary = pd.read_csv(res["summary"])
+    g = df.groupby(KEY)["value"]
+    expect = pd.DataFrame({"mean": g.mean(), "std": g.std(), "n": g.size()}).reset_index()
+    merged = summary.merge(expect, on=KEY, suffixes=("", "_expect"), validate="one_to_one")
+    assert len(merged) == len(expect) == len(summary)
+    np.testing.assert_allclose(merged["mean"], merged["mean_expect"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(merged["std"], merged["std_expect"], rtol=1e-9)
+    assert (merged["n"] == merged["n_expect"]).all() and (merged["n"] == 3).all()
+    half = stats.t.ppf(0.975, 2) * merged["std"] / math.sqrt(3)
+    np.testing.assert_allclose(merged["ci_lo"], merged["mean"] - half, rtol=1e-9)
+    np.testing.assert_allclose(merged["ci_hi"], merged["mean"] + half, rtol=1e-9)
+    assert set(summary["metric"]) == {"auc", "acc", "precision_macro", "n_cases", "fit_s"}  # all kept
+
+
+def test_aggregate_counts_seeds_not_duplicate_rows():
+    df = make_points(seeds=(0,), metrics=("auc",))
+    agg = aggregate(pd.concat([df, df.assign(experiment="again")]))
+    assert (agg["n"] == 1).all() and agg["std"].isna().all() and agg["ci_lo"].isna().all()
+    assert len(agg) == len(df)
+
+
+def test_aggregate_keeps_weights_kinds_apart():
+    df = pd.concat([make_points(weights="hub", metrics=("auc",)),
+                    make_points(weights="random", metrics=("auc",), seed=1)])
+    agg = aggregate(df)
+    assert len(agg) == len(df.drop_duplicates(KEY + ["weights"]))
+    assert set(agg["weights"]) == {"hub", "random"}
+
+
+# -- report ------------------------------------------------------------------------------------------
+def _table(report: str, heading: str) -> dict[tuple[str, int], str]:
+    """The markdown table after `heading` as {(encoder, resolution): cell text}."""
+    lines = report.split(heading, 1)[1].strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    resolutions = [int(c.removesuffix(" px")) for c in header[2:]]
+    cells = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        parts = [c.strip() for c in line.strip("|").split("|")]
+        for r, text in zip(resolutions, parts[2:], strict=True):
+            cells[(parts[0], r)] = text
+    return cells
+
+
+def test_report_table_marks_best_bold_and_second_underlined(analysed):
+    df, out, res = analysed
+    report = Path(res["report"]).read_text()
+    assert "**18 runs** (90 metric values)" in report
+    cells = _table(report, "### nih14 / linear_probe: AUC")
+    means = df[df["metric"] == "auc"].groupby(["encoder", "resolution"])["value"].mean().round(4)
+    order = means.sort_values(ascending=False).index
+    assert len(cells) == len(means) == 6
+    for key, text in cells.items():
+        if key == order[0]:
+            assert re.fullmatch(r"\*\*0\.\d{4} ± 0\.\d{4}\*\*", text), text
+        elif key == order[1]:
+            assert re.fullmatch(r"<u>0\.\d{4} ± 0\.\d{4}</u>", text), text
+        else:
+            assert "**" not in text and "<u>" not in text
+        assert f"{means[key]:.4f}" in text
+    # What was read, other metrics, embedded plots with links relative to the report.
+    assert "**18 runs**" in report and "dinov3_vitl16 (303.1M params)" in report
+    assert "input resolutions (px): 224, 512" in report and "seeds: 0, 1, 2" in report
+    assert "Also plotted (below and in `summary.csv`): `acc`." in report
+    assert "In `summary.csv` only: `precision_macro`." in report
+    assert "Bookkeeping values kept in `summary.csv` only: `fit_s`, `n_cases`." in report
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert links == ["plots/nih14__linear_probe__auc.png", "plots/nih14__linear_probe__acc.png"]
+    assert all((out / link).is_file() for link in links)
+    assert "RANDOM-INIT" not in report and "no spread" not in report
+
+
+def test_one_seed_random_init_report_says_so(tmp_path):
+    df = make_points(seeds=(0,), weights="random", metrics=("auc",), datasets=("nih14", "rsna_pneumonia"))
+    res = analyze_points(df, tmp_path, title="demo")
+    report = Path(res["report"]).read_text()
+    assert "RANDOM-INIT weights" in report and "**RANDOM**" in report
+    assert "one seed: no spread is available" in report
+    for ds in ("nih14", "rsna_pneumonia"):
+        cells = _table(report, f"### {ds} / linear_probe: AUC")
+        assert not any("±" in c for c in cells.values())
+        assert sum(c.startswith("**") for c in cells.values()) == 1
+    svgs = [p for p in res["plots"] if Path(p).suffix == ".svg"]
+    assert len(svgs) == 2 and all("RANDOM-INIT weights" in Path(p).read_text() for p in svgs)
+
+
+def test_lower_is_better_metric_flips_best():
+    from analysis.report import rank_marks
+
+    marks = rank_marks(pd.Series([3.0, 1.0, 2.0]), higher=False)
+    assert list(marks) == ["", "best", "second"]
+
+
+# -- points CSV ---------------------------------------------------------------------------------------
+def test_read_points_csv_round_trip(tmp_path):
+    df = make_points(seeds=(0, 1), metrics=("auc",))
+    path = tmp_path / "points.csv"
+    df.to_csv(path, index=False)
+    back = read_points_csv(path)
+    assert list(back.columns[: len(POINT_COLUMNS)]) == POINT_COLUMNS
+    assert back["params"].dtype == "int64" and back["resolution"].dtype == "int64"
+    np.testing.assert_allclose(back["value"], df["value"])
+    assert set(back["weights"]) == {"hub"}
+
+
+@pytest.mark.parametrize(("mutate", "column", "row"), [
+    (lambda d: d.drop(columns=["value"]), "value", None),
+    (lambda d: d.drop(columns=["seed", "gflops"]), "gflops", None),
+    (lambda d: d.astype({"value": object}).assign(value=lambda x: x["value"].where(x.index != 2, "n/a")),
+     "value", "row 3 (line 4)"),
+    (lambda d: d.astype({"resolution": object}).assign(
+        resolution=lambda x: x["resolution"].where(x.index != 0, "224px")), "resolution", "row 1 (line 2)"),
+    (lambda d: d.assign(seed=lambda x: x["seed"] + 0.5), "seed", "row 1"),
+    (lambda d: d.assign(encoder=lambda x: x["encoder"].where(x.index != 1, "")), "encoder", "row 2"),
+])
+def test_read_points_csv_rejects_bad_files(tmp_path, mutate, column, row):
+    path = tmp_path / "bad.csv"
+    mutate(make_points(seeds=(0,), metrics=("auc",))).to_csv(path, index=False)
+    with pytest.raises(ConfigError) as e:
+        read_points_csv(path)
+    msg = str(e.value)
+    assert str(path) in msg and f"'{column}'" in msg
+    if row:
+        assert row in msg
+
+
+def test_read_points_csv_allows_empty_gflops_and_rejects_missing_file(tmp_path):
+    path = tmp_path / "p.csv"
+    make_points(seeds=(0,), metrics=("auc",)).assign(gflops="").drop(columns=["weights"]).to_csv(path, index=False)
+    df = read_points_csv(path)
+    assert df["gflops"].isna().all() and "weights" not in df
+    with pytest.raises(ConfigError, match="no such points file"):
+        read_points_csv(tmp_path / "absent.csv")
+
+
+# -- end to end ---------------------------------------------------------------------------------------
+def test_orchestrator_analyze_and_cli_on_a_points_csv(tmp_path, capsys):
+    from orchestrator.analyze import analyze
+    from orchestrator.cli import main
+
+    path = tmp_path / "points.csv"
+    make_points(seeds=(0, 1), metrics=("auc",)).to_csv(path, index=False)
+    res = analyze(points=str(path), out=str(tmp_path / "a"))
+    assert Path(res["report"]).is_file() and Path(res["summary"]).is_file() and len(res["plots"]) == 2
+    assert "analysed 12 runs" in capsys.readouterr().out
+
+    assert main(["analyze", "--points", str(path), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "report.md").is_file()
+    assert (tmp_path / "b" / "plots" / "nih14__linear_probe__auc.png").is_file()
+    (tmp_path / "bad.csv").write_text("dataset,protocol\nnih14,knn\n")
+    assert main(["analyze", "--points", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "c")]) == 2
+    assert "bad.csv" in capsys.readouterr().err
