@@ -141,6 +141,10 @@ class SweepConfig(_Strict):
         for name, hp in self.protocols.items():
             if name not in self.grid.protocols:
                 raise ValueError(f"protocols.{name}: hyperparameters for a protocol not in grid.protocols")
+            fixed = sorted({"task", "seed"} & set(hp))
+            if fixed:
+                raise ValueError(f"protocols.{name}: {fixed} cannot be set here: the task comes from the "
+                                 "dataset and the seed from grid.seeds")
             try:
                 create_protocol(name, **hp)
             except ConfigError as e:

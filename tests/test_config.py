@@ -57,6 +57,7 @@ def test_paper_config_is_the_published_grid():
         (lambda c: c["resources"].update(cell_gpus={"small": 2.0}), "resources.cell_gpus"),
         (lambda c: c["protocols"]["knn"].update(kk=3), "protocols.knn"),
         (lambda c: c.update(pooling="max"), "pooling"),
+        (lambda c: c["protocols"]["knn"].update(seed=3), "protocols.knn: ['seed'] cannot be set here"),
     ],
 )
 def test_bad_config_names_the_key(mutate, path_fragment):

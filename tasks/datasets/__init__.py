@@ -1,0 +1,30 @@
+"""Dataset registry: every dataset a sweep can name, read in its official on-disk layout."""
+
+from __future__ import annotations
+
+import os
+
+from tasks.datasets.base import ImageDataset, Problem
+from tasks.datasets.nih14 import NIH14
+from tasks.datasets.rsna import RSNAPneumonia
+from tasks.errors import ConfigError
+
+DATASETS: dict[str, type[ImageDataset]] = {cls.name: cls for cls in (NIH14, RSNAPneumonia)}
+
+__all__ = ["DATASETS", "ImageDataset", "Problem", "dataset_class", "get_dataset", "list_datasets"]
+
+
+def list_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def dataset_class(name: str) -> type[ImageDataset]:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}") from None
+
+
+def get_dataset(name: str, root: str | os.PathLike, **kwargs) -> ImageDataset:
+    """`kwargs`: val_fraction, seed (how validation is carved where the release has none)."""
+    return dataset_class(name)(root, **kwargs)
