@@ -35,7 +35,7 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
         dataset_class(args.name).synth(Path(args.root), seed=args.seed, **kwargs)
         print(f"wrote a synthetic {args.name} dataset to {args.root}")
         return 0
-    problems = get_dataset(args.name, args.root).check()
+    problems = get_dataset(args.name, args.root).check(decode=not args.no_decode)
     for p in problems:
         print(f"{p.path}: {p.message}")
     if problems:
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--root", help="dataset directory (official layout)")
     d.add_argument("--n", type=int, default=None, help="synth: number of images")
     d.add_argument("--seed", type=int, default=0, help="synth: random seed")
+    d.add_argument("--no-decode", action="store_true",
+                   help="check: validate the layout and labels without decoding every image (fast)")
 
     s = sub.add_parser("sweep", help="run a sweep config on Ray and record it in MLflow")
     add_sweep_args(s)
