@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.medscale-installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO_N ?= 240
 
-.PHONY: venv test lint demo demo-data bench clean
+.PHONY: venv test test-cluster lint demo demo-data bench clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,14 @@ test: venv
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
+# Opt-in: `ray up clusters/onprem.yaml` against 127.0.0.1 over SSH, a tiny sweep, `ray down`.
+# Needs sshd, rsync and a key (see tests/test_cluster_e2e.py for MEDSCALE_E2E_SSH_USER/KEY/VENV;
+# tests/cluster_e2e_sshd.sh starts an isolated sshd on a shared machine).
+test-cluster: venv
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -p no:cacheprovider -m cluster_e2e tests/test_cluster_e2e.py
+
 lint: venv
-	$(BIN)/ruff check orchestrator tasks analysis tests benchmarks sweep.py
+	$(BIN)/ruff check orchestrator tasks analysis tests benchmarks clusters sweep.py
 
 data/nih14/Data_Entry_2017.csv: | venv
 	$(BIN)/medscale datasets synth nih14 --root data/nih14 --n $(DEMO_N)

@@ -1,9 +1,11 @@
 """Content-addressed feature cache.
 
 One entry per (encoder, weights digest, resolution, pooling, preprocessing version, dataset
-fingerprint, split): a directory of Parquet files plus `_medscale.json`, which is written last.
-An entry is complete only when that marker exists, so an interrupted extraction never leaves
-anything that looks complete. Entries are built in a scratch directory and moved into place.
+fingerprint, split): a directory of Parquet files plus `_medscale.json`, which names them. An entry
+is complete only when that marker exists, so an interrupted extraction never leaves anything that
+looks complete. Entries are built in a scratch directory, marker included, and published in one
+step (`storage.publish_dir`): on a local disk or NFS the first complete entry of a key wins and a
+second writer (another sweep, another node) discards its copy, so each key is written once.
 
 Paths go through pyarrow filesystems, so the cache can live on a local disk, NFS or s3:// alike.
 """
@@ -21,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+
+from orchestrator import storage
 
 MARKER = "_medscale.json"
 CACHE_FORMAT = 1
@@ -49,18 +53,10 @@ class CacheKey:
         return f"{self.dataset}-{self.split}-{self.encoder}-{self.resolution}px-{self.digest}"
 
 
-def _split_uri(root: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in root:
-        return pafs.FileSystem.from_uri(root)
-    import os
-
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
-
-
 class FeatureCache:
     def __init__(self, root: str):
         self.root = root
-        self.fs, self.base = _split_uri(root)
+        self.fs, self.base = storage.split_uri(root)
         self.fs.create_dir(f"{self.base}/features", recursive=True)
         self.fs.create_dir(f"{self.base}/tmp", recursive=True)
 
@@ -81,26 +77,35 @@ class FeatureCache:
         self.fs.create_dir(path, recursive=True)
         return path
 
-    def commit(self, key: CacheKey, staged_dir: str, meta: dict[str, Any]) -> None:
-        """Move a staged directory of Parquet files into place, then write the marker."""
+    def commit(self, key: CacheKey, staged_dir: str, meta: dict[str, Any]) -> bool:
+        """Publish a staged directory of Parquet files as the entry of `key`. Returns False, and
+        drops the staged copy, when a complete entry is already there (the first one wins)."""
         final = self.entry_path(key)
-        if self.fs.get_file_info(final).type != pafs.FileType.NotFound:
-            # Left by an interrupted commit (no marker) or a concurrent writer: replace it.
-            if self.is_complete(key):
-                self.fs.delete_dir(staged_dir)
-                return
-            self.fs.delete_dir(final)
-        self.fs.move(staged_dir, final)
-        record = {"key": asdict(key), "key_digest": key.digest, "created": time.time(), **meta}
-        tmp_marker = f"{final}/{MARKER}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open_output_stream(tmp_marker) as f:
-            f.write(json.dumps(record, indent=2, sort_keys=True).encode())
-        self.fs.move(tmp_marker, f"{final}/{MARKER}")
+        if not self.is_complete(key):
+            files = [f for f in storage.files_under(self.fs, staged_dir) if f.endswith(".parquet")]
+            record = {"key": asdict(key), "key_digest": key.digest, "created": time.time(),
+                      "files": files, **meta}
+            storage.write_bytes(self.fs, f"{staged_dir}/{MARKER}",
+                                json.dumps(record, indent=2, sort_keys=True).encode())
+            if storage.publish_dir(self.fs, staged_dir, final, last=MARKER):
+                return True
+            if not self.is_complete(key):
+                # A directory without a marker: left by a writer that died mid-publish. Move it
+                # aside (never delete in place: a rename cannot race with a reader) and retry.
+                self.fs.move(final, f"{self.base}/tmp/stale-{uuid.uuid4().hex[:8]}")
+                if storage.publish_dir(self.fs, staged_dir, final, last=MARKER):
+                    return True
+        self.fs.delete_dir(staged_dir)  # another writer's complete entry won
+        return False
 
     def read_table(self, key: CacheKey) -> pa.Table:
         if not self.is_complete(key):
             raise FileNotFoundError(f"no complete cache entry at {self.entry_path(key)}")
-        dataset = pads.dataset(self.entry_path(key), filesystem=self.fs, format="parquet")
+        entry = self.entry_path(key)
+        # Read the files the marker names, not whatever lies in the directory (see storage.py).
+        files = self.meta(key).get("files")
+        source = [f"{entry}/{f}" for f in files] if files else entry
+        dataset = pads.dataset(source, filesystem=self.fs, format="parquet")
         table = dataset.to_table()
         # Row order across Parquet parts is not meaningful: sort by case id so reads are stable.
         return table.sort_by("case_id")

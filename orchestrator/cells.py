@@ -1,28 +1,32 @@
 """One grid cell: a protocol fitted on cached features and scored on val and test.
 
 `run_cell` is plain Python (no Ray, no MLflow): the Tune trainable calls it, and so can a test.
-It writes its results atomically to `<output>/cells/<cell_id>/` before returning, so a result
-survives a driver that dies before logging it, and `--resume` never recomputes it.
+It writes its results to `<sweep storage>/cells/<cell_id>/` before returning, so a result survives
+a driver (or a node) that dies before logging it, and `--resume` never recomputes it. Results go
+through pyarrow filesystems (`ResultStore`): the driver reads what a trial wrote on any node.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import shutil
 import time
 import traceback
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from orchestrator import storage
 from orchestrator.cache import CacheKey, FeatureCache
 
-RESULT_FILE = "metrics.json"
+RESULT_FILE = "metrics.json"  # written last: a result directory without it is not a result
+PLACEMENT_FILE = "placement.json"  # where the cell ran (node, resources), when run by Ray
 ERROR_FILE = "error.json"
+RUNNING_FILE = "running.json"  # .<cell_id>.running.json: where an attempt runs now (or ran, if it died)
 EVAL_SPLITS = ("val", "test")
 
 
@@ -51,18 +55,72 @@ def cell_spec(cell: Cell, *, keys: dict[str, CacheKey], cache_root: str, results
             "hparams": hparams, "size": size}
 
 
-def result_dir(results_dir: str, cell_id: str) -> Path:
-    return Path(results_dir) / cell_id
+class ResultStore:
+    """Cell result directories under one root (a path or a URI), complete or absent."""
 
+    def __init__(self, root: str):
+        self.root = root
+        self.fs, self.base = storage.split_uri(root)
+        self.fs.create_dir(self.base, recursive=True)
 
-def read_result(results_dir: str, cell_id: str) -> dict[str, Any] | None:
-    path = result_dir(results_dir, cell_id) / RESULT_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    def path(self, cell_id: str) -> str:
+        return f"{self.base}/{cell_id}"
 
+    def read(self, cell_id: str) -> dict[str, Any] | None:
+        return storage.read_json(self.fs, f"{self.path(cell_id)}/{RESULT_FILE}")
 
-def read_error(results_dir: str, cell_id: str) -> str | None:
-    path = Path(results_dir) / f".{cell_id}.{ERROR_FILE}"
-    return json.loads(path.read_text())["message"] if path.exists() else None
+    def placement(self, cell_id: str) -> dict[str, Any]:
+        return storage.read_json(self.fs, f"{self.path(cell_id)}/{PLACEMENT_FILE}") or {}
+
+    def read_error(self, cell_id: str) -> str | None:
+        err = storage.read_json(self.fs, f"{self.base}/.{cell_id}.{ERROR_FILE}")
+        return err["message"] if err else None
+
+    def write_error(self, cell_id: str, message: str, tb: str) -> None:
+        data = json.dumps({"message": message, "traceback": tb}).encode()
+        storage.write_bytes(self.fs, f"{self.base}/.{cell_id}.{ERROR_FILE}", data)
+
+    def mark_running(self, cell_id: str, placement: dict[str, Any]) -> None:
+        storage.write_bytes(self.fs, f"{self.base}/.{cell_id}.{RUNNING_FILE}",
+                            json.dumps(placement, sort_keys=True).encode())
+
+    def running(self) -> dict[str, dict[str, Any]]:
+        """Attempts under way, by cell id, with their node (a node that died leaves its marks)."""
+        out = {}
+        for name in storage.files_under(self.fs, self.base):
+            if name.startswith(".") and name.endswith(f".{RUNNING_FILE}"):
+                mark = storage.read_json(self.fs, f"{self.base}/{name}")
+                if mark is not None:
+                    out[name[1:-len(RUNNING_FILE) - 1]] = mark
+        return out
+
+    def clear_marks(self, cell_id: str, *kinds: str) -> None:
+        for kind in kinds:
+            path = f"{self.base}/.{cell_id}.{kind}"
+            if storage.exists(self.fs, path):
+                self.fs.delete_file(path)
+
+    def delete(self, cell_id: str) -> None:
+        storage.delete_dir(self.fs, self.path(cell_id))
+        self.clear_marks(cell_id, ERROR_FILE, RUNNING_FILE)
+
+    def write(self, cell_id: str, files: dict[str, bytes]) -> None:
+        """Stage every file, metrics last, then publish; an earlier result (a retry after a node
+        died between writing and reporting) is replaced."""
+        stage = f"{self.base}/.stage-{cell_id}-{uuid.uuid4().hex[:8]}"
+        self.fs.create_dir(stage, recursive=True)
+        for name in sorted(files, key=lambda n: n == RESULT_FILE):
+            storage.write_bytes(self.fs, f"{stage}/{name}", files[name])
+        final = self.path(cell_id)
+        if not storage.publish_dir(self.fs, stage, final, last=RESULT_FILE):
+            self.fs.move(final, f"{stage}-old")  # a rename: never a half-deleted result in place
+            storage.publish_dir(self.fs, stage, final, last=RESULT_FILE)
+            self.fs.delete_dir(f"{stage}-old")
+        self.clear_marks(cell_id, ERROR_FILE, RUNNING_FILE)
+
+    def local_dir(self, cell_id: str) -> AbstractContextManager[str]:
+        """The result directory as a local path (downloaded from an object store), for MLflow."""
+        return storage.local_copy(self.fs, self.path(cell_id))
 
 
 def _predictions(split: str, case_ids: list[str], patients: list[str], Y: np.ndarray, scores: np.ndarray,
@@ -74,13 +132,16 @@ def _predictions(split: str, case_ids: list[str], patients: list[str], Y: np.nda
     return df
 
 
-def run_cell(spec: dict[str, Any]) -> dict[str, float]:
-    """Fit the cell's protocol on train, score val and test, write results, return metrics."""
+def run_cell(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> dict[str, float]:
+    """Fit the cell's protocol on train, score val and test, write results, return metrics.
+    `placement` (node, resources) is saved beside the results, so a resumed driver can log it."""
     from tasks.metrics import classification_metrics
     from tasks.protocols import create_protocol
 
-    cell_id, out_root = spec["cell_id"], spec["results_dir"]
-    error_path = Path(out_root) / f".{cell_id}.{ERROR_FILE}"
+    cell_id = spec["cell_id"]
+    results = ResultStore(spec["results_dir"])
+    if placement:
+        results.mark_running(cell_id, placement)
     try:
         t0 = time.perf_counter()
         cache = FeatureCache(spec["cache_root"])
@@ -93,32 +154,26 @@ def run_cell(spec: dict[str, Any]) -> dict[str, float]:
         fit_s = time.perf_counter() - t0
 
         metrics: dict[str, float] = {}
-        frames, per_class = [], {}
+        frames, files = [], {}
         for split in EVAL_SPLITS:
             ids, X, Y, patients = arrays[split]
             scores = protocol.predict_proba(X)
             agg, table = classification_metrics(Y, scores, spec["task"], spec["classes"])
             metrics.update({f"{split}_{k}": float(v) for k, v in agg.items()})
             frames.append(_predictions(split, ids, patients, Y, scores, spec["classes"]))
-            per_class[split] = table
+            files[f"per_class_{split}.csv"] = table.to_csv(index=False).encode()
         metrics.update(n_train=float(len(X_tr)), feature_dim=float(X_tr.shape[1]), fit_s=fit_s,
                        compute_s=time.perf_counter() - t0)
 
-        # Stage everything, then one rename: a result directory is complete or absent.
-        final = result_dir(out_root, cell_id)
-        stage = Path(out_root) / f".stage-{cell_id}-{uuid.uuid4().hex[:8]}"
-        stage.mkdir(parents=True)
-        pd.concat(frames, ignore_index=True).to_parquet(stage / "predictions.parquet", index=False)
-        for split, table in per_class.items():
-            table.to_csv(stage / f"per_class_{split}.csv", index=False)
-        (stage / RESULT_FILE).write_text(json.dumps(metrics, indent=1, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        stage.rename(final)
-        error_path.unlink(missing_ok=True)
+        buf = io.BytesIO()
+        pd.concat(frames, ignore_index=True).to_parquet(buf, index=False)
+        files["predictions.parquet"] = buf.getvalue()
+        if placement:
+            files[PLACEMENT_FILE] = json.dumps({**placement, "t_end": time.time()}, sort_keys=True).encode()
+        files[RESULT_FILE] = json.dumps(metrics, indent=1, sort_keys=True).encode()
+        results.write(cell_id, files)
         return metrics
     except Exception as e:
-        Path(out_root).mkdir(parents=True, exist_ok=True)
-        message = f"{type(e).__name__}: {e}"
-        error_path.write_text(json.dumps({"message": message, "traceback": traceback.format_exc()}))
+        results.write_error(cell_id, f"{type(e).__name__}: {e}", traceback.format_exc())
+        results.clear_marks(cell_id, RUNNING_FILE)
         raise

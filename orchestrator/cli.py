@@ -59,7 +59,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from orchestrator.analyze import analyze
 
     analyze(tracking_uri=args.tracking_uri, experiments=args.experiment, points=args.points,
-            out=args.out, config=args.config)
+            reference=args.reference, out=args.out, config=args.config, n_boot=args.n_boot, seed=args.seed,
+            log=not args.no_log)
     return 0
 
 
@@ -81,12 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="run a sweep config on Ray and record it in MLflow")
     add_sweep_args(s)
 
-    a = sub.add_parser("analyze", help="plots and a report from a sweep's MLflow runs")
+    a = sub.add_parser("analyze", help="scaling verdicts, fits, plots and a report (MLflow, a CSV, or the paper)")
     a.add_argument("--config", help="a sweep config: read its tracking URI, experiment and output")
     a.add_argument("--tracking-uri", help="MLflow tracking URI (default: from --config)")
     a.add_argument("--experiment", action="append", help="experiment (sweep) name; repeatable")
     a.add_argument("--points", help="a points CSV instead of MLflow")
+    a.add_argument("--reference", help="a published reference instead: 'paper' (Tables 2-16 of the DINOv3 "
+                   "medical benchmark)")
     a.add_argument("--out", help="output directory (default: <sweep output>/analysis)")
+    a.add_argument("--n-boot", type=int, default=1000,
+                   help="bootstrap replicates (default 1000; 0: no intervals, every verdict 'no CI')")
+    a.add_argument("--seed", type=int, default=0, help="bootstrap random seed")
+    a.add_argument("--no-log", action="store_true", help="do not log the analysis of MLflow runs back to MLflow")
     return ap
 
 
@@ -97,7 +104,8 @@ def add_sweep_args(s: argparse.ArgumentParser, config_flag: bool = False) -> Non
         s.add_argument("config", help="sweep config (YAML)")
     s.add_argument("--resume", action="store_true", help="run only the cells not finished yet")
     s.add_argument("--rerun", action="store_true", help="run every cell again (features stay cached)")
-    s.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
+    s.add_argument("--address", default=None, help="join this Ray cluster ('local': a private one; default: "
+                   "RAY_ADDRESS, else the cluster `ray start` runs on this machine, else a private one)")
     s.add_argument("--strict", action="store_true", help="exit non-zero if any cell failed")
 
 

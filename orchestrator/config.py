@@ -8,6 +8,7 @@ where `make demo` and `ray submit` run.
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tasks.errors import ConfigError
 
 # GPU share of one cell (a head trained on cached features) by encoder size class. Heads are light;
-# the share grows with the feature width because kNN keeps the train bank on the GPU.
+# the share grows with the feature width because kNN keeps the train bank on the GPU. A size may
+# instead map to resolution bands {lowest resolution: share}: pooled features do not grow with the
+# input, but dense-feature protocols (tokens ~ (r/16)^2) do, so big inputs may need a bigger share.
 DEFAULT_CELL_GPUS = {"tiny": 0.05, "small": 0.1, "base": 0.1, "large": 0.2, "huge": 0.25, "giant": 0.5}
+
+# Where shared storage may live: pyarrow filesystems (the feature cache, cell results, Tune).
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 
 
 class _Strict(BaseModel):
@@ -75,22 +81,53 @@ class Resources(_Strict):
     """What each piece of work asks Ray for. GPU requests apply only where the cluster has GPUs."""
 
     cell_cpus: float = Field(default=1.0, gt=0)
-    cell_gpus: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_CELL_GPUS))
-    extract_gpus: float = Field(default=1.0, ge=0, description="GPUs per encoder actor")
+    cell_gpus: dict[str, float | dict[int, float]] = Field(
+        default_factory=lambda: dict(DEFAULT_CELL_GPUS),
+        description="GPU share of one cell by encoder size: a number, or {lowest resolution: share}")
+    extract_gpus: float = Field(default=1.0, ge=0, description="whole GPUs per encoder actor (0: CPU)")
     extract_actors: int | None = Field(default=None, ge=1, description="default: one per GPU, else 1")
     extract_batch_size: int = Field(default=32, ge=1)
     torch_threads: int | None = Field(default=None, ge=1, description="CPU encoder threads")
 
     @field_validator("cell_gpus")
     @classmethod
-    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+    def _fractions(cls, v: dict[str, float | dict[int, float]]) -> dict[str, float | dict[int, float]]:
         unknown = set(v) - set(DEFAULT_CELL_GPUS)
         if unknown:
             raise ValueError(f"unknown size classes {sorted(unknown)}; use {sorted(DEFAULT_CELL_GPUS)}")
-        bad = {k: f for k, f in v.items() if not 0 <= f <= 1}
-        if bad:
-            raise ValueError(f"GPU fractions must be in [0, 1], got {bad}")
+        for size, spec in v.items():
+            bands = spec if isinstance(spec, dict) else {0: spec}
+            if not bands:
+                raise ValueError(f"{size}: an empty resolution table; give a share or {{0: share}}")
+            bad = {k: f for k, f in bands.items() if not 0 <= f <= 1}
+            if bad:
+                raise ValueError(f"GPU fractions must be in [0, 1], got {size}: {bad}")
+            if any(k < 0 for k in bands):
+                raise ValueError(f"{size}: resolution bands must be >= 0, got {sorted(bands)}")
+            shares = [bands[k] for k in sorted(bands)]
+            if shares != sorted(shares):
+                # A larger input never needs less memory: a shrinking table is a typo.
+                raise ValueError(f"{size}: the GPU share must not shrink as the resolution grows, got {bands}")
         return {**DEFAULT_CELL_GPUS, **v}
+
+    @field_validator("extract_gpus")
+    @classmethod
+    def _whole_gpus(cls, v: float) -> float:
+        # Encoder actors hold a whole model and its activations: two actors sharing one GPU would
+        # fight over its memory, so an actor takes whole GPUs (or none: CPU).
+        if v != int(v):
+            raise ValueError(f"encoder actors take whole GPUs (0, 1, 2, ...), got {v}")
+        return v
+
+    def cell_gpu_share(self, size: str, resolution: int) -> float:
+        """The GPU share a cell of this encoder size and resolution asks for."""
+        spec = self.cell_gpus[size]
+        if not isinstance(spec, dict):
+            return float(spec)
+        below = [b for b in sorted(spec) if b <= resolution]
+        # Config validation guarantees a band covers every grid resolution; below all bands (a
+        # caller outside the grid) the lowest band applies.
+        return float(spec[below[-1] if below else min(spec)])
 
 
 class SweepConfig(_Strict):
@@ -99,7 +136,9 @@ class SweepConfig(_Strict):
     weights: str = "random"
     pooling: str = "auto"
     data: dict[str, str]
-    output: str
+    output: str = Field(description="local directory of the driver: summary, logs, default mlflow.db")
+    storage: str | None = Field(default=None, description="shared by every node: cache, cell results, "
+                                "Tune state; a path (NFS) or s3://, gs://, ... (default: output)")
     tracking_uri: str | None = None
     protocols: dict[str, dict[str, Any]] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
@@ -113,6 +152,24 @@ class SweepConfig(_Strict):
         if v in ("random", "hub") or (v.startswith("file:") and len(v) > 5):
             return v
         raise ValueError(f"weights must be 'hub', 'random' or 'file:<path>', got {v!r}")
+
+    @field_validator("output")
+    @classmethod
+    def _local_output(cls, v: str) -> str:
+        if "://" in v:
+            raise ValueError(f"{v!r}: output is a local directory of the machine running the sweep; "
+                             "put what every node shares under storage: (s3://, gs://, NFS)")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v:
+            scheme = v.split("://", 1)[0]
+            if scheme not in STORAGE_SCHEMES:
+                raise ValueError(f"{v!r}: unknown scheme {scheme!r}; use a path or one of "
+                                 f"{', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+        return v
 
     @field_validator("pooling")
     @classmethod
@@ -138,6 +195,12 @@ class SweepConfig(_Strict):
                         f"grid.resolutions.{i}: {r} is not a multiple of {p} (patch size of {enc}); "
                         f"use {lo} or {hi}"
                     )
+        sizes = {get_encoder_spec(e).size for e in self.grid.encoders}
+        for size in sorted(sizes):
+            spec = self.resources.cell_gpus[size]
+            if isinstance(spec, dict) and min(spec) > min(self.grid.resolutions):
+                raise ValueError(f"resources.cell_gpus.{size}: no band covers {min(self.grid.resolutions)} px "
+                                 f"(the lowest band starts at {min(spec)}); add a band at 0")
         for name, hp in self.protocols.items():
             if name not in self.grid.protocols:
                 raise ValueError(f"protocols.{name}: hyperparameters for a protocol not in grid.protocols")
@@ -157,8 +220,31 @@ class SweepConfig(_Strict):
         return Path(self.output).expanduser().resolve()
 
     @property
+    def storage_root(self) -> str:
+        """Root of what every node shares, as a URI or an absolute path."""
+        if self.storage is None:
+            return str(self.output_path)
+        if "://" in self.storage:
+            return self.storage.rstrip("/")
+        return str(Path(self.storage).expanduser().resolve())
+
+    @property
+    def cache_root(self) -> str:
+        # The cache is content-addressed, so sweeps sharing a storage root share their features.
+        return f"{self.storage_root}/cache"
+
+    @property
+    def sweep_root(self) -> str:
+        """Per-sweep shared state (cell results, Tune): under storage/<name>/ when storage is set,
+        because cell ids repeat across sweeps; else output/ itself, as on one machine."""
+        return self.storage_root if self.storage is None else f"{self.storage_root}/{self.name}"
+
+    @property
     def resolved_tracking_uri(self) -> str:
-        return self.tracking_uri or f"sqlite:///{self.output_path / 'mlflow.db'}"
+        # MLflow's own convention: an explicit URI, else MLFLOW_TRACKING_URI (how a cluster's head
+        # hands its tracking server to every sweep), else a sqlite file beside the outputs.
+        return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{self.output_path / 'mlflow.db'}")
 
     def data_root(self, dataset: str) -> Path:
         return Path(self.data[dataset]).expanduser().resolve()

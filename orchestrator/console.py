@@ -29,7 +29,8 @@ def banner(cfg: SweepConfig, n_cells: int, skipped: dict[str, str]) -> None:
         _p("== WEIGHTS: random  -- encoders are RANDOMLY INITIALISED; results say nothing about pretrained models")
     else:
         _p(f"== weights: {cfg.weights}")
-    _p(f"== output: {cfg.output_path}   tracking: {cfg.resolved_tracking_uri}")
+    shared = f"   storage: {cfg.storage_root}" if cfg.storage else ""
+    _p(f"== output: {cfg.output_path}{shared}   tracking: {cfg.resolved_tracking_uri}")
     for cid, why in skipped.items():
         note(f"skipped {cid}: {why}")
 
@@ -82,7 +83,7 @@ def summary(cfg: SweepConfig, outcome: SweepOutcome) -> None:
        f"images encoded this run: {outcome.n_encoded}")
     for cid, err in outcome.errors.items():
         _p(f"FAILED {cid}: {err.splitlines()[0][:300]}")
-    _p(f"results:  {out / 'summary.csv'}   per-cell files: {out / 'cells'}")
+    _p(f"results:  {out / 'summary.csv'}   per-cell files: {cfg.sweep_root}/cells")
     uri = cfg.resolved_tracking_uri
     _p(f"MLflow:   {uri}  (experiment '{cfg.name}')")
     if uri.startswith("sqlite:///"):

@@ -49,6 +49,8 @@ class ExtractResult:
     n_encoded: int = 0  # rows the encoder produced in this call (0 when everything was cached)
     seconds: float = 0.0
     cached_splits: list[str] = field(default_factory=list)
+    actors: int = 0  # encoder actors of the pipeline (0 when everything was cached)
+    gpus_per_actor: float = 0.0
 
 
 # -- worker-side callables -------------------------------------------------------------------
@@ -201,5 +203,6 @@ def commit_splits(cache: FeatureCache, scratch: str, keys: dict[str, CacheKey], 
 def describe(result: ExtractResult) -> dict[str, Any]:
     return {"job": asdict(result.job), "keys": {s: k.digest for s, k in result.keys.items()},
             "n_encoded": result.n_encoded, "seconds": round(result.seconds, 2),
-            "cached_splits": result.cached_splits, "weights_source": result.weights_source,
+            "cached_splits": result.cached_splits, "actors": result.actors,
+            "gpus_per_actor": result.gpus_per_actor, "weights_source": result.weights_source,
             "weights_digest": result.weights_digest, "time": time.time()}

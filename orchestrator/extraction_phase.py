@@ -74,6 +74,7 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
     res = cfg.resources
     gpus = res.extract_gpus if n_gpus > 0 else 0.0
     actors = res.extract_actors or (max(1, int(n_gpus // gpus)) if gpus else 1)
+    result.actors, result.gpus_per_actor = actors, gpus
     console.extract_line(job, "start", len(rows), 0.0)
     scratch = cache.scratch_dir()
     try:
@@ -90,6 +91,22 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
     result.seconds = time.perf_counter() - t0
     console.extract_line(job, "done", result.n_encoded, result.seconds)
     return result
+
+
+def _extract_with_retries(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: SweepConfig,
+                          n_gpus: float, dataset: Any, fingerprint: str) -> ExtractResult:
+    """`extract_one`, again (up to max_failures times) when Ray lost a node or worker under it:
+    splits committed before the loss come from the cache, only the rest is encoded again."""
+    from orchestrator import ray_backend
+
+    for attempt in range(cfg.max_failures + 1):
+        try:
+            return extract_one(job, cache, memo, cfg, n_gpus, dataset, fingerprint)
+        except Exception as e:
+            if attempt == cfg.max_failures or not ray_backend.is_system_error(e):
+                raise
+            console.note(f"  {job.label}: Ray lost a worker or node ({_error_text(e)}); retrying")
+    raise AssertionError("unreachable")
 
 
 def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: DigestMemo,
@@ -119,7 +136,8 @@ def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: 
             pooling = meta_enc.resolve_pooling(cfg.pooling)
             job = ExtractionJob(enc, cfg.weights, res, pooling, ds_name, str(cfg.data_root(ds_name)),
                                 cfg.val_fraction, cfg.split_seed)
-            results[(enc, res, ds_name)] = extract_one(job, cache, memo, cfg, n_gpus, dataset, fingerprint)
+            results[(enc, res, ds_name)] = _extract_with_retries(job, cache, memo, cfg, n_gpus, dataset,
+                                                                 fingerprint)
             info[(enc, res, ds_name)] = (fingerprint, {**meta_enc.preprocess_info(), "pooling": pooling})
         except Exception as e:  # noqa: BLE001 - one extraction fails alone; its cells carry the reason
             failures[(enc, res, ds_name)] = _error_text(e)

@@ -1,6 +1,7 @@
 """Every Ray call medscale makes lives here: Ray's APIs move between releases (NOTES.md).
 
-- `start`: a local cluster by default, or join one (`--address` / RAY_ADDRESS).
+- `start`: join a cluster (`--address`, RAY_ADDRESS, or one `ray start` runs on this machine, as
+  under `ray submit`), else start a private local one.
 - `run_remote`: one function as a Ray task (loading weights to digest them, off the driver).
 - `run_embedding_pipeline`: Ray Data, rows -> CPU decode tasks -> encoder actor pool -> Parquet.
 - `run_cells`: a Ray Tune grid, one trial per cell, per-cell resources and retries; a callback
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -18,24 +20,62 @@ import ray
 from ray import tune
 from ray.data import ActorPoolStrategy
 
+from orchestrator import console
 from orchestrator.extract import EncoderUDF, ExtractionJob, decode_batch
 
-log = logging.getLogger("medscale")
+
+def resolve_address(address: str | None = None) -> str:
+    """The cluster a sweep joins: `address` if given ("local" forces a private cluster, "auto"
+    any running one); else RAY_ADDRESS (set by `ray job submit` and KubeRay); else the cluster
+    that `ray start` runs on this machine, if alive (`ray submit` runs the sweep on the head with
+    no RAY_ADDRESS: starting a private cluster there would leave the real one idle); else "local".
+    """
+    if address:
+        return address
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    from ray._private import services, utils
+
+    # `ray start` records its GCS address in <temp dir>/ray_current_cluster; a crashed cluster
+    # leaves the file behind, so it counts only while a raylet on this machine still serves it.
+    recorded = utils.read_ray_address()
+    services.find_gcs_addresses.cache_clear()
+    if recorded and recorded in services.find_gcs_addresses():
+        return recorded
+    return "local"
 
 
 def start(address: str | None = None, *, num_cpus: int | None = None,
           object_store_memory: int | None = None) -> dict[str, float]:
-    """Start or join Ray; return the cluster's total resources."""
+    """Start or join Ray (see `resolve_address`); return the cluster's total resources."""
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        address = resolve_address(address)
         kwargs: dict[str, Any] = {"address": address, "include_dashboard": False,
                                   "logging_level": logging.WARNING, "configure_logging": True}
         if address == "local":
             kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory)
+        else:
+            console.note(f"joining the Ray cluster at {address}")
         ray.init(**kwargs)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = True
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def is_system_error(e: BaseException) -> bool:
+    """True when `e` (or what it wraps) is Ray losing a node, worker or object, not the work's own
+    error: such work is worth retrying elsewhere; a corrupt image is not."""
+    lost = (ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.ActorDiedError,
+            ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.RaySystemError,
+            ray.exceptions.ActorUnavailableError)
+    seen: set[int] = set()
+    err: BaseException | None = e
+    while err is not None and id(err) not in seen:
+        if isinstance(err, lost):
+            return True
+        seen.add(id(err))
+        err = getattr(err, "cause", None) or err.__cause__
+    return False
 
 
 def stop() -> None:
@@ -76,6 +116,7 @@ class CellListener(Protocol):
     def on_start(self, cell_id: str) -> None: ...
     def on_result(self, cell_id: str, result: dict[str, Any]) -> None: ...
     def on_error(self, cell_id: str, message: str) -> None: ...
+    def on_retry(self, cell_id: str, message: str) -> None: ...
 
 
 class _TuneBridge(tune.Callback):
@@ -95,20 +136,33 @@ class _TuneBridge(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.listener.on_result(self._cell_id(trial), dict(trial.last_result or {}))
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        cell_id = self._cell_id(trial)
-        message = self.error_reader(cell_id)
+    def _message(self, trial: Any) -> str:
+        message = self.error_reader(self._cell_id(trial))
         if not message and trial.error_file and os.path.exists(trial.error_file):
             with open(trial.error_file) as f:
                 lines = [ln for ln in f.read().strip().splitlines() if ln.strip()]
             message = lines[-1] if lines else "trial failed"
-        self.listener.on_error(cell_id, message or "trial failed without an error message")
+        return message or "trial failed without an error message (its worker or node died?)"
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # Tune retries the trial (FailureConfig.max_failures) wherever resources are free.
+        self.listener.on_retry(self._cell_id(trial), self._message(trial))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.listener.on_error(self._cell_id(trial), self._message(trial))
 
 
 def _trainable(config: dict[str, Any]) -> None:
     from orchestrator.cells import run_cell
 
-    tune.report(run_cell(config["cell"]))
+    # Where the cell runs and what Ray granted it: recorded with its results (and so in MLflow),
+    # the evidence that cells spread over nodes with the GPU share their table asks for.
+    ctx = ray.get_runtime_context()
+    t_start = time.time()
+    placement = {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                 "resources": ctx.get_assigned_resources(), "t_start": t_start}
+    metrics = run_cell(config["cell"], placement)
+    tune.report({**metrics, "node_id": placement["node_id"], "t_start": t_start, "t_end": time.time()})
 
 
 def run_cells(cells: list[dict[str, Any]], listener: CellListener, *, name: str, storage_path: str,

@@ -3,14 +3,15 @@ cell as a Ray Tune trial, record each cell as exactly one MLflow run, and summar
 
 State lives in three durable places, so a killed driver loses nothing: the feature cache, the
 per-cell result directories (written by the trial before it reports) and MLflow. `--resume`
-re-derives what is missing from them instead of trusting Tune's own experiment state.
+re-derives what is missing from them instead of trusting Tune's own experiment state. On a
+cluster the first two live on shared storage (`storage:`), so any node's work is visible to the
+driver; a trial whose node dies is retried elsewhere (`max_failures`).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 from orchestrator import __version__, console
 from orchestrator.cache import FeatureCache
-from orchestrator.cells import Cell, cell_spec, read_error, read_result, result_dir
+from orchestrator.cells import Cell, ResultStore, cell_spec
 from orchestrator.config import SweepConfig
 from orchestrator.extract import DigestMemo, ExtractResult, describe
 from orchestrator.tracking import Tracker
@@ -34,6 +35,7 @@ class SweepOutcome:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)  # cell_id -> attempts lost (node died, ...)
     extractions: list[ExtractResult] = field(default_factory=list)
     already_done: bool = False
 
@@ -78,7 +80,7 @@ class _Runner:
 
     def __init__(self, cfg: SweepConfig, tracker: Tracker, outcome: SweepOutcome, total: int):
         self.cfg, self.tracker, self.outcome, self.total = cfg, tracker, outcome, total
-        self.results_dir = str(cfg.output_path / "cells")
+        self.results = ResultStore(f"{cfg.sweep_root}/cells")
         self.params: dict[str, dict[str, Any]] = {}
         self.run_ids: dict[str, str] = {}
 
@@ -98,14 +100,27 @@ class _Runner:
         self._run_id(cell_id)
 
     def on_result(self, cell_id: str, result: dict[str, Any]) -> None:
-        metrics = read_result(self.results_dir, cell_id) or {}
+        metrics = self.results.read(cell_id) or {}
         if not metrics:
             return self.on_error(cell_id, "the trial reported but wrote no result files")
         run_id = self._run_id(cell_id)
-        if result.get("node_ip"):
-            self.tracker.client.set_tag(run_id, "medscale.node_ip", result["node_ip"])
-        self.tracker.finish(run_id, metrics, str(result_dir(self.results_dir, cell_id)))
+        # Where it ran: from the result files (durable, so a resumed driver logs it too), else
+        # from what Tune reported.
+        placement = self.results.placement(cell_id)
+        placement.update({k: result[k] for k in ("node_id", "node_ip") if result.get(k)})
+        tags = {f"medscale.{k}": str(placement[k]) for k in ("node_id", "node_ip") if k in placement}
+        if placement:
+            tags["medscale.placement"] = json.dumps(placement, sort_keys=True)
+        self.tracker.set_tags(run_id, tags)
+        with self.results.local_dir(cell_id) as artifacts:
+            self.tracker.finish(run_id, metrics, artifacts)
         self._done(cell_id, "FINISHED", metrics)
+
+    def on_retry(self, cell_id: str, message: str) -> None:
+        n = self.outcome.retries[cell_id] = self.outcome.retries.get(cell_id, 0) + 1
+        self.tracker.set_tags(self._run_id(cell_id), {"medscale.retries": str(n),
+                                                      f"medscale.retry_{n}": message[:4000]})
+        console.note(f"retrying {cell_id} (attempt {n + 1}): {message.splitlines()[0][:200]}")
 
     def on_error(self, cell_id: str, message: str) -> None:
         self.tracker.fail(self._run_id(cell_id), message)
@@ -148,16 +163,20 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
 
     out = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(cfg.resolved_tracking_uri, cfg.name, artifact_root=str(out / "mlartifacts"))
+    uri = cfg.resolved_tracking_uri
+    # A tracking server stores artifacts itself (--artifacts-destination); an embedded store
+    # (sqlite) would otherwise put them in ./mlruns of whatever the working directory is.
+    served = uri.startswith(("http://", "https://", "databricks"))
+    tracker = Tracker(uri, cfg.name, artifact_root=None if served else str(out / "mlartifacts"))
     cells, skipped = plan_cells(cfg)
     outcome = SweepOutcome(skipped=skipped)
-    results_dir = str(out / "cells")
+    results = ResultStore(f"{cfg.sweep_root}/cells")
     console.banner(cfg, len(cells), skipped)
 
     if rerun:
         n = tracker.delete_cells(c.cell_id for c in cells)
         for c in cells:
-            shutil.rmtree(result_dir(results_dir, c.cell_id), ignore_errors=True)
+            results.delete(c.cell_id)
         console.note(f"--rerun: deleted {n} earlier run(s); features stay cached")
     finished = tracker.finished_cells()
     done = [c for c in cells if c.cell_id in finished]
@@ -186,9 +205,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
 
     runner = _Runner(cfg, tracker, outcome, total=len(cells))
     for c in done:
-        outcome.metrics[c.cell_id] = read_result(results_dir, c.cell_id) or {}
+        outcome.metrics[c.cell_id] = results.read(c.cell_id) or {}
 
-    cache = FeatureCache(str(out / "cache"))
+    cache = FeatureCache(cfg.cache_root)
     memo = DigestMemo(out / "weights_digests.json")
     extractions, failures, datasets = extract_all(cfg, todo, cache, memo, resources.get("GPU", 0.0))
     outcome.extractions = list(extractions.values())
@@ -209,28 +228,27 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
         hparams = {k: v for k, v in hp.get_params().items() if k not in ("task", "seed")}
         fingerprint, preprocess = datasets[c.extraction]
         runner.params[c.cell_id] = _cell_params(cfg, c, ex, ds_cls, hparams, fingerprint, preprocess)
-        existing = read_result(results_dir, c.cell_id)
+        existing = results.read(c.cell_id)
         if existing is not None:  # computed before the driver died: log it, do not recompute
             runner.on_start(c.cell_id)
             runner.on_result(c.cell_id, {})
             continue
         from tasks.encoders import get_encoder_spec
 
-        specs.append(cell_spec(c, keys=ex.keys, cache_root=cache.root, results_dir=results_dir,
+        specs.append(cell_spec(c, keys=ex.keys, cache_root=cache.root, results_dir=results.root,
                                task=ds_cls.task, classes=list(ds_cls.classes),
                                hparams=cfg.protocols.get(c.protocol, {}),
                                size=get_encoder_spec(c.encoder).size))
 
     def cell_resources(spec: dict[str, Any]) -> dict[str, float]:
         res = {"CPU": cfg.resources.cell_cpus}
-        if has_gpu:
-            res["GPU"] = cfg.resources.cell_gpus[spec["size"]]
+        if has_gpu:  # a share of one GPU, by encoder size and resolution (config: resources.cell_gpus)
+            res["GPU"] = cfg.resources.cell_gpu_share(spec["size"], spec["resolution"])
         return res
 
     ray_backend.run_cells(specs, runner, name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                          storage_path=str(out / "tune"), resources=cell_resources,
-                          max_failures=cfg.max_failures,
-                          error_reader=lambda cid: read_error(results_dir, cid))
+                          storage_path=f"{cfg.sweep_root}/tune", resources=cell_resources,
+                          max_failures=cfg.max_failures, error_reader=results.read_error)
     for c in cells:  # a trial Tune never reported on (should not happen): record it, never leave RUNNING
         if c.cell_id not in outcome.cells:
             runner.on_error(c.cell_id, "the cell ended without a result or an error from Ray Tune")

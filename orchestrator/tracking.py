@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact: noise
 
 import time  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
@@ -106,6 +107,10 @@ class Tracker:
             self.client.log_batch(run_id, tags=tlist)
         return run_id
 
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        if tags:
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def finish(self, run_id: str, metrics: dict[str, float], artifact_dir: str | None = None) -> None:
         now = int(time.time() * 1000)
         mlist = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v]  # drop NaN
@@ -131,9 +136,9 @@ class Tracker:
         return n
 
     def log_sweep_run(self, name: str, params: dict[str, Any], metrics: dict[str, float],
-                      artifact_dir: str | None = None, kind: str = "sweep") -> str:
+                      artifact_dir: str | None = None, kind: str = "sweep", tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={KIND_TAG: kind, SWEEP_TAG: self.experiment})
+                                     tags={**(tags or {}), KIND_TAG: kind, SWEEP_TAG: self.experiment})
         for chunk in _chunks([Param(k, str(v)[:6000]) for k, v in params.items()], 100):
             self.client.log_batch(run.info.run_id, params=chunk)
         self.finish(run.info.run_id, metrics, artifact_dir)
@@ -154,7 +159,8 @@ def load_points(tracking_uri: str, experiments: list[str] | None = None, split: 
     for exp in exps:
         for r in _search_runs(client, exp.experiment_id, f"tags.`{KIND_TAG}` = 'cell' and attributes.status = 'FINISHED'"):
             p = r.data.params
-            base = {"experiment": exp.name, "run_id": r.info.run_id, "dataset": p.get("dataset"),
+            base = {"experiment": exp.name, "experiment_id": exp.experiment_id, "run_id": r.info.run_id,
+                    "task": p.get("task", ""), "dataset": p.get("dataset"),
                     "protocol": p.get("protocol"), "encoder": p.get("encoder"),
                     "params": int(p.get("params", 0)), "gflops": float(p.get("gflops", "nan")),
                     "resolution": int(p.get("resolution", 0)), "seed": int(p.get("seed", 0)),
@@ -162,6 +168,51 @@ def load_points(tracking_uri: str, experiments: list[str] | None = None, split: 
             for k, v in r.data.metrics.items():
                 if k.startswith(f"{split}_"):
                     rows.append({**base, "metric": k[len(split) + 1 :], "value": float(v)})
-    cols = ["experiment", "run_id", "dataset", "protocol", "encoder", "params", "gflops", "resolution",
-            "seed", "weights", "metric", "value"]
+    cols = ["experiment", "experiment_id", "run_id", "task", "dataset", "protocol", "encoder", "params", "gflops",
+            "resolution", "seed", "weights", "metric", "value"]
     return pd.DataFrame(rows, columns=cols)
+
+
+PREDICTIONS_ARTIFACT = "predictions.parquet"  # written by orchestrator.cells.run_cell
+
+
+def load_predictions(tracking_uri: str, run_ids: Iterable[str], split: str = "test") -> dict[str, pd.DataFrame]:
+    """Per-case predictions (case_id, patient_id, target_*, score_*) of `split` per run id.
+
+    Runs without the artifact (logged before it existed, or elsewhere) are left out; the analysis
+    then falls back to per-seed values for their curves.
+    """
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    out: dict[str, pd.DataFrame] = {}
+    with tempfile.TemporaryDirectory(prefix="medscale-preds-") as tmp:
+        for rid in dict.fromkeys(run_ids):
+            try:
+                path = client.download_artifacts(rid, PREDICTIONS_ARTIFACT, str(Path(tmp) / rid))
+            except (MlflowException, OSError):
+                continue
+            df = pd.read_parquet(path)
+            if "split" in df.columns:
+                df = df[df["split"] == split]
+            out[rid] = df.drop(columns=["split"], errors="ignore").reset_index(drop=True)
+    return out
+
+
+ANALYSIS_TAG = "medscale.analysis"
+TAG_LIMIT = 5000  # MLflow caps tag values; longer run lists go to the sources.csv artifact only
+
+
+def log_analysis_run(tracking_uri: str, experiment: str, out_dir: str, sources: pd.DataFrame,
+                     params: dict[str, Any], metrics: dict[str, float]) -> str:
+    """Log an analysis (its whole output directory) as a run of kind "analysis" in `experiment`,
+    tagged with the experiments and runs it read (`sources`: experiment, experiment_id, run_id)."""
+    run_ids = ",".join(sorted(sources["run_id"].astype(str).unique()))
+    tags = {f"{ANALYSIS_TAG}.experiments": ",".join(sorted(sources["experiment"].astype(str).unique())),
+            f"{ANALYSIS_TAG}.experiment_ids": ",".join(sorted(sources["experiment_id"].astype(str).unique())),
+            f"{ANALYSIS_TAG}.n_runs": str(sources["run_id"].nunique()),
+            f"{ANALYSIS_TAG}.run_ids": run_ids if len(run_ids) <= TAG_LIMIT else "too many for a tag: see sources.csv"}
+    return Tracker(tracking_uri, experiment).log_sweep_run("analysis", params, metrics, out_dir, kind="analysis",
+                                                          tags=tags)

@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Sweeps fall back to MLFLOW_TRACKING_URI (a cluster head's server): tests pick their own stores.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "test_vit_tiny16"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -72,3 +73,49 @@ def test_commit_keeps_an_existing_complete_entry(tmp_path):
     staged2, _ = _stage(cache, n=2)
     cache.commit(KEY, staged2, {})  # a second writer of the same key: first complete entry wins
     assert len(cache.read_arrays(KEY)[0]) == 4
+
+
+def _race(root: str, n: int, barrier, out) -> None:
+    cache = FeatureCache(root)
+    staged, _ = _stage(cache, n=n)
+    barrier.wait()
+    out.put((n, cache.commit(KEY, staged, {"n_rows": n})))
+
+
+def test_two_writers_of_one_key_write_it_once(tmp_path):
+    """Writers in separate processes (as on two nodes over NFS) commit the same key at once:
+    exactly one wins, the entry holds its rows only, the losers' copies are gone."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(str(tmp_path / "c"), n, barrier, out)) for n in (3, 4, 5, 6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    results = [out.get(timeout=5) for _ in procs]
+    winners = [n for n, won in results if won]
+    assert len(winners) == 1
+    cache = FeatureCache(str(tmp_path / "c"))
+    assert len(cache.read_arrays(KEY)[0]) == winners[0] == cache.meta(KEY)["n_rows"]
+    assert not list((tmp_path / "c" / "tmp").iterdir())  # no staged copy left behind
+
+
+def test_cache_and_results_through_a_uri(tmp_path):
+    """The same code paths with a filesystem URI instead of a path (s3:// and gs:// go the same way)."""
+    from orchestrator.cells import ResultStore
+
+    cache = FeatureCache(f"file://{tmp_path}/c")
+    staged, emb = _stage(cache)
+    assert cache.commit(KEY, staged, {"n_rows": 5})
+    np.testing.assert_array_equal(cache.read_arrays(KEY)[1], emb)
+    results = ResultStore(f"file://{tmp_path}/cells")
+    results.mark_running("c1", {"node_id": "n1", "t_start": 0.0})
+    assert results.running() == {"c1": {"node_id": "n1", "t_start": 0.0}}
+    results.write("c1", {"metrics.json": b'{"test_auc": 0.5}', "predictions.parquet": b"x"})
+    assert results.read("c1") == {"test_auc": 0.5} and results.running() == {}
+    results.write("c1", {"metrics.json": b'{"test_auc": 0.7}'})  # a retry replaces it whole
+    assert results.read("c1") == {"test_auc": 0.7}
+    with results.local_dir("c1") as d:
+        assert sorted(p.name for p in Path(d).iterdir()) == ["metrics.json"]

@@ -58,6 +58,12 @@ def test_paper_config_is_the_published_grid():
         (lambda c: c["protocols"]["knn"].update(kk=3), "protocols.knn"),
         (lambda c: c.update(pooling="max"), "pooling"),
         (lambda c: c["protocols"]["knn"].update(seed=3), "protocols.knn: ['seed'] cannot be set here"),
+        (lambda c: c["resources"].update(cell_gpus={"small": {0: 0.5, 224: 0.2}}), "must not shrink"),
+        (lambda c: c["resources"].update(cell_gpus={"small": {224: 0.2}}), "resources.cell_gpus.small: no band covers 112"),
+        (lambda c: c["resources"].update(cell_gpus={"small": {0: 1.5}}), "GPU fractions must be in [0, 1]"),
+        (lambda c: c["resources"].update(extract_gpus=0.5), "encoder actors take whole GPUs"),
+        (lambda c: c.update(output="s3://bucket/x"), "output is a local directory"),
+        (lambda c: c.update(storage="ftp://host/x"), "unknown scheme 'ftp'"),
     ],
 )
 def test_bad_config_names_the_key(mutate, path_fragment):
@@ -76,3 +82,24 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_cell_gpu_share_by_size_and_resolution_band():
+    raw = _base()
+    raw["resources"]["cell_gpus"] = {"small": 0.1, "base": {0: 0.1, 224: 0.2, 512: 0.5}}
+    res = parse_config(raw).resources
+    assert res.cell_gpu_share("small", 1024) == 0.1  # a plain number: any resolution
+    assert [res.cell_gpu_share("base", r) for r in (112, 224, 256, 512, 1024)] == [0.1, 0.2, 0.2, 0.5, 0.5]
+    assert res.cell_gpu_share("large", 224) == 0.2  # unnamed sizes keep their defaults
+
+
+def test_storage_layout_and_tracking_uri(monkeypatch, tmp_path):
+    raw = _base()
+    cfg = parse_config({**raw, "output": str(tmp_path / "out")})
+    assert cfg.cache_root == f"{tmp_path}/out/cache" and cfg.sweep_root == f"{tmp_path}/out"  # as before
+    cfg = parse_config({**raw, "storage": "s3://bucket/medscale/"})
+    assert cfg.cache_root == "s3://bucket/medscale/cache"  # shared by every sweep on that storage
+    assert cfg.sweep_root == "s3://bucket/medscale/demo"  # cell ids repeat across sweeps
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
+    assert cfg.resolved_tracking_uri == "http://10.0.0.1:5000"  # the cluster head's server
+    assert parse_config({**raw, "tracking_uri": "sqlite:///x.db"}).resolved_tracking_uri == "sqlite:///x.db"
