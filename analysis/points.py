@@ -3,8 +3,8 @@
 A point is one measured value: a metric of one dataset x protocol x encoder x resolution x seed.
 `orchestrator.tracking.load_points` yields them from MLflow; `read_points_csv` reads the same
 columns from a file so that results from elsewhere can be analysed. `aggregate` reduces seeds to
-mean / std / n and a 95% t-interval; the bootstrap over test cases (issue 6) will supply better
-intervals in the same `ci_lo` / `ci_hi` columns.
+mean / std / n and a 95% t-interval; `analysis.study` replaces that interval by the bootstrap's
+(test cases, then seeds) in the same `ci_lo` / `ci_hi` columns wherever it has replicates.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ MAIN_METRICS = ("auc", "acc", "precision", "recall", "f1_macro", "f1_weighted")
 # Bookkeeping a protocol may log beside its metrics: never plotted or tabulated.
 NON_METRICS = frozenset({"fit_s", "compute_s", "extract_s", "n_train", "n_val", "n_test", "feature_dim"})
 # Metrics where smaller is better (segmentation distances, registration errors): "best" flips.
-LOWER_IS_BETTER = frozenset({"loss", "hd95", "hd", "assd", "tre", "voi", "voi_split", "voi_merge",
+LOWER_IS_BETTER = frozenset({"loss", "hd95", "hd", "assd", "asd", "tre", "voi", "voi_split", "voi_merge",
                              "arand", "cremi", "error", "ece", "brier"})
 
 # What one aggregated point is identified by. Weights are part of the identity: a random-init

@@ -261,6 +261,15 @@ def _replicate_shape(v: CurveVerdict, reps: np.ndarray, sigma, level: float) -> 
         v.vertex_ci = tuple(map(float, np.percentile(vertex, q)))
 
 
+def format_x(x: float) -> str:
+    """An x-value for people: parameter counts as 85.6M, others as %g (224, 12.5)."""
+    x = float(x)
+    for scale, suffix in ((1e9, "B"), (1e6, "M")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:g}"
+
+
 def _decide(v: CurveVerdict, p_adj: float, m: float) -> CurveVerdict:
     """Apply the module's rules (see the docstring) with the Holm-adjusted p-value ``p_adj``."""
     v.iso_p_adj = p_adj
@@ -274,7 +283,7 @@ def _decide(v: CurveVerdict, p_adj: float, m: float) -> CurveVerdict:
     significant = v.no_ci or (np.isfinite(p_adj) and p_adj < ALPHA)
     if v.max_drop >= m and significant:
         if 0 < js < n - 1 and R == "up" and D == "down":
-            v.verdict, v.reason = "peaks", f"rises to x={v.x[js]:g}, then falls"
+            v.verdict, v.reason = "peaks", f"rises to x={format_x(v.x[js])}, then falls"
         elif G == "down" and R != "up":
             v.verdict, v.reason = "inverse", "larger x is worse"
         else:
@@ -293,16 +302,27 @@ def _decide(v: CurveVerdict, p_adj: float, m: float) -> CurveVerdict:
 
 
 def judge_curves(curves: Mapping | Sequence[CurveReplicates], *, level: float = CI_LEVEL,
-                 min_effect: float = MIN_EFFECT) -> dict | list[CurveVerdict]:
+                 min_effect: float | Mapping | Sequence[float] = MIN_EFFECT) -> dict | list[CurveVerdict]:
     """Analyse many curves and decide each with Holm-adjusted isotonic p-values across all of them.
 
     Accepts a mapping (key -> CurveReplicates; returns key -> CurveVerdict) or a sequence.
+    ``min_effect`` is one margin for every curve, or one per curve (a mapping with the same keys,
+    or a sequence in the same order): curves in different units (AUC, Dice in %, HD95 in mm)
+    need their own margins, yet belong in one Holm family.
     """
     keys = list(curves) if isinstance(curves, Mapping) else list(range(len(curves)))
     items = [curves[k] for k in keys]
-    stats = [analyse_curve(c, level=level, min_effect=min_effect) for c in items]
+    if isinstance(min_effect, Mapping):
+        margins = [float(min_effect[k]) for k in keys]
+    elif isinstance(min_effect, Sequence):
+        if len(min_effect) != len(keys):
+            raise ValueError(f"{len(min_effect)} margins for {len(keys)} curves")
+        margins = [float(m) for m in min_effect]
+    else:
+        margins = [float(min_effect)] * len(keys)
+    stats = [analyse_curve(c, level=level, min_effect=m) for c, m in zip(items, margins, strict=True)]
     adj = holm([s.iso_p for s in stats])
-    out = [_decide(replace(s), float(a), min_effect) for s, a in zip(stats, adj, strict=True)]
+    out = [_decide(replace(s), float(a), m) for s, a, m in zip(stats, adj, margins, strict=True)]
     return dict(zip(keys, out, strict=True)) if isinstance(curves, Mapping) else out
 
 

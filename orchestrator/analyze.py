@@ -1,4 +1,5 @@
-"""`medscale analyze`: collect points (MLflow runs or a CSV) and hand them to `analysis/`."""
+"""`medscale analyze`: collect points (MLflow runs, a CSV, or a published reference) and hand them
+to `analysis/`; an analysis of MLflow runs is itself logged to MLflow, linked to what it read."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ from tasks.errors import ConfigError
 
 
 def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = None,
-            points: str | None = None, out: str | None = None, config: str | None = None) -> dict:
-    from analysis.points import read_points_csv
+            points: str | None = None, reference: str | None = None, out: str | None = None,
+            config: str | None = None, n_boot: int = 1000, seed: int = 0, log: bool = True) -> dict:
+    """One input: `reference` (a set in analysis/reference/), `points` (a CSV), or MLflow (from
+    `config` or `tracking_uri` + `experiments`). `config` also supplies defaults for the others."""
     from analysis.report import analyze_points
-    from orchestrator.tracking import load_points
 
+    if points and reference:
+        raise ConfigError("analyze reads one input: --points FILE or --reference NAME, not both")
+    if n_boot < 0 or (0 < n_boot < 100):
+        raise ConfigError(f"--n-boot {n_boot}: use 0 (no intervals) or at least 100 replicates")
     if config:
         from orchestrator.config import load_config
 
@@ -20,20 +26,54 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
         tracking_uri = tracking_uri or cfg.resolved_tracking_uri
         experiments = experiments or [cfg.name]
         out = out or str(cfg.output_path / "analysis")
-    if points:
+    out_dir = Path(out or "analysis_out")
+    predictions, kind = None, "points"
+    if reference:
+        from analysis.reference import load_reference, reference_points
+
+        df = reference_points(load_reference(reference))
+        source, kind = f"the published reference '{reference}'", "reference"
+    elif points:
+        from analysis.points import read_points_csv
+
         df = read_points_csv(points)
         source = points
     elif tracking_uri:
+        from orchestrator.tracking import load_points, load_predictions
+
         df = load_points(tracking_uri, experiments)
-        source = f"{tracking_uri} ({', '.join(experiments or ['all experiments'])})"
+        source, kind = f"{tracking_uri} ({', '.join(experiments or ['all experiments'])})", "mlflow"
+        if not df.empty and n_boot:
+            predictions = load_predictions(tracking_uri, df["run_id"].unique())
     else:
-        raise ConfigError("analyze needs --config, --tracking-uri or --points")
+        raise ConfigError("analyze needs --reference, --points, --config or --tracking-uri")
     if df.empty:
         raise ConfigError(f"{source}: no finished cells to analyse")
-    out_dir = Path(out or "analysis_out")
-    result = analyze_points(df, out_dir, title=f"medscale analysis of {source}")
-    print(f"analysed {df['run_id'].nunique() if 'run_id' in df else len(df)} runs from {source}")
-    print(f"report:   {result['report']}")
-    print(f"plots:    {len(result['plots'])} files in {out_dir}")
+    result = analyze_points(df, out_dir, title=f"medscale analysis of {source}", predictions=predictions,
+                            n_boot=n_boot, seed=seed, reference=kind == "reference")
+    if kind == "mlflow" and log:
+        result["analysis_run_id"] = _log(tracking_uri, df, out_dir, result, n_boot, seed, len(predictions or {}))
+    n_read = df["run_id"].nunique() if kind != "reference" and "run_id" in df else len(df)
+    print(f"analysed {n_read} {'runs' if kind != 'reference' else 'published values'} from {source}")
+    print(f"report:   {result['report']} (and {Path(result['html']).name})")
+    print(f"verdicts: {result['verdicts']}  fits: {Path(result['fits']).name}")
+    print(f"plots:    {len(result['plots'])} files in {out_dir / 'plots'}")
     print(f"summary:  {result['summary']}")
+    if "analysis_run_id" in result:
+        print(f"MLflow:   analysis run {result['analysis_run_id']}")
     return result
+
+
+def _log(tracking_uri: str, df, out_dir: Path, result: dict, n_boot: int, seed: int, n_predictions: int) -> str:
+    from orchestrator.tracking import log_analysis_run
+
+    sources = df[["experiment", "experiment_id", "run_id"]].drop_duplicates().sort_values(["experiment", "run_id"])
+    sources.to_csv(out_dir / "sources.csv", index=False)  # the full list of runs read, beside the report
+    verdicts = [v.verdict for v in result["study"].verdicts.values()]
+    metrics = {"n_runs": float(sources["run_id"].nunique()), "n_curves": float(len(verdicts)),
+               "n_runs_with_predictions": float(n_predictions),
+               **{f"n_{v}": float(verdicts.count(v)) for v in ("scales", "saturates", "peaks", "inverse", "flat",
+                                                                "noisy")}}
+    params = {"n_boot": n_boot, "seed": seed, "experiments": ",".join(sorted(sources["experiment"].unique()))}
+    # The run goes into the first experiment read; its tags name every experiment and run.
+    return log_analysis_run(tracking_uri, str(sources["experiment"].iloc[0]), str(out_dir), sources, params, metrics)

@@ -1,6 +1,7 @@
 """analysis/: points CSV validation, aggregation, plots, report; `medscale analyze --points` end to end.
 
 Fast: points are built by hand (no Ray, no MLflow). Expected values are recomputed from the data.
+The verdicts, fits and the MLflow and reference inputs are tested in test_analysis_pipeline.py.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from analysis.plots import DPI, FIGSIZE
+from analysis.figures import DPI, forest_size, grid_size
 from analysis.points import POINT_COLUMNS, aggregate, read_points_csv
 from analysis.report import analyze_points
 from tasks.errors import ConfigError
 
 ENCODERS = {"dinov3_vits16": 21_600_000, "dinov3_vitb16": 85_600_000, "dinov3_vitl16": 303_100_000}
-PNG_SIZE = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
+KINDS = ("fig1", "params", "heatmap", "gflops")
 KEY = ["dataset", "protocol", "metric", "encoder", "resolution"]
 
 
@@ -58,24 +59,31 @@ def analysed(tmp_path_factory):
 def test_every_plot_decodes_at_the_expected_size(analysed):
     _, out, res = analysed
     plots = [Path(p) for p in res["plots"]]
-    # auc and acc, both panels in one figure, PNG + SVG each; precision_macro is secondary and
-    # n_cases / fit_s are bookkeeping: none of them is plotted.
-    assert sorted(p.name for p in plots) == sorted(f"nih14__linear_probe__{m}.{ext}"
-                                                   for m in ("auc", "acc") for ext in ("png", "svg"))
+    # One figure per kind for the one protocol, with a panel for auc and one for acc (precision_macro
+    # is secondary, n_cases / fit_s bookkeeping: not plotted), and the forest plot; PNG + SVG each.
+    stems = [f"{k}__linear_probe" for k in KINDS] + ["forest"]
+    assert sorted(p.name for p in plots) == sorted(f"{s}.{ext}" for s in stems for ext in ("png", "svg"))
+    n_curves = len(res["study"].curves)  # per metric: 2 params (one per resolution) + 3 resolution + 1 GFLOPs
+    assert n_curves == 2 * 6
+    sizes = {s: grid_size(2) for s in stems[:-1]} | {"forest": forest_size(n_curves)}
     for p in plots:
         assert p.is_file() and p.parent == out / "plots"
+        w, h = sizes[p.stem]
         if p.suffix == ".png":
             with Image.open(p) as im:
                 im.verify()
             with Image.open(p) as im:
-                assert im.format == "PNG" and im.size == PNG_SIZE
+                assert im.format == "PNG" and im.size == (round(w * DPI), round(h * DPI))
         else:
             root = ET.parse(p).getroot()
             assert root.tag.endswith("svg")
-            assert root.get("width") == f"{FIGSIZE[0] * 72:g}pt"
+            assert root.get("width") == f"{w * 72:g}pt"
             text = p.read_text()
-            assert "params (M)" in text and "input resolution (px)" in text and "dinov3_vitb16" in text
             assert "RANDOM-INIT" not in text
+    text = {p.stem: p.read_text() for p in plots if p.suffix == ".svg"}
+    assert "input resolution (px)" in text["fig1__linear_probe"] and "dinov3_vitb16" in text["fig1__linear_probe"]
+    assert "parameters" in text["params__linear_probe"] and "vitb16" in text["params__linear_probe"]
+    assert "Pareto frontier" in text["gflops__linear_probe"]
 
 
 # -- summary -----------------------------------------------------------------------------------------
@@ -89,9 +97,15 @@ def test_summary_equals_groupby_over_seeds(analysed):
     np.testing.assert_allclose(merged["mean"], merged["mean_expect"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(merged["std"], merged["std_expect"], rtol=1e-9)
     assert (merged["n"] == merged["n_expect"]).all() and (merged["n"] == 3).all()
-    half = stats.t.ppf(0.975, 2) * merged["std"] / math.sqrt(3)
-    np.testing.assert_allclose(merged["ci_lo"], merged["mean"] - half, rtol=1e-9)
-    np.testing.assert_allclose(merged["ci_hi"], merged["mean"] + half, rtol=1e-9)
+    # metrics that get curves carry the bootstrap's interval, the others a t-interval over seeds
+    boot = merged["metric"].isin(["auc", "acc"]).to_numpy()
+    assert (merged.loc[boot, "ci_method"] == "bootstrap seeds-parametric").all()
+    assert (merged.loc[~boot, "ci_method"] == "t over seeds").all()
+    assert ((merged["ci_lo"] < merged["mean"]) & (merged["mean"] < merged["ci_hi"])).all()
+    t = merged[~boot]
+    half = stats.t.ppf(0.975, 2) * t["std"] / math.sqrt(3)
+    np.testing.assert_allclose(t["ci_lo"], t["mean"] - half, rtol=1e-9)
+    np.testing.assert_allclose(t["ci_hi"], t["mean"] + half, rtol=1e-9)
     assert set(summary["metric"]) == {"auc", "acc", "precision_macro", "n_cases", "fit_s"}  # all kept
 
 
@@ -149,9 +163,9 @@ def test_report_table_marks_best_bold_and_second_underlined(analysed):
     assert "In `summary.csv` only: `precision_macro`." in report
     assert "Bookkeeping values kept in `summary.csv` only: `fit_s`, `n_cases`." in report
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert links == ["plots/nih14__linear_probe__auc.png", "plots/nih14__linear_probe__acc.png"]
+    assert links == [f"plots/{k}__linear_probe.png" for k in KINDS] + ["plots/forest.png"]
     assert all((out / link).is_file() for link in links)
-    assert "RANDOM-INIT" not in report and "no spread" not in report
+    assert "RANDOM-INIT" not in report and "one seed: no spread is available" not in report
 
 
 def test_one_seed_random_init_report_says_so(tmp_path):
@@ -165,7 +179,9 @@ def test_one_seed_random_init_report_says_so(tmp_path):
         assert not any("±" in c for c in cells.values())
         assert sum(c.startswith("**") for c in cells.values()) == 1
     svgs = [p for p in res["plots"] if Path(p).suffix == ".svg"]
-    assert len(svgs) == 2 and all("RANDOM-INIT weights" in Path(p).read_text() for p in svgs)
+    assert len(svgs) == 5 and all("RANDOM-INIT weights" in Path(p).read_text() for p in svgs)
+    # one seed, no predictions: nothing to bootstrap, so every verdict says it has no interval
+    assert all(v.no_ci for v in res["study"].verdicts.values())
 
 
 def test_lower_is_better_metric_flips_best():
@@ -225,12 +241,12 @@ def test_orchestrator_analyze_and_cli_on_a_points_csv(tmp_path, capsys):
     path = tmp_path / "points.csv"
     make_points(seeds=(0, 1), metrics=("auc",)).to_csv(path, index=False)
     res = analyze(points=str(path), out=str(tmp_path / "a"))
-    assert Path(res["report"]).is_file() and Path(res["summary"]).is_file() and len(res["plots"]) == 2
+    assert Path(res["report"]).is_file() and Path(res["summary"]).is_file() and len(res["plots"]) == 10
     assert "analysed 12 runs" in capsys.readouterr().out
 
     assert main(["analyze", "--points", str(path), "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "report.md").is_file()
-    assert (tmp_path / "b" / "plots" / "nih14__linear_probe__auc.png").is_file()
+    assert (tmp_path / "b" / "plots" / "params__linear_probe.png").is_file()
     (tmp_path / "bad.csv").write_text("dataset,protocol\nnih14,knn\n")
     assert main(["analyze", "--points", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "c")]) == 2
     assert "bad.csv" in capsys.readouterr().err
