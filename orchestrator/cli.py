@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from orchestrator.wsi_cli import add_wsi_parser, cmd_wsi
 from tasks.errors import MedscaleError
 
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap replicates (default 1000; 0: no intervals, every verdict 'no CI')")
     a.add_argument("--seed", type=int, default=0, help="bootstrap random seed")
     a.add_argument("--no-log", action="store_true", help="do not log the analysis of MLflow runs back to MLflow")
+    add_wsi_parser(sub)
     return ap
 
 
@@ -110,6 +112,7 @@ def add_sweep_args(s: argparse.ArgumentParser, config_flag: bool = False) -> Non
 
 
 COMMANDS = {"encoders": _cmd_encoders, "datasets": _cmd_datasets, "sweep": _cmd_sweep, "analyze": _cmd_analyze}
+COMMANDS["wsi"] = cmd_wsi
 
 
 def main(argv: list[str] | None = None) -> int:

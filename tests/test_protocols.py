@@ -15,14 +15,17 @@ from sklearn.metrics import roc_auc_score
 
 import tasks.protocols.knn as knn_module
 from tasks.errors import ConfigError
-from tasks.protocols import KNN, PROTOCOLS, LinearProbe, create_protocol, list_protocols
+from tasks.protocols import ABMIL, KNN, PROTOCOLS, LinearProbe, create_protocol, list_protocols
 
 # Small, fast settings per protocol for the contract test (defaults are the paper's).
-FAST = {"linear_probe": {"epochs": 100, "batch_size": 64}, "knn": {"k": 10}}
+FAST = {"linear_probe": {"epochs": 100, "batch_size": 64}, "knn": {"k": 10},
+        "abmil": {"epochs": 8, "batch_size": 8, "embed_dim": 16, "attn_dim": 16}}
 BAD_VALUES = {
     "linear_probe": [("lr", -0.1), ("lr", "5e-3"), ("epochs", 0), ("epochs", 2.5), ("batch_size", True),
                      ("optimizer", "lbfgs"), ("weight_decay", -1.0), ("standardize", "yes")],
     "knn": [("k", 0), ("k", 3.0), ("temperature", 0.0), ("temperature", float("nan"))],
+    "abmil": [("lr", 0.0), ("epochs", 0), ("patience", 1.5), ("dropout", 1.0), ("val_fraction", 1.0),
+              ("embed_dim", True)],
 }
 CASES = [(name, task) for name in list_protocols() for task in sorted(PROTOCOLS[name].supports)]
 
@@ -50,6 +53,14 @@ def separable(task: str, n: int = 240, D: int = 16, C: int = 3, seed: int = 0) -
     return X.astype(np.float32), Y.astype(np.int64)
 
 
+def as_input(cls: type, X: np.ndarray) -> np.ndarray | list[np.ndarray]:
+    """Bag protocols (input_kind "bags") get each row as a bag of 3 noisy copies of it."""
+    if getattr(cls, "input_kind", "features") != "bags":
+        return X
+    rng = np.random.default_rng(7)
+    return [np.repeat(x[None], 3, 0) + rng.normal(scale=0.1, size=(3, len(x))).astype(np.float32) for x in X]
+
+
 def trailing_underscore(obj: object) -> set[str]:
     return {a for a in vars(obj) if a.endswith("_") and not a.startswith("__")}
 
@@ -69,6 +80,7 @@ def test_protocol_contract(name, task):
 
     X, Y = separable(task)
     X_test, Y_test = separable(task, seed=1)
+    X, X_test = as_input(cls, X), as_input(cls, X_test)
     with pytest.raises(NotFittedError, match="not fitted yet: call fit"):
         p.predict_proba(X_test)
 
@@ -93,9 +105,12 @@ def test_protocol_contract(name, task):
 
     # Wrong inputs are told apart from bad settings.
     with pytest.raises(ValueError, match="features"):
-        p.predict_proba(X_test[:, :-1])
+        p.predict_proba(as_input(cls, separable(task, D=15, seed=1)[0]))
     with pytest.raises(ValueError):
         cls(**params).fit(X, Y[:, :0] if task == "binary" else Y[:-1])
+    if hasattr(cls, "attention"):  # bag protocols: weights per instance, summing to 1
+        a = p.attention(X_test[0])
+        assert a.shape == (len(X_test[0]),) and abs(a.sum() - 1.0) < 1e-9
 
 
 @pytest.mark.parametrize("name", list_protocols())
@@ -111,13 +126,13 @@ def test_bad_hyperparameters_raise_config_error(name):
     param, value = BAD_VALUES[name][0]
     p = create_protocol(name).set_params(**{param: value})
     with pytest.raises(ConfigError):
-        p.fit(*separable("binary"))
+        p.fit(*(lambda X, Y: (as_input(PROTOCOLS[name], X), Y))(*separable("binary")))
 
 
 def test_registry_and_messages():
-    assert list_protocols() == ["knn", "linear_probe"]
-    assert PROTOCOLS == {"linear_probe": LinearProbe, "knn": KNN}
-    with pytest.raises(ConfigError, match="unknown protocol 'svm'; valid protocols: knn, linear_probe"):
+    assert list_protocols() == ["abmil", "knn", "linear_probe"]
+    assert PROTOCOLS == {"linear_probe": LinearProbe, "knn": KNN, "abmil": ABMIL}
+    with pytest.raises(ConfigError, match="unknown protocol 'svm'; valid protocols: abmil, knn, linear_probe"):
         create_protocol("svm")
     with pytest.raises(ConfigError, match=r"did you mean 'k'\?.*valid hyperparameters: k, temperature"):
         create_protocol("knn", kk=3)  # the typo tests/test_config.py feeds the sweep config

@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.errors import ConfigError
+from tasks.protocols.abmil import ABMIL
 from tasks.protocols.base import TASKS, Protocol
 from tasks.protocols.knn import KNN
 from tasks.protocols.linear_probe import LinearProbe
 
-PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (LinearProbe, KNN)}
+PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (LinearProbe, KNN, ABMIL)}
 
-__all__ = ["KNN", "PROTOCOLS", "TASKS", "LinearProbe", "Protocol", "create_protocol", "list_protocols"]
+__all__ = ["ABMIL", "KNN", "PROTOCOLS", "TASKS", "LinearProbe", "Protocol", "create_protocol", "list_protocols"]
 
 
 def list_protocols() -> list[str]:
