@@ -135,10 +135,12 @@ def _predictions(split: str, case_ids: list[str], patients: list[str], Y: np.nda
 def run_cell(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> dict[str, float]:
     """Fit the cell's protocol on train, score val and test, write results, return metrics.
     `placement` (node, resources) is saved beside the results, so a resumed driver can log it."""
+    from tasks.datasets import DATASETS
     from tasks.metrics import classification_metrics
     from tasks.protocols import create_protocol
 
     cell_id = spec["cell_id"]
+    grouped = getattr(DATASETS.get(spec["dataset"]), "grouped_metrics", None)
     results = ResultStore(spec["results_dir"])
     if placement:
         results.mark_running(cell_id, placement)
@@ -160,6 +162,8 @@ def run_cell(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> d
             scores = protocol.predict_proba(X)
             agg, table = classification_metrics(Y, scores, spec["task"], spec["classes"])
             metrics.update({f"{split}_{k}": float(v) for k, v in agg.items()})
+            if grouped is not None:  # e.g. AutoLaparo: metrics per video, then averaged
+                metrics.update({f"{split}_{k}": v for k, v in grouped(Y, scores, patients).items()})
             frames.append(_predictions(split, ids, patients, Y, scores, spec["classes"]))
             files[f"per_class_{split}.csv"] = table.to_csv(index=False).encode()
         metrics.update(n_train=float(len(X_tr)), feature_dim=float(X_tr.shape[1]), fit_s=fit_s,

@@ -62,14 +62,13 @@ def decode_batch(batch: dict[str, Any], dataset: str, root: str, resolution: int
     from tasks.preprocess import prepare_image
 
     ds = get_dataset(dataset, root, val_fraction=val_fraction, seed=split_seed)
-    pixels = np.empty((len(batch["path"]), 3, resolution, resolution), dtype=np.uint8)
-    for i, path in enumerate(batch["path"]):
+    paths = [str(p) for p in batch["path"]]
+    pixels = np.empty((len(paths), 3, resolution, resolution), dtype=np.uint8)
+    for i, (path, img) in enumerate(zip(paths, ds.read_images(paths), strict=True)):
         try:
-            pixels[i] = prepare_image(ds.read_image(str(path)), resolution, interpolation)
-        except DatasetError:
-            raise
-        except Exception as e:  # a decoder's own error: name the file, keep the cause
-            raise DatasetError(str(path), f"cannot decode image: {e}") from e
+            pixels[i] = prepare_image(img, resolution, interpolation)
+        except Exception as e:  # a malformed decoded array: name the file, keep the cause
+            raise DatasetError(path, f"cannot prepare image: {e}") from e
     out = {k: batch[k] for k in ("case_id", "split", "patient_id", "target")}
     out["pixels"] = pixels
     return out
@@ -206,3 +205,62 @@ def describe(result: ExtractResult) -> dict[str, Any]:
             "cached_splits": result.cached_splits, "actors": result.actors,
             "gpus_per_actor": result.gpus_per_actor, "weights_source": result.weights_source,
             "weights_digest": result.weights_digest, "time": time.time()}
+
+
+# -- volumes: (volume, z) items, pooled back to one row per volume ------------------------------
+
+def expand_volume(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One volume row -> one row per axial slice, from the NIfTI header alone (no pixel read)."""
+    from tasks.datasets.ct_rate import n_slices
+
+    return [{**row, "z": z} for z in range(n_slices(str(row["path"])))]
+
+
+def decode_slices(batch: dict[str, Any], resolution: int, interpolation: str) -> dict[str, Any]:
+    """Read, window and resize one batch of slices to uint8 (B, 3, r, r); each volume in the
+    batch is opened once and only its listed slices are read (`dataobj`)."""
+    from tasks.datasets.ct_rate import read_slices
+    from tasks.preprocess import prepare_image
+
+    paths = [str(p) for p in batch["path"]]
+    pixels = np.empty((len(paths), 3, resolution, resolution), dtype=np.uint8)
+    for path in dict.fromkeys(paths):
+        rows = [i for i, p in enumerate(paths) if p == path]
+        i0 = rows[0]
+        slices = read_slices(path, [int(batch["z"][i]) for i in rows], float(batch["slope"][i0]),
+                             float(batch["intercept"][i0]), float(batch["lo"][i0]), float(batch["hi"][i0]))
+        for i, sl in zip(rows, slices, strict=True):
+            pixels[i] = prepare_image(sl, resolution, interpolation)
+    out = {k: batch[k] for k in ("case_id", "split", "patient_id", "target")}
+    out["pixels"] = pixels
+    return out
+
+
+def pool_volumes(fs: Any, slice_dir: str, out_dir: str, splits: list[str], pooling: str) -> None:
+    """Slice embeddings (Parquet under `slice_dir/split=<s>`) -> one row per volume under
+    `out_dir/split=<s>`, the schema of an image entry, so protocols and cells see no difference.
+    Streams record batches; memory is one accumulator per volume (the size of the output)."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    for split in splits:
+        acc: dict[str, list[Any]] = {}  # case_id -> [pooled (D,), count, patient_id, target]
+        src = pads.dataset(f"{slice_dir}/split={split}", filesystem=fs, format="parquet")
+        for rb in src.to_batches(columns=["case_id", "patient_id", "target", "embedding"], batch_size=4096):
+            emb = rb.column("embedding")
+            X = emb.values.to_numpy(zero_copy_only=False).reshape(len(rb), -1).astype(np.float64)
+            ids, pids, tgts = (rb.column(c).to_pylist() for c in ("case_id", "patient_id", "target"))
+            for i, cid in enumerate(ids):
+                a = acc.get(cid)
+                if a is None:
+                    acc[cid] = [X[i].copy(), 1, pids[i], tgts[i]]
+                else:
+                    a[0] = a[0] + X[i] if pooling == "mean" else np.maximum(a[0], X[i])
+                    a[1] += 1
+        cids = sorted(acc)
+        pooled = np.stack([acc[c][0] / (acc[c][1] if pooling == "mean" else 1) for c in cids]).astype(np.float32)
+        batch = {"case_id": cids, "split": [split] * len(cids), "patient_id": [acc[c][2] for c in cids],
+                 "target": [acc[c][3] for c in cids]}
+        table = embeddings_table(batch, pooled).drop_columns(["split"])  # split lives in the path
+        fs.create_dir(f"{out_dir}/split={split}", recursive=True)
+        pq.write_table(table, f"{out_dir}/split={split}/volumes.parquet", filesystem=fs)

@@ -22,6 +22,7 @@ from orchestrator.extract import (
     commit_splits,
     compute_weights_info,
     index_rows,
+    pool_volumes,
     weights_memo_key,
 )
 
@@ -46,6 +47,14 @@ def weights_info(encoder: str, weights: str, memo: DigestMemo) -> dict[str, str]
 
 def _error_text(e: BaseException) -> str:
     # Ray wraps worker exceptions; the user needs the innermost message (which names the file).
+    # Ray Data's UserCodeException drops the UDF's exception object and keeps only its traceback
+    # text in the outer RayTaskError: take the dataset error's line from there.
+    err: BaseException | None = e
+    while err is not None:
+        lines = [ln for ln in str(err).splitlines() if ln.startswith("tasks.errors.DatasetError: ")]
+        if lines:
+            return lines[-1].removeprefix("tasks.errors.")
+        err = getattr(err, "cause", None) or err.__cause__
     cause = getattr(e, "cause", None) or e.__cause__
     while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
         cause = getattr(cause, "cause", None) or cause.__cause__
@@ -77,13 +86,20 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
     result.actors, result.gpus_per_actor = actors, gpus
     console.extract_line(job, "start", len(rows), 0.0)
     scratch = cache.scratch_dir()
+    volumes = getattr(dataset, "kind", "image") == "volume"
+    run = ray_backend.run_slice_pipeline if volumes else ray_backend.run_embedding_pipeline
     try:
-        ray_backend.run_embedding_pipeline(
-            rows, job, interpolation=info.get("interpolation", "bicubic"), expected_digest=info["digest"],
-            out_dir=scratch, filesystem=cache.fs, batch_size=res.extract_batch_size, actors=actors,
-            gpus_per_actor=gpus, torch_threads=res.torch_threads,
-        )
-        meta = {"weights_source": info["source"], "rows_planned": len(rows)}
+        if volumes:  # slice rows need each volume's scaling and the HU window (driver-side dataset)
+            rows = [dataset.slice_rows(r) for r in rows]
+        run(rows, job, interpolation=info.get("interpolation", "bicubic"), expected_digest=info["digest"],
+            out_dir=f"{scratch}/slices" if volumes else scratch, filesystem=cache.fs,
+            batch_size=res.extract_batch_size, actors=actors, gpus_per_actor=gpus, torch_threads=res.torch_threads)
+        meta: dict[str, Any] = {"weights_source": info["source"], "rows_planned": len(rows)}
+        if volumes:
+            # One row per volume: its slice embeddings pooled (the cache entry keeps the image schema).
+            pool_volumes(cache.fs, f"{scratch}/slices", scratch, missing, dataset.slice_pooling)
+            cache.fs.delete_dir(f"{scratch}/slices")
+            meta["slice_pooling"] = dataset.slice_pooling
         result.n_encoded = commit_splits(cache, scratch, keys, missing, meta)
     finally:
         if cache.fs.get_file_info(scratch).type.name != "NotFound":

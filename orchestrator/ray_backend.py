@@ -21,7 +21,7 @@ from ray import tune
 from ray.data import ActorPoolStrategy
 
 from orchestrator import console
-from orchestrator.extract import EncoderUDF, ExtractionJob, decode_batch
+from orchestrator.extract import EncoderUDF, ExtractionJob, decode_batch, decode_slices, expand_volume
 
 
 def resolve_address(address: str | None = None) -> str:
@@ -102,6 +102,30 @@ def run_embedding_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, in
         fn_kwargs={"dataset": job.dataset, "root": job.root, "resolution": job.resolution,
                    "interpolation": interpolation, "val_fraction": job.val_fraction,
                    "split_seed": job.split_seed},
+    )
+    ds = ds.map_batches(
+        EncoderUDF, batch_size=batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"encoder": job.encoder, "weights": job.weights, "pooling": job.pooling,
+                               "expected_digest": expected_digest, "torch_threads": torch_threads},
+        compute=ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None, num_cpus=1,
+    )
+    ds.write_parquet(out_dir, filesystem=filesystem, partition_cols=["split"])
+
+
+def run_slice_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, interpolation: str,
+                       expected_digest: str, out_dir: str, filesystem: Any, batch_size: int,
+                       actors: int, gpus_per_actor: float, torch_threads: int | None) -> None:
+    """Volumes -> `flat_map` to (volume, z) items from each header -> slices read lazily in CPU
+    tasks -> encoder actor pool -> slice embeddings as Parquet partitioned by split under
+    `out_dir` (the caller pools them per volume). Volume rows carry slope/intercept/window."""
+    ds = ray.data.from_items(rows).repartition(max(1, min(len(rows), 4096)))
+    ds = ds.flat_map(expand_volume, num_cpus=1)
+    # A volume's slices arrive as one block each; batches of slices (neighbouring z of the same
+    # volume, so a file is opened once per batch) keep decode and encode tasks coarse.
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    ds = ds.map_batches(
+        decode_slices, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+        fn_kwargs={"resolution": job.resolution, "interpolation": interpolation},
     )
     ds = ds.map_batches(
         EncoderUDF, batch_size=batch_size, batch_format="numpy",

@@ -25,6 +25,8 @@ from tasks.datasets.rsna import FilmWriter, dicom_bytes, film_dataset, film_uids
 from tasks.errors import ConfigError, DatasetError
 
 TASKS = ("binary", "multilabel", "multiclass")
+SLIDE_LABEL_EDITS = {"camelyon16": ("Normal", "Tumor"), "camelyon17": ("negative", "macro"),
+                     "bcnb": ("Negative", "Positive")}
 N, SIZE = 80, 64  # small and fast; the learnable signal is measured elsewhere (test_sweep)
 
 
@@ -53,7 +55,9 @@ def test_contract(name, roots):
     assert cls.task in TASKS
     assert isinstance(cls.classes, tuple) and cls.classes and len(set(cls.classes)) == len(cls.classes)
     assert all(isinstance(c, str) for c in cls.classes)
-    assert isinstance(cls.protocols, tuple) and {"linear_probe", "knn"} <= set(cls.protocols)
+    slide = getattr(cls, "kind", "image") == "slide"  # whole slides: ABMIL on tile bags, no read_image
+    assert isinstance(cls.protocols, tuple) and (cls.protocols == ("abmil",) if slide else
+                                                 {"linear_probe", "knn"} <= set(cls.protocols))
     if cls.task == "binary":
         assert len(cls.classes) == 1
 
@@ -62,7 +66,8 @@ def test_contract(name, roots):
     idx = ds.index()
     assert tuple(idx.columns) == INDEX_COLUMNS and len(idx) == N
     assert idx["case_id"].is_unique and all(isinstance(c, str) for c in idx["case_id"])
-    assert all(isinstance(p, str) and os.path.isabs(p) and os.path.isfile(p) for p in idx["path"])
+    # A video's frames are "<video>#t=<second>": the file is the part before the fragment.
+    assert all(isinstance(p, str) and os.path.isabs(p) and os.path.isfile(p.split("#")[0]) for p in idx["path"])
     assert set(idx["split"]) == set(SPLITS)
     assert all(isinstance(p, str) for p in idx["patient_id"])
     assert idx.groupby("patient_id")["split"].nunique().max() == 1
@@ -74,9 +79,15 @@ def test_contract(name, roots):
     assert (Y.sum(0) > 0).all(), "every class has positives"
     assert ds.index() is idx  # cached
 
+    if slide:  # a slide is tiled, never decoded whole: read_image points to the tile reader
+        with pytest.raises(DatasetError, match="tile_slide"):
+            ds.read_image(idx["path"].iloc[0])
+        assert len(ds.fingerprint()) == 64 and ds.check() == []
+        return
     img = ds.read_image(idx["path"].iloc[0])
     assert img.dtype == np.uint8 and (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3))
-    assert img.shape[:2] == (SIZE, SIZE)
+    side = getattr(ds, "frame_size", SIZE)  # video frames are resized as the paper does (250 px)
+    assert img.shape[:2] == (side, side)
     fp = ds.fingerprint()
     assert len(fp) == 64 and int(fp, 16) >= 0
     assert ds.check() == []
@@ -348,12 +359,17 @@ def test_fingerprint_tracks_content_not_location(name, roots, tmp_path):
 
     label = root / dataset_class(name).files[0].name
     text = label.read_text()
-    label.write_text(text.replace(",0\n", ",1\n", 1) if name == "rsna_pneumonia" else
-                     text.replace("No Finding", "Hernia", 1) if "No Finding" in text else text.replace("|", "|Hernia|", 1))
+    if name in SLIDE_LABEL_EDITS:  # whole-slide datasets: flip one slide's label
+        text = text.replace(*SLIDE_LABEL_EDITS[name], 1)
+    label.write_text(text.replace(",0\n", ",1\n", 1) if name in ("rsna_pneumonia", "ct_rate") else
+                     text.replace("No Finding", "Hernia", 1) if "No Finding" in text else
+                     text.replace("|", "|Hernia|", 1) if "|" in text else
+                     text.replace("\t2\n", "\t3\n", 1) if name == "autolaparo" else
+                     text.replace(",Erosion\n", ",Ulcer\n", 1))
     fp_label = get_dataset(name, root).fingerprint()
     assert fp_label != fp
 
-    img = root / Path(get_dataset(name, roots[name]).index()["path"].iloc[0]).relative_to(roots[name])
+    img = root / Path(get_dataset(name, roots[name]).index()["path"].iloc[0].split("#")[0]).relative_to(roots[name])
     img.write_bytes(img.read_bytes() + b"\0")
     fp_size = get_dataset(name, root).fingerprint()
     assert fp_size != fp_label

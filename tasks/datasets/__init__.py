@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 
+from tasks.datasets.autolaparo import AutoLaparo
 from tasks.datasets.base import ImageDataset, Problem
+from tasks.datasets.bcnb import BCNB
+from tasks.datasets.camelyon import Camelyon16, Camelyon17
+from tasks.datasets.ct_rate import CTRATE
+from tasks.datasets.kvasir_capsule import KvasirCapsule
 from tasks.datasets.nih14 import NIH14
 from tasks.datasets.rsna import RSNAPneumonia
 from tasks.errors import ConfigError
 
-DATASETS: dict[str, type[ImageDataset]] = {cls.name: cls for cls in (NIH14, RSNAPneumonia)}
+DATASETS: dict[str, type[ImageDataset]] = {cls.name: cls for cls in (
+    NIH14, RSNAPneumonia, KvasirCapsule, CTRATE, AutoLaparo,
+    Camelyon16, Camelyon17, BCNB)}
 
 __all__ = ["DATASETS", "ImageDataset", "Problem", "dataset_class", "get_dataset", "list_datasets"]
 

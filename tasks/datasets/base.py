@@ -120,6 +120,19 @@ class ImageDataset:
             return read_dicom(path)
         return read_raster(path)
 
+    def read_images(self, paths: Sequence[str]) -> list[np.ndarray]:
+        """Decode a batch (extraction's decode workers call this). A dataset whose items share a
+        file (frames of a video) overrides it to open each file once per batch."""
+        out = []
+        for path in paths:
+            try:
+                out.append(self.read_image(path))
+            except DatasetError:
+                raise
+            except Exception as e:  # a decoder's own error: name the file, keep the cause
+                raise DatasetError(str(path), f"cannot decode image: {e}") from e
+        return out
+
     def fingerprint(self) -> str:
         """sha256 of what defines the dataset's content: label/split files' bytes, the image
         listing (relative path, size) and the split parameters. Image bytes are not hashed (112k

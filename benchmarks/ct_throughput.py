@@ -1,0 +1,194 @@
+"""CT slice-pipeline throughput and memory: Ray Data (volume, z) items against the bare encoder.
+
+The pipeline (what a CT-RATE extraction runs): volume rows -> `flat_map` to (volume, z) from each
+NIfTI header -> slices read lazily through nibabel's `dataobj`, HU-windowed and resized on CPU
+workers -> encoder actor pool -> slice embeddings as Parquet -> pooled to one row per volume. The
+bare baseline embeds the same slices, already decoded and resized in memory, with the encoder
+alone. Same machine, encoder, resolution, batch size and torch threads; Ray start-up excluded.
+
+Steady state as in extract_throughput.py (the pipeline is called as extract_one calls it): a short run (`--short` volumes) measures the fixed
+start-up cost, the full run (`--volumes`) the rest; the rate is the marginal one. Peak RSS is the
+peak, sampled every 0.5 s, of the summed RSS of this process and every process under it (the
+local Ray cluster: raylet, decode workers, encoder actors), for each of the two runs, after an
+unmeasured warm-up run (shared object-store pages count once per process that maps them); it should
+not grow with the number of volumes (target <= 10%). Last line: `ratio=<pipeline / bare slices/s>`
+(target >= 0.85 for dinov3_vits16 at 224 px).
+
+    python benchmarks/ct_throughput.py [--encoder dinov3_vits16] [--resolution 224] [--volumes 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def tree_rss(root_pid: int) -> int:
+    """Summed RSS (bytes) of `root_pid` and its descendants, read from /proc (no psutil here)."""
+    parent: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            parent[int(entry)] = int(fields["PPid"])
+            rss[int(entry)] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            continue
+    keep, frontier = {root_pid}, [root_pid]
+    while frontier:
+        p = frontier.pop()
+        for child, pp in parent.items():
+            if pp == p and child not in keep:
+                keep.add(child)
+                frontier.append(child)
+    return sum(rss.get(p, 0) for p in keep)
+
+
+class PeakRSS:
+    """Samples `tree_rss` of this process in a thread while the `with` block runs."""
+
+    def __enter__(self) -> PeakRSS:
+        self.peak, self._stop = 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss(os.getpid()))
+            self._stop.wait(0.5)  # a /proc scan costs CPU the pipeline is measured on: sample sparingly
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def all_slices(ds, index, resolution: int):
+    import numpy as np
+
+    from tasks.datasets.ct_rate import n_slices, read_slices
+    from tasks.preprocess import prepare_image
+
+    out = []
+    for r in index.itertuples():
+        slope, intercept = ds.scaling(r.case_id)
+        out += [prepare_image(s, resolution) for s in
+                read_slices(r.path, list(range(n_slices(r.path))), slope, intercept, *ds.hu_window)]
+    return np.stack(out)
+
+
+def bare_throughput(encoder: str, pixels, batch: int, threads: int) -> float:
+    import torch
+
+    from tasks.encoders import create_encoder
+
+    torch.set_num_threads(threads)
+    enc = create_encoder(encoder, weights="random")
+    x = torch.from_numpy(pixels)
+    enc.embed(x[:batch], pooling="cls+mean")  # warm-up: first-call allocations
+    t0 = time.perf_counter()
+    for s in range(0, len(x), batch):
+        enc.embed(x[s:s + batch], pooling="cls+mean")
+    return len(x) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--encoder", default="dinov3_vits16")
+    ap.add_argument("--resolution", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--volumes", type=int, default=8, help="volumes of the full run")
+    ap.add_argument("--short", type=int, default=2, help="volumes of the short run (start-up, RSS)")
+    ap.add_argument("--depth", type=int, default=48, help="slices per synthetic volume")
+    ap.add_argument("--image-size", type=int, default=512, help="in-plane side of the synthetic volumes")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (both sides)")
+    args = ap.parse_args()
+
+    import pyarrow.fs as pafs
+
+    from orchestrator import ray_backend
+    from orchestrator.extract import DigestMemo, ExtractionJob, index_rows, pool_volumes
+    from orchestrator.extraction_phase import weights_info
+    from tasks.datasets import get_dataset
+    from tasks.datasets.ct_rate_synth import write_synthetic
+
+    work = Path(tempfile.mkdtemp(prefix="medscale-ctbench-"))
+    root = work / "ct_rate"
+    t0 = time.perf_counter()
+    write_synthetic(root, max(args.volumes, 6), 0, args.image_size, depth_range=(args.depth, args.depth + 1))
+    ds = get_dataset("ct_rate", str(root))
+    print(f"wrote {max(args.volumes, 6)} synthetic {args.image_size}px x {args.depth}-slice NIfTI volumes in "
+          f"{time.perf_counter() - t0:.1f} s ({root})")
+
+    def subset(k: int):
+        return ds.index().iloc[:k]
+
+    full = subset(args.volumes)
+    pixels = all_slices(ds, full, args.resolution)
+    bare = bare_throughput(args.encoder, pixels, args.batch_size, args.threads)
+    print(f"bare encoder: {bare:.2f} slices/s on the {len(pixels)} slices of {len(full)} volumes "
+          f"({args.encoder}, {args.resolution}px, batch {args.batch_size}, {args.threads} threads)")
+
+    t0 = time.perf_counter()
+    ray_backend.start("local", num_cpus=os.cpu_count())
+    print(f"ray start: {time.perf_counter() - t0:.1f} s (excluded)")
+    memo = DigestMemo(work / "digests.json")
+    job = ExtractionJob(args.encoder, "random", args.resolution, "cls+mean", "ct_rate", str(root))
+    fs = pafs.LocalFileSystem()
+
+    info = weights_info(args.encoder, "random", memo)
+
+    def extract(index, tag: str) -> tuple[int, float, int]:
+        # The pipeline as extract_one runs it for a volume dataset (slice rows, Ray Data, pooling),
+        # called directly so a run may hold any number of volumes, whatever their splits.
+        splits = sorted(set(index["split"]))
+        rows = [ds.slice_rows(r) for r in index_rows(index, splits)]
+        out = str(work / f"out-{tag}")
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            ray_backend.run_slice_pipeline(
+                rows, job, interpolation=info.get("interpolation", "bicubic"), expected_digest=info["digest"],
+                out_dir=f"{out}/slices", filesystem=fs, batch_size=args.batch_size, actors=1,
+                gpus_per_actor=0.0, torch_threads=args.threads)
+            pool_volumes(fs, f"{out}/slices", out, splits, ds.slice_pooling)
+            dt = time.perf_counter() - t0
+        return sum(ds_slices(ds, index)), dt, rss.peak
+
+    short = subset(args.short)
+    # Warm-up run (not measured): Ray starts its worker processes lazily, so the first extraction
+    # would count their start as if it grew with the volumes; RSS is compared between warm runs.
+    extract(short, "warmup")
+    n_short, t_short, rss_short = extract(short, "short")
+    n_full, t_full, rss_full = extract(full, "full")
+    steady = (n_full - n_short) / (t_full - t_short)
+    startup = t_short - n_short / steady
+    print(f"pipeline end to end: {n_full} slices of {len(full)} volumes in {t_full:.1f} s = "
+          f"{n_full / t_full:.2f} slices/s (header, lazy slice reads, window, resize, encode, pool, Parquet)")
+    print(f"pipeline start-up: {startup:.1f} s per extraction (from {n_short} slices of {len(short)} volumes "
+          f"in {t_short:.1f} s)")
+    print(f"pipeline steady state: {steady:.2f} slices/s")
+    print(f"peak RSS (driver + Ray processes): {rss_short / 2**20:.0f} MiB for {len(short)} volumes, "
+          f"{rss_full / 2**20:.0f} MiB for {len(full)} volumes ({100 * (rss_full / rss_short - 1):+.1f}%)")
+    ray_backend.stop()
+    print(f"ratio={steady / bare:.3f}")
+
+
+def ds_slices(ds, index) -> list[int]:
+    from tasks.datasets.ct_rate import n_slices
+
+    return [n_slices(p) for p in index["path"]]
+
+
+if __name__ == "__main__":
+    main()

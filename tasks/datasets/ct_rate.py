@@ -1,0 +1,207 @@
+"""CT-RATE (non-contrast chest CT volumes), 18 abnormalities, multilabel, the official split.
+
+Published layout (huggingface.co/datasets/ibrahimhamamci/CT-RATE; root = the clone):
+
+    root/dataset/train/train_<p>/train_<p>_<scan>/train_<p>_<scan>_<rec>.nii.gz   (valid/ alike)
+    root/dataset/multi_abnormality_labels/train_predicted_labels.csv   VolumeName,<18 labels, 0/1>
+    root/dataset/multi_abnormality_labels/valid_predicted_labels.csv
+    root/dataset/metadata/train_metadata.csv, validation_metadata.csv
+        VolumeName,...,XYSpacing,ZSpacing,RescaleIntercept,RescaleSlope,...
+
+The released NIfTI files store raw scanner values without a scaling in their header; HU =
+raw * RescaleSlope + RescaleIntercept from the metadata CSV (as CT-CLIP's preprocessing does).
+Rows of the index are VOLUMES (case_id = VolumeName without .nii.gz); patient_id is `train_<p>` /
+`valid_<p>` (a patient has several scans and reconstructions, all in one split). The official
+`valid` set is our test set (as in the literature); val is carved from train patient-wise.
+
+Extraction (`kind = "volume"`): every axial slice is embedded (the paper uses every slice) and the
+volume's embedding is the mean of its slice embeddings (`slice_pooling="max"` is the option);
+`read_slices` reads slices lazily through nibabel's `dataobj`, never the whole volume.
+
+HU window: default [-1000, 1000], CT-CLIP's clip range: the 18 labels mix lung findings (emphysema,
+opacity, nodules: -1000..-300 HU) with mediastinal and vascular ones (effusion, cardiomegaly,
+calcification: 0..1000 HU); a lung or a soft-tissue window alone would erase half of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.datasets.base import ImageDataset, LayoutFile, Report, carve_val, make_index
+from tasks.errors import ConfigError, DatasetError
+
+LABELS = ("Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+          "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema",
+          "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
+          "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+          "Interlobular septal thickening")
+D = "dataset"
+LABEL_FILES = {"train": f"{D}/multi_abnormality_labels/train_predicted_labels.csv",
+               "valid": f"{D}/multi_abnormality_labels/valid_predicted_labels.csv"}
+META_FILES = {"train": f"{D}/metadata/train_metadata.csv", "valid": f"{D}/metadata/validation_metadata.csv"}
+META_COLUMNS = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleIntercept", "RescaleSlope")
+POOLINGS = ("mean", "max")
+
+
+def volume_path(root: Path, name: str) -> Path:
+    """train_12_a_1.nii.gz -> root/dataset/train/train_12/train_12_a/train_12_a_1.nii.gz"""
+    split, pid, scan = name.split("_")[:3]
+    return root / D / split / f"{split}_{pid}" / f"{split}_{pid}_{scan}" / name
+
+
+def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return np.clip(np.rint((hu - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+def read_slices(path: str, zs: list[int], slope: float, intercept: float, lo: float, hi: float) -> list[np.ndarray]:
+    """Axial slices z of a NIfTI volume as uint8 (rows = y), windowed to [lo, hi] HU. Reads only
+    those slices: `dataobj` is a lazy proxy; the file stays open across the (sorted) reads so a
+    .nii.gz is decompressed once, forward, not once per slice."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(path, keep_file_open=True)
+        if len(img.shape) != 3:
+            raise DatasetError(path, f"expected a 3D volume, got shape {img.shape}")
+        out = {}
+        for z in sorted(set(zs)):
+            raw = np.asarray(img.dataobj[:, :, z], dtype=np.float32)
+            out[z] = window(raw.T * slope + intercept, lo, hi)
+        return [out[z] for z in zs]
+    except DatasetError:
+        raise
+    except FileNotFoundError:
+        raise DatasetError(path, "volume file is missing") from None
+    except Exception as e:  # noqa: BLE001 - nibabel/gzip/zlib raise many types for a broken file
+        raise DatasetError(path, f"cannot read NIfTI: {type(e).__name__}: {e}") from e
+
+
+def n_slices(path: str) -> int:
+    """Axial slices of a volume, from its header only (no pixel is read)."""
+    import nibabel as nib
+
+    try:
+        shape = nib.load(path).shape
+    except FileNotFoundError:
+        raise DatasetError(path, "volume file is missing") from None
+    except Exception as e:  # noqa: BLE001
+        raise DatasetError(path, f"cannot read NIfTI header: {type(e).__name__}: {e}") from e
+    if len(shape) != 3 or min(shape) < 1:
+        raise DatasetError(path, f"expected a 3D volume, got shape {shape}")
+    return int(shape[2])
+
+
+class CTRATE(ImageDataset):
+    name = "ct_rate"
+    task = "multilabel"
+    kind = "volume"  # index rows are volumes; extraction embeds their slices and pools them
+    classes = LABELS
+    protocols = ("linear_probe", "knn")
+    files = (*(LayoutFile(f, f"label CSV {Path(f).name} (from the CT-RATE release)", split=True)
+               for f in LABEL_FILES.values()),
+             *(LayoutFile(f, f"metadata CSV {Path(f).name} (from the CT-RATE release)") for f in META_FILES.values()))
+    image_suffix = ".nii.gz"
+
+    def __init__(self, root: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0,
+                 hu_window: tuple[float, float] = (-1000.0, 1000.0), slice_pooling: str = "mean"):
+        super().__init__(root, val_fraction, seed)
+        lo, hi = (float(v) for v in hu_window)
+        if not hi > lo:
+            raise ConfigError(f"hu_window must be (low, high) with high > low, got {hu_window}")
+        if slice_pooling not in POOLINGS:
+            raise ConfigError(f"slice_pooling must be one of {POOLINGS}, got {slice_pooling!r}")
+        self.hu_window, self.slice_pooling = (lo, hi), slice_pooling
+        self._scaling: dict[str, tuple[float, float]] | None = None
+
+    def fingerprint(self) -> str:
+        # Window and pooling change the features, so they are part of the dataset's identity.
+        base = super().fingerprint()
+        return hashlib.sha256(f"{base} hu={self.hu_window} pool={self.slice_pooling}".encode()).hexdigest()
+
+    def _image_dirs(self) -> list[Path]:
+        return sorted(p for s in ("train", "valid") for p in (self.root / D / s).glob("*/*") if p.is_dir())
+
+    def scaling(self, case_id: str) -> tuple[float, float]:
+        """(RescaleSlope, RescaleIntercept) of a volume, from the metadata CSV."""
+        if self._scaling is None:
+            self.index()
+        assert self._scaling is not None
+        return self._scaling[case_id]
+
+    def slice_rows(self, row: dict) -> dict:
+        """What the slice pipeline needs per volume besides the index row (read on the driver)."""
+        slope, intercept = self.scaling(row["case_id"])
+        return {**row, "slope": slope, "intercept": intercept, "lo": self.hu_window[0], "hi": self.hu_window[1]}
+
+    def read_image(self, path: str | os.PathLike) -> np.ndarray:
+        """The middle axial slice, windowed (a preview, and what `check` decodes); extraction
+        reads every slice through `read_slices`."""
+        path = str(path)
+        cid = os.path.basename(path).removesuffix(".nii.gz")
+        slope, intercept = self.scaling(cid) if self._scaling and cid in self._scaling else (1.0, 0.0)
+        return read_slices(path, [n_slices(path) // 2], slope, intercept, *self.hu_window)[0]
+
+    def _read_csv(self, name: str, columns: tuple[str, ...], report: Report) -> pd.DataFrame | None:
+        path = self._file(name, report)
+        if path is None:
+            return None
+        try:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (ValueError, OSError, UnicodeDecodeError) as e:
+            report.add(path, f"cannot parse the CSV: {e}")
+            return None
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            report.add(path, f"missing column(s) {missing}")
+            return None
+        return df
+
+    def _load(self, report: Report) -> pd.DataFrame | None:
+        frames = {s: self._read_csv(f, ("VolumeName", *LABELS), report) for s, f in LABEL_FILES.items()}
+        metas = {s: self._read_csv(f, META_COLUMNS, report) for s, f in META_FILES.items()}
+        if any(v is None for v in (*frames.values(), *metas.values())):
+            return None
+        scaling: dict[str, tuple[float, float]] = {}
+        for s, meta in metas.items():
+            for line, r in enumerate(meta.itertuples(index=False), 2):
+                try:
+                    scaling[r.VolumeName.removesuffix(".nii.gz")] = (float(r.RescaleSlope), float(r.RescaleIntercept))
+                except ValueError:
+                    report.add(self.root / META_FILES[s], f"line {line}: {r.VolumeName}: bad RescaleSlope/Intercept")
+        ids, paths, splits, pids, targets = [], [], [], [], []
+        for s, df in frames.items():
+            path = self.root / LABEL_FILES[s]
+            for line, r in enumerate(df.itertuples(index=False), 2):
+                name = str(r[0])
+                vals = [str(v).strip() for v in r[1:1 + len(LABELS)]]
+                parts = name.removesuffix(".nii.gz").split("_")
+                if len(parts) != 4 or parts[0] != s or not name.endswith(".nii.gz"):
+                    report.add(path, f"line {line}: {name!r} is not a {s} volume name")
+                    continue
+                if any(v not in ("0", "1") for v in vals):
+                    report.add(path, f"line {line}: {name}: labels must be 0/1, got {vals}")
+                    continue
+                cid = name.removesuffix(".nii.gz")
+                if cid not in scaling:
+                    report.add(self.root / META_FILES[s], f"{name} has no row (RescaleSlope/Intercept)")
+                    continue
+                ids.append(cid)
+                paths.append(str(volume_path(self.root, name)))
+                splits.append("train" if s == "train" else "test")
+                pids.append(f"{s}_{parts[1]}")
+                targets.append([int(v) for v in vals])
+        val = carve_val([p for p, sp in zip(pids, splits, strict=True) if sp == "train"], self.val_fraction, self.seed)
+        splits = ["val" if p in val else sp for p, sp in zip(pids, splits, strict=True)]
+        self._scaling = scaling
+        return make_index(ids, paths, splits, pids, targets)
+
+    @classmethod
+    def synth(cls, root: str | os.PathLike, n: int = 60, seed: int = 0, image_size: int = 64) -> Path:
+        from tasks.datasets.ct_rate_synth import write_synthetic
+
+        return write_synthetic(root, n, seed, image_size)
