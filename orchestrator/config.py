@@ -148,6 +148,8 @@ class SweepConfig(_Strict):
                                 "Tune state; a path (NFS) or s3://, gs://, ... (default: output)")
     tracking_uri: str | None = None
     protocols: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    dataset_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-dataset reading options, e.g. ct_rate: {hu_window: [-1000, 400]}")
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(default=1, ge=0, description="retries of a failed cell")
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
@@ -193,6 +195,10 @@ class SweepConfig(_Strict):
         missing = [d for d in self.grid.datasets if d not in self.data]
         if missing:
             raise ValueError(f"data: no root given for dataset(s) {missing}")
+        for name, opts in self.dataset_options.items():
+            if name not in self.grid.datasets:
+                raise ValueError(f"dataset_options.{name}: options for a dataset not in grid.datasets")
+            _check_dataset_options(name, opts)
         for enc in self.grid.encoders:
             p = get_encoder_spec(enc).patch_size
             for i, r in enumerate(self.grid.resolutions):
@@ -259,6 +265,25 @@ class SweepConfig(_Strict):
     def n_cells(self) -> int:
         g = self.grid
         return len(list(itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols, g.seeds)))
+
+
+def _check_dataset_options(name: str, opts: dict[str, Any]) -> None:
+    """Options are the dataset class's own keyword arguments; build one (lazily, nothing is read)
+    so its own validation speaks."""
+    import inspect
+
+    from tasks.datasets import dataset_class
+
+    cls = dataset_class(name)
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "root", "val_fraction", "seed")]
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise ValueError(f"dataset_options.{name}: unknown option(s) {unknown}; "
+                         f"valid: {', '.join(valid) or 'none'}")
+    try:
+        cls(".", **opts)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ValueError(f"dataset_options.{name}: {e}") from None
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -34,6 +34,7 @@ class ExtractionJob:
     root: str
     val_fraction: float = 0.1
     split_seed: int = 0
+    options: str = "{}"  # the dataset's reading options (config.dataset_options), as sorted JSON
 
     @property
     def label(self) -> str:
@@ -56,12 +57,12 @@ class ExtractResult:
 # -- worker-side callables -------------------------------------------------------------------
 
 def decode_batch(batch: dict[str, Any], dataset: str, root: str, resolution: int,
-                 interpolation: str, val_fraction: float, split_seed: int) -> dict[str, Any]:
+                 interpolation: str, val_fraction: float, split_seed: int, options: str = "{}") -> dict[str, Any]:
     """Read and resize one batch of images to uint8 (B, 3, r, r). Runs on CPU workers."""
     from tasks.datasets import get_dataset
     from tasks.preprocess import prepare_image
 
-    ds = get_dataset(dataset, root, val_fraction=val_fraction, seed=split_seed)
+    ds = get_dataset(dataset, root, val_fraction=val_fraction, seed=split_seed, **json.loads(options))
     paths = [str(p) for p in batch["path"]]
     pixels = np.empty((len(paths), 3, resolution, resolution), dtype=np.uint8)
     for i, (path, img) in enumerate(zip(paths, ds.read_images(paths), strict=True)):

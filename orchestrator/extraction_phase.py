@@ -5,6 +5,7 @@ caught per extraction and handed back, so only the cells that depend on it fail.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -145,13 +146,15 @@ def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: 
                 if not os.path.isdir(root):
                     raise FileNotFoundError(f"{root}: dataset root of {ds_name} does not exist "
                                             f"(write a synthetic one: medscale datasets synth {ds_name} --root {root})")
-                ds = get_dataset(ds_name, root, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+                ds = get_dataset(ds_name, root, val_fraction=cfg.val_fraction, seed=cfg.split_seed,
+                                 **cfg.dataset_options.get(ds_name, {}))
                 datasets[ds_name] = (ds, ds.fingerprint())
             dataset, fingerprint = datasets[ds_name]
             meta_enc = create_encoder(enc, weights="random", device="meta")
             pooling = meta_enc.resolve_pooling(cfg.pooling)
             job = ExtractionJob(enc, cfg.weights, res, pooling, ds_name, str(cfg.data_root(ds_name)),
-                                cfg.val_fraction, cfg.split_seed)
+                                cfg.val_fraction, cfg.split_seed,
+                                json.dumps(cfg.dataset_options.get(ds_name, {}), sort_keys=True))
             results[(enc, res, ds_name)] = _extract_with_retries(job, cache, memo, cfg, n_gpus, dataset,
                                                                  fingerprint)
             info[(enc, res, ds_name)] = (fingerprint, {**meta_enc.preprocess_info(), "pooling": pooling})

@@ -101,7 +101,7 @@ def run_embedding_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, in
         decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
         fn_kwargs={"dataset": job.dataset, "root": job.root, "resolution": job.resolution,
                    "interpolation": interpolation, "val_fraction": job.val_fraction,
-                   "split_seed": job.split_seed},
+                   "split_seed": job.split_seed, "options": job.options},
     )
     ds = ds.map_batches(
         EncoderUDF, batch_size=batch_size, batch_format="numpy",

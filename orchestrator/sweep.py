@@ -151,6 +151,7 @@ def _cell_params(cfg: SweepConfig, cell: Cell, ex: ExtractResult, ds_cls: Any, h
         **{f"cache_key_{s}": k.digest for s, k in ex.keys.items()},
         **{f"preprocess_{k}": v for k, v in preprocess.items()},
         **{f"hp_{k}": v for k, v in hparams.items()},
+        **{f"dataset_{k}": v for k, v in cfg.dataset_options.get(cell.dataset, {}).items()},
     }
 
 

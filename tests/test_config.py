@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,25 @@ def test_bad_config_names_the_key(mutate, path_fragment):
         parse_config(raw, "demo.yaml")
     assert path_fragment in str(e.value)
     assert str(e.value).startswith("demo.yaml: invalid sweep config")
+
+
+def test_dataset_options_reach_the_dataset_and_are_validated():
+    raw = _base()
+    raw["grid"]["datasets"].append("ct_rate")
+    raw["data"]["ct_rate"] = "data/ct_rate"
+    raw["dataset_options"] = {"ct_rate": {"hu_window": [-1000, 400], "slice_pooling": "max"}}
+    cfg = parse_config(raw, "demo.yaml")
+    assert cfg.dataset_options["ct_rate"]["hu_window"] == [-1000, 400]
+    for opts, fragment in [({"hu_windw": [0, 1]}, "dataset_options.ct_rate: unknown option(s) ['hu_windw']; "
+                                                  "valid: hu_window, slice_pooling"),
+                           ({"hu_window": [400, -1000]}, "dataset_options.ct_rate: hu_window must be"),
+                           ({"slice_pooling": "median"}, "dataset_options.ct_rate:")]:
+        raw["dataset_options"] = {"ct_rate": opts}
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            parse_config(raw, "demo.yaml")
+    raw["dataset_options"] = {"kvasir_capsule": {}}
+    with pytest.raises(ConfigError, match="options for a dataset not in grid.datasets"):
+        parse_config(raw, "demo.yaml")
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
