@@ -221,6 +221,23 @@ class ImageDataset:
         report.add(p, f"missing {spec.what if spec else 'file'}")
         return None
 
+    def _read_csv(self, name: str, columns: Sequence[str], report: Report) -> pd.DataFrame | None:
+        """A layout CSV as strings (no NaN guessing: empty cells stay ""), or None (reported) when
+        it is missing, unparsable or lacks a required column."""
+        path = self._file(name, report)
+        if path is None:
+            return None
+        try:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (ValueError, OSError, UnicodeDecodeError) as e:
+            report.add(path, f"cannot parse the CSV: {e}")
+            return None
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            report.add(path, f"missing column(s) {missing}; expected {','.join(columns)}")
+            return None
+        return df
+
     def _image_listing(self) -> list[tuple[str, int]]:
         out: list[tuple[str, int]] = []
         for d in self._image_dirs():

@@ -146,21 +146,6 @@ class CTRATE(ImageDataset):
         slope, intercept = self.scaling(cid) if self._scaling and cid in self._scaling else (1.0, 0.0)
         return read_slices(path, [n_slices(path) // 2], slope, intercept, *self.hu_window)[0]
 
-    def _read_csv(self, name: str, columns: tuple[str, ...], report: Report) -> pd.DataFrame | None:
-        path = self._file(name, report)
-        if path is None:
-            return None
-        try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (ValueError, OSError, UnicodeDecodeError) as e:
-            report.add(path, f"cannot parse the CSV: {e}")
-            return None
-        missing = [c for c in columns if c not in df.columns]
-        if missing:
-            report.add(path, f"missing column(s) {missing}")
-            return None
-        return df
-
     def _load(self, report: Report) -> pd.DataFrame | None:
         frames = {s: self._read_csv(f, ("VolumeName", *LABELS), report) for s, f in LABEL_FILES.items()}
         metas = {s: self._read_csv(f, META_COLUMNS, report) for s, f in META_FILES.items()}

@@ -54,21 +54,6 @@ class RSNAPneumonia(ImageDataset):
         d = self.root / IMAGES
         return [d] if d.is_dir() else []
 
-    def _read_csv(self, name: str, columns: list[str], report: Report) -> pd.DataFrame | None:
-        path = self._file(name, report)
-        if path is None:
-            return None
-        try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (ValueError, OSError, UnicodeDecodeError) as e:
-            report.add(path, f"cannot parse the CSV: {e}")
-            return None
-        missing = [c for c in columns if c not in df.columns]
-        if missing:
-            report.add(path, f"missing column(s) {missing}; expected {','.join(columns)}")
-            return None
-        return df
-
     def _read_targets(self, report: Report) -> dict[str, int] | None:
         df = self._read_csv(LABELS, ["patientId", "x", "y", "width", "height", "Target"], report)
         if df is None:
