@@ -103,13 +103,9 @@ def run_embedding_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, in
                    "interpolation": interpolation, "val_fraction": job.val_fraction,
                    "split_seed": job.split_seed, "options": job.options},
     )
-    ds = ds.map_batches(
-        EncoderUDF, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"encoder": job.encoder, "weights": job.weights, "pooling": job.pooling,
-                               "expected_digest": expected_digest, "torch_threads": torch_threads},
-        compute=ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None, num_cpus=1,
-    )
-    ds.write_parquet(out_dir, filesystem=filesystem, partition_cols=["split"])
+    _encode_and_write(ds, job, expected_digest=expected_digest, out_dir=out_dir, filesystem=filesystem,
+                      batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
+                      torch_threads=torch_threads)
 
 
 def run_slice_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, interpolation: str,
@@ -127,6 +123,14 @@ def run_slice_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, interp
         decode_slices, batch_size=batch_size, batch_format="numpy", num_cpus=1,
         fn_kwargs={"resolution": job.resolution, "interpolation": interpolation},
     )
+    _encode_and_write(ds, job, expected_digest=expected_digest, out_dir=out_dir, filesystem=filesystem,
+                      batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
+                      torch_threads=torch_threads)
+
+
+def _encode_and_write(ds: Any, job: ExtractionJob, *, expected_digest: str, out_dir: str, filesystem: Any,
+                      batch_size: int, actors: int, gpus_per_actor: float, torch_threads: int | None) -> None:
+    """Decoded uint8 batches -> encoder actor pool -> Parquet partitioned by split (both pipelines)."""
     ds = ds.map_batches(
         EncoderUDF, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={"encoder": job.encoder, "weights": job.weights, "pooling": job.pooling,
