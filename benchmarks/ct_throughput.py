@@ -23,55 +23,13 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-
-def tree_rss(root_pid: int) -> int:
-    """Summed RSS (bytes) of `root_pid` and its descendants, read from /proc (no psutil here)."""
-    parent: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-            parent[int(entry)] = int(fields["PPid"])
-            rss[int(entry)] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-        except (OSError, KeyError, ValueError):
-            continue
-    keep, frontier = {root_pid}, [root_pid]
-    while frontier:
-        p = frontier.pop()
-        for child, pp in parent.items():
-            if pp == p and child not in keep:
-                keep.add(child)
-                frontier.append(child)
-    return sum(rss.get(p, 0) for p in keep)
-
-
-class PeakRSS:
-    """Samples `tree_rss` of this process in a thread while the `with` block runs."""
-
-    def __enter__(self) -> PeakRSS:
-        self.peak, self._stop = 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(os.getpid()))
-            self._stop.wait(0.5)  # a /proc scan costs CPU the pipeline is measured on: sample sparingly
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
+from benchmarks.common import PeakRSS, bare_throughput  # noqa: E402
 
 
 def all_slices(ds, index, resolution: int):
@@ -86,21 +44,6 @@ def all_slices(ds, index, resolution: int):
         out += [prepare_image(s, resolution) for s in
                 read_slices(r.path, list(range(n_slices(r.path))), slope, intercept, *ds.hu_window)]
     return np.stack(out)
-
-
-def bare_throughput(encoder: str, pixels, batch: int, threads: int) -> float:
-    import torch
-
-    from tasks.encoders import create_encoder
-
-    torch.set_num_threads(threads)
-    enc = create_encoder(encoder, weights="random")
-    x = torch.from_numpy(pixels)
-    enc.embed(x[:batch], pooling="cls+mean")  # warm-up: first-call allocations
-    t0 = time.perf_counter()
-    for s in range(0, len(x), batch):
-        enc.embed(x[s:s + batch], pooling="cls+mean")
-    return len(x) / (time.perf_counter() - t0)
 
 
 def main() -> None:

@@ -110,6 +110,14 @@ class FeatureCache:
         # Row order across Parquet parts is not meaningful: sort by case id so reads are stable.
         return table.sort_by("case_id")
 
+    def read_bags(self, key: CacheKey) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """A slide entry's bags: case_id -> (tile x, y (n, 2); embeddings (n, D)); see extract_slides."""
+        from orchestrator.extract_slides import read_bags
+
+        if not self.is_complete(key):
+            raise FileNotFoundError(f"no complete cache entry at {self.entry_path(key)}")
+        return read_bags(self.fs, self.entry_path(key), self.meta(key).get("files"))
+
     def read_arrays(self, key: CacheKey) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
         """(case ids, embeddings (n, D) float32, targets (n, C) int, patient ids)."""
         t = self.read_table(key)

@@ -48,11 +48,13 @@ class Cell:
 
 
 def cell_spec(cell: Cell, *, keys: dict[str, CacheKey], cache_root: str, results_dir: str, task: str,
-              classes: list[str], hparams: dict[str, Any], size: str) -> dict[str, Any]:
-    """Everything a worker needs to run the cell, as plain data (it travels through Tune)."""
+              classes: list[str], hparams: dict[str, Any], size: str,
+              cases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything a worker needs to run the cell, as plain data (it travels through Tune).
+    `cases` (slide datasets): every slide with its split and target; the cell reads bags."""
     return {**asdict(cell), "cell_id": cell.cell_id, "keys": {s: asdict(k) for s, k in keys.items()},
             "cache_root": cache_root, "results_dir": results_dir, "task": task, "classes": classes,
-            "hparams": hparams, "size": size}
+            "hparams": hparams, "size": size, "cases": cases or None}
 
 
 class ResultStore:
@@ -145,6 +147,10 @@ def run_cell(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> d
     if placement:
         results.mark_running(cell_id, placement)
     try:
+        if spec.get("cases") is not None:  # a slide dataset: bags, not one row per case
+            from orchestrator.bag_cells import run_bag_cell
+
+            return run_bag_cell(spec, results, placement)
         t0 = time.perf_counter()
         cache = FeatureCache(spec["cache_root"])
         arrays = {s: cache.read_arrays(CacheKey(**spec["keys"][s])) for s in ("train", *EVAL_SPLITS)}

@@ -48,16 +48,9 @@ class Grid(_Strict):
     @field_validator("datasets")
     @classmethod
     def _known_datasets(cls, v: list[str]) -> list[str]:
-        from tasks.datasets import dataset_class, list_datasets
+        from tasks.datasets import list_datasets
 
-        _known(v, list_datasets(), "dataset")
-        slides = [d for d in v if getattr(dataset_class(d), "kind", "image") == "slide"]
-        if slides:
-            # Tiling and ABMIL exist (tasks/wsi, `medscale wsi tile`), the Ray Data slide-bag
-            # pipeline does not yet: refuse up front rather than fail every cell.
-            raise ValueError(f"{slides}: whole-slide datasets cannot be swept yet (the slide-bag "
-                             "extraction is not built); tile and inspect slides with `medscale wsi tile`")
-        return v
+        return _known(v, list_datasets(), "dataset")
 
     @field_validator("protocols")
     @classmethod

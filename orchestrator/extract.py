@@ -52,6 +52,10 @@ class ExtractResult:
     cached_splits: list[str] = field(default_factory=list)
     actors: int = 0  # encoder actors of the pipeline (0 when everything was cached)
     gpus_per_actor: float = 0.0
+    interpolation: str = "bicubic"
+    # Slide datasets: every slide (case_id, path, split, patient_id, target), and those that failed.
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 # -- worker-side callables -------------------------------------------------------------------
@@ -100,8 +104,16 @@ class EncoderUDF:
         self.pooling = pooling
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        emb = self.encoder.embed(batch["pixels"], pooling=self.pooling)
-        return embeddings_table(batch, emb)
+        if "x" not in batch:
+            return embeddings_table(batch, self.encoder.embed(batch["pixels"], pooling=self.pooling))
+        # Tiles of slides: rows of a slide that failed upstream carry its error and stay zero.
+        from orchestrator.extract_slides import tile_embeddings_table
+
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        emb = np.zeros((len(ok), self.encoder.embedding_dim(self.pooling)), np.float32)
+        if ok.any():
+            emb[ok] = self.encoder.embed(batch["pixels"][ok], pooling=self.pooling)
+        return tile_embeddings_table(batch, emb)
 
 
 def embeddings_table(batch: dict[str, Any], emb: np.ndarray) -> pa.Table:
@@ -205,7 +217,7 @@ def describe(result: ExtractResult) -> dict[str, Any]:
             "n_encoded": result.n_encoded, "seconds": round(result.seconds, 2),
             "cached_splits": result.cached_splits, "actors": result.actors,
             "gpus_per_actor": result.gpus_per_actor, "weights_source": result.weights_source,
-            "weights_digest": result.weights_digest, "time": time.time()}
+            "weights_digest": result.weights_digest, "failed": result.failed, "time": time.time()}
 
 
 # -- volumes: (volume, z) items, pooled back to one row per volume ------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 from orchestrator import console
@@ -71,7 +72,10 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
     t0 = time.perf_counter()
     info = weights_info(job.encoder, job.weights, memo)
     keys = cache_keys(job, info, fingerprint, PREPROCESS_VERSION)
-    result = ExtractResult(job, keys, info["source"], info["digest"])
+    result = ExtractResult(job, keys, info["source"], info["digest"],
+                           interpolation=info.get("interpolation", "bicubic"))
+    if getattr(dataset, "kind", "image") == "slide":
+        return _extract_slides(job, cache, cfg, n_gpus, dataset, result, t0)
     missing = [s for s in SPLITS if not cache.is_complete(keys[s])]
     result.cached_splits = [s for s in SPLITS if s not in missing]
     if not missing:
@@ -82,8 +86,7 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
     if empty:
         raise ValueError(f"{job.root}: split(s) {empty} of {job.dataset} have no cases")
     res = cfg.resources
-    gpus = res.extract_gpus if n_gpus > 0 else 0.0
-    actors = res.extract_actors or (max(1, int(n_gpus // gpus)) if gpus else 1)
+    actors, gpus = _pool_size(cfg, n_gpus)
     result.actors, result.gpus_per_actor = actors, gpus
     console.extract_line(job, "start", len(rows), 0.0)
     scratch = cache.scratch_dir()
@@ -102,6 +105,58 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
             cache.fs.delete_dir(f"{scratch}/slices")
             meta["slice_pooling"] = dataset.slice_pooling
         result.n_encoded = commit_splits(cache, scratch, keys, missing, meta)
+    finally:
+        if cache.fs.get_file_info(scratch).type.name != "NotFound":
+            cache.fs.delete_dir(scratch)
+    result.seconds = time.perf_counter() - t0
+    console.extract_line(job, "done", result.n_encoded, result.seconds)
+    return result
+
+
+def _pool_size(cfg: SweepConfig, n_gpus: float) -> tuple[int, float]:
+    res = cfg.resources
+    gpus = res.extract_gpus if n_gpus > 0 else 0.0
+    return res.extract_actors or (max(1, int(n_gpus // gpus)) if gpus else 1), gpus
+
+
+def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n_gpus: float, dataset: Any,
+                    result: ExtractResult, t0: float) -> ExtractResult:
+    """One bag entry for all slides of the dataset (cells assign the splits); slides that fail are
+    dropped from it and named in its metadata, as `result.failed`."""
+    from orchestrator import ray_backend
+    from orchestrator.extract_slides import SLIDES, coords_root, finish_bags
+
+    key = replace(result.keys["test"], split=SLIDES)
+    result.keys = {SLIDES: key}
+    index = dataset.index()
+    result.cases = [{"case_id": str(r.case_id), "path": str(r.path), "split": str(r.split),
+                     "patient_id": str(r.patient_id), "target": [int(v) for v in r.target]}
+                    for r in index.itertuples(index=False)]
+    if cache.is_complete(key):
+        result.cached_splits = [SLIDES]
+        result.failed = cache.meta(key).get("failed", {})
+        console.extract_line(job, "cached", 0, 0.0)
+        return result
+    rows = [{"case_id": c["case_id"], "path": c["path"]} for c in result.cases]
+    result.actors, result.gpus_per_actor = _pool_size(cfg, n_gpus)
+    console.extract_line(job, "start", len(rows), 0.0)
+    tiling = dataset.tiling.key()
+    scratch = cache.scratch_dir()
+    try:
+        ray_backend.run_slide_pipeline(
+            rows, job, tiling=json.dumps(tiling, sort_keys=True), coords_uri=coords_root(cache.root, job.dataset, tiling),
+            interpolation=result.interpolation, expected_digest=result.weights_digest, out_dir=scratch,
+            filesystem=cache.fs, batch_size=cfg.resources.extract_batch_size, actors=result.actors,
+            gpus_per_actor=result.gpus_per_actor, torch_threads=cfg.resources.torch_threads)
+        n_tiles, failed = finish_bags(cache.fs, scratch)
+        for case, msg in sorted(failed.items()):
+            console.note(f"  slide {case} FAILED (left out of the bags): {msg}")
+        if not n_tiles:
+            raise ValueError(f"{job.root}: no slide of {job.dataset} could be tiled and embedded; "
+                             f"first error: {next(iter(failed.values()), 'none recorded')}")
+        cache.commit(key, scratch, {"weights_source": result.weights_source, "tiling": tiling, "n_tiles": n_tiles,
+                                    "failed": failed, "n_slides": len(n_tiles)})
+        result.n_encoded, result.failed = sum(n_tiles.values()), failed
     finally:
         if cache.fs.get_file_info(scratch).type.name != "NotFound":
             cache.fs.delete_dir(scratch)

@@ -3,7 +3,8 @@
 - `start`: join a cluster (`--address`, RAY_ADDRESS, or one `ray start` runs on this machine, as
   under `ray submit`), else start a private local one.
 - `run_remote`: one function as a Ray task (loading weights to digest them, off the driver).
-- `run_embedding_pipeline`: Ray Data, rows -> CPU decode tasks -> encoder actor pool -> Parquet.
+- `run_embedding_pipeline`: Ray Data, rows -> CPU decode tasks -> encoder actor pool -> Parquet;
+  `run_slice_pipeline` (CT volumes) and `run_slide_pipeline` (whole slides) expand items first.
 - `run_cells`: a Ray Tune grid, one trial per cell, per-cell resources and retries; a callback
   hands trial events to a plain listener (the MLflow side never sees Ray objects).
 """
@@ -22,6 +23,7 @@ from ray.data import ActorPoolStrategy
 
 from orchestrator import console
 from orchestrator.extract import EncoderUDF, ExtractionJob, decode_batch, decode_slices, expand_volume
+from orchestrator.extract_slides import decode_tiles, expand_slide
 
 
 def resolve_address(address: str | None = None) -> str:
@@ -128,16 +130,34 @@ def run_slice_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, interp
                       torch_threads=torch_threads)
 
 
+def run_slide_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, tiling: str, coords_uri: str,
+                       interpolation: str, expected_digest: str, out_dir: str, filesystem: Any, batch_size: int,
+                       actors: int, gpus_per_actor: float, torch_threads: int | None) -> None:
+    """Slides -> `flat_map` to tile coordinates (tiled once per slide, kept under `coords_uri`) ->
+    batches of neighbouring tiles -> lazy tile reads in CPU tasks -> encoder actor pool -> Parquet
+    partitioned by `case_id` under `out_dir` (one directory = one slide's bag). Memory is a few
+    batches per worker whatever the slide count: nothing holds a slide or a dataset whole."""
+    ds = ray.data.from_items(rows).repartition(max(1, min(len(rows), 4096)))
+    ds = ds.flat_map(expand_slide, fn_kwargs={"tiling": tiling, "coords_uri": coords_uri}, num_cpus=1)
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    ds = ds.map_batches(decode_tiles, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+                        fn_kwargs={"resolution": job.resolution, "interpolation": interpolation})
+    _encode_and_write(ds, job, expected_digest=expected_digest, out_dir=out_dir, filesystem=filesystem,
+                      batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
+                      torch_threads=torch_threads, partition_cols=["case_id"])
+
+
 def _encode_and_write(ds: Any, job: ExtractionJob, *, expected_digest: str, out_dir: str, filesystem: Any,
-                      batch_size: int, actors: int, gpus_per_actor: float, torch_threads: int | None) -> None:
-    """Decoded uint8 batches -> encoder actor pool -> Parquet partitioned by split (both pipelines)."""
+                      batch_size: int, actors: int, gpus_per_actor: float, torch_threads: int | None,
+                      partition_cols: list[str] | None = None) -> None:
+    """Decoded uint8 batches -> encoder actor pool -> Parquet partitioned by split (or by slide)."""
     ds = ds.map_batches(
         EncoderUDF, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={"encoder": job.encoder, "weights": job.weights, "pooling": job.pooling,
                                "expected_digest": expected_digest, "torch_threads": torch_threads},
         compute=ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None, num_cpus=1,
     )
-    ds.write_parquet(out_dir, filesystem=filesystem, partition_cols=["split"])
+    ds.write_parquet(out_dir, filesystem=filesystem, partition_cols=partition_cols or ["split"])
 
 
 class CellListener(Protocol):

@@ -144,7 +144,7 @@ def _cell_params(cfg: SweepConfig, cell: Cell, ex: ExtractResult, ds_cls: Any, h
         "encoder": cell.encoder, "timm_model": spec.timm_name, "params": spec.params,
         "gflops": float(spec.gflops(cell.resolution)), "resolution": cell.resolution,
         "dataset": cell.dataset, "protocol": cell.protocol, "seed": cell.seed, "pooling": ex.job.pooling,
-        "weights": cfg.weights, "weights_kind": ex.keys["test"].weights_kind, "weights_source": ex.weights_source,
+        "weights": cfg.weights, "weights_kind": next(iter(ex.keys.values())).weights_kind, "weights_source": ex.weights_source,
         "weights_digest": ex.weights_digest, "dataset_fingerprint": fingerprint, "task": ds_cls.task,
         "n_classes": len(ds_cls.classes), "sweep": cfg.name, "medscale_version": __version__,
         "git_commit": git_commit(),
@@ -239,7 +239,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
         specs.append(cell_spec(c, keys=ex.keys, cache_root=cache.root, results_dir=results.root,
                                task=ds_cls.task, classes=list(ds_cls.classes),
                                hparams=cfg.protocols.get(c.protocol, {}),
-                               size=get_encoder_spec(c.encoder).size))
+                               size=get_encoder_spec(c.encoder).size, cases=ex.cases))
 
     def cell_resources(spec: dict[str, Any]) -> dict[str, float]:
         res = {"CPU": cfg.resources.cell_cpus}

@@ -25,7 +25,9 @@ def add_wsi_parser(sub) -> None:
     h = ws.add_parser("heatmap", help="slide thumbnail with an attention overlay (PNG)")
     h.add_argument("slide")
     h.add_argument("--coords", required=True, help="tile coordinates (Parquet from `wsi tile`)")
-    h.add_argument("--attention", required=True, help="attention weights, one per coordinate row (.npy)")
+    h.add_argument("--attention", required=True,
+                   help="attention weights: .npy (one per coordinate row) or a sweep cell's attention.parquet")
+    h.add_argument("--case", default=None, help="slide's case id in attention.parquet (default: the file stem)")
     h.add_argument("--out", required=True, help="output PNG")
 
 
@@ -80,10 +82,13 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     from tasks.wsi.tiling import load_coordinates
 
     coords = load_coordinates(args.coords)
-    try:
-        att = np.load(args.attention).astype(np.float64).ravel()
-    except (OSError, ValueError) as e:
-        raise DatasetError(args.attention, f"cannot read attention weights: {e}") from e
+    if str(args.attention).endswith(".parquet"):
+        coords, att = _cell_attention(coords, args.attention, args.case or Path(args.slide).stem)
+    else:
+        try:
+            att = np.load(args.attention).astype(np.float64).ravel()
+        except (OSError, ValueError) as e:
+            raise DatasetError(args.attention, f"cannot read attention weights: {e}") from e
     if len(att) != len(coords):
         raise DatasetError(args.attention, f"{len(att)} attention weights for {len(coords)} tiles in "
                                            f"{args.coords}; they must match row for row")
@@ -101,6 +106,29 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     Image.alpha_composite(im.convert("RGBA"), overlay).convert("RGB").save(out)
     print(f"{args.slide}: attention heatmap of {len(coords)} tiles written to {out}")
     return 0
+
+
+def _cell_attention(coords, path: str, case: str):
+    """(coords, weights) of one slide from a sweep cell's attention.parquet (case_id, x, y, attention),
+    matched to the coordinate rows by tile position."""
+    import pandas as pd
+
+    from tasks.errors import DatasetError
+
+    try:
+        att = pd.read_parquet(path)
+    except (OSError, ValueError) as e:
+        raise DatasetError(path, f"cannot read attention weights: {e}") from e
+    att = att[att["case_id"].astype(str) == case]
+    if att.empty:
+        raise DatasetError(path, f"no attention weights for slide {case!r} (pass --case; slides in the file "
+                                 "are the cell's val and test slides)")
+    merged = coords.reset_index(drop=True).merge(att[["x", "y", "attention"]], on=["x", "y"], how="inner")
+    if len(merged) != len(att):
+        raise DatasetError(path, f"{len(att) - len(merged)} of {len(att)} tiles of {case!r} are not in the "
+                                 "coordinates given; were they tiled with other parameters?")
+    merged.attrs = coords.attrs
+    return merged, merged["attention"].to_numpy(np.float64)
 
 
 def cmd_wsi(args: argparse.Namespace) -> int:

@@ -140,8 +140,7 @@ class ImageDataset:
         because copying a dataset changes them without changing it."""
         if self._fingerprint is None:
             h = hashlib.sha256()
-            split = {"val_fraction": self.val_fraction, "seed": self.seed} if self.carves_val else {}
-            h.update(json.dumps({"v": FINGERPRINT_VERSION, "name": self.name, "split": split}).encode())
+            h.update(json.dumps({"v": FINGERPRINT_VERSION, "name": self.name, "split": self._split_identity()}).encode())
             for f in self.files:
                 p = self.root / f.name
                 if not p.is_file():
@@ -153,6 +152,10 @@ class ImageDataset:
                 h.update(f"\nimg {rel} {size}".encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+    def _split_identity(self) -> dict:
+        """The split parameters that change what is cached (a split is part of a cache entry)."""
+        return {"val_fraction": self.val_fraction, "seed": self.seed} if self.carves_val else {}
 
     def check(self, decode: bool = True) -> list[Problem]:
         """Validate the whole layout; return every problem found (empty list: all good).

@@ -4,16 +4,23 @@ The index has one row per slide (case_id = slide name, path = slide file) and `k
 the orchestrator tiles a slide (`tasks.wsi.tiling.tile_slide`), reads tiles lazily
 (`read_tiles`) and embeds them into one feature bag per slide, which the `abmil` protocol takes.
 A slide is never decoded whole, so `read_image` refuses; `check()` opens every slide instead.
+
+Tiling parameters are dataset options (`dataset_options: {camelyon16: {target_mpp: 0.5}}` in a
+sweep config) and part of the fingerprint. The split is not: bags are cached for all slides once,
+and each cell assigns its slides to train/val/test, so folds and seeds share one embedding pass.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import numpy as np
 
 from tasks.datasets.base import ImageDataset, Problem
 from tasks.errors import DatasetError
+from tasks.wsi.tiling import TilingParams
 
 
 class SlideDataset(ImageDataset):
@@ -22,6 +29,19 @@ class SlideDataset(ImageDataset):
     kind = "slide"
     protocols = ("abmil",)
     image_suffix = ".tif"
+
+    def __init__(self, root: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0, tile_size: int = 224,
+                 target_mpp: float | None = None, target_mag: float | None = None, min_tissue: float = 0.5):
+        super().__init__(root, val_fraction, seed)
+        self.tiling = TilingParams(tile_size=tile_size, target_mpp=target_mpp, target_mag=target_mag,
+                                   min_tissue=min_tissue).validate()
+
+    def _split_identity(self) -> dict:
+        return {}  # bags do not depend on the split (see the module doc)
+
+    def fingerprint(self) -> str:
+        base = super().fingerprint()
+        return hashlib.sha256(f"{base} tiling={json.dumps(self.tiling.key(), sort_keys=True)}".encode()).hexdigest()
 
     def read_image(self, path: str | os.PathLike) -> np.ndarray:
         raise DatasetError(str(path), f"{self.name} is a whole-slide dataset: a slide is not read as one "

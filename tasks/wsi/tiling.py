@@ -276,25 +276,31 @@ def read_coordinate_tiles(path: str | os.PathLike, coords: pd.DataFrame) -> np.n
                       coords["read_size"].to_numpy(), coords["tile_size"].to_numpy())
 
 
-def save_coordinates(coords: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Parquet, one file per slide; the slide facts and tiling parameters go in the schema metadata."""
+def coordinates_table(coords: pd.DataFrame):
+    """Arrow table of COORD_COLUMNS; the slide facts and tiling parameters in the schema metadata."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(coords[list(COORD_COLUMNS)], preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[b"medscale.wsi"] = json.dumps(coords.attrs, default=str).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def save_coordinates(coords: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Parquet, one file per slide (`coordinates_table`)."""
+    import pyarrow.parquet as pq
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.replace_schema_metadata(meta), out)
+    pq.write_table(coordinates_table(coords), out)
     return out
 
 
-def load_coordinates(path: str | os.PathLike) -> pd.DataFrame:
+def load_coordinates(path: str | os.PathLike, filesystem=None) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(str(path), filesystem=filesystem)
     except (OSError, ValueError) as e:
         raise DatasetError(str(path), f"cannot read tile coordinates: {e}") from e
     missing = [c for c in COORD_COLUMNS if c not in table.column_names]

@@ -1,0 +1,93 @@
+"""A grid cell on feature bags (whole-slide datasets, `abmil`): fit on the train slides' bags,
+early-stop on the val slides, score val and test. Plain Python, like `cells.run_cell`.
+
+The bag entry holds every slide of the dataset; the cell's spec says which slide is in which split
+(`cases`), so folds and seeds reuse one embedding pass. Slides without a bag (they failed to tile or
+read; the entry's metadata says why) are left out and listed in `failed_slides.csv`, with the count
+as a metric, so a reader sees that the test set is smaller than the official one.
+
+Artifacts beyond the image cells' ones: `attention.parquet` (case_id, split, x, y, attention) for
+every val and test slide: `medscale wsi heatmap SLIDE --attention attention.parquet` draws it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from orchestrator.cache import CacheKey, FeatureCache
+from orchestrator.cells import EVAL_SPLITS, PLACEMENT_FILE, RESULT_FILE, ResultStore, _predictions
+
+
+def _split_bags(cases: pd.DataFrame, bags: dict[str, tuple[np.ndarray, np.ndarray]], split: str, n_classes: int):
+    sub = cases[(cases["split"] == split) & cases["case_id"].isin(bags)]
+    ids = sub["case_id"].tolist()
+    Y = np.array(sub["target"].tolist(), dtype=np.int64).reshape(len(sub), n_classes)
+    return ids, [bags[c][1] for c in ids], Y, sub["patient_id"].tolist()
+
+
+def run_bag_cell(spec: dict[str, Any], results: ResultStore, placement: dict[str, Any] | None) -> dict[str, float]:
+    from orchestrator.extract_slides import SLIDES
+    from tasks.metrics import classification_metrics
+    from tasks.protocols import create_protocol
+
+    t0 = time.perf_counter()
+    cache = FeatureCache(spec["cache_root"])
+    key = CacheKey(**spec["keys"][SLIDES])
+    bags = cache.read_bags(key)
+    failed = cache.meta(key).get("failed", {})
+    cases = pd.DataFrame(spec["cases"])
+    lost = cases[~cases["case_id"].isin(bags)]
+    C = len(spec["classes"])
+    _, tr_bags, Y_tr, _ = _split_bags(cases, bags, "train", C)
+    if not tr_bags:
+        raise ValueError(f"{spec['cell_id']}: no train slide has a bag ({len(lost)} slide(s) failed)")
+    _, va_bags, Y_va, _ = _split_bags(cases, bags, "val", C)
+    protocol = create_protocol(spec["protocol"], task=spec["task"], seed=spec["seed"], **spec["hparams"])
+    if va_bags:  # early stopping on the dataset's own validation slides
+        protocol.fit(tr_bags, Y_tr, va_bags, Y_va)
+    else:
+        protocol.fit(tr_bags, Y_tr)
+    fit_s = time.perf_counter() - t0
+
+    metrics: dict[str, float] = {}
+    frames, attn, files = [], [], {}
+    for split in EVAL_SPLITS:
+        ids, split_bags, Y, patients = _split_bags(cases, bags, split, C)
+        scores = protocol.predict_proba(split_bags) if split_bags else np.zeros((0, C))
+        agg, table = classification_metrics(Y, scores, spec["task"], spec["classes"])
+        metrics.update({f"{split}_{k}": float(v) for k, v in agg.items()})
+        frames.append(_predictions(split, ids, patients, Y, scores, spec["classes"]))
+        files[f"per_class_{split}.csv"] = table.to_csv(index=False).encode()
+        for cid, bag in zip(ids, split_bags, strict=True):
+            xy = bags[cid][0]
+            attn.append(pd.DataFrame({"case_id": cid, "split": split, "x": xy[:, 0], "y": xy[:, 1],
+                                      "attention": protocol.attention(bag).astype(np.float32)}))
+    n_tiles = [len(b[1]) for b in bags.values()]
+    metrics.update(n_train=float(len(tr_bags)), feature_dim=float(tr_bags[0].shape[1]), fit_s=fit_s,
+                   n_failed_slides=float(len(lost)), tiles_per_slide_median=float(np.median(n_tiles)),
+                   best_epoch=float(getattr(protocol, "best_epoch_", -1)), compute_s=time.perf_counter() - t0)
+
+    files["predictions.parquet"] = _parquet(pd.concat(frames, ignore_index=True))
+    files["attention.parquet"] = _parquet(pd.concat(attn, ignore_index=True) if attn else pd.DataFrame(
+        columns=["case_id", "split", "x", "y", "attention"]))
+    if len(lost):
+        files["failed_slides.csv"] = pd.DataFrame({
+            "case_id": lost["case_id"], "split": lost["split"], "path": lost["path"],
+            "error": [failed.get(c, "no bag in the cache entry") for c in lost["case_id"]]}).to_csv(index=False).encode()
+    if placement:
+        files[PLACEMENT_FILE] = json.dumps({**placement, "t_end": time.time()}, sort_keys=True).encode()
+    files[RESULT_FILE] = json.dumps(metrics, indent=1, sort_keys=True).encode()
+    results.write(spec["cell_id"], files)
+    return metrics
+
+
+def _parquet(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()

@@ -1,0 +1,170 @@
+"""Whole-slide extraction: slides -> tile coordinates -> tiles -> one feature bag per slide.
+
+The pipeline (run by `ray_backend.run_slide_pipeline`): slide rows -> `expand_slide` (flat_map:
+tile coordinates, computed once per slide and tiling and kept beside the feature cache, so every
+encoder reuses them) -> repartition into batches of neighbouring tiles -> `decode_tiles` (CPU
+tasks; each slide opened once per batch, tiles read lazily from the best pyramid level) -> the
+encoder actor pool -> Parquet partitioned by `case_id`: a slide's bag is one directory.
+
+A slide that cannot be opened, has no tissue, or breaks while its tiles are read fails alone: its
+rows carry the error through the pipeline (no exception, which would stop every slide), the
+directory of its bag is dropped before the entry is committed, and the entry's metadata names it
+with the reason. Cells then train and score on the slides that have bags, and record the rest.
+This module holds logic and worker-side callables only; it never imports Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from orchestrator import storage
+from tasks.errors import DatasetError
+
+SLIDES = "slides"  # the cache key's split field for a bag entry: all slides, whatever the cell's split
+TILING_VERSION = 1  # bump when tile_slide's output for the same parameters changes
+TILE_COLUMNS = ("case_id", "path", "x", "y", "level", "read_size", "tile_size", "error")
+
+
+def coords_root(cache_base: str, dataset: str, tiling: dict[str, Any]) -> str:
+    """Where a dataset's tile coordinates live for one set of tiling parameters (one file a slide)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps({"v": TILING_VERSION, **tiling}, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{cache_base}/tiles/{dataset}-{digest}"
+
+
+def slide_coordinates(fs: Any, root: str, case_id: str, path: str, tiling: dict[str, Any]):
+    """The slide's tile coordinates: read from `root`, or tiled now and written there (atomically:
+    written beside, then renamed, so a reader never sees half a file)."""
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    from tasks.wsi.tiling import TilingParams, coordinates_table, load_coordinates, tile_slide
+
+    target = f"{root}/{case_id}.parquet"
+    if storage.exists(fs, target):
+        coords = load_coordinates(target, filesystem=fs)
+        if coords.attrs.get("slide") == path:
+            return coords
+    coords = tile_slide(path, TilingParams(**tiling))
+    buf = io.BytesIO()
+    pq.write_table(coordinates_table(coords), buf)
+    fs.create_dir(root, recursive=True)
+    tmp = f"{root}/.{case_id}.{uuid.uuid4().hex[:8]}.tmp"
+    storage.write_bytes(fs, tmp, buf.getvalue())
+    fs.move(tmp, target)
+    return coords
+
+
+def expand_slide(row: dict[str, Any], tiling: str, coords_uri: str) -> list[dict[str, Any]]:
+    """One slide row -> one row per tissue tile; a slide that fails gives one row carrying the error."""
+    fs, root = storage.split_uri(coords_uri)
+    case, path = str(row["case_id"]), str(row["path"])
+    try:
+        c = slide_coordinates(fs, root, case, path, json.loads(tiling))
+    except DatasetError as e:
+        return [{"case_id": case, "path": path, "x": -1, "y": -1, "level": 0, "read_size": 0, "tile_size": 0,
+                 "error": str(e)}]
+    except Exception as e:  # noqa: BLE001 - OpenSlide and PIL raise their own types; name the slide
+        return [{"case_id": case, "path": path, "x": -1, "y": -1, "level": 0, "read_size": 0, "tile_size": 0,
+                 "error": f"{path}: cannot tile the slide: {type(e).__name__}: {e}"}]
+    cols = {k: c[k].to_numpy().tolist() for k in ("x", "y", "level", "read_size", "tile_size")}
+    return [{"case_id": case, "path": path, "x": x, "y": y, "level": lv, "read_size": rs, "tile_size": ts,
+             "error": ""}
+            for x, y, lv, rs, ts in zip(cols["x"], cols["y"], cols["level"], cols["read_size"], cols["tile_size"],
+                                        strict=True)]
+
+
+def decode_tiles(batch: dict[str, Any], resolution: int, interpolation: str) -> dict[str, Any]:
+    """Read one batch of tiles to uint8 (B, 3, r, r), opening each slide once. A slide whose read
+    fails marks its rows with the error (their pixels stay zero and are never encoded)."""
+    from tasks.preprocess import prepare_image
+    from tasks.wsi.tiling import read_tiles
+
+    paths = [str(p) for p in batch["path"]]
+    errors = [str(e) for e in batch["error"]]
+    pixels = np.zeros((len(paths), 3, resolution, resolution), dtype=np.uint8)
+    for path in dict.fromkeys(paths):
+        rows = [i for i, p in enumerate(paths) if p == path and not errors[i]]
+        if not rows:
+            continue
+        try:
+            tiles = read_tiles(path, batch["x"][rows], batch["y"][rows], batch["level"][rows],
+                               batch["read_size"][rows], batch["tile_size"][rows])
+            for i, tile in zip(rows, tiles, strict=True):
+                pixels[i] = prepare_image(tile, resolution, interpolation)
+        except Exception as e:  # noqa: BLE001 - the slide fails alone (see the module doc)
+            msg = str(e) if isinstance(e, DatasetError) else f"{path}: cannot read tiles: {type(e).__name__}: {e}"
+            for i in rows:
+                errors[i] = msg
+    return {"case_id": batch["case_id"], "x": batch["x"], "y": batch["y"], "error": np.array(errors, dtype=object),
+            "pixels": pixels}
+
+
+def tile_embeddings_table(batch: dict[str, Any], emb: np.ndarray) -> pa.Table:
+    """Encoder output for tiles: (case_id, x, y, error, embedding); failed rows keep zeros."""
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    return pa.table({
+        "case_id": pa.array([str(c) for c in batch["case_id"]]),
+        "x": pa.array(np.asarray(batch["x"], np.int64)),
+        "y": pa.array(np.asarray(batch["y"], np.int64)),
+        "error": pa.array([str(e) for e in batch["error"]]),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1]),
+    })
+
+
+def finish_bags(fs: Any, out_dir: str) -> tuple[dict[str, int], dict[str, str]]:
+    """After the pipeline wrote `out_dir/case_id=<slide>/`: drop the bags of failed slides.
+    Returns (tiles per good slide, error message per failed slide). Reads two small columns only."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    if not storage.exists(fs, out_dir):
+        return {}, {}
+    t = pads.dataset(out_dir, filesystem=fs, format="parquet", partitioning="hive").to_table(
+        columns=["case_id", "error"])
+    case = t.column("case_id").cast(pa.string()).to_numpy(zero_copy_only=False)
+    err = t.column("error").to_numpy(zero_copy_only=False)
+    failed: dict[str, str] = {}
+    for c, e in zip(case[err != ""], err[err != ""], strict=True):
+        failed.setdefault(str(c), str(e))
+    counts = pc.value_counts(pa.array(case)).to_pylist()
+    n_tiles = {str(v["values"]): int(v["counts"]) for v in counts if str(v["values"]) not in failed}
+    for c in failed:
+        storage.delete_dir(fs, f"{out_dir}/{bag_dirname(c)}")
+    return n_tiles, failed
+
+
+def bag_dirname(case_id: str) -> str:
+    """The directory Ray Data's hive partitioning writes for a slide (values are URL-escaped)."""
+    from urllib.parse import quote
+
+    return f"case_id={quote(case_id, safe='')}"
+
+
+def read_bags(fs: Any, entry: str, files: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """case_id -> (tile coordinates (n, 2) int64 as x, y; embeddings (n, D) float32), tiles in
+    row-major order (y, then x), so a bag's order does not depend on how Ray split the work."""
+    import pyarrow.dataset as pads
+
+    source = [f"{entry}/{f}" for f in files] if files else entry
+    part = pads.HivePartitioning(pa.schema([("case_id", pa.string())]))
+    t = pads.dataset(source, filesystem=fs, format="parquet", partitioning=part,
+                     partition_base_dir=entry).to_table(columns=["case_id", "x", "y", "embedding"])
+    t = t.sort_by([("case_id", "ascending"), ("y", "ascending"), ("x", "ascending")])
+    emb = t.column("embedding").combine_chunks()
+    X = emb.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(t), -1)
+    xy = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], axis=1).astype(np.int64)
+    case = t.column("case_id").to_numpy(zero_copy_only=False)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if len(t):
+        starts = np.flatnonzero(np.r_[True, case[1:] != case[:-1]])
+        for a, b in zip(starts, np.r_[starts[1:], len(t)], strict=True):
+            out[str(case[a])] = (xy[a:b], X[a:b])
+    return out

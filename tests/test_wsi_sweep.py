@@ -1,0 +1,113 @@
+"""Whole slides in a sweep: the Ray Data bag pipeline, ABMIL cells, slides that fail alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from orchestrator.cache import FeatureCache
+from orchestrator.cli import main
+from orchestrator.config import parse_config
+from orchestrator.extract_slides import coords_root
+from orchestrator.sweep import run_sweep
+from tasks.datasets import get_dataset
+from tasks.encoders import create_encoder
+from tasks.wsi.synth import synth_slide
+from tasks.wsi.tiling import load_coordinates, read_coordinate_tiles, tile_slide
+
+from .conftest import TINY, sweep_config
+from .test_sweep import _runs
+
+TILING = {"tile_size": 112}  # 4x fewer, smaller tiles than the paper's 224 px: CPU-sized
+
+
+@pytest.fixture(scope="module")
+def camelyon(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """Synthetic CAMELYON16 plus three bad slides in training/normal: no tissue, a truncated TIFF
+    and a text file named .tif."""
+    from tasks.datasets import dataset_class
+
+    root = dataset_class("camelyon16").synth(tmp_path_factory.mktemp("c16") / "camelyon16", n=30, seed=0)
+    normal = root / "training/normal"
+    bad = {"blank": synth_slide(normal / "normal_900.tif", tissue=False, size=(1024, 768)).path,
+           "truncated": normal / "normal_901.tif", "text": normal / "normal_902.tif"}
+    data = (normal / "normal_001.tif").read_bytes()
+    bad["truncated"].write_bytes(data[: len(data) // 3])
+    bad["text"].write_text("this is not a slide\n")
+    return root, bad
+
+
+def test_abmil_sweep_on_slides_learns_and_bad_slides_fail_alone(ray_session, camelyon, tmp_path):
+    root, bad = camelyon
+    cfg = parse_config(sweep_config(
+        tmp_path, {"camelyon16": root}, grid={"resolutions": [32], "protocols": ["abmil", "linear_probe"]},
+        protocols={"abmil": {"epochs": 40, "patience": 15, "embed_dim": 32, "attn_dim": 32}},
+        dataset_options={"camelyon16": TILING}, resources={"extract_batch_size": 32}))
+    outcome = run_sweep(cfg)
+    cell = "camelyon16__abmil__test_vit_tiny16__32px__s0"
+    assert outcome.cells == {cell: "FINISHED", cell.replace("abmil", "linear_probe"): "SKIPPED"}
+
+    # The three bad slides are named with their problem; the other slides have bags.
+    res = cfg.sweep_root / "cells" / cell if isinstance(cfg.sweep_root, Path) else Path(cfg.sweep_root) / "cells" / cell
+    failed = pd.read_csv(res / "failed_slides.csv").set_index("case_id")
+    assert set(failed.index) == {"normal_900", "normal_901", "normal_902"}
+    assert f"{bad['blank']}: no tissue found" in failed.loc["normal_900", "error"]
+    assert str(bad["truncated"]) in failed.loc["normal_901", "error"]
+    assert str(bad["text"]) in failed.loc["normal_902", "error"]
+    metrics = json.loads((res / "metrics.json").read_text())
+    assert metrics["n_failed_slides"] == 3
+
+    # ABMIL learns the synthetic task from the tiny random encoder's tile features.
+    pred = pd.read_parquet(res / "predictions.parquet")
+    test = pred[pred["split"] == "test"]
+    assert len(test) == 10 and roc_auc_score(test["target_Tumor"], test["score_Tumor"]) > 0.9
+    assert metrics["test_auc"] == pytest.approx(roc_auc_score(test["target_Tumor"], test["score_Tumor"]))
+
+    # Attention: one weight per tile of every val/test slide, summing to 1 per slide.
+    att = pd.read_parquet(res / "attention.parquet")
+    assert set(att["case_id"]) == set(pred["case_id"])
+    np.testing.assert_allclose(att.groupby("case_id")["attention"].sum(), 1.0, rtol=1e-4)
+
+    # A bag is exactly the encoder's embeddings of the slide's tiles, in row-major tile order.
+    ds = get_dataset("camelyon16", root, **TILING)
+    ex = outcome.extractions[0]
+    cache = FeatureCache(cfg.cache_root)
+    key = ex.keys["slides"]
+    bags = cache.read_bags(key)
+    assert len(bags) == len(ds.index()) - 3 and cache.meta(key)["n_slides"] == len(bags)
+    slide = ds.index().iloc[0]
+    coords = tile_slide(slide.path, ds.tiling).sort_values(["y", "x"])
+    xy, X = bags[slide.case_id]
+    np.testing.assert_array_equal(xy, coords[["x", "y"]].to_numpy())
+    enc = create_encoder(TINY, device="cpu")
+    from tasks.preprocess import prepare_image
+
+    tiles = np.stack([prepare_image(t, 32, "bicubic") for t in read_coordinate_tiles(slide.path, coords)])
+    np.testing.assert_allclose(X, enc.embed(tiles, pooling=ex.job.pooling), rtol=1e-4, atol=1e-5)
+
+    # Coordinates are kept per slide and reused: the stored file is what tile_slide gives.
+    stored = load_coordinates(f"{coords_root(str(cfg.cache_root), 'camelyon16', ds.tiling.key())}/{slide.case_id}.parquet")
+    assert len(stored) == len(coords)
+
+    # `medscale wsi heatmap` draws a cell's attention over a slide, tiles matched by position.
+    case = att["case_id"].iloc[0]
+    path = ds.index().set_index("case_id").loc[case, "path"]
+    png = tmp_path / "heat.png"
+    assert main(["wsi", "heatmap", path, "--coords", f"{coords_root(str(cfg.cache_root), 'camelyon16', ds.tiling.key())}/"
+                 f"{case}.parquet", "--attention", str(res / "attention.parquet"), "--out", str(png)]) == 0
+    assert min(Image.open(png).size) > 100
+
+    # The same grid again with another seed: bags come from the cache, nothing is re-embedded.
+    cfg2 = parse_config(sweep_config(
+        tmp_path, {"camelyon16": root}, name="t2", grid={"resolutions": [32], "protocols": ["abmil", "linear_probe"], "seeds": [1]},
+        protocols={"abmil": {"epochs": 5}}, dataset_options={"camelyon16": TILING}))
+    again = run_sweep(cfg2)
+    assert again.n_encoded == 0
+    runs = _runs(cfg2)
+    assert runs["status"].tolist() == ["FINISHED"] and again.cells[cell.replace("s0", "s1")] == "FINISHED"
