@@ -6,6 +6,10 @@ The bag entry holds every slide of the dataset; the cell's spec says which slide
 read; the entry's metadata says why) are left out and listed in `failed_slides.csv`, with the count
 as a metric, so a reader sees that the test set is smaller than the official one.
 
+Out-of-domain test sets (config `evaluate_on`, e.g. CAMELYON16 models on CAMELYON17's unseen
+centres) are scored by the same fitted model: metrics `<dataset>_test_<metric>`, predictions with
+split `<dataset>_test`.
+
 Artifacts beyond the image cells' ones: `attention.parquet` (case_id, split, x, y, attention) for
 every val and test slide: `medscale wsi heatmap SLIDE --attention attention.parquet` draws it.
 """
@@ -31,25 +35,44 @@ def _split_bags(cases: pd.DataFrame, bags: dict[str, tuple[np.ndarray, np.ndarra
     return ids, [bags[c][1] for c in ids], Y, sub["patient_id"].tolist()
 
 
+def _score(protocol: Any, cases: pd.DataFrame, bags: dict, split: str, spec: dict[str, Any], label: str):
+    """Scores of one split's slides: (metrics, predictions, per-class table, attention rows)."""
+    from tasks.metrics import classification_metrics
+
+    C = len(spec["classes"])
+    ids, split_bags, Y, patients = _split_bags(cases, bags, split, C)
+    scores = protocol.predict_proba(split_bags) if split_bags else np.zeros((0, C))
+    agg, table = classification_metrics(Y, scores, spec["task"], spec["classes"])
+    attn = [pd.DataFrame({"case_id": cid, "split": label, "x": bags[cid][0][:, 0], "y": bags[cid][0][:, 1],
+                          "attention": protocol.attention(bag).astype(np.float32)})
+            for cid, bag in zip(ids, split_bags, strict=True)]
+    return ({f"{label}_{k}": float(v) for k, v in agg.items()},
+            _predictions(label, ids, patients, Y, scores, spec["classes"]), table, attn)
+
+
+def _lost(cases: pd.DataFrame, bags: dict, failed: dict[str, str], dataset: str) -> pd.DataFrame:
+    lost = cases[~cases["case_id"].isin(bags)]
+    return pd.DataFrame({"dataset": dataset, "case_id": lost["case_id"], "split": lost["split"], "path": lost["path"],
+                         "error": [failed.get(c, "no bag in the cache entry") for c in lost["case_id"]]})
+
+
 def run_bag_cell(spec: dict[str, Any], results: ResultStore, placement: dict[str, Any] | None) -> dict[str, float]:
     from orchestrator.extract_slides import SLIDES
-    from tasks.metrics import classification_metrics
     from tasks.protocols import create_protocol
 
     t0 = time.perf_counter()
     cache = FeatureCache(spec["cache_root"])
     key = CacheKey(**spec["keys"][SLIDES])
     bags = cache.read_bags(key)
-    failed = cache.meta(key).get("failed", {})
     cases = pd.DataFrame(spec["cases"])
-    lost = cases[~cases["case_id"].isin(bags)]
+    lost = [_lost(cases, bags, cache.meta(key).get("failed", {}), spec["dataset"])]
     C = len(spec["classes"])
     _, tr_bags, Y_tr, _ = _split_bags(cases, bags, "train", C)
     if not tr_bags:
-        raise ValueError(f"{spec['cell_id']}: no train slide has a bag ({len(lost)} slide(s) failed)")
+        raise ValueError(f"{spec['cell_id']}: no train slide has a bag ({len(lost[0])} slide(s) failed)")
     _, va_bags, Y_va, _ = _split_bags(cases, bags, "val", C)
     protocol = create_protocol(spec["protocol"], task=spec["task"], seed=spec["seed"], **spec["hparams"])
-    if va_bags:  # early stopping on the dataset's own validation slides
+    if va_bags:  # early stopping on the cell's own validation slides
         protocol.fit(tr_bags, Y_tr, va_bags, Y_va)
     else:
         protocol.fit(tr_bags, Y_tr)
@@ -57,29 +80,34 @@ def run_bag_cell(spec: dict[str, Any], results: ResultStore, placement: dict[str
 
     metrics: dict[str, float] = {}
     frames, attn, files = [], [], {}
-    for split in EVAL_SPLITS:
-        ids, split_bags, Y, patients = _split_bags(cases, bags, split, C)
-        scores = protocol.predict_proba(split_bags) if split_bags else np.zeros((0, C))
-        agg, table = classification_metrics(Y, scores, spec["task"], spec["classes"])
-        metrics.update({f"{split}_{k}": float(v) for k, v in agg.items()})
-        frames.append(_predictions(split, ids, patients, Y, scores, spec["classes"]))
-        files[f"per_class_{split}.csv"] = table.to_csv(index=False).encode()
-        for cid, bag in zip(ids, split_bags, strict=True):
-            xy = bags[cid][0]
-            attn.append(pd.DataFrame({"case_id": cid, "split": split, "x": xy[:, 0], "y": xy[:, 1],
-                                      "attention": protocol.attention(bag).astype(np.float32)}))
     n_tiles = [len(b[1]) for b in bags.values()]
+    for split in EVAL_SPLITS:
+        m, pred, table, a = _score(protocol, cases, bags, split, spec, split)
+        metrics.update(m)
+        frames.append(pred)
+        attn += a
+        files[f"per_class_{split}.csv"] = table.to_csv(index=False).encode()
+    for ood in spec.get("ood", []):  # out-of-domain test sets (config evaluate_on), e.g. camelyon17
+        d = ood["dataset"]
+        okey = CacheKey(**ood["keys"][SLIDES])
+        obags, ocases = cache.read_bags(okey), pd.DataFrame(ood["cases"])
+        lost.append(_lost(ocases, obags, cache.meta(okey).get("failed", {}), d))
+        m, pred, table, a = _score(protocol, ocases, obags, "test", spec, f"{d}_test")
+        metrics.update(m)
+        metrics[f"{d}_n_test"] = float(len(pred))
+        frames.append(pred)
+        attn += a
+        files[f"per_class_{d}_test.csv"] = table.to_csv(index=False).encode()
+    lost_df = pd.concat(lost, ignore_index=True)
     metrics.update(n_train=float(len(tr_bags)), feature_dim=float(tr_bags[0].shape[1]), fit_s=fit_s,
-                   n_failed_slides=float(len(lost)), tiles_per_slide_median=float(np.median(n_tiles)),
+                   n_failed_slides=float(len(lost_df)), tiles_per_slide_median=float(np.median(n_tiles)),
                    best_epoch=float(getattr(protocol, "best_epoch_", -1)), compute_s=time.perf_counter() - t0)
 
     files["predictions.parquet"] = _parquet(pd.concat(frames, ignore_index=True))
     files["attention.parquet"] = _parquet(pd.concat(attn, ignore_index=True) if attn else pd.DataFrame(
         columns=["case_id", "split", "x", "y", "attention"]))
-    if len(lost):
-        files["failed_slides.csv"] = pd.DataFrame({
-            "case_id": lost["case_id"], "split": lost["split"], "path": lost["path"],
-            "error": [failed.get(c, "no bag in the cache entry") for c in lost["case_id"]]}).to_csv(index=False).encode()
+    if len(lost_df):
+        files["failed_slides.csv"] = lost_df.to_csv(index=False).encode()
     if placement:
         files[PLACEMENT_FILE] = json.dumps({**placement, "t_end": time.time()}, sort_keys=True).encode()
     files[RESULT_FILE] = json.dumps(metrics, indent=1, sort_keys=True).encode()

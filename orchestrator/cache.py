@@ -106,7 +106,9 @@ class FeatureCache:
         files = self.meta(key).get("files")
         source = [f"{entry}/{f}" for f in files] if files else entry
         dataset = pads.dataset(source, filesystem=self.fs, format="parquet")
-        table = dataset.to_table()
+        # Rows that failed to decode keep their place in the files (error set): leave them out.
+        ok = pads.field("error") == "" if "error" in dataset.schema.names else None
+        table = dataset.to_table(filter=ok)
         # Row order across Parquet parts is not meaningful: sort by case id so reads are stable.
         return table.sort_by("case_id")
 

@@ -49,12 +49,13 @@ class Cell:
 
 def cell_spec(cell: Cell, *, keys: dict[str, CacheKey], cache_root: str, results_dir: str, task: str,
               classes: list[str], hparams: dict[str, Any], size: str,
-              cases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+              cases: list[dict[str, Any]] | None = None, ood: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything a worker needs to run the cell, as plain data (it travels through Tune).
-    `cases` (slide datasets): every slide with its split and target; the cell reads bags."""
+    `cases` (slide datasets): every slide with its split and target; the cell reads bags.
+    `ood`: out-of-domain test sets, each {dataset, keys, cases} (see bag_cells)."""
     return {**asdict(cell), "cell_id": cell.cell_id, "keys": {s: asdict(k) for s, k in keys.items()},
             "cache_root": cache_root, "results_dir": results_dir, "task": task, "classes": classes,
-            "hparams": hparams, "size": size, "cases": cases or None}
+            "hparams": hparams, "size": size, "cases": cases or None, "ood": ood or []}
 
 
 class ResultStore:
@@ -172,8 +173,14 @@ def run_cell(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> d
                 metrics.update({f"{split}_{k}": v for k, v in grouped(Y, scores, patients).items()})
             frames.append(_predictions(split, ids, patients, Y, scores, spec["classes"]))
             files[f"per_class_{split}.csv"] = table.to_csv(index=False).encode()
+        # Cases that failed to decode (left out of the features, named in the cache entries).
+        lost = [(s, c, e) for s in ("train", *EVAL_SPLITS)
+                for c, e in cache.meta(CacheKey(**spec["keys"][s])).get("failed", {}).items()]
+        if lost:
+            files["failed_cases.csv"] = pd.DataFrame(lost, columns=["split", "case_id", "error"]).to_csv(
+                index=False).encode()
         metrics.update(n_train=float(len(X_tr)), feature_dim=float(X_tr.shape[1]), fit_s=fit_s,
-                       compute_s=time.perf_counter() - t0)
+                       n_failed_cases=float(len(lost)), compute_s=time.perf_counter() - t0)
 
         buf = io.BytesIO()
         pd.concat(frames, ignore_index=True).to_parquet(buf, index=False)

@@ -143,6 +143,9 @@ class SweepConfig(_Strict):
     protocols: dict[str, dict[str, Any]] = Field(default_factory=dict)
     dataset_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-dataset reading options, e.g. ct_rate: {hu_window: [-1000, 400]}")
+    evaluate_on: dict[str, list[str]] = Field(
+        default_factory=dict, description="out-of-domain test sets: models trained on a grid dataset are also "
+        "scored on each listed dataset's test split, e.g. camelyon16: [camelyon17] (whole-slide datasets)")
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(default=1, ge=0, description="retries of a failed cell")
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
@@ -188,9 +191,11 @@ class SweepConfig(_Strict):
         missing = [d for d in self.grid.datasets if d not in self.data]
         if missing:
             raise ValueError(f"data: no root given for dataset(s) {missing}")
+        _check_evaluate_on(self)
+        ood = {d for v in self.evaluate_on.values() for d in v}
         for name, opts in self.dataset_options.items():
-            if name not in self.grid.datasets:
-                raise ValueError(f"dataset_options.{name}: options for a dataset not in grid.datasets")
+            if name not in self.grid.datasets and name not in ood:
+                raise ValueError(f"dataset_options.{name}: options for a dataset not in grid.datasets or evaluate_on")
             _check_dataset_options(name, opts)
         for enc in self.grid.encoders:
             p = get_encoder_spec(enc).patch_size
@@ -252,6 +257,21 @@ class SweepConfig(_Strict):
         return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                 or f"sqlite:///{self.output_path / 'mlflow.db'}")
 
+    def options_for(self, dataset: str) -> dict[str, Any]:
+        """The dataset's reading options. An out-of-domain test set takes the options of the dataset
+        its models train on (tiling must match) unless it sets them itself."""
+        import inspect
+
+        from tasks.datasets import dataset_class
+
+        opts: dict[str, Any] = {}
+        accepted = inspect.signature(dataset_class(dataset).__init__).parameters
+        for train, targets in self.evaluate_on.items():
+            if dataset in targets and dataset not in self.grid.datasets:
+                opts.update({k: v for k, v in self.dataset_options.get(train, {}).items()
+                             if k in accepted and k != "cv_folds"})
+        return {**opts, **self.dataset_options.get(dataset, {})}
+
     def data_root(self, dataset: str) -> Path:
         return Path(self.data[dataset]).expanduser().resolve()
 
@@ -277,6 +297,28 @@ def _check_dataset_options(name: str, opts: dict[str, Any]) -> None:
         cls(".", **opts)
     except (ConfigError, TypeError, ValueError) as e:
         raise ValueError(f"dataset_options.{name}: {e}") from None
+
+
+def _check_evaluate_on(cfg: SweepConfig) -> None:
+    from tasks.datasets import dataset_class, list_datasets
+
+    for train, targets in cfg.evaluate_on.items():
+        if train not in cfg.grid.datasets:
+            raise ValueError(f"evaluate_on.{train}: not in grid.datasets (models must be trained on it)")
+        tcls = dataset_class(train)
+        if getattr(tcls, "kind", "image") != "slide":
+            raise ValueError(f"evaluate_on.{train}: out-of-domain test sets are implemented for whole-slide "
+                             "datasets only")
+        for d in targets:
+            _known([d], list_datasets(), "dataset")
+            dcls = dataset_class(d)
+            if d == train or getattr(dcls, "kind", "image") != "slide":
+                raise ValueError(f"evaluate_on.{train}: {d} must be another whole-slide dataset")
+            if dcls.task != tcls.task or len(dcls.classes) != len(tcls.classes):
+                raise ValueError(f"evaluate_on.{train}: {d} ({dcls.task}, {len(dcls.classes)} classes) does not "
+                                 f"match {train} ({tcls.task}, {len(tcls.classes)} classes)")
+            if d not in cfg.data:
+                raise ValueError(f"evaluate_on.{train}: no root given for {d} under data:")
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -35,14 +35,15 @@ def banner(cfg: SweepConfig, n_cells: int, skipped: dict[str, str]) -> None:
         note(f"skipped {cid}: {why}")
 
 
-def extract_line(job: ExtractionJob, what: str, n: int, seconds: float) -> None:
+def extract_line(job: ExtractionJob, what: str, n: int, seconds: float, unit: str = "images") -> None:
+    """`unit`: what `n` counts (images; volumes then slices; slides then tiles)."""
     if what == "cached":
         _p(f"   {job.label}: all splits cached, nothing to encode")
     elif what == "start":
-        _p(f"   {job.label}: encoding {n} images (pooling {job.pooling}, weights {job.weights})")
+        _p(f"   {job.label}: encoding {n} {unit} (pooling {job.pooling}, weights {job.weights})")
     else:
         rate = n / seconds if seconds > 0 else float("nan")
-        _p(f"   {job.label}: {n} images in {seconds:.1f} s ({rate:.1f} img/s, Ray start-up included)")
+        _p(f"   {job.label}: {n} {unit} in {seconds:.1f} s ({rate:.1f} {unit}/s, Ray start-up included)")
 
 
 def _fmt(v: float | None, spec: str) -> str:

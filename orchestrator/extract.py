@@ -53,8 +53,9 @@ class ExtractResult:
     actors: int = 0  # encoder actors of the pipeline (0 when everything was cached)
     gpus_per_actor: float = 0.0
     interpolation: str = "bicubic"
-    # Slide datasets: every slide (case_id, path, split, patient_id, target), and those that failed.
-    cases: list[dict[str, Any]] = field(default_factory=list)
+    # Slide datasets: per grid seed, the slides (case_id, path, split, patient_id, target) and the
+    # split's name (official or a CV fold); and the slides that failed, with the reason.
+    cases: dict[int, tuple[list[dict[str, Any]], str]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
 
@@ -62,20 +63,39 @@ class ExtractResult:
 
 def decode_batch(batch: dict[str, Any], dataset: str, root: str, resolution: int,
                  interpolation: str, val_fraction: float, split_seed: int, options: str = "{}") -> dict[str, Any]:
-    """Read and resize one batch of images to uint8 (B, 3, r, r). Runs on CPU workers."""
+    """Read and resize one batch of images to uint8 (B, 3, r, r). Runs on CPU workers.
+
+    An item that cannot be read or prepared fails alone: its row carries the error (named file,
+    problem), its pixels stay zero and are never encoded, and the commit leaves it out of the
+    cache entry and names it (`failed_rows`). One corrupt file never stops a dataset."""
     from tasks.datasets import get_dataset
     from tasks.preprocess import prepare_image
 
     ds = get_dataset(dataset, root, val_fraction=val_fraction, seed=split_seed, **json.loads(options))
     paths = [str(p) for p in batch["path"]]
-    pixels = np.empty((len(paths), 3, resolution, resolution), dtype=np.uint8)
-    for i, (path, img) in enumerate(zip(paths, ds.read_images(paths), strict=True)):
+    pixels = np.zeros((len(paths), 3, resolution, resolution), dtype=np.uint8)
+    errors = [""] * len(paths)
+    try:
+        images: list[Any] = ds.read_images(paths)  # the fast path: a dataset may batch its reads
+    except Exception:  # noqa: BLE001 - some item is bad: read one by one to find which
+        images = []
+        for path in paths:
+            try:
+                images.append(ds.read_images([path])[0])
+            except Exception as e:  # noqa: BLE001
+                images.append(e if isinstance(e, DatasetError) else DatasetError(path, f"cannot decode: {e}"))
+    for i, (path, img) in enumerate(zip(paths, images, strict=True)):
         try:
+            if isinstance(img, Exception):
+                raise img
             pixels[i] = prepare_image(img, resolution, interpolation)
-        except Exception as e:  # a malformed decoded array: name the file, keep the cause
-            raise DatasetError(path, f"cannot prepare image: {e}") from e
+        except DatasetError as e:
+            errors[i] = str(e)
+        except Exception as e:  # noqa: BLE001 - a malformed decoded array: name the file
+            errors[i] = str(DatasetError(path, f"cannot prepare image: {e}"))
     out = {k: batch[k] for k in ("case_id", "split", "patient_id", "target")}
     out["pixels"] = pixels
+    out["error"] = np.array(errors, dtype=object)
     return out
 
 
@@ -104,29 +124,37 @@ class EncoderUDF:
         self.pooling = pooling
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        if "x" not in batch:
-            return embeddings_table(batch, self.encoder.embed(batch["pixels"], pooling=self.pooling))
-        # Tiles of slides: rows of a slide that failed upstream carry its error and stay zero.
-        from orchestrator.extract_slides import tile_embeddings_table
-
+        # Rows that failed upstream carry their error and keep a zero embedding (never encoded).
         ok = np.array([not e for e in batch["error"]], dtype=bool)
-        emb = np.zeros((len(ok), self.encoder.embedding_dim(self.pooling)), np.float32)
-        if ok.any():
-            emb[ok] = self.encoder.embed(batch["pixels"][ok], pooling=self.pooling)
-        return tile_embeddings_table(batch, emb)
+        if ok.all():
+            emb = self.encoder.embed(batch["pixels"], pooling=self.pooling)
+        else:
+            emb = np.zeros((len(ok), self.encoder.embedding_dim(self.pooling)), np.float32)
+            if ok.any():
+                emb[ok] = self.encoder.embed(batch["pixels"][ok], pooling=self.pooling)
+        if "x" in batch:  # tiles of slides
+            from orchestrator.extract_slides import tile_embeddings_table
+
+            return tile_embeddings_table(batch, emb)
+        return embeddings_table(batch, emb)
 
 
 def embeddings_table(batch: dict[str, Any], emb: np.ndarray) -> pa.Table:
+    """(case_id, split, patient_id, target, embedding[, error]): `error` when the batch has one
+    (pipeline output; "" for a good row); cache readers drop rows whose error is set."""
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     targets = [[int(v) for v in t] for t in batch["target"]]
-    return pa.table({
+    cols = {
         "case_id": pa.array([str(c) for c in batch["case_id"]]),
         "split": pa.array([str(s) for s in batch["split"]]),
         "patient_id": pa.array([str(p) for p in batch["patient_id"]]),
         "target": pa.array(targets, pa.list_(pa.int8())),
         # Fixed-size list: opens in polars as Array(Float32, D), in numpy as one reshape.
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1]),
-    })
+    }
+    if "error" in batch:
+        cols["error"] = pa.array([str(e) for e in batch["error"]])
+    return pa.table(cols)
 
 
 # -- weights identity ------------------------------------------------------------------------
@@ -197,19 +225,41 @@ def index_rows(index: Any, splits: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-def commit_splits(cache: FeatureCache, scratch: str, keys: dict[str, CacheKey], splits: list[str],
-                  meta: dict[str, Any]) -> int:
-    """Move `scratch/split=<s>` directories into their cache entries. Returns rows committed."""
+def failed_rows(fs: Any, part: str) -> dict[str, str]:
+    """{case_id: error} of the rows in a pipeline output directory that failed to decode."""
     import pyarrow.dataset as pads
 
-    total = 0
+    ds = pads.dataset(part, filesystem=fs, format="parquet")
+    if "error" not in ds.schema.names:
+        return {}
+    t = ds.to_table(columns=["case_id", "error"], filter=pads.field("error") != "")
+    return dict(zip(t.column("case_id").to_pylist(), t.column("error").to_pylist(), strict=True))
+
+
+def commit_splits(cache: FeatureCache, scratch: str, keys: dict[str, CacheKey], splits: list[str],
+                  meta: dict[str, Any], failed: dict[str, dict[str, str]] | None = None) -> tuple[int, dict[str, str]]:
+    """Move `scratch/split=<s>` directories into their cache entries. Returns (good rows committed,
+    {case_id: error} of the cases left out). Failed image rows stay in the files (zero embedding,
+    error set; `FeatureCache.read_table` drops them); `failed` gives, per split, cases already
+    left out of the files (volumes dropped by `pool_volumes`). The entry's metadata names them."""
+    import pyarrow.dataset as pads
+
+    counts: dict[str, tuple[int, dict[str, str]]] = {}
     for split in splits:
         part = f"{scratch}/split={split}"
-        n = pads.dataset(part, filesystem=cache.fs, format="parquet").count_rows()
-        cache.commit(keys[split], part, {**meta, "n_rows": n, "split": split})
-        total += n
+        ds = pads.dataset(part, filesystem=cache.fs, format="parquet")
+        bad = failed.get(split, {}) if failed is not None else failed_rows(cache.fs, part)
+        n = ds.count_rows() - (0 if failed is not None else len(bad))
+        if n == 0:  # nothing to train or score on: fail the extraction, with the first reason
+            raise ValueError(f"every case of the {split} split failed to decode; first: "
+                             f"{next(iter(bad.values()), 'none recorded')}")
+        counts[split] = (n, bad)
+    all_failed: dict[str, str] = {}
+    for split, (n, bad) in counts.items():
+        cache.commit(keys[split], f"{scratch}/split={split}", {**meta, "n_rows": n, "split": split, "failed": bad})
+        all_failed.update(bad)
     cache.fs.delete_dir(scratch)
-    return total
+    return sum(n for n, _ in counts.values()), all_failed
 
 
 def describe(result: ExtractResult) -> dict[str, Any]:
@@ -226,7 +276,10 @@ def expand_volume(row: dict[str, Any]) -> list[dict[str, Any]]:
     """One volume row -> one row per axial slice, from the NIfTI header alone (no pixel read)."""
     from tasks.datasets.ct_rate import n_slices
 
-    return [{**row, "z": z} for z in range(n_slices(str(row["path"])))]
+    try:
+        return [{**row, "z": z, "error": ""} for z in range(n_slices(str(row["path"])))]
+    except DatasetError as e:  # a broken header: one row carries the error (see decode_batch)
+        return [{**row, "z": -1, "error": str(e)}]
 
 
 def decode_slices(batch: dict[str, Any], resolution: int, interpolation: str) -> dict[str, Any]:
@@ -236,44 +289,64 @@ def decode_slices(batch: dict[str, Any], resolution: int, interpolation: str) ->
     from tasks.preprocess import prepare_image
 
     paths = [str(p) for p in batch["path"]]
-    pixels = np.empty((len(paths), 3, resolution, resolution), dtype=np.uint8)
+    errors = [str(e) for e in batch["error"]]
+    pixels = np.zeros((len(paths), 3, resolution, resolution), dtype=np.uint8)
     for path in dict.fromkeys(paths):
-        rows = [i for i, p in enumerate(paths) if p == path]
+        rows = [i for i, p in enumerate(paths) if p == path and not errors[i]]
+        if not rows:
+            continue
         i0 = rows[0]
-        slices = read_slices(path, [int(batch["z"][i]) for i in rows], float(batch["slope"][i0]),
-                             float(batch["intercept"][i0]), float(batch["lo"][i0]), float(batch["hi"][i0]))
-        for i, sl in zip(rows, slices, strict=True):
-            pixels[i] = prepare_image(sl, resolution, interpolation)
+        try:
+            slices = read_slices(path, [int(batch["z"][i]) for i in rows], float(batch["slope"][i0]),
+                                 float(batch["intercept"][i0]), float(batch["lo"][i0]), float(batch["hi"][i0]))
+            for i, sl in zip(rows, slices, strict=True):
+                pixels[i] = prepare_image(sl, resolution, interpolation)
+        except Exception as e:  # noqa: BLE001 - the volume fails alone (its rows carry the error)
+            msg = str(e) if isinstance(e, DatasetError) else str(DatasetError(path, f"cannot read slices: {e}"))
+            for i in rows:
+                errors[i] = msg
     out = {k: batch[k] for k in ("case_id", "split", "patient_id", "target")}
     out["pixels"] = pixels
+    out["error"] = np.array(errors, dtype=object)
     return out
 
 
-def pool_volumes(fs: Any, slice_dir: str, out_dir: str, splits: list[str], pooling: str) -> None:
+def pool_volumes(fs: Any, slice_dir: str, out_dir: str, splits: list[str],
+                 pooling: str) -> dict[str, dict[str, str]]:
     """Slice embeddings (Parquet under `slice_dir/split=<s>`) -> one row per volume under
     `out_dir/split=<s>`, the schema of an image entry, so protocols and cells see no difference.
-    Streams record batches; memory is one accumulator per volume (the size of the output)."""
+    Streams record batches; memory is one accumulator per volume (the size of the output).
+    A volume with any failed slice is left out; returns {split: {case_id: error}} of those."""
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
+    failed_by_split: dict[str, dict[str, str]] = {}
     for split in splits:
+        failed = failed_by_split.setdefault(split, {})
         acc: dict[str, list[Any]] = {}  # case_id -> [pooled (D,), count, patient_id, target]
         src = pads.dataset(f"{slice_dir}/split={split}", filesystem=fs, format="parquet")
-        for rb in src.to_batches(columns=["case_id", "patient_id", "target", "embedding"], batch_size=4096):
+        for rb in src.to_batches(columns=["case_id", "patient_id", "target", "embedding", "error"], batch_size=4096):
             emb = rb.column("embedding")
             X = emb.values.to_numpy(zero_copy_only=False).reshape(len(rb), -1).astype(np.float64)
-            ids, pids, tgts = (rb.column(c).to_pylist() for c in ("case_id", "patient_id", "target"))
+            ids, pids, tgts, errs = (rb.column(c).to_pylist() for c in ("case_id", "patient_id", "target", "error"))
             for i, cid in enumerate(ids):
+                if errs[i]:
+                    failed.setdefault(cid, errs[i])
+                    continue
                 a = acc.get(cid)
                 if a is None:
                     acc[cid] = [X[i].copy(), 1, pids[i], tgts[i]]
                 else:
                     a[0] = a[0] + X[i] if pooling == "mean" else np.maximum(a[0], X[i])
                     a[1] += 1
-        cids = sorted(acc)
+        cids = sorted(c for c in acc if c not in failed)
+        fs.create_dir(f"{out_dir}/split={split}", recursive=True)
+        if not cids:
+            continue
         pooled = np.stack([acc[c][0] / (acc[c][1] if pooling == "mean" else 1) for c in cids]).astype(np.float32)
         batch = {"case_id": cids, "split": [split] * len(cids), "patient_id": [acc[c][2] for c in cids],
                  "target": [acc[c][3] for c in cids]}
         table = embeddings_table(batch, pooled).drop_columns(["split"])  # split lives in the path
         fs.create_dir(f"{out_dir}/split={split}", recursive=True)
         pq.write_table(table, f"{out_dir}/split={split}/volumes.parquet", filesystem=fs)
+    return failed_by_split

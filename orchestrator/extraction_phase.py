@@ -78,6 +78,8 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
         return _extract_slides(job, cache, cfg, n_gpus, dataset, result, t0)
     missing = [s for s in SPLITS if not cache.is_complete(keys[s])]
     result.cached_splits = [s for s in SPLITS if s not in missing]
+    for s in result.cached_splits:
+        result.failed.update(cache.meta(keys[s]).get("failed", {}))
     if not missing:
         console.extract_line(job, "cached", 0, 0.0)
         return result
@@ -99,18 +101,28 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
             out_dir=f"{scratch}/slices" if volumes else scratch, filesystem=cache.fs,
             batch_size=res.extract_batch_size, actors=actors, gpus_per_actor=gpus, torch_threads=res.torch_threads)
         meta: dict[str, Any] = {"weights_source": info["source"], "rows_planned": len(rows)}
+        failed = None
         if volumes:
             # One row per volume: its slice embeddings pooled (the cache entry keeps the image schema).
-            pool_volumes(cache.fs, f"{scratch}/slices", scratch, missing, dataset.slice_pooling)
+            failed = pool_volumes(cache.fs, f"{scratch}/slices", scratch, missing, dataset.slice_pooling)
             cache.fs.delete_dir(f"{scratch}/slices")
             meta["slice_pooling"] = dataset.slice_pooling
-        result.n_encoded = commit_splits(cache, scratch, keys, missing, meta)
+        result.n_encoded, result.failed = commit_splits(cache, scratch, keys, missing, meta, failed)
+        _report_failed(result.failed, "volume" if volumes else "case")
     finally:
         if cache.fs.get_file_info(scratch).type.name != "NotFound":
             cache.fs.delete_dir(scratch)
     result.seconds = time.perf_counter() - t0
     console.extract_line(job, "done", result.n_encoded, result.seconds)
     return result
+
+
+def _report_failed(failed: dict[str, str], what: str, show: int = 20) -> None:
+    """Each item that failed alone, by name (the first `show`; all are in the cache metadata)."""
+    for case, msg in sorted(failed.items())[:show]:
+        console.note(f"  {what} {case} FAILED (left out of the features): {msg}")
+    if len(failed) > show:
+        console.note(f"  ... and {len(failed) - show} more failed {what}s (see the cells' failed_cases.csv)")
 
 
 def _pool_size(cfg: SweepConfig, n_gpus: float) -> tuple[int, float]:
@@ -128,18 +140,19 @@ def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n
 
     key = replace(result.keys["test"], split=SLIDES)
     result.keys = {SLIDES: key}
-    index = dataset.index()
-    result.cases = [{"case_id": str(r.case_id), "path": str(r.path), "split": str(r.split),
-                     "patient_id": str(r.patient_id), "target": [int(v) for v in r.target]}
-                    for r in index.itertuples(index=False)]
+    for seed in cfg.grid.seeds:  # each cell's split (official, or its CV fold)
+        cases, scheme = dataset.cell_cases(seed)
+        result.cases[seed] = ([{"case_id": str(r.case_id), "path": str(r.path), "split": str(r.split),
+                                "patient_id": str(r.patient_id), "target": [int(v) for v in r.target]}
+                               for r in cases.itertuples(index=False)], scheme)
     if cache.is_complete(key):
         result.cached_splits = [SLIDES]
         result.failed = cache.meta(key).get("failed", {})
         console.extract_line(job, "cached", 0, 0.0)
         return result
-    rows = [{"case_id": c["case_id"], "path": c["path"]} for c in result.cases]
+    rows = [{"case_id": str(r.case_id), "path": str(r.path)} for r in dataset.index().itertuples(index=False)]
     result.actors, result.gpus_per_actor = _pool_size(cfg, n_gpus)
-    console.extract_line(job, "start", len(rows), 0.0)
+    console.extract_line(job, "start", len(rows), 0.0, "slides")
     tiling = dataset.tiling.key()
     scratch = cache.scratch_dir()
     try:
@@ -149,8 +162,7 @@ def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n
             filesystem=cache.fs, batch_size=cfg.resources.extract_batch_size, actors=result.actors,
             gpus_per_actor=result.gpus_per_actor, torch_threads=cfg.resources.torch_threads)
         n_tiles, failed = finish_bags(cache.fs, scratch)
-        for case, msg in sorted(failed.items()):
-            console.note(f"  slide {case} FAILED (left out of the bags): {msg}")
+        _report_failed(failed, "slide")
         if not n_tiles:
             raise ValueError(f"{job.root}: no slide of {job.dataset} could be tiled and embedded; "
                              f"first error: {next(iter(failed.values()), 'none recorded')}")
@@ -161,7 +173,7 @@ def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n
         if cache.fs.get_file_info(scratch).type.name != "NotFound":
             cache.fs.delete_dir(scratch)
     result.seconds = time.perf_counter() - t0
-    console.extract_line(job, "done", result.n_encoded, result.seconds)
+    console.extract_line(job, "done", result.n_encoded, result.seconds, "tiles")
     return result
 
 
@@ -188,7 +200,9 @@ def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: 
     from tasks.datasets import get_dataset
     from tasks.encoders import create_encoder
 
-    needed = sorted({c.extraction for c in cells}, key=lambda e: (e[2], e[0], e[1]))
+    needed = {c.extraction for c in cells}
+    needed |= {(c.encoder, c.resolution, d) for c in cells for d in cfg.evaluate_on.get(c.dataset, [])}
+    needed = sorted(needed, key=lambda e: (e[2], e[0], e[1]))
     results: dict[Extraction, ExtractResult] = {}
     failures: dict[Extraction, str] = {}
     info: dict[Extraction, tuple[str, dict[str, Any]]] = {}
@@ -202,14 +216,14 @@ def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: 
                     raise FileNotFoundError(f"{root}: dataset root of {ds_name} does not exist "
                                             f"(write a synthetic one: medscale datasets synth {ds_name} --root {root})")
                 ds = get_dataset(ds_name, root, val_fraction=cfg.val_fraction, seed=cfg.split_seed,
-                                 **cfg.dataset_options.get(ds_name, {}))
+                                 **cfg.options_for(ds_name))
                 datasets[ds_name] = (ds, ds.fingerprint())
             dataset, fingerprint = datasets[ds_name]
             meta_enc = create_encoder(enc, weights="random", device="meta")
             pooling = meta_enc.resolve_pooling(cfg.pooling)
             job = ExtractionJob(enc, cfg.weights, res, pooling, ds_name, str(cfg.data_root(ds_name)),
                                 cfg.val_fraction, cfg.split_seed,
-                                json.dumps(cfg.dataset_options.get(ds_name, {}), sort_keys=True))
+                                json.dumps(cfg.options_for(ds_name), sort_keys=True))
             results[(enc, res, ds_name)] = _extract_with_retries(job, cache, memo, cfg, n_gpus, dataset,
                                                                  fingerprint)
             info[(enc, res, ds_name)] = (fingerprint, {**meta_enc.preprocess_info(), "pooling": pooling})

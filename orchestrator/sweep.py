@@ -14,7 +14,7 @@ import itertools
 import json
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +151,23 @@ def _cell_params(cfg: SweepConfig, cell: Cell, ex: ExtractResult, ds_cls: Any, h
         **{f"cache_key_{s}": k.digest for s, k in ex.keys.items()},
         **{f"preprocess_{k}": v for k, v in preprocess.items()},
         **{f"hp_{k}": v for k, v in hparams.items()},
-        **{f"dataset_{k}": v for k, v in cfg.dataset_options.get(cell.dataset, {}).items()},
+        **{f"dataset_{k}": v for k, v in cfg.options_for(cell.dataset).items()},
+        **({"evaluate_on": ",".join(cfg.evaluate_on[cell.dataset])} if cell.dataset in cfg.evaluate_on else {}),
     }
+
+
+def _ood_sets(cfg: SweepConfig, c: Cell, extractions: dict, failures: dict) -> tuple[list[dict[str, Any]], str]:
+    """The out-of-domain test sets of a cell (config evaluate_on): their bag keys and test slides;
+    or the reason the cell cannot run when one of them failed to extract."""
+    out = []
+    for d in cfg.evaluate_on.get(c.dataset, []):
+        ex = extractions.get((c.encoder, c.resolution, d))
+        if ex is None:
+            return [], f"out-of-domain test set {d}: {failures.get((c.encoder, c.resolution, d), 'not extracted')}"
+        cases, _ = ex.cases[c.seed]
+        out.append({"dataset": d, "keys": {s: asdict(k) for s, k in ex.keys.items()},
+                    "cases": [x for x in cases if x["split"] == "test"]})
+    return out, ""
 
 
 def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, address: str | None = None,
@@ -236,10 +251,17 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
             continue
         from tasks.encoders import get_encoder_spec
 
+        cases, ood = None, None
+        if ex.cases:  # a slide dataset: the cell's own split, and its out-of-domain test sets
+            cases, runner.params[c.cell_id]["split_scheme"] = ex.cases[c.seed]
+            ood, missing = _ood_sets(cfg, c, extractions, failures)
+            if missing:
+                runner.on_error(c.cell_id, missing)
+                continue
         specs.append(cell_spec(c, keys=ex.keys, cache_root=cache.root, results_dir=results.root,
                                task=ds_cls.task, classes=list(ds_cls.classes),
                                hparams=cfg.protocols.get(c.protocol, {}),
-                               size=get_encoder_spec(c.encoder).size, cases=ex.cases))
+                               size=get_encoder_spec(c.encoder).size, cases=cases, ood=ood))
 
     def cell_resources(spec: dict[str, Any]) -> dict[str, float]:
         res = {"CPU": cfg.resources.cell_cpus}

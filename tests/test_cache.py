@@ -119,3 +119,22 @@ def test_cache_and_results_through_a_uri(tmp_path):
     assert results.read("c1") == {"test_auc": 0.7}
     with results.local_dir("c1") as d:
         assert sorted(p.name for p in Path(d).iterdir()) == ["metrics.json"]
+
+
+def test_rows_that_failed_to_decode_are_named_and_never_read(tmp_path):
+    from orchestrator.extract import commit_splits
+
+    cache = FeatureCache(str(tmp_path / "c"))
+    scratch = cache.scratch_dir()
+    emb = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
+    emb[2] = 0.0  # what the encoder actor leaves for a failed row
+    errors = ["", "", "/d/c2.png: cannot decode image: truncated", ""]
+    batch = {"case_id": ["c0", "c1", "c2", "c3"], "split": ["train"] * 4, "patient_id": ["p"] * 4,
+             "target": [[1]] * 4, "error": errors}
+    Path(f"{scratch}/split=train").mkdir(parents=True)
+    pq.write_table(embeddings_table(batch, emb).drop_columns(["split"]), f"{scratch}/split=train/p.parquet")
+    n, failed = commit_splits(cache, scratch, {"train": KEY}, ["train"], {})
+    assert n == 3 and failed == {"c2": errors[2]} and cache.meta(KEY)["failed"] == failed
+    ids, X, _, _ = cache.read_arrays(KEY)
+    assert ids == ["c0", "c1", "c3"]
+    np.testing.assert_array_equal(X, emb[[0, 1, 3]])

@@ -123,3 +123,22 @@ def test_storage_layout_and_tracking_uri(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
     assert cfg.resolved_tracking_uri == "http://10.0.0.1:5000"  # the cluster head's server
     assert parse_config({**raw, "tracking_uri": "sqlite:///x.db"}).resolved_tracking_uri == "sqlite:///x.db"
+
+
+def test_wsi_config_and_out_of_domain_test_sets():
+    cfg = load_config(REPO / "configs" / "wsi.yaml")
+    assert cfg.evaluate_on == {"camelyon16": ["camelyon17"]}
+    # CAMELYON17 inherits CAMELYON16's tiling (not its CV folds) unless it sets its own options.
+    assert cfg.options_for("camelyon17") == {"tile_size": 224, "min_tissue": 0.5}
+    raw = yaml.safe_load((REPO / "configs" / "wsi.yaml").read_text())
+    for mutate, fragment in [
+        (lambda c: c.update(evaluate_on={"bcnb": ["camelyon17"]}), "camelyon17 (binary, 1 classes) does not match bcnb"),
+        (lambda c: c.update(evaluate_on={"camelyon17": ["camelyon16"]}), "evaluate_on.camelyon17: not in grid.datasets"),
+        (lambda c: c.update(evaluate_on={"camelyon16": ["nih14"]}), "nih14 must be another whole-slide dataset"),
+        (lambda c: c["data"].pop("camelyon17"), "no root given for camelyon17"),
+        (lambda c: c["dataset_options"]["camelyon16"].update(cv_folds=1), "cv_folds must be 0"),
+    ]:
+        bad = yaml.safe_load(yaml.safe_dump(raw))
+        mutate(bad)
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            parse_config(bad, "wsi.yaml")

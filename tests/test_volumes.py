@@ -72,16 +72,19 @@ def test_pool_volumes_streams_slices_into_one_row_per_volume(tmp_path, pooling):
     from orchestrator.extract import embeddings_table, pool_volumes
 
     rng = np.random.default_rng(0)
-    emb = rng.standard_normal((7, 5)).astype(np.float32)
-    cids = ["v1", "v2", "v1", "v1", "v2", "v3", "v2"]  # slices of three volumes, interleaved
-    batch = {"case_id": cids, "split": ["test"] * 7, "patient_id": [c + "p" for c in cids],
-             "target": [[int(c == "v2"), 1] for c in cids]}
+    emb = rng.standard_normal((9, 5)).astype(np.float32)
+    # Slices of three volumes, interleaved, and a fourth whose second slice failed to read.
+    cids = ["v1", "v2", "v1", "v1", "v4", "v2", "v3", "v2", "v4"]
+    errors = [""] * 8 + ["v4.nii.gz: cannot read slices: truncated"]
+    batch = {"case_id": cids, "split": ["test"] * 9, "patient_id": [c + "p" for c in cids],
+             "target": [[int(c == "v2"), 1] for c in cids], "error": errors}
     (tmp_path / "slices/split=test").mkdir(parents=True)
-    for part, rows in enumerate((slice(0, 4), slice(4, 7))):  # two Parquet files, as Ray writes
+    for part, rows in enumerate((slice(0, 5), slice(5, 9))):  # two Parquet files, as Ray writes
         sub = {k: v[rows] for k, v in batch.items()}
         pq.write_table(embeddings_table(sub, emb[rows]).drop_columns(["split"]),
                        tmp_path / f"slices/split=test/{part}.parquet")
-    pool_volumes(pafs.LocalFileSystem(), str(tmp_path / "slices"), str(tmp_path), ["test"], pooling)
+    failed = pool_volumes(pafs.LocalFileSystem(), str(tmp_path / "slices"), str(tmp_path), ["test"], pooling)
+    assert failed == {"test": {"v4": errors[-1]}}
     t = pq.read_table(tmp_path / "split=test/volumes.parquet")
     assert t.column("case_id").to_pylist() == ["v1", "v2", "v3"]
     assert t.column("patient_id").to_pylist() == ["v1p", "v2p", "v3p"]

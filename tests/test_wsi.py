@@ -262,3 +262,29 @@ def test_slide_dataset_layouts_and_splits(tmp_path):
         get_dataset("bcnb", root).read_image(bc["path"].iloc[0])
     coords = tile_slide(bc["path"].iloc[0], TilingParams(tile_size=32))  # a JPEG slide, through ImageSlide
     assert len(coords) > 20 and coords.attrs["mpp"] is None
+
+
+def test_cross_validation_folds_partition_the_pool_patient_wise(tmp_path):
+    """CAMELYON16 CV draws folds from the official training set; BCNB's 5 folds are 7:1:2; each
+    case is a test case in exactly one fold, and no patient spans two splits of a fold."""
+    from tasks.datasets import dataset_class, get_dataset
+
+    c16 = get_dataset("camelyon16", dataset_class("camelyon16").synth(tmp_path / "c16", n=24, image_size=64),
+                      cv_folds=5)
+    bcnb = get_dataset("bcnb", dataset_class("bcnb").synth(tmp_path / "bcnb", n=40, image_size=64))
+    assert get_dataset("camelyon16", c16.root).cell_cases(3)[1] == "official"
+    for ds, pool in ((c16, set(c16.index().query("split != 'test'")["case_id"])), (bcnb, set(bcnb.index()["case_id"]))):
+        tested = []
+        for seed in range(5):
+            cases, name = ds.cell_cases(seed)
+            assert name == f"cv fold {seed + 1}/5" and set(cases["case_id"]) == pool
+            assert cases.groupby("patient_id")["split"].nunique().max() == 1
+            tested += cases.loc[cases["split"] == "test", "case_id"].tolist()
+            if ds is bcnb:
+                assert cases["split"].value_counts().to_dict() == {"train": 28, "test": 8, "val": 4}
+        assert sorted(tested) == sorted(pool)
+    def test_set(seed):
+        cases = c16.cell_cases(seed)[0]
+        return set(cases.loc[cases["split"] == "test", "case_id"])
+
+    assert test_set(7) == test_set(2)  # seed 7 tests fold 3 again (with its own val draw)

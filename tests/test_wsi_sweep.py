@@ -28,23 +28,25 @@ TILING = {"tile_size": 112}  # 4x fewer, smaller tiles than the paper's 224 px: 
 
 
 @pytest.fixture(scope="module")
-def camelyon(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+def camelyon(tmp_path_factory) -> tuple[Path, dict[str, Path], Path]:
     """Synthetic CAMELYON16 plus three bad slides in training/normal: no tissue, a truncated TIFF
-    and a text file named .tif."""
+    and a text file named .tif; and a small synthetic CAMELYON17."""
     from tasks.datasets import dataset_class
 
-    root = dataset_class("camelyon16").synth(tmp_path_factory.mktemp("c16") / "camelyon16", n=30, seed=0)
+    base = tmp_path_factory.mktemp("camelyon")
+    root = dataset_class("camelyon16").synth(base / "camelyon16", n=30, seed=0)
+    c17 = dataset_class("camelyon17").synth(base / "camelyon17", n=20, seed=1)
     normal = root / "training/normal"
     bad = {"blank": synth_slide(normal / "normal_900.tif", tissue=False, size=(1024, 768)).path,
            "truncated": normal / "normal_901.tif", "text": normal / "normal_902.tif"}
     data = (normal / "normal_001.tif").read_bytes()
     bad["truncated"].write_bytes(data[: len(data) // 3])
     bad["text"].write_text("this is not a slide\n")
-    return root, bad
+    return root, bad, c17
 
 
 def test_abmil_sweep_on_slides_learns_and_bad_slides_fail_alone(ray_session, camelyon, tmp_path):
-    root, bad = camelyon
+    root, bad, c17_root = camelyon
     cfg = parse_config(sweep_config(
         tmp_path, {"camelyon16": root}, grid={"resolutions": [32], "protocols": ["abmil", "linear_probe"]},
         protocols={"abmil": {"epochs": 40, "patience": 15, "embed_dim": 32, "attn_dim": 32}},
@@ -103,11 +105,26 @@ def test_abmil_sweep_on_slides_learns_and_bad_slides_fail_alone(ray_session, cam
                  f"{case}.parquet", "--attention", str(res / "attention.parquet"), "--out", str(png)]) == 0
     assert min(Image.open(png).size) > 100
 
-    # The same grid again with another seed: bags come from the cache, nothing is re-embedded.
+    # Another seed, the paper's 5-fold CV on the training set (seed 1 = fold 2) and CAMELYON17's
+    # unseen centres as the out-of-domain test set: CAMELYON16's bags come from the cache (folds
+    # do not re-embed), CAMELYON17 is embedded with CAMELYON16's tiling.
+    c17 = get_dataset("camelyon17", c17_root)
     cfg2 = parse_config(sweep_config(
-        tmp_path, {"camelyon16": root}, name="t2", grid={"resolutions": [32], "protocols": ["abmil", "linear_probe"], "seeds": [1]},
-        protocols={"abmil": {"epochs": 5}}, dataset_options={"camelyon16": TILING}))
+        tmp_path, {"camelyon16": root, "camelyon17": c17_root}, name="t2",
+        grid={"datasets": ["camelyon16"], "resolutions": [32], "protocols": ["abmil", "linear_probe"], "seeds": [1]},
+        protocols={"abmil": {"epochs": 5}}, dataset_options={"camelyon16": {**TILING, "cv_folds": 5}},
+        evaluate_on={"camelyon16": ["camelyon17"]}))
     again = run_sweep(cfg2)
-    assert again.n_encoded == 0
-    runs = _runs(cfg2)
-    assert runs["status"].tolist() == ["FINISHED"] and again.cells[cell.replace("s0", "s1")] == "FINISHED"
+    cell2 = cell.replace("s0", "s1")
+    assert again.cells[cell2] == "FINISHED"
+    c17_ex = next(e for e in again.extractions if e.job.dataset == "camelyon17")
+    assert again.n_encoded == c17_ex.n_encoded > 0 and c17_ex.job.options == json.dumps(TILING)
+    run = _runs(cfg2)["run"].iloc[0]
+    assert run.data.params["split_scheme"] == "cv fold 2/5" and run.data.params["evaluate_on"] == "camelyon17"
+    pred = pd.read_parquet(Path(cfg2.sweep_root) / "cells" / cell2 / "predictions.parquet")
+    official = ds.index().set_index("case_id")["split"]
+    cv_test = set(pred.loc[pred["split"] == "test", "case_id"])
+    assert cv_test and all(official[c] != "test" for c in cv_test)  # folds come from the training set
+    unseen = set(c17.index().query("split == 'test'")["case_id"])
+    assert set(pred.loc[pred["split"] == "camelyon17_test", "case_id"]) == unseen
+    assert "camelyon17_test_auc" in run.data.metrics

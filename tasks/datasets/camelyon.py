@@ -8,6 +8,8 @@ CAMELYON16 (the grand-challenge download):
     root/testing/reference.csv               no header: test_001,Tumor,Macro,Metastases / test_002,Normal,...
 
 Official split: training -> train (val carved slide-wise by val_fraction, seed), testing -> test.
+The paper's 5-fold CV on the training set: `dataset_options: {camelyon16: {cv_folds: 5}}` and grid
+seeds 0-4 (one fold each; see `SlideDataset.cell_cases`).
 
 CAMELYON17 (training part, the one with labels):
 

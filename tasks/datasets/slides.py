@@ -15,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import ClassVar
 
 import numpy as np
+import pandas as pd
 
-from tasks.datasets.base import ImageDataset, Problem
-from tasks.errors import DatasetError
+from tasks.datasets.base import ImageDataset, Problem, carve_val
+from tasks.errors import ConfigError, DatasetError
 from tasks.wsi.tiling import TilingParams
 
 
@@ -30,11 +32,45 @@ class SlideDataset(ImageDataset):
     protocols = ("abmil",)
     image_suffix = ".tif"
 
+    default_cv_folds: ClassVar[int] = 0  # 0: the official split
+    cv_val_fraction: ClassVar[float | None] = None  # val share of a CV fold's non-test part (None: val_fraction)
+
     def __init__(self, root: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0, tile_size: int = 224,
-                 target_mpp: float | None = None, target_mag: float | None = None, min_tissue: float = 0.5):
+                 target_mpp: float | None = None, target_mag: float | None = None, min_tissue: float = 0.5,
+                 cv_folds: int | None = None):
         super().__init__(root, val_fraction, seed)
         self.tiling = TilingParams(tile_size=tile_size, target_mpp=target_mpp, target_mag=target_mag,
                                    min_tissue=min_tissue).validate()
+        self.cv_folds = self.default_cv_folds if cv_folds is None else int(cv_folds)
+        if self.cv_folds == 1 or self.cv_folds < 0:
+            raise ConfigError(f"cv_folds must be 0 (the official split) or >= 2, got {cv_folds!r}")
+
+    def _cv_pool(self, index: pd.DataFrame) -> pd.Series:
+        """Rows cross-validation draws its folds from: the official training set (train + val)."""
+        return index["split"].isin(["train", "val"])
+
+    def cell_cases(self, seed: int) -> tuple[pd.DataFrame, str]:
+        """The index with the split a cell of grid seed `seed` uses, and its name. Official split:
+        the index as is. With `cv_folds` k: fold (seed mod k) of a patient-grouped k-fold over the
+        CV pool, stratified on the first label and drawn by the dataset's split seed, is the test
+        set; val is carved patient-wise from the other folds; rows outside the pool are left out.
+        Seeds 0..k-1 thus run the k folds, each model seeded by its own seed."""
+        index = self.index()
+        if not self.cv_folds:
+            return index, "official"
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        pool = index[self._cv_pool(index)].reset_index(drop=True)
+        k = self.cv_folds
+        if pool["patient_id"].nunique() < k:
+            raise ConfigError(f"{self.root}: {pool['patient_id'].nunique()} patients cannot make {k} CV folds")
+        y = np.array([t[0] for t in pool["target"]])
+        folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=self.seed)
+        rest, test = list(folds.split(np.zeros(len(pool)), y, groups=pool["patient_id"]))[seed % k]
+        frac = self.val_fraction if self.cv_val_fraction is None else self.cv_val_fraction
+        val = carve_val(pool["patient_id"].iloc[rest], frac, self.seed + seed)
+        split = np.where(pool.index.isin(test), "test", np.where(pool["patient_id"].isin(val), "val", "train"))
+        return pool.assign(split=split), f"cv fold {seed % k + 1}/{k}"
 
     def _split_identity(self) -> dict:
         return {}  # bags do not depend on the split (see the module doc)
