@@ -4,7 +4,8 @@ The pipeline (what a CT-RATE extraction runs): volume rows -> `flat_map` to (vol
 NIfTI header -> slices read lazily through nibabel's `dataobj`, HU-windowed and resized on CPU
 workers -> encoder actor pool -> slice embeddings as Parquet -> pooled to one row per volume. The
 bare baseline embeds the same slices, already decoded and resized in memory, with the encoder
-alone. Same machine, encoder, resolution, batch size and torch threads; Ray start-up excluded.
+alone, before and after the pipeline runs (averaged). Same machine, encoder, resolution, batch
+size and torch threads; Ray start-up excluded.
 
 Steady state as in extract_throughput.py (the pipeline is called as extract_one calls it): a short run (`--short` volumes) measures the fixed
 start-up cost, the full run (`--volumes`) the rest; the rate is the marginal one. Peak RSS is the
@@ -79,9 +80,15 @@ def main() -> None:
 
     full = subset(args.volumes)
     pixels = all_slices(ds, full, args.resolution)
-    bare = bare_throughput(args.encoder, pixels, args.batch_size, args.threads)
-    print(f"bare encoder: {bare:.2f} slices/s on the {len(pixels)} slices of {len(full)} volumes "
-          f"({args.encoder}, {args.resolution}px, batch {args.batch_size}, {args.threads} threads)")
+    def bare(when: str) -> float:
+        rate = bare_throughput(args.encoder, pixels, args.batch_size, args.threads)
+        print(f"bare encoder ({when}): {rate:.2f} slices/s on the {len(pixels)} slices of {len(full)} volumes "
+              f"({args.encoder}, {args.resolution}px, batch {args.batch_size}, {args.threads} threads)")
+        return rate
+
+    # Measured before and after the pipeline runs, averaged: the encoder's speed on a small shared
+    # machine drifts by ~10% over minutes, as much as the effect measured.
+    bare_before = bare("before")
 
     t0 = time.perf_counter()
     ray_backend.start("local", num_cpus=os.cpu_count())
@@ -124,7 +131,8 @@ def main() -> None:
     print(f"peak RSS (driver + Ray processes): {rss_short / 2**20:.0f} MiB for {len(short)} volumes, "
           f"{rss_full / 2**20:.0f} MiB for {len(full)} volumes ({100 * (rss_full / rss_short - 1):+.1f}%)")
     ray_backend.stop()
-    print(f"ratio={steady / bare:.3f}")
+    base = (bare_before + bare("after")) / 2
+    print(f"ratio={steady / base:.3f}")
 
 
 def ds_slices(ds, index) -> list[int]:
