@@ -128,3 +128,24 @@ def test_abmil_sweep_on_slides_learns_and_bad_slides_fail_alone(ray_session, cam
     unseen = set(c17.index().query("split == 'test'")["case_id"])
     assert set(pred.loc[pred["split"] == "camelyon17_test", "case_id"]) == unseen
     assert "camelyon17_test_auc" in run.data.metrics
+
+
+def test_bcnb_multilabel_abmil_on_jpeg_slides_runs_its_cv_fold(ray_session, tmp_path_factory, tmp_path):
+    """BCNB's slides are plain JPEGs (OpenSlide's ImageSlide, no pyramid, no mpp): five tasks in one
+    multilabel ABMIL head, on the fold the seed names (5-fold CV at 7:1:2)."""
+    from tasks.datasets import dataset_class
+
+    root = dataset_class("bcnb").synth(tmp_path_factory.mktemp("bcnb") / "bcnb", n=20, seed=0)
+    cfg = parse_config(sweep_config(
+        tmp_path, {"bcnb": root}, grid={"resolutions": [32], "protocols": ["abmil", "linear_probe"], "seeds": [4]},
+        protocols={"abmil": {"epochs": 20, "embed_dim": 16, "attn_dim": 16}}, dataset_options={"bcnb": TILING}))
+    outcome = run_sweep(cfg)
+    cell = "bcnb__abmil__test_vit_tiny16__32px__s4"
+    assert outcome.cells[cell] == "FINISHED"
+    run = _runs(cfg)["run"].iloc[0]
+    assert run.data.params["split_scheme"] == "cv fold 5/5"
+    pred = pd.read_parquet(Path(cfg.sweep_root) / "cells" / cell / "predictions.parquet")
+    assert pred["split"].value_counts().to_dict() == {"test": 4, "val": 2}  # 7:1:2 of 20 patients
+    assert {f"score_{c}" for c in ("ALN N+", "ER", "PR", "HER2", "Ki67")} <= set(pred.columns)
+    per_class = pd.read_csv(Path(cfg.sweep_root) / "cells" / cell / "per_class_test.csv")
+    assert len(per_class) == 5 and run.data.metrics["n_failed_slides"] == 0
