@@ -11,7 +11,8 @@ centres) are scored by the same fitted model: metrics `<dataset>_test_<metric>`,
 split `<dataset>_test`.
 
 Artifacts beyond the image cells' ones: `attention.parquet` (case_id, split, x, y, attention) for
-every val and test slide: `medscale wsi heatmap SLIDE --attention attention.parquet` draws it.
+every val and test slide (`medscale wsi heatmap SLIDE --attention attention.parquet` draws any of
+them), and `heatmaps/<slide>.png` for the test slides the model scores highest.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import pandas as pd
 
 from orchestrator.cache import CacheKey, FeatureCache
 from orchestrator.cells import EVAL_SPLITS, PLACEMENT_FILE, RESULT_FILE, ResultStore, _predictions
+
+HEATMAPS = 3  # attention heatmaps drawn per cell: its highest-scoring test slides
 
 
 def _split_bags(cases: pd.DataFrame, bags: dict[str, tuple[np.ndarray, np.ndarray]], split: str, n_classes: int):
@@ -103,6 +106,8 @@ def run_bag_cell(spec: dict[str, Any], results: ResultStore, placement: dict[str
                    n_failed_slides=float(len(lost_df)), tiles_per_slide_median=float(np.median(n_tiles)),
                    best_epoch=float(getattr(protocol, "best_epoch_", -1)), compute_s=time.perf_counter() - t0)
 
+    if spec.get("coords_uri"):
+        files.update(_heatmaps(spec, cases, frames[EVAL_SPLITS.index("test")], attn))
     files["predictions.parquet"] = _parquet(pd.concat(frames, ignore_index=True))
     files["attention.parquet"] = _parquet(pd.concat(attn, ignore_index=True) if attn else pd.DataFrame(
         columns=["case_id", "split", "x", "y", "attention"]))
@@ -113,6 +118,40 @@ def run_bag_cell(spec: dict[str, Any], results: ResultStore, placement: dict[str
     files[RESULT_FILE] = json.dumps(metrics, indent=1, sort_keys=True).encode()
     results.write(spec["cell_id"], files)
     return metrics
+
+
+def _heatmaps(spec: dict[str, Any], cases: pd.DataFrame, test_pred: pd.DataFrame,
+              attn: list[pd.DataFrame]) -> dict[str, bytes]:
+    """PNGs of the HEATMAPS test slides the model scores highest (first class): attention over the
+    slide's thumbnail, what a pathologist looks at first. A slide that cannot be drawn (its file
+    is not reachable from this node) is named in heatmaps_error.txt; the cell's results stand."""
+    import sys
+
+    from orchestrator import storage
+    from tasks.wsi.heatmap import render_heatmap, slide_attention
+    from tasks.wsi.tiling import load_coordinates
+
+    if test_pred.empty or not attn:
+        return {}
+    score = next(c for c in test_pred.columns if c.startswith("score_"))
+    top = test_pred.sort_values(score, ascending=False)["case_id"].head(HEATMAPS).tolist()
+    weights = pd.concat(attn, ignore_index=True)
+    weights = weights[weights["split"] == "test"]
+    paths = cases.set_index("case_id")["path"]
+    fs, root = storage.split_uri(spec["coords_uri"])
+    out, errors = {}, []
+    for cid in top:
+        try:
+            coords, att = slide_attention(load_coordinates(f"{root}/{cid}.parquet", filesystem=fs), weights, cid)
+            buf = io.BytesIO()
+            render_heatmap(paths[cid], coords, att).save(buf, format="PNG")
+            out[f"heatmaps/{cid}.png"] = buf.getvalue()
+        except Exception as e:  # noqa: BLE001 - a drawing, not a result: record why and go on
+            errors.append(f"{cid}: {type(e).__name__}: {e}")
+            print(f"medscale: {spec['cell_id']}: no heatmap for {cid}: {e}", file=sys.stderr)
+    if errors:
+        out["heatmaps_error.txt"] = "\n".join(errors).encode()
+    return out
 
 
 def _parquet(df: pd.DataFrame) -> bytes:

@@ -49,13 +49,15 @@ class Cell:
 
 def cell_spec(cell: Cell, *, keys: dict[str, CacheKey], cache_root: str, results_dir: str, task: str,
               classes: list[str], hparams: dict[str, Any], size: str,
-              cases: list[dict[str, Any]] | None = None, ood: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+              cases: list[dict[str, Any]] | None = None, ood: list[dict[str, Any]] | None = None,
+              coords_uri: str = "") -> dict[str, Any]:
     """Everything a worker needs to run the cell, as plain data (it travels through Tune).
     `cases` (slide datasets): every slide with its split and target; the cell reads bags.
-    `ood`: out-of-domain test sets, each {dataset, keys, cases} (see bag_cells)."""
+    `ood`: out-of-domain test sets, each {dataset, keys, cases}; `coords_uri`: the slides' tile
+    coordinates, for the attention heatmaps (see bag_cells)."""
     return {**asdict(cell), "cell_id": cell.cell_id, "keys": {s: asdict(k) for s, k in keys.items()},
             "cache_root": cache_root, "results_dir": results_dir, "task": task, "classes": classes,
-            "hparams": hparams, "size": size, "cases": cases or None, "ood": ood or []}
+            "hparams": hparams, "size": size, "cases": cases or None, "ood": ood or [], "coords_uri": coords_uri}
 
 
 class ResultStore:

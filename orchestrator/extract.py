@@ -57,6 +57,7 @@ class ExtractResult:
     # split's name (official or a CV fold); and the slides that failed, with the reason.
     cases: dict[int, tuple[list[dict[str, Any]], str]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    coords_uri: str = ""  # slide datasets: where the tile coordinates of every slide are kept
 
 
 # -- worker-side callables -------------------------------------------------------------------

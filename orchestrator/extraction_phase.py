@@ -140,6 +140,8 @@ def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n
 
     key = replace(result.keys["test"], split=SLIDES)
     result.keys = {SLIDES: key}
+    tiling = dataset.tiling.key()
+    result.coords_uri = coords_root(cache.root, job.dataset, tiling)
     for seed in cfg.grid.seeds:  # each cell's split (official, or its CV fold)
         cases, scheme = dataset.cell_cases(seed)
         result.cases[seed] = ([{"case_id": str(r.case_id), "path": str(r.path), "split": str(r.split),
@@ -153,11 +155,10 @@ def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n
     rows = [{"case_id": str(r.case_id), "path": str(r.path)} for r in dataset.index().itertuples(index=False)]
     result.actors, result.gpus_per_actor = _pool_size(cfg, n_gpus)
     console.extract_line(job, "start", len(rows), 0.0, "slides")
-    tiling = dataset.tiling.key()
     scratch = cache.scratch_dir()
     try:
         ray_backend.run_slide_pipeline(
-            rows, job, tiling=json.dumps(tiling, sort_keys=True), coords_uri=coords_root(cache.root, job.dataset, tiling),
+            rows, job, tiling=json.dumps(tiling, sort_keys=True), coords_uri=result.coords_uri,
             interpolation=result.interpolation, expected_digest=result.weights_digest, out_dir=scratch,
             filesystem=cache.fs, batch_size=cfg.resources.extract_batch_size, actors=result.actors,
             gpus_per_actor=result.gpus_per_actor, torch_threads=cfg.resources.torch_threads)

@@ -44,6 +44,8 @@ def is_file(fs: pafs.FileSystem, path: str) -> bool:
 
 
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    if is_local(fs) and "/" in path:  # object stores have no directories; local disks need them
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
 

@@ -261,7 +261,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
         specs.append(cell_spec(c, keys=ex.keys, cache_root=cache.root, results_dir=results.root,
                                task=ds_cls.task, classes=list(ds_cls.classes),
                                hparams=cfg.protocols.get(c.protocol, {}),
-                               size=get_encoder_spec(c.encoder).size, cases=cases, ood=ood))
+                               size=get_encoder_spec(c.encoder).size, cases=cases, ood=ood,
+                               coords_uri=ex.coords_uri))
 
     def cell_resources(spec: dict[str, Any]) -> dict[str, float]:
         res = {"CPU": cfg.resources.cell_cpus}

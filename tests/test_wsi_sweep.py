@@ -75,6 +75,10 @@ def test_abmil_sweep_on_slides_learns_and_bad_slides_fail_alone(ray_session, cam
     att = pd.read_parquet(res / "attention.parquet")
     assert set(att["case_id"]) == set(pred["case_id"])
     np.testing.assert_allclose(att.groupby("case_id")["attention"].sum(), 1.0, rtol=1e-4)
+    # ... and drawn over the thumbnails of the three test slides the model scores highest.
+    top = test.sort_values("score_Tumor", ascending=False)["case_id"].head(3)
+    assert sorted(p.stem for p in (res / "heatmaps").glob("*.png")) == sorted(top)
+    assert not (res / "heatmaps_error.txt").exists()
 
     # A bag is exactly the encoder's embeddings of the slide's tiles, in row-major tile order.
     ds = get_dataset("camelyon16", root, **TILING)
