@@ -288,3 +288,22 @@ def test_cross_validation_folds_partition_the_pool_patient_wise(tmp_path):
         return set(cases.loc[cases["split"] == "test", "case_id"])
 
     assert test_set(7) == test_set(2)  # seed 7 tests fold 3 again (with its own val draw)
+
+
+def test_slide_coordinates_are_tiled_once_then_read_back(slides, tmp_path, monkeypatch):
+    """What every encoder after the first gets: the stored coordinates, not a second tiling."""
+    import pandas as pd
+    import pyarrow.fs as pafs
+
+    from orchestrator.extract_slides import slide_coordinates
+
+    fs, root, path = pafs.LocalFileSystem(), str(tmp_path / "coords"), str(slides["pos"].path)
+    first = slide_coordinates(fs, root, "pos", path, TilingParams().key())
+
+    def tile_again(*args, **kwargs):
+        raise AssertionError("the slide was tiled a second time")
+
+    monkeypatch.setattr("tasks.wsi.tiling.tile_slide", tile_again)
+    again = slide_coordinates(fs, root, "pos", path, TilingParams().key())
+    pd.testing.assert_frame_equal(first.reset_index(drop=True), again)
+    assert again.attrs["slide"] == path and list((tmp_path / "coords").iterdir()) == [tmp_path / "coords/pos.parquet"]
