@@ -188,9 +188,15 @@ class ImageDataset:
         return report.problems
 
     # -- shared machinery ---------------------------------------------------------------------------
+    missing_item: ClassVar[str] = "image listed in the labels is missing"
+
+    def _item_file(self, path: str) -> str:
+        """The file an index path lives in (frames of a video share one)."""
+        return path
+
     def _check_image(self, path: str, decode: bool) -> Problem | None:
-        if not os.path.isfile(path):
-            return Problem(path, "image listed in the labels is missing")
+        if not os.path.isfile(self._item_file(path)):
+            return Problem(self._item_file(path), self.missing_item)
         if decode:
             try:
                 self.read_image(path)

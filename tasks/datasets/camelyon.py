@@ -128,17 +128,10 @@ class Camelyon17(SlideDataset):
         return sorted(p for p in t.glob("center_*") if p.is_dir()) if t.is_dir() else []
 
     def _load(self, report: Report) -> pd.DataFrame | None:
-        path = self._file(C17_LABELS, report)
-        if path is None:
+        df = self._read_csv(C17_LABELS, ("patient", "stage"), report)
+        if df is None:
             return None
-        try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (ValueError, OSError, UnicodeDecodeError) as e:
-            report.add(path, f"cannot parse the CSV: {e}")
-            return None
-        if list(df.columns[:2]) != ["patient", "stage"]:
-            report.add(path, f"expected columns patient,stage; got {','.join(df.columns)}")
-            return None
+        path = self.root / C17_LABELS
         centre_of = {p.name: int(p.parent.name.split("_")[1]) for d in self._image_dirs() for p in d.glob("*.tif")}
         rows: list[tuple[str, str, str, int]] = []  # slide, patient, centre dir, target
         for line, (name, stage) in enumerate(zip(df["patient"], df["stage"], strict=True), 2):
