@@ -136,16 +136,25 @@ def finish_bags(fs: Any, out_dir: str) -> tuple[dict[str, int], dict[str, str]]:
         failed.setdefault(str(c), str(e))
     counts = pc.value_counts(pa.array(case)).to_pylist()
     n_tiles = {str(v["values"]): int(v["counts"]) for v in counts if str(v["values"]) not in failed}
-    for c in failed:
-        storage.delete_dir(fs, f"{out_dir}/{bag_dirname(c)}")
+    for c, d in bag_dirs(fs, out_dir).items():
+        if c in failed:
+            storage.delete_dir(fs, d)
     return n_tiles, failed
 
 
-def bag_dirname(case_id: str) -> str:
-    """The directory Ray Data's hive partitioning writes for a slide (values are URL-escaped)."""
-    from urllib.parse import quote
+def bag_dirs(fs: Any, out_dir: str) -> dict[str, str]:
+    """{case_id: directory} of the bags under `out_dir`, read from the directory names Ray Data's
+    hive partitioning wrote (`case_id=<value>`, the value URL-escaped), not rebuilt from the id."""
+    from urllib.parse import unquote
 
-    return f"case_id={quote(case_id, safe='')}"
+    import pyarrow.fs as pafs
+
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(out_dir)):
+        name = info.path.rsplit("/", 1)[-1]
+        if info.type == pafs.FileType.Directory and name.startswith("case_id="):
+            out[unquote(name.removeprefix("case_id="))] = info.path
+    return out
 
 
 def read_bags(fs: Any, entry: str, files: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -156,7 +165,8 @@ def read_bags(fs: Any, entry: str, files: list[str] | None = None) -> dict[str, 
     source = [f"{entry}/{f}" for f in files] if files else entry
     part = pads.HivePartitioning(pa.schema([("case_id", pa.string())]))
     t = pads.dataset(source, filesystem=fs, format="parquet", partitioning=part,
-                     partition_base_dir=entry).to_table(columns=["case_id", "x", "y", "embedding"])
+                     partition_base_dir=entry).to_table(columns=["case_id", "x", "y", "embedding"],
+                                                        filter=pads.field("error") == "")
     t = t.sort_by([("case_id", "ascending"), ("y", "ascending"), ("x", "ascending")])
     emb = t.column("embedding").combine_chunks()
     X = emb.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(t), -1)
