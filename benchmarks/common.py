@@ -65,3 +65,11 @@ def bare_throughput(encoder: str, pixels, batch: int, threads: int) -> float:
     return len(x) / (time.perf_counter() - t0)
 
 
+def bare_rate(when: str, encoder: str, pixels, batch: int, threads: int, unit: str, what: str) -> float:
+    """`bare_throughput`, printed. Benchmarks measure it before and after their pipeline runs and
+    average the two: on a small shared machine the encoder's speed drifts by ~10% over minutes,
+    as much as the effect measured."""
+    rate = bare_throughput(encoder, pixels, batch, threads)
+    print(f"bare encoder ({when}): {rate:.2f} {unit}/s on {what} ({encoder}, {pixels.shape[-1]}px, "
+          f"batch {batch}, {threads} threads)")
+    return rate

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from benchmarks.common import PeakRSS, bare_throughput  # noqa: E402
+from benchmarks.common import PeakRSS, bare_rate  # noqa: E402
 
 
 def all_slices(ds, index, resolution: int):
@@ -81,13 +81,9 @@ def main() -> None:
     full = subset(args.volumes)
     pixels = all_slices(ds, full, args.resolution)
     def bare(when: str) -> float:
-        rate = bare_throughput(args.encoder, pixels, args.batch_size, args.threads)
-        print(f"bare encoder ({when}): {rate:.2f} slices/s on the {len(pixels)} slices of {len(full)} volumes "
-              f"({args.encoder}, {args.resolution}px, batch {args.batch_size}, {args.threads} threads)")
-        return rate
+        return bare_rate(when, args.encoder, pixels, args.batch_size, args.threads, "slices",
+                         f"the {len(pixels)} slices of {len(full)} volumes")
 
-    # Measured before and after the pipeline runs, averaged: the encoder's speed on a small shared
-    # machine drifts by ~10% over minutes, as much as the effect measured.
     bare_before = bare("before")
 
     t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from benchmarks.common import PeakRSS, bare_throughput  # noqa: E402
+from benchmarks.common import PeakRSS, bare_rate  # noqa: E402
 
 
 def main() -> None:
@@ -68,13 +68,9 @@ def main() -> None:
     pixels = np.stack([prepare_image(t, args.resolution) for p in large for t in read_coordinate_tiles(p, coords[p])])
 
     def bare(when: str) -> float:
-        rate = bare_throughput(args.encoder, pixels, args.batch_size, args.threads)
-        print(f"bare encoder ({when}): {rate:.2f} tiles/s on the {len(pixels)} tiles of the 4 large slides "
-              f"({args.encoder}, {args.resolution}px, batch {args.batch_size}, {args.threads} threads)")
-        return rate
+        return bare_rate(when, args.encoder, pixels, args.batch_size, args.threads, "tiles",
+                         f"the {len(pixels)} tiles of the 4 large slides")
 
-    # The baseline is measured before and after the pipeline runs and averaged: on a small shared
-    # machine the encoder's speed drifts by ~10% over minutes, as much as the effect measured.
     bare_before = bare("before")
 
     t0 = time.perf_counter()

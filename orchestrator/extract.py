@@ -283,10 +283,11 @@ def expand_volume(row: dict[str, Any]) -> list[dict[str, Any]]:
         return [{**row, "z": -1, "error": str(e)}]
 
 
-def decode_slices(batch: dict[str, Any], resolution: int, interpolation: str) -> dict[str, Any]:
-    """Read, window and resize one batch of slices to uint8 (B, 3, r, r); each volume in the
-    batch is opened once and only its listed slices are read (`dataobj`)."""
-    from tasks.datasets.ct_rate import read_slices
+def decode_by_file(batch: dict[str, Any], resolution: int, interpolation: str, what: str,
+                   read: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels uint8 (B, 3, r, r), errors) of a batch whose rows are items of a few files (slices of
+    volumes, tiles of slides): `read(path, rows)` reads the listed rows of one file, opened once. A
+    file whose read fails marks its rows with the error; their pixels stay zero, never encoded."""
     from tasks.preprocess import prepare_image
 
     paths = [str(p) for p in batch["path"]]
@@ -296,19 +297,28 @@ def decode_slices(batch: dict[str, Any], resolution: int, interpolation: str) ->
         rows = [i for i, p in enumerate(paths) if p == path and not errors[i]]
         if not rows:
             continue
-        i0 = rows[0]
         try:
-            slices = read_slices(path, [int(batch["z"][i]) for i in rows], float(batch["slope"][i0]),
-                                 float(batch["intercept"][i0]), float(batch["lo"][i0]), float(batch["hi"][i0]))
-            for i, sl in zip(rows, slices, strict=True):
-                pixels[i] = prepare_image(sl, resolution, interpolation)
-        except Exception as e:  # noqa: BLE001 - the volume fails alone (its rows carry the error)
-            msg = str(e) if isinstance(e, DatasetError) else str(DatasetError(path, f"cannot read slices: {e}"))
+            for i, img in zip(rows, read(path, rows), strict=True):
+                pixels[i] = prepare_image(img, resolution, interpolation)
+        except Exception as e:  # noqa: BLE001 - the file fails alone (its rows carry the error)
+            msg = str(e) if isinstance(e, DatasetError) else str(DatasetError(path, f"cannot read {what}: {e}"))
             for i in rows:
                 errors[i] = msg
+    return pixels, np.array(errors, dtype=object)
+
+
+def decode_slices(batch: dict[str, Any], resolution: int, interpolation: str) -> dict[str, Any]:
+    """Read, window and resize one batch of slices to uint8 (B, 3, r, r); each volume in the
+    batch is opened once and only its listed slices are read (`dataobj`)."""
+    from tasks.datasets.ct_rate import read_slices
+
+    def read(path: str, rows: list[int]) -> list[np.ndarray]:
+        i = rows[0]  # scaling and window are the volume's: the same on all its rows
+        return read_slices(path, [int(batch["z"][r]) for r in rows], float(batch["slope"][i]),
+                           float(batch["intercept"][i]), float(batch["lo"][i]), float(batch["hi"][i]))
+
     out = {k: batch[k] for k in ("case_id", "split", "patient_id", "target")}
-    out["pixels"] = pixels
-    out["error"] = np.array(errors, dtype=object)
+    out["pixels"], out["error"] = decode_by_file(batch, resolution, interpolation, "slices", read)
     return out
 
 

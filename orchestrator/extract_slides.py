@@ -84,27 +84,15 @@ def expand_slide(row: dict[str, Any], tiling: str, coords_uri: str) -> list[dict
 def decode_tiles(batch: dict[str, Any], resolution: int, interpolation: str) -> dict[str, Any]:
     """Read one batch of tiles to uint8 (B, 3, r, r), opening each slide once. A slide whose read
     fails marks its rows with the error (their pixels stay zero and are never encoded)."""
-    from tasks.preprocess import prepare_image
+    from orchestrator.extract import decode_by_file
     from tasks.wsi.tiling import read_tiles
 
-    paths = [str(p) for p in batch["path"]]
-    errors = [str(e) for e in batch["error"]]
-    pixels = np.zeros((len(paths), 3, resolution, resolution), dtype=np.uint8)
-    for path in dict.fromkeys(paths):
-        rows = [i for i, p in enumerate(paths) if p == path and not errors[i]]
-        if not rows:
-            continue
-        try:
-            tiles = read_tiles(path, batch["x"][rows], batch["y"][rows], batch["level"][rows],
-                               batch["read_size"][rows], batch["tile_size"][rows])
-            for i, tile in zip(rows, tiles, strict=True):
-                pixels[i] = prepare_image(tile, resolution, interpolation)
-        except Exception as e:  # noqa: BLE001 - the slide fails alone (see the module doc)
-            msg = str(e) if isinstance(e, DatasetError) else f"{path}: cannot read tiles: {type(e).__name__}: {e}"
-            for i in rows:
-                errors[i] = msg
-    return {"case_id": batch["case_id"], "x": batch["x"], "y": batch["y"], "error": np.array(errors, dtype=object),
-            "pixels": pixels}
+    def read(path: str, rows: list[int]) -> np.ndarray:
+        return read_tiles(path, batch["x"][rows], batch["y"][rows], batch["level"][rows],
+                          batch["read_size"][rows], batch["tile_size"][rows])
+
+    pixels, errors = decode_by_file(batch, resolution, interpolation, "tiles", read)
+    return {"case_id": batch["case_id"], "x": batch["x"], "y": batch["y"], "error": errors, "pixels": pixels}
 
 
 def tile_embeddings_table(batch: dict[str, Any], emb: np.ndarray) -> pa.Table:
