@@ -53,7 +53,7 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
                             n_boot=n_boot, seed=seed, reference=kind == "reference")
     if kind == "mlflow" and log:
         result["analysis_run_id"] = _log(tracking_uri, df, out_dir, result, n_boot, seed, len(predictions or {}))
-    n_read = df["run_id"].nunique() if kind != "reference" and "run_id" in df else len(df)
+    n_read = _mlflow_runs(df).nunique() if kind != "reference" and "run_id" in df else len(df)
     print(f"analysed {n_read} {'runs' if kind != 'reference' else 'published values'} from {source}")
     print(f"report:   {result['report']} (and {Path(result['html']).name})")
     print(f"verdicts: {result['verdicts']}  fits: {Path(result['fits']).name}")
@@ -64,10 +64,18 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
     return result
 
 
+def _mlflow_runs(df):
+    """The MLflow run id of each point (an out-of-domain point's id carries its test set after it)."""
+    from orchestrator.tracking import OOD_SEP
+
+    return df["run_id"].astype(str).str.partition(OOD_SEP)[0]
+
+
 def _log(tracking_uri: str, df, out_dir: Path, result: dict, n_boot: int, seed: int, n_predictions: int) -> str:
     from orchestrator.tracking import log_analysis_run
 
-    sources = df[["experiment", "experiment_id", "run_id"]].drop_duplicates().sort_values(["experiment", "run_id"])
+    sources = df.assign(run_id=_mlflow_runs(df))[["experiment", "experiment_id", "run_id"]]
+    sources = sources.drop_duplicates().sort_values(["experiment", "run_id"])
     sources.to_csv(out_dir / "sources.csv", index=False)  # the full list of runs read, beside the report
     verdicts = [v.verdict for v in result["study"].verdicts.values()]
     metrics = {"n_runs": float(sources["run_id"].nunique()), "n_curves": float(len(verdicts)),

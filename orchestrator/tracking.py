@@ -168,12 +168,21 @@ def load_points(tracking_uri: str, experiments: list[str] | None = None, split: 
             for k, v in r.data.metrics.items():
                 if k.startswith(f"{split}_"):
                     rows.append({**base, "metric": k[len(split) + 1 :], "value": float(v)})
+            # Out-of-domain test sets (config evaluate_on): a curve of their own, "train->test"
+            # dataset, whose run id names the predictions' split (see load_predictions).
+            for ood in filter(None, p.get("evaluate_on", "").split(",")):
+                prefix = f"{ood}_{split}_"
+                for k, v in r.data.metrics.items():
+                    if k.startswith(prefix):
+                        rows.append({**base, "dataset": f"{base['dataset']}->{ood}", "metric": k[len(prefix):],
+                                     "run_id": f"{r.info.run_id}{OOD_SEP}{ood}_{split}", "value": float(v)})
     cols = ["experiment", "experiment_id", "run_id", "task", "dataset", "protocol", "encoder", "params", "gflops",
             "resolution", "seed", "weights", "metric", "value"]
     return pd.DataFrame(rows, columns=cols)
 
 
 PREDICTIONS_ARTIFACT = "predictions.parquet"  # written by orchestrator.cells.run_cell
+OOD_SEP = "#"  # run ids of out-of-domain points: "<MLflow run id>#<dataset>_test"
 
 
 def load_predictions(tracking_uri: str, run_ids: Iterable[str], split: str = "test") -> dict[str, pd.DataFrame]:
@@ -190,13 +199,16 @@ def load_predictions(tracking_uri: str, run_ids: Iterable[str], split: str = "te
     out: dict[str, pd.DataFrame] = {}
     with tempfile.TemporaryDirectory(prefix="medscale-preds-") as tmp:
         for rid in dict.fromkeys(run_ids):
-            try:
-                path = client.download_artifacts(rid, PREDICTIONS_ARTIFACT, str(Path(tmp) / rid))
-            except (MlflowException, OSError):
-                continue
+            run, _, ood_split = rid.partition(OOD_SEP)  # "<run>#camelyon17_test": an OOD test set
+            path = Path(tmp) / run / PREDICTIONS_ARTIFACT
+            if not path.exists():
+                try:
+                    client.download_artifacts(run, PREDICTIONS_ARTIFACT, str(Path(tmp) / run))
+                except (MlflowException, OSError):
+                    continue
             df = pd.read_parquet(path)
             if "split" in df.columns:
-                df = df[df["split"] == split]
+                df = df[df["split"] == (ood_split or split)]
             out[rid] = df.drop(columns=["split"], errors="ignore").reset_index(drop=True)
     return out
 

@@ -133,6 +133,17 @@ def test_abmil_sweep_on_slides_learns_and_bad_slides_fail_alone(ray_session, cam
     assert set(pred.loc[pred["split"] == "camelyon17_test", "case_id"]) == unseen
     assert "camelyon17_test_auc" in run.data.metrics
 
+    # `medscale analyze` sees the out-of-domain test set as a curve of its own, with its own cases.
+    from orchestrator.tracking import load_points, load_predictions
+
+    points = load_points(cfg2.resolved_tracking_uri, [cfg2.name])
+    ood = points[points["dataset"] == "camelyon16->camelyon17"].set_index("metric")
+    assert ood.loc["auc", "value"] == pytest.approx(run.data.metrics["camelyon17_test_auc"])
+    assert points.loc[points["dataset"] == "camelyon16", "run_id"].iloc[0] == run.info.run_id
+    preds = load_predictions(cfg2.resolved_tracking_uri, points["run_id"].unique())
+    assert set(preds[ood["run_id"].iloc[0]]["case_id"]) == unseen
+    assert set(preds[run.info.run_id]["case_id"]) == cv_test
+
 
 def test_bcnb_multilabel_abmil_on_jpeg_slides_runs_its_cv_fold(ray_session, tmp_path_factory, tmp_path):
     """BCNB's slides are plain JPEGs (OpenSlide's ImageSlide, no pyramid, no mpp): five tasks in one
