@@ -26,6 +26,18 @@ def ray_session():
     ray_backend.stop()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: the machine has 2 cores shared with other jobs, and
+    small problems run fastest on one. Restores the caller's setting."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def synth_roots(tmp_path_factory) -> dict[str, Path]:
     """Small synthetic NIH-14 and RSNA sets in their official layouts, written once per session."""

@@ -7,7 +7,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
@@ -28,15 +27,7 @@ BAD_VALUES = {
               ("embed_dim", True)],
 }
 CASES = [(name, task) for name in list_protocols() for task in sorted(PROTOCOLS[name].supports)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine has 2 cores shared with other jobs: small problems run fastest on one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def separable(task: str, n: int = 240, D: int = 16, C: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
