@@ -23,11 +23,12 @@ def _cmd_encoders(args: argparse.Namespace) -> int:
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
     from tasks.datasets import dataset_class, get_dataset, list_datasets
+    from tasks.protocols import protocols_for
 
     if args.action == "list":
         for name in list_datasets():
             cls = dataset_class(name)
-            print(f"{name:<18} {cls.task:<11} {len(cls.classes):>3} classes  protocols: {', '.join(cls.protocols)}")
+            print(f"{name:<18} {cls.task:<11} {len(cls.classes):>3} classes  protocols: {', '.join(protocols_for(cls))}")
         return 0
     if args.name is None or args.root is None:
         raise MedscaleError(f"datasets {args.action} needs NAME and --root DIR")

@@ -65,11 +65,9 @@ def plan_cells(cfg: SweepConfig) -> tuple[list[Cell], dict[str, str]]:
     g = cfg.grid
     for enc, res, ds, proto, seed in itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols, g.seeds):
         cell = Cell(enc, res, ds, proto, seed)
-        dcls = dataset_class(ds)
-        if proto not in dcls.protocols:
-            skipped[cell.cell_id] = f"{ds} does not support {proto} (supports {', '.join(dcls.protocols)})"
-        elif dcls.task not in PROTOCOLS[proto].supports:
-            skipped[cell.cell_id] = f"{proto} does not handle {dcls.task} tasks"
+        reason = PROTOCOLS[proto].accepts(dataset_class(ds))
+        if reason:
+            skipped[cell.cell_id] = reason
         else:
             cells.append(cell)
     return cells, skipped

@@ -6,6 +6,7 @@ normalisation that belongs to the weights (the model's pretrained mean/std) happ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,9 +91,15 @@ class FrozenEncoder:
                 out = {"cls": cls, "mean": patches, "cls+mean": torch.cat([cls, patches], dim=1)}[pooling]
             return out.float().cpu().numpy()
 
-    def dense(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Patch-feature grid, float32 (B, D, H/p, W/p), for dense heads (segmentation, registration)."""
+    def dense(self, x: np.ndarray | torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Patch-feature grid, float32 (B, C, H/p, W/p), for dense heads (segmentation, registration).
+
+        `layers` None: the last block's normed tokens (what `embed` pools). Otherwise the listed
+        blocks' tokens (timm `forward_intermediates`, final norm applied to each), concatenated on
+        channels in the order given: C = len(layers) x width, for decoders with skips."""
         h, w = int(torch.as_tensor(x).shape[2]), int(torch.as_tensor(x).shape[3])
+        if layers is not None:
+            return self._intermediates(x, list(layers))
         feats = self._features(x)
         with torch.inference_mode():
             if self.spec.family == "convnext":
@@ -101,3 +108,31 @@ class FrozenEncoder:
             b, n, d = patches.shape
             p = self.spec.patch_size
             return patches.float().transpose(1, 2).reshape(b, d, h // p, w // p).contiguous()
+
+    def check_layers(self, layers: Sequence[int] | None) -> tuple[int, ...] | None:
+        """Block indices for `dense` (negative counts from the end), validated; None = last block."""
+        if layers is None:
+            return None
+        if self.spec.family != "vit":
+            raise ConfigError(f"{self.spec.name}: intermediate layers are available for ViT encoders only")
+        depth = self.spec.depth
+        out = []
+        for i in layers:
+            j = int(i) + depth if int(i) < 0 else int(i)
+            if not 0 <= j < depth:
+                raise ConfigError(f"{self.spec.name} has {depth} blocks; layer {i} does not exist")
+            out.append(j)
+        return tuple(out)
+
+    def _intermediates(self, x: np.ndarray | torch.Tensor, layers: list[int]) -> torch.Tensor:
+        idx = list(self.check_layers(layers) or ())
+        x = torch.as_tensor(x)
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a uint8 batch (B, 3, H, W), got {tuple(x.shape)} {x.dtype}")
+        self.check_resolution(int(x.shape[2]))
+        self.check_resolution(int(x.shape[3]))
+        x = x.to(self.device, non_blocking=True).float() * self._scale + self._shift
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            maps = self.model.forward_intermediates(x, indices=idx, norm=True, output_fmt="NCHW",
+                                                    intermediates_only=True)
+        return torch.cat([m.float() for m in maps], dim=1).contiguous()

@@ -45,8 +45,8 @@ def separable(task: str, n: int = 240, D: int = 16, C: int = 3, seed: int = 0) -
 
 
 def as_input(cls: type, X: np.ndarray) -> np.ndarray | list[np.ndarray]:
-    """Bag protocols (input_kind "bags") get each row as a bag of 3 noisy copies of it."""
-    if getattr(cls, "input_kind", "features") != "bags":
+    """Bag protocols (family "bag") get each row as a bag of 3 noisy copies of it."""
+    if cls.family != "bag":
         return X
     rng = np.random.default_rng(7)
     return [np.repeat(x[None], 3, 0) + rng.normal(scale=0.1, size=(3, len(x))).astype(np.float32) for x in X]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from tasks.datasets.autolaparo import AutoLaparo
-from tasks.datasets.base import ImageDataset, Problem
+from tasks.datasets.base import DATASETS, ImageDataset, Problem, register_dataset
 from tasks.datasets.bcnb import BCNB
 from tasks.datasets.camelyon import Camelyon16, Camelyon17
 from tasks.datasets.ct_rate import CTRATE
@@ -14,11 +14,9 @@ from tasks.datasets.nih14 import NIH14
 from tasks.datasets.rsna import RSNAPneumonia
 from tasks.errors import ConfigError
 
-DATASETS: dict[str, type[ImageDataset]] = {cls.name: cls for cls in (
-    NIH14, RSNAPneumonia, KvasirCapsule, CTRATE, AutoLaparo,
-    Camelyon16, Camelyon17, BCNB)}
-
-__all__ = ["DATASETS", "ImageDataset", "Problem", "dataset_class", "get_dataset", "list_datasets"]
+# Every dataset module is imported here: importing registers its class (@register_dataset).
+__all__ = ["BCNB", "CTRATE", "DATASETS", "AutoLaparo", "Camelyon16", "Camelyon17", "ImageDataset", "KvasirCapsule",
+           "NIH14", "Problem", "RSNAPneumonia", "dataset_class", "get_dataset", "list_datasets", "register_dataset"]
 
 
 def list_datasets() -> list[str]:

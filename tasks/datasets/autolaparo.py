@@ -28,7 +28,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.datasets.base import ImageDataset, LayoutFile, Problem, Report, fresh_root, make_index
+from tasks.datasets.base import (
+    ImageDataset,
+    LayoutFile,
+    Problem,
+    Report,
+    fresh_root,
+    make_index,
+    register_dataset,
+)
 from tasks.errors import DatasetError
 
 PHASES = ("Preparation", "Dividing Ligament and Peritoneum", "Dividing Uterine Vessels and Ligament",
@@ -88,11 +96,11 @@ def read_frames(video: str, times: Sequence[int], size: int | None) -> list[tupl
     return [got[int(t)] for t in times]
 
 
+@register_dataset
 class AutoLaparo(ImageDataset):
     name = "autolaparo"
     task = "multiclass"
     classes = PHASES
-    protocols = ("linear_probe", "knn")
     files = tuple(LayoutFile(f"labels/label_{v:02d}.txt", f"phase labels label_{v:02d}.txt (AutoLaparo task 1)",
                              split=True) for v in range(1, N_VIDEOS + 1))
     image_suffix = ".mp4"

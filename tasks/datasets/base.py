@@ -65,6 +65,18 @@ class LayoutFile:
     split: bool = False  # a file that assigns cases to splits
 
 
+DATASETS: dict[str, type[ImageDataset]] = {}
+
+
+def register_dataset(cls: type[ImageDataset]) -> type[ImageDataset]:
+    """Class decorator: the dataset is known to sweeps by `cls.name` (registered beside its class;
+    `tasks.datasets` imports every dataset module)."""
+    if not cls.name or cls.name in DATASETS:
+        raise ValueError(f"dataset name {cls.name!r} is empty or registered twice")
+    DATASETS[cls.name] = cls
+    return cls
+
+
 class ImageDataset:
     """Base class of the 2D image datasets. Subclasses set the class attributes, `files`,
     `image_suffix`, and implement `_load`, `_image_dirs` and `synth`."""
@@ -72,7 +84,8 @@ class ImageDataset:
     name: ClassVar[str] = ""
     task: ClassVar[str] = "binary"  # binary | multilabel | multiclass
     classes: ClassVar[tuple[str, ...]] = ()
-    protocols: ClassVar[tuple[str, ...]] = ("linear_probe", "knn")
+    kind: ClassVar[str] = "image"  # image | volume | slide: what one index row is
+    target_kind: ClassVar[str] = "labels"  # tasks.dense.TARGET_KINDS
     files: ClassVar[tuple[LayoutFile, ...]] = ()
     image_suffix: ClassVar[str] = ".png"
     carves_val: ClassVar[bool] = True  # False when the official split ships its own validation set

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.datasets.base import LayoutFile, Report, fresh_root, make_index
+from tasks.datasets.base import LayoutFile, Report, fresh_root, make_index, register_dataset
 from tasks.datasets.slides import SlideDataset, synth_slide_size
 
 CSV, XLSX, WSIS = "patient-clinical-data.csv", "patient-clinical-data.xlsx", "WSIs"
@@ -37,6 +37,7 @@ POSNEG = {"Positive": 1, "Negative": 0}
 MARKERS = ("ER", "PR", "HER2", "Ki67")
 
 
+@register_dataset
 class BCNB(SlideDataset):
     """BCNB, multilabel (ALN N+, ER, PR, HER2, Ki67), seeded 7:1:2 patient split."""
 

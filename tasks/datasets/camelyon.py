@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.datasets.base import LayoutFile, Report, carve_val, fresh_root, make_index
+from tasks.datasets.base import LayoutFile, Report, carve_val, fresh_root, make_index, register_dataset
 from tasks.datasets.slides import SlideDataset, synth_slide_size
 
 C16_REF = "testing/reference.csv"
@@ -48,6 +48,7 @@ def _slide(path: Path, positive: bool, seed: int, image_size: int) -> None:
     synth_slide(path, positive=positive, seed=seed, size=size, mpp=mpp)
 
 
+@register_dataset
 class Camelyon16(SlideDataset):
     """CAMELYON16, binary (tumour slide), official train/test split."""
 
@@ -113,6 +114,7 @@ class Camelyon16(SlideDataset):
         return root
 
 
+@register_dataset
 class Camelyon17(SlideDataset):
     """CAMELYON17 (labelled training centres), binary (metastasis in the node), ITC removed;
     seen centres train/val, unseen centres test."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.datasets.base import ImageDataset, LayoutFile, Report, carve_val, make_index
+from tasks.datasets.base import ImageDataset, LayoutFile, Report, carve_val, make_index, register_dataset
 from tasks.errors import ConfigError, DatasetError
 
 LABELS = ("Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
@@ -96,12 +96,12 @@ def n_slices(path: str) -> int:
     return int(shape[2])
 
 
+@register_dataset
 class CTRATE(ImageDataset):
     name = "ct_rate"
     task = "multilabel"
     kind = "volume"  # index rows are volumes; extraction embeds their slices and pools them
     classes = LABELS
-    protocols = ("linear_probe", "knn")
     files = (*(LayoutFile(f, f"label CSV {Path(f).name} (from the CT-RATE release)", split=True)
                for f in LABEL_FILES.values()),
              *(LayoutFile(f, f"metadata CSV {Path(f).name} (from the CT-RATE release)") for f in META_FILES.values()))

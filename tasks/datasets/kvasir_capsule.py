@@ -31,6 +31,7 @@ from tasks.datasets.base import (
     fresh_root,
     make_index,
     read_raster,
+    register_dataset,
 )
 
 IMAGES, METADATA = "labelled_images", "metadata.csv"
@@ -54,11 +55,11 @@ def class_index(label: str) -> int | None:
     return _CLASS_OF[key]
 
 
+@register_dataset
 class KvasirCapsule(ImageDataset):
     name = "kvasir_capsule"
     task = "multiclass"
     classes = tuple(c for c, _ in CLASS_FOLDERS)
-    protocols = ("linear_probe", "knn")
     files = (
         LayoutFile(SPLIT_FILES["train"], "official split file split_0.csv (from github.com/simula/kvasir-capsule)",
                    split=True),

@@ -21,7 +21,15 @@ import pandas as pd
 from PIL import Image
 
 from tasks.datasets import synthetic as syn
-from tasks.datasets.base import ImageDataset, LayoutFile, Report, carve_val, fresh_root, make_index
+from tasks.datasets.base import (
+    ImageDataset,
+    LayoutFile,
+    Report,
+    carve_val,
+    fresh_root,
+    make_index,
+    register_dataset,
+)
 
 CSV = "Data_Entry_2017.csv"
 TRAIN_VAL, TEST = "train_val_list.txt", "test_list.txt"
@@ -56,13 +64,13 @@ FINDINGS = {
 PREVALENCE = (0.28, 0.24, 0.3, 0.32, 0.24, 0.26, 0.24, 0.24, 0.24, 0.22, 0.22, 0.22, 0.24, 0.22)
 
 
+@register_dataset
 class NIH14(ImageDataset):
     """NIH ChestX-ray14, multi-label (14 findings), official patient-wise split."""
 
     name = "nih14"
     task = "multilabel"
     classes = CLASSES
-    protocols = ("linear_probe", "knn")
     files = (
         LayoutFile(CSV, "label CSV Data_Entry_2017.csv (from the NIH ChestX-ray14 download)"),
         LayoutFile(TRAIN_VAL, "official split list train_val_list.txt", split=True),

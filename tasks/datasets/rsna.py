@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.datasets import synthetic as syn
-from tasks.datasets.base import ImageDataset, LayoutFile, Report, fresh_root, make_index
+from tasks.datasets.base import ImageDataset, LayoutFile, Report, fresh_root, make_index, register_dataset
 
 LABELS, CLASSINFO, IMAGES = "stage_2_train_labels.csv", "stage_2_detailed_class_info.csv", "stage_2_train_images"
 SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
@@ -34,13 +34,13 @@ CLASS_NAMES = ("Lung Opacity", "No Lung Opacity / Not Normal", "Normal")
 PREVALENCE = 0.3  # real stage 2: 31.6% of patients
 
 
+@register_dataset
 class RSNAPneumonia(ImageDataset):
     """RSNA Pneumonia, binary (Pneumonia), MGCA's patient split."""
 
     name = "rsna_pneumonia"
     task = "binary"
     classes = ("Pneumonia",)
-    protocols = ("linear_probe", "knn")
     files = (
         LayoutFile(LABELS, "label CSV stage_2_train_labels.csv (from the Kaggle RSNA download)"),
         LayoutFile(CLASSINFO, "class CSV stage_2_detailed_class_info.csv", required=False),

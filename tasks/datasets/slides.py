@@ -29,7 +29,6 @@ class SlideDataset(ImageDataset):
     """Base class: slide-level labels, ABMIL on tile-feature bags."""
 
     kind = "slide"
-    protocols = ("abmil",)
     image_suffix = ".tif"
 
     default_cv_folds: ClassVar[int] = 0  # 0: the official split

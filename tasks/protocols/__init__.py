@@ -11,17 +11,23 @@ from typing import Any
 
 from tasks.errors import ConfigError
 from tasks.protocols.abmil import ABMIL
-from tasks.protocols.base import TASKS, Protocol
+from tasks.protocols.base import PROTOCOLS, TASKS, Protocol, register_protocol
 from tasks.protocols.knn import KNN
 from tasks.protocols.linear_probe import LinearProbe
 
-PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (LinearProbe, KNN, ABMIL)}
+# Every protocol module is imported here: importing registers its class (@register_protocol).
 
-__all__ = ["ABMIL", "KNN", "PROTOCOLS", "TASKS", "LinearProbe", "Protocol", "create_protocol", "list_protocols"]
+__all__ = ["ABMIL", "KNN", "PROTOCOLS", "TASKS", "LinearProbe", "Protocol", "create_protocol", "list_protocols",
+           "protocols_for", "register_protocol"]
 
 
 def list_protocols() -> list[str]:
     return sorted(PROTOCOLS)
+
+
+def protocols_for(dataset_cls: Any) -> list[str]:
+    """The registered protocols that can run on a dataset class (by target kind, item kind, task)."""
+    return [n for n in list_protocols() if PROTOCOLS[n].accepts(dataset_cls) is None]
 
 
 def create_protocol(name: str, **hparams: Any) -> Protocol:

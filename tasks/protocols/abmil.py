@@ -9,7 +9,7 @@ Defaults (NOTES.md "ABMIL", eva's): project to 128, attention hidden 128, AdamW 
 early stopping with patience 20 on the validation loss; weight decay 1e-5 (Patho-Bench). One bag
 per step (`batch_size` 1, the ABMIL paper's setting); larger batches pad bags and mask the padding.
 
-Bag contract (not the (n, D) one of the other protocols, hence `input_kind = "bags"`):
+Bag contract (family `bag`, not the (n, D) one of the feature heads):
 `fit(bags, Y, val_bags=None, val_Y=None)` with bags a list of float32 (n_i, D0) arrays and Y
 (n, C) of 0/1; without an explicit validation set, `val_fraction` of the bags is held out (seeded).
 `predict_proba(bags)` -> (n, C) float64; `attention(bag)` -> (n_i,) float64 summing to 1, in the
@@ -28,7 +28,7 @@ from scipy.special import expit, softmax
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
-from tasks.protocols.base import Protocol
+from tasks.protocols.base import Protocol, register_protocol
 
 
 class GatedABMIL(nn.Module):
@@ -52,6 +52,7 @@ class GatedABMIL(nn.Module):
         return self.head(self.drop(z)), a
 
 
+@register_protocol
 class ABMIL(Protocol):
     """Hyperparameters: embed_dim, attn_dim, dropout, lr, weight_decay, epochs, patience,
     batch_size, val_fraction (+ task, seed, device).
@@ -61,7 +62,8 @@ class ABMIL(Protocol):
 
     name = "abmil"
     supports = frozenset({"binary", "multilabel", "multiclass"})
-    input_kind = "bags"
+    family = "bag"
+    item_kinds = frozenset({"slide"})
 
     def __init__(self, embed_dim: int = 128, attn_dim: int = 128, dropout: float = 0.0, lr: float = 1e-3,
                  weight_decay: float = 1e-5, epochs: int = 100, patience: int = 20, batch_size: int = 1,

@@ -28,8 +28,23 @@ from sklearn.exceptions import NotFittedError
 
 from tasks.errors import ConfigError
 
-TASKS = ("binary", "multilabel", "multiclass")
+# Tasks: the classification kinds, plus what dense targets ask of a head ("multiclass" and
+# "multilabel" also name label maps and multi-label masks; "instances": EM neuron ids;
+# "registration": pairs).
+TASKS = ("binary", "multilabel", "multiclass", "instances", "registration")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+PROTOCOLS: dict[str, type[Protocol]] = {}
+
+
+def register_protocol(cls: type[Protocol]) -> type[Protocol]:
+    """Class decorator: the protocol is known to sweeps by `cls.name` (registered beside its class,
+    as timm registers models; `tasks.protocols` imports every protocol module)."""
+    if not cls.name or cls.name in PROTOCOLS:
+        raise ValueError(f"protocol name {cls.name!r} is empty or registered twice")
+    PROTOCOLS[cls.name] = cls
+    return cls
 
 
 class Protocol(BaseEstimator):
@@ -39,11 +54,32 @@ class Protocol(BaseEstimator):
 
     name: ClassVar[str] = ""
     supports: ClassVar[frozenset[str]] = frozenset()
+    # The head family (tasks.dense.FAMILIES) decides which cell runner runs it; the target kinds
+    # and item kinds it accepts decide which datasets it pairs with in a grid (no dataset lists
+    # protocols). `uses_seed` False: the result cannot change with the seed (kNN, training-free
+    # registration), so a sweep plans one cell per (encoder, resolution, dataset), not one per seed.
+    family: ClassVar[str] = "feature"
+    target_kinds: ClassVar[frozenset[str]] = frozenset({"labels"})
+    item_kinds: ClassVar[frozenset[str]] = frozenset({"image", "volume"})
+    uses_seed: ClassVar[bool] = True
 
     # Subclasses define __init__ with task="binary", seed=0, device="auto" among their arguments.
     task: str
     seed: int
     device: str
+
+    @classmethod
+    def accepts(cls, dataset_cls: Any) -> str | None:
+        """None when this protocol can run on the dataset class, else the reason it cannot."""
+        kind = getattr(dataset_cls, "target_kind", "labels")
+        if kind not in cls.target_kinds:
+            return f"{cls.name} takes {'/'.join(sorted(cls.target_kinds))} targets, {dataset_cls.name} has {kind}"
+        item = getattr(dataset_cls, "kind", "image")
+        if item not in cls.item_kinds:
+            return f"{cls.name} takes {'/'.join(sorted(cls.item_kinds))} items, {dataset_cls.name} has {item}s"
+        if dataset_cls.task not in cls.supports:
+            return f"{cls.name} does not handle {dataset_cls.task} tasks"
+        return None
 
     # -- hyperparameters ------------------------------------------------------------------------
     @classmethod

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.protocols.base import Protocol
+from tasks.protocols.base import Protocol, register_protocol
 
 # Similarity entries per query chunk (float32: 128 MiB). Keeps memory bounded however large the
 # bank (100k queries x 100k train would be 40 GB at once); results do not depend on it.
 _MAX_CHUNK_ELEMENTS = 1 << 25
 
 
+@register_protocol
 class KNN(Protocol):
     """Temperature-weighted cosine kNN. Hyperparameters: k, temperature (+ task, seed, device).
 
@@ -36,6 +37,7 @@ class KNN(Protocol):
 
     name = "knn"
     supports = frozenset({"binary", "multilabel", "multiclass"})
+    uses_seed = False  # exact neighbours, no randomness: one cell per (encoder, resolution, dataset)
 
     def __init__(self, k: int = 20, temperature: float = 0.07, task: str = "binary", seed: int = 0,
                  device: str = "auto"):

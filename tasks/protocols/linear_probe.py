@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from scipy.special import expit, softmax
 
-from tasks.protocols.base import Protocol
+from tasks.protocols.base import Protocol, register_protocol
 
 OPTIMIZERS = ("adamw", "sgd")
 _SGD_MOMENTUM = 0.9
 _PREDICT_CHUNK = 65536  # rows per float64 matmul at predict time: bounds memory for 100k x 4096
 
 
+@register_protocol
 class LinearProbe(Protocol):
     """Linear probe. Hyperparameters: lr, batch_size, epochs, optimizer, weight_decay, standardize
     (+ task, seed, device).
