@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 from orchestrator import storage
 
 MARKER = "_medscale.json"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: feature kind, layers and precision joined the key
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,11 @@ class CacheKey:
     dataset: str
     dataset_fingerprint: str
     split: str
+    # What else changes the numbers: pooled vectors or dense maps, which blocks (dense, "" = last),
+    # and the precision the encoder ran in (bf16 on CUDA and fp32 on CPU differ).
+    feature_kind: str = "pooled"  # pooled | dense
+    layers: str = ""
+    precision: str = "fp32"
 
     @property
     def digest(self) -> str:

@@ -40,6 +40,14 @@ class DenseDataset(ImageDataset):
         datasets override it with a header read (no pixels)."""
         return 1
 
+    def cell_splits(self, seed: int) -> tuple[dict[str, str], str]:
+        """(case_id -> train | val | test, scheme name) of a grid cell with this seed. Default: the
+        index's split ("official"). Datasets without an official split override it with a seeded
+        K-fold CV where the seed is the fold (as CAMELYON16's cv_folds): splits are per cell, so
+        folds never re-encode anything."""
+        idx = self.index()
+        return dict(zip(idx["case_id"].astype(str), idx["split"].astype(str), strict=True)), "official"
+
     def pairs(self, split: str | None = None) -> list[Pair]:
         """Registration pairs (target_kind 'pairs' only)."""
         raise NotImplementedError(f"{self.name} has no registration pairs")
