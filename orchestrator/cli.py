@@ -37,7 +37,10 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
         dataset_class(args.name).synth(Path(args.root), seed=args.seed, **kwargs)
         print(f"wrote a synthetic {args.name} dataset to {args.root}")
         return 0
-    problems = get_dataset(args.name, args.root).check(decode=not args.no_decode)
+    ds = get_dataset(args.name, args.root)
+    problems = ds.check(decode=not args.no_decode)
+    for note in ds.layout_notes():
+        print(f"{args.name}: {note}")
     for p in problems:
         print(f"{p.path}: {p.message}")
     if problems:

@@ -9,6 +9,7 @@ import csv
 import io
 import os
 import shutil
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -425,3 +426,21 @@ def test_cli_synth_check_and_list(tmp_path, capsys):
     (root / "stage_2_train_labels.csv").write_text("patientId,x,y,width,height,Target\n")
     assert main(["datasets", "synth", "nih14", "--root", str(root)]) == 2  # not an empty directory
     assert main(["datasets", "check", "nih14", "--root", str(tmp_path / "nowhere")]) == 1
+
+
+def test_nih_reads_the_2020_index_and_records_which(roots, tmp_path):
+    """NIH's own download names the index Data_Entry_2017_v2020.csv: it is read (preferred when both
+    exist), `check` says which file was used, and the choice is part of the fingerprint."""
+    root = damaged(roots, "nih14", tmp_path)
+    before = get_dataset("nih14", root).fingerprint()
+    (root / "Data_Entry_2017.csv").rename(root / "Data_Entry_2017_v2020.csv")
+    ds = get_dataset("nih14", root)
+    assert ds.label_csv == "Data_Entry_2017_v2020.csv" and len(ds.index()) == len(get_dataset("nih14", roots["nih14"]).index())
+    assert ds.fingerprint() != before
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["datasets", "check", "nih14", "--root", str(root), "--no-decode"]) == 0
+    assert "labels read from Data_Entry_2017_v2020.csv" in out.getvalue()
+    # Both present: the 2020 update wins.
+    shutil.copy(root / "Data_Entry_2017_v2020.csv", root / "Data_Entry_2017.csv")
+    assert get_dataset("nih14", root).label_csv == "Data_Entry_2017_v2020.csv"

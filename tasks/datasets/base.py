@@ -170,6 +170,10 @@ class ImageDataset:
         """The split parameters that change what is cached (a split is part of a cache entry)."""
         return {"val_fraction": self.val_fraction, "seed": self.seed} if self.carves_val else {}
 
+    def layout_notes(self) -> list[str]:
+        """Facts about the layout found (e.g. which of two index files was read), for `check`."""
+        return []
+
     def check(self, decode: bool = True) -> list[Problem]:
         """Validate the whole layout; return every problem found (empty list: all good).
 

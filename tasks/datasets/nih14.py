@@ -30,8 +30,12 @@ from tasks.datasets.base import (
     make_index,
     register_dataset,
 )
+from tasks.errors import DatasetError
 
 CSV = "Data_Entry_2017.csv"
+# NIH's own download folder ships the 2020 update of the index under this name (same columns);
+# it is preferred when both are present, and which one was read is part of the fingerprint.
+CSV_2020 = "Data_Entry_2017_v2020.csv"
 TRAIN_VAL, TEST = "train_val_list.txt", "test_list.txt"
 NO_FINDING = "No Finding"
 # The 2017 file's header; its bracketed names hold commas, so the two size columns split in two
@@ -72,7 +76,9 @@ class NIH14(ImageDataset):
     task = "multilabel"
     classes = CLASSES
     files = (
-        LayoutFile(CSV, "label CSV Data_Entry_2017.csv (from the NIH ChestX-ray14 download)"),
+        LayoutFile(CSV, "label CSV Data_Entry_2017.csv or Data_Entry_2017_v2020.csv (from the NIH "
+                   "ChestX-ray14 download)", required=False),
+        LayoutFile(CSV_2020, "label CSV Data_Entry_2017_v2020.csv (NIH's 2020 update)", required=False),
         LayoutFile(TRAIN_VAL, "official split list train_val_list.txt", split=True),
         LayoutFile(TEST, "official split list test_list.txt", split=True),
     )
@@ -107,9 +113,26 @@ class NIH14(ImageDataset):
             out.setdefault(img, i)
         return out
 
+    @property
+    def label_csv(self) -> str:
+        """The index file read: the 2020 update when present, else the original."""
+        return CSV_2020 if (self.root / CSV_2020).is_file() else CSV
+
+    def _split_identity(self) -> dict:
+        return {**super()._split_identity(), "labels": self.label_csv}
+
+    def fingerprint(self) -> str:
+        path = self.root / self.label_csv
+        if not path.is_file():  # neither index file: name the one a user most likely lacks
+            raise DatasetError(str(path), f"missing label CSV {CSV} or {CSV_2020} (from the NIH ChestX-ray14 download)")
+        return super().fingerprint()
+
+    def layout_notes(self) -> list[str]:
+        return [f"labels read from {self.label_csv}"]
+
     def _read_labels(self, report: Report) -> dict[str, tuple[str, list[int]]] | None:
-        """Data_Entry_2017.csv -> {image name: (patient id, multi-hot)}; bad rows reported, dropped."""
-        path = self._file(CSV, report)
+        """The index CSV -> {image name: (patient id, multi-hot)}; bad rows reported, dropped."""
+        path = self._file(self.label_csv, report)
         if path is None:
             return None
         try:
@@ -155,7 +178,7 @@ class NIH14(ImageDataset):
         for key, fname in (("train_val", TRAIN_VAL), ("test", TEST)):
             for img, line in lists[key].items():
                 if img not in labels:
-                    report.add(self.root / fname, f"line {line}: {img} is not in {CSV}")
+                    report.add(self.root / fname, f"line {line}: {img} is not in {self.label_csv}")
                 elif img in split_of:
                     report.add(self.root / fname, f"line {line}: {img} is also in {TRAIN_VAL}")
                 else:
