@@ -130,7 +130,9 @@ class FeatureCache:
         t = self.read_table(key)
         emb = t.column("embedding").combine_chunks()
         dim = emb.type.list_size
-        X = emb.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+        # writable=True: an Arrow zero-copy view is read-only, and torch cannot wrap read-only memory
+        # (protocols hand X to torch.from_numpy); one copy here, and the Arrow buffer is freed.
+        X = emb.values.to_numpy(zero_copy_only=False, writable=True).astype(np.float32, copy=False).reshape(-1, dim)
         tgt = t.column("target").combine_chunks()
         Y = np.asarray(tgt.values.to_numpy(zero_copy_only=False), dtype=np.int64)
         Y = Y.reshape(len(t), -1) if len(t) else Y.reshape(0, 0)

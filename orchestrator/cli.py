@@ -52,10 +52,21 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
+    from orchestrator.progress import quiet_ray_output
     from orchestrator.sweep import run_sweep
 
     cfg = load_config(args.config)
-    outcome = run_sweep(cfg, resume=args.resume, rerun=args.rerun, address=args.address)
+    log = cfg.output_path / "ray.log"
+    with quiet_ray_output(log, enabled=not args.verbose):
+        try:
+            outcome = run_sweep(cfg, resume=args.resume, rerun=args.rerun, address=args.address,
+                                allow_missing=args.allow_missing)
+        finally:  # inside the redirect: Ray's last forwarded worker lines go to the log too
+            from orchestrator import ray_backend
+
+            ray_backend.stop()
+    if log.exists():
+        print(f"Ray and Tune log: {log}")
     failed = [c for c, s in outcome.cells.items() if s == "FAILED"]
     return 1 if failed and args.strict else 0
 
@@ -113,6 +124,10 @@ def add_sweep_args(s: argparse.ArgumentParser, config_flag: bool = False) -> Non
     s.add_argument("--address", default=None, help="join this Ray cluster ('local': a private one; default: "
                    "RAY_ADDRESS, else the cluster `ray start` runs on this machine, else a private one)")
     s.add_argument("--strict", action="store_true", help="exit non-zero if any cell failed")
+    s.add_argument("--allow-missing", action="store_true", help="run the datasets whose data is there; the "
+                   "cells of datasets whose root or index files are missing are recorded as FAILED")
+    s.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own output on the console "
+                   "(by default it goes to <output>/ray.log)")
 
 
 COMMANDS = {"encoders": _cmd_encoders, "datasets": _cmd_datasets, "sweep": _cmd_sweep, "analyze": _cmd_analyze}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
-import sys
 from typing import TYPE_CHECKING, Any
+
+from orchestrator.progress import stream
 
 if TYPE_CHECKING:
     from orchestrator.config import SweepConfig
@@ -13,7 +14,8 @@ if TYPE_CHECKING:
 
 
 def _p(line: str = "") -> None:
-    print(line, flush=True)
+    # progress.stream(): the terminal, also while Ray's own output is sent to the log file.
+    print(line, file=stream(), flush=True)
 
 
 def note(line: str) -> None:
@@ -85,8 +87,22 @@ def summary(cfg: SweepConfig, outcome: SweepOutcome) -> None:
     for cid, err in outcome.errors.items():
         _p(f"FAILED {cid}: {err.splitlines()[0][:300]}")
     _p(f"results:  {out / 'summary.csv'}   per-cell files: {cfg.sweep_root}/cells")
+    mlflow_hint(cfg)
+    stream().flush()
+
+
+def mlflow_hint(cfg: SweepConfig) -> None:
+    """Where the runs are: the store, and the URL of the experiment's runs table (MLflow 3 opens on
+    a GenAI overview otherwise)."""
+    from orchestrator.tracking import experiment_id
+
     uri = cfg.resolved_tracking_uri
-    _p(f"MLflow:   {uri}  (experiment '{cfg.name}')")
+    eid = experiment_id(uri, cfg.name)
+    _p(f"MLflow:   {uri}  (experiment '{cfg.name}'{f', id {eid}' if eid else ''})")
     if uri.startswith("sqlite:///"):
-        _p(f"          open the UI with: mlflow ui --backend-store-uri {uri} --port 5000")
-    sys.stdout.flush()
+        _p(f"          start the UI: mlflow ui --backend-store-uri {uri} --port 5000")
+        base = "http://127.0.0.1:5000"
+    else:
+        base = uri.rstrip("/")
+    if eid and uri.startswith(("sqlite:///", "http://", "https://")):
+        _p(f"          runs table:   {base}/#/experiments/{eid}/runs")

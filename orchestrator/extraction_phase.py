@@ -27,6 +27,7 @@ from orchestrator.extract import (
     pool_volumes,
     weights_memo_key,
 )
+from orchestrator.progress import Progress, watch_rows
 
 Extraction = tuple[str, int, str]  # (encoder, resolution, dataset)
 
@@ -97,9 +98,12 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
     try:
         if volumes:  # slice rows need each volume's scaling and the HU window (driver-side dataset)
             rows = [dataset.slice_rows(r) for r in rows]
-        run(rows, job, interpolation=info.get("interpolation", "bicubic"), expected_digest=info["digest"],
-            out_dir=f"{scratch}/slices" if volumes else scratch, filesystem=cache.fs,
-            batch_size=res.extract_batch_size, actors=actors, gpus_per_actor=gpus, torch_threads=res.torch_threads)
+        out_dir = f"{scratch}/slices" if volumes else scratch
+        bar = Progress(job.label, None if volumes else len(rows), "slices" if volumes else "images")
+        with watch_rows(cache.fs, out_dir, bar):
+            run(rows, job, interpolation=info.get("interpolation", "bicubic"), expected_digest=info["digest"],
+                out_dir=out_dir, filesystem=cache.fs, batch_size=res.extract_batch_size, actors=actors,
+                gpus_per_actor=gpus, torch_threads=res.torch_threads)
         meta: dict[str, Any] = {"weights_source": info["source"], "rows_planned": len(rows)}
         failed = None
         if volumes:
@@ -157,11 +161,12 @@ def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n
     console.extract_line(job, "start", len(rows), 0.0, "slides")
     scratch = cache.scratch_dir()
     try:
-        ray_backend.run_slide_pipeline(
-            rows, job, tiling=json.dumps(tiling, sort_keys=True), coords_uri=result.coords_uri,
-            interpolation=result.interpolation, expected_digest=result.weights_digest, out_dir=scratch,
-            filesystem=cache.fs, batch_size=cfg.resources.extract_batch_size, actors=result.actors,
-            gpus_per_actor=result.gpus_per_actor, torch_threads=cfg.resources.torch_threads)
+        with watch_rows(cache.fs, scratch, Progress(job.label, None, "tiles")):
+            ray_backend.run_slide_pipeline(
+                rows, job, tiling=json.dumps(tiling, sort_keys=True), coords_uri=result.coords_uri,
+                interpolation=result.interpolation, expected_digest=result.weights_digest, out_dir=scratch,
+                filesystem=cache.fs, batch_size=cfg.resources.extract_batch_size, actors=result.actors,
+                gpus_per_actor=result.gpus_per_actor, torch_threads=cfg.resources.torch_threads)
         n_tiles, failed = finish_bags(cache.fs, scratch)
         _report_failed(failed, "slide")
         if not n_tiles:

@@ -60,7 +60,10 @@ def start(address: str | None = None, *, num_cpus: int | None = None,
             console.note(f"joining the Ray cluster at {address}")
         ray.init(**kwargs)
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = True
+        # medscale draws its own progress (orchestrator/progress.py); Ray Data's bars and its
+        # progress INFO lines would interleave with it.
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
@@ -219,6 +222,8 @@ def run_cells(cells: list[dict[str, Any]], listener: CellListener, *, name: str,
     """Run every cell as a Tune trial. Failures end as errored trials, never as an exception here."""
     if not cells:
         return
+    # Tune's default TensorBoard/CSV/JSON loggers (and their "run tensorboard" hint): we log to MLflow.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
     def pgf(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         return tune.PlacementGroupFactory([resources(config["cell"])])

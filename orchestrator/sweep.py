@@ -169,12 +169,19 @@ def _ood_sets(cfg: SweepConfig, c: Cell, extractions: dict, failures: dict) -> t
 
 
 def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, address: str | None = None,
-              ray_init: dict[str, Any] | None = None) -> SweepOutcome:
-    from orchestrator import ray_backend
+              ray_init: dict[str, Any] | None = None, allow_missing: bool = False) -> SweepOutcome:
+    """`allow_missing`: datasets whose root or index files are missing fail their cells (once each)
+    while the others run; by default nothing starts until every dataset is there."""
+    from orchestrator import preflight, ray_backend
     from orchestrator.extraction_phase import extract_all
     from tasks.datasets import dataset_class
     from tasks.protocols import create_protocol
 
+    missing = preflight.missing_data(cfg)
+    if missing and not allow_missing:
+        raise ConfigError(f"data missing for {len(missing)} dataset(s); nothing was run:\n"
+                          f"{preflight.report(missing)}\n(fix the paths under data: in the config, or pass "
+                          "--allow-missing to run the other datasets)")
     out = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)
     uri = cfg.resolved_tracking_uri
@@ -186,6 +193,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
     outcome = SweepOutcome(skipped=skipped)
     results = ResultStore(f"{cfg.sweep_root}/cells")
     console.banner(cfg, len(cells), skipped)
+    if missing:
+        console.note(f"--allow-missing: the cells of {', '.join(missing)} will fail:\n{preflight.report(missing)}")
 
     if rerun:
         n = tracker.delete_cells(c.cell_id for c in cells)

@@ -26,6 +26,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from tasks.errors import ConfigError  # noqa: E402
 
 CELL_TAG = "medscale.cell_id"
+# MLflow 3's UI opens an experiment on a GenAI traces overview unless it is tagged as model
+# development; with this tag it opens on the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 SWEEP_TAG = "medscale.sweep"
 KIND_TAG = "medscale.kind"
 
@@ -53,6 +56,15 @@ def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str) -
             return runs
 
 
+def experiment_id(tracking_uri: str, experiment: str) -> str | None:
+    """The id of an experiment by name, or None when the store has none (or cannot be reached)."""
+    try:
+        exp = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
+    except Exception:  # noqa: BLE001 - a hint only: never fail a finished sweep over it
+        return None
+    return exp.experiment_id if exp is not None else None
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None):
         self.uri = tracking_uri
@@ -61,11 +73,15 @@ class Tracker:
         if exp is None:
             # sqlite stores put artifacts in ./mlruns of the working directory unless told otherwise.
             loc = Path(artifact_root).resolve().as_uri() if artifact_root else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc,
+                                                               tags=EXPERIMENT_KIND)
         else:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             self.experiment_id = exp.experiment_id
+            for k, v in EXPERIMENT_KIND.items():
+                if exp.tags.get(k) != v:
+                    self.client.set_experiment_tag(self.experiment_id, k, v)
         self.experiment = experiment
 
     # -- reading -------------------------------------------------------------------------------

@@ -72,7 +72,8 @@ def test_sweep_records_one_finished_run_per_cell(ray_session, synth_roots, tmp_p
 def test_a_broken_dataset_fails_its_cells_alone(ray_session, synth_roots, tmp_path):
     broken = tmp_path / "rsna_broken"
     shutil.copytree(synth_roots["rsna_pneumonia"], broken)
-    (broken / "stage_2_train_labels.csv").unlink()
+    # Present (so the pre-flight layout check passes) but unreadable: found only when extracting.
+    (broken / "stage_2_train_labels.csv").write_text("not,the,label,file\n")
     roots = {**synth_roots, "rsna_pneumonia": broken}
     cfg = parse_config(sweep_config(tmp_path, roots, grid={"resolutions": [32]}))
     outcome = run_sweep(cfg)

@@ -170,6 +170,15 @@ class ImageDataset:
         """The split parameters that change what is cached (a split is part of a cache entry)."""
         return {"val_fraction": self.val_fraction, "seed": self.seed} if self.carves_val else {}
 
+    def layout_problems(self) -> list[Problem]:
+        """The fast check a sweep runs before starting anything: the root and the required layout
+        files exist (nothing parsed, no image read). `check()` is the thorough one."""
+        if not self.root.is_dir():
+            return [Problem(str(self.root), f"dataset root of {self.name} does not exist (write a synthetic "
+                                            f"one: medscale datasets synth {self.name} --root {self.root})")]
+        return [Problem(str(self.root / f.name), f"missing {f.what}")
+                for f in self.files if f.required and not (self.root / f.name).is_file()]
+
     def layout_notes(self) -> list[str]:
         """Facts about the layout found (e.g. which of two index files was read), for `check`."""
         return []

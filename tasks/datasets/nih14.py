@@ -24,6 +24,7 @@ from tasks.datasets import synthetic as syn
 from tasks.datasets.base import (
     ImageDataset,
     LayoutFile,
+    Problem,
     Report,
     carve_val,
     fresh_root,
@@ -126,6 +127,12 @@ class NIH14(ImageDataset):
         if not path.is_file():  # neither index file: name the one a user most likely lacks
             raise DatasetError(str(path), f"missing label CSV {CSV} or {CSV_2020} (from the NIH ChestX-ray14 download)")
         return super().fingerprint()
+
+    def layout_problems(self) -> list[Problem]:
+        problems = super().layout_problems()
+        if self.root.is_dir() and not (self.root / self.label_csv).is_file():
+            problems.append(Problem(str(self.root / CSV), f"missing label CSV {CSV} or {CSV_2020}"))
+        return problems
 
     def layout_notes(self) -> list[str]:
         return [f"labels read from {self.label_csv}"]

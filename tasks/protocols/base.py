@@ -196,6 +196,8 @@ class Protocol(BaseEstimator):
             raise ValueError(f"{self.name}: X must be 2-D (n, D), got shape {X.shape}")
         # float32 is the feature cache's dtype; other floats are converted once, here.
         X = np.ascontiguousarray(X, dtype=np.float32)
+        if not X.flags.writeable:  # a memory map or an Arrow view: torch cannot wrap read-only memory
+            X = X.copy()
         if not np.isfinite(X).all():
             raise ValueError(f"{self.name}: X contains NaN or infinite values")
         return X

@@ -1,0 +1,68 @@
+"""The console is medscale's: a sweep run as a user runs it (a subprocess, no TTY) prints medscale's
+progress and summary, and Ray's and Tune's own output goes to the log file it names."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from .conftest import REPO, TINY
+
+RAY_NOISE = re.compile(r"\bINFO\b|\bWARNING\b|core_worker|Configuration for experiment|tensorboard|UserWarning")
+
+
+def _sweep(cfg: dict, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(path), *args],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+
+
+def _config(tmp_path: Path, roots: dict[str, Path]) -> dict:
+    return {"name": "quiet", "weights": "random", "output": str(tmp_path / "out"),
+            "grid": {"encoders": [TINY], "resolutions": [32], "datasets": list(roots),
+                     "protocols": ["linear_probe", "knn"], "seeds": [0]},
+            "data": {k: str(v) for k, v in roots.items()},
+            "protocols": {"linear_probe": {"epochs": 5}},
+            "resources": {"extract_batch_size": 64, "torch_threads": 1}}
+
+
+@pytest.mark.slow
+def test_sweep_console_is_medscales_and_ray_goes_to_the_log(synth_roots, tmp_path):
+    roots = {"nih14": synth_roots["nih14"], "rsna_pneumonia": tmp_path / "not_downloaded"}
+    cfg = _config(tmp_path, roots)
+
+    # A missing dataset is reported once, before anything starts: no Ray, no MLflow runs.
+    r = _sweep(cfg, tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "rsna_pneumonia" in r.stderr and "does not exist" in r.stderr and "nothing was run" in r.stderr
+    assert r.stderr.count("does not exist") == 1
+    assert not (tmp_path / "out" / "mlflow.db").exists() and not (tmp_path / "out" / "ray.log").exists()
+
+    # --allow-missing: nih14's cells run, rsna's fail with the reason; the console stays ours.
+    r = _sweep(cfg, tmp_path, "--allow-missing")
+    out = r.stdout
+    for stream in (r.stdout, r.stderr):
+        noise = [ln for ln in stream.splitlines() if RAY_NOISE.search(ln)]
+        assert not noise, noise
+    assert "FINISHED nih14__linear_probe" in out and "FINISHED nih14__knn" in out
+    assert "FAILED   rsna_pneumonia__" in out and "does not exist" in out
+    assert "2 finished, 2 failed" in out
+    log = tmp_path / "out" / "ray.log"
+    assert f"Ray and Tune log: {log}" in out and log.stat().st_size > 0
+    assert re.search(r"\bINFO\b|\bWARNING\b", log.read_text())  # Ray's own lines went there
+
+    # MLflow opens on the runs table: the experiment is tagged as model development and the
+    # printed URL points at its runs.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("quiet")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs" in out
