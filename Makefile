@@ -44,9 +44,8 @@ demo: venv demo-data
 	$(BIN)/medscale sweep configs/demo.yaml --resume
 	$(BIN)/medscale analyze --config configs/demo.yaml
 	@echo
-	@echo "MLflow DB:  runs/demo/mlflow.db"
-	@echo "Report:     runs/demo/analysis/report.md (plots beside it)"
-	@echo "MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/demo/mlflow.db --port 5000"
+	@echo "Report:     runs/demo/analysis/report.md (plots beside it; report.html opens in a browser)"
+	@$(BIN)/medscale runs configs/demo.yaml
 
 bench: venv
 	$(BIN)/python benchmarks/extract_throughput.py

@@ -71,6 +71,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failed and args.strict else 0
 
 
+def _cmd_runs(args: argparse.Namespace) -> int:
+    """Where a sweep's runs are: the tracking store, how to start the UI, the runs table's URL."""
+    from orchestrator import console
+    from orchestrator.config import load_config
+
+    console.mlflow_hint(load_config(args.config))
+    return 0
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from orchestrator.analyze import analyze
 
@@ -97,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="run a sweep config on Ray and record it in MLflow")
     add_sweep_args(s)
+
+    r = sub.add_parser("runs", help="print where a sweep's MLflow runs are and the URL of its runs table")
+    r.add_argument("config", help="sweep config (YAML)")
 
     a = sub.add_parser("analyze", help="scaling verdicts, fits, plots and a report (MLflow, a CSV, or the paper)")
     a.add_argument("--config", help="a sweep config: read its tracking URI, experiment and output")
@@ -130,7 +142,8 @@ def add_sweep_args(s: argparse.ArgumentParser, config_flag: bool = False) -> Non
                    "(by default it goes to <output>/ray.log)")
 
 
-COMMANDS = {"encoders": _cmd_encoders, "datasets": _cmd_datasets, "sweep": _cmd_sweep, "analyze": _cmd_analyze}
+COMMANDS = {"encoders": _cmd_encoders, "datasets": _cmd_datasets, "sweep": _cmd_sweep, "analyze": _cmd_analyze,
+            "runs": _cmd_runs}
 COMMANDS["wsi"] = cmd_wsi
 
 

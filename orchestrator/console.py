@@ -91,6 +91,16 @@ def summary(cfg: SweepConfig, outcome: SweepOutcome) -> None:
     stream().flush()
 
 
+def _mlflow_cmd() -> str:
+    """`mlflow` when it is on PATH, else the one beside this Python (a venv not activated)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / "mlflow"
+    return "mlflow" if shutil.which("mlflow") or not beside.exists() else str(beside)
+
+
 def mlflow_hint(cfg: SweepConfig) -> None:
     """Where the runs are: the store, and the URL of the experiment's runs table (MLflow 3 opens on
     a GenAI overview otherwise)."""
@@ -100,7 +110,7 @@ def mlflow_hint(cfg: SweepConfig) -> None:
     eid = experiment_id(uri, cfg.name)
     _p(f"MLflow:   {uri}  (experiment '{cfg.name}'{f', id {eid}' if eid else ''})")
     if uri.startswith("sqlite:///"):
-        _p(f"          start the UI: mlflow ui --backend-store-uri {uri} --port 5000")
+        _p(f"          start the UI: {_mlflow_cmd()} ui --backend-store-uri {uri} --port 5000")
         base = "http://127.0.0.1:5000"
     else:
         base = uri.rstrip("/")
