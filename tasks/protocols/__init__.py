@@ -12,12 +12,13 @@ from typing import Any
 from tasks.errors import ConfigError
 from tasks.protocols.abmil import ABMIL
 from tasks.protocols.base import PROTOCOLS, TASKS, Protocol, register_protocol
+from tasks.protocols.em_affinity import EMAffinity
 from tasks.protocols.knn import KNN
 from tasks.protocols.linear_probe import LinearProbe
 
 # Every protocol module is imported here: importing registers its class (@register_protocol).
 
-__all__ = ["ABMIL", "KNN", "PROTOCOLS", "TASKS", "LinearProbe", "Protocol", "create_protocol", "list_protocols",
+__all__ = ["ABMIL", "KNN", "EMAffinity", "PROTOCOLS", "TASKS", "LinearProbe", "Protocol", "create_protocol", "list_protocols",
            "protocols_for", "register_protocol"]
 
 
