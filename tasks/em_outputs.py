@@ -60,7 +60,8 @@ def as_uint32(ids: np.ndarray) -> np.ndarray:
 
 @contextlib.contextmanager
 def quiet_fds() -> Iterator[None]:
-    """Send file descriptors 1 and 2 to /dev/null for the duration (C/C++ output included)."""
+    """Send file descriptors 1 and 2 to /dev/null for the duration (C/C++ output included), and
+    Python's sys.stdout/sys.stderr to a discarded buffer."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -69,7 +70,9 @@ def quiet_fds() -> Iterator[None]:
     try:
         os.dup2(null, 1)
         os.dup2(null, 2)
-        yield
+        # waterz also prints from Python, and sys.stdout may not write to fd 1 (pytest, Jupyter).
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         _LIBC.fflush(None)  # std::cout writes through C stdio: empty its buffer into /dev/null
         os.dup2(saved[0], 1)
