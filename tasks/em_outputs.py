@@ -191,8 +191,10 @@ class InstanceHandler:
         if sample.target is None:
             raise ValueError(f"{sample.case_id}: no ground truth to evaluate against")
         seg = np.asarray(prediction)
-        row: dict[str, Any] = {"case_id": sample.case_id, "class": classes[0] if classes else "neuron"}
-        row.update(evaluate(seg, sample.target))
+        m = evaluate(seg, sample.target)
+        # voi first: runners that rank cases by their first metric rank them by the sum.
+        row: dict[str, Any] = {"case_id": sample.case_id, "class": classes[0] if classes else "neuron",
+                               **{k: m[k] for k in ("voi", "voi_split", "voi_merge", "arand")}}
         row["n_segments"] = int(len(np.unique(seg)))
         return [row]
 

@@ -236,3 +236,18 @@ def test_analysis_orients_em_metrics_lower_is_better():
 
     for m in ("voi_split", "voi_merge", "voi", "arand"):
         assert not higher_is_better(m), m
+
+
+def test_layout_problems_and_notes_name_the_files(em_roots, tmp_path):
+    ds = get_dataset("cremi", em_roots["cremi-cropped"])
+    assert ds.layout_problems() == []
+    assert ds.layout_notes() == [f"{x}: cremi{x}_inputs_interp.h5 + cremi{x}_labels.h5" for x in "ABC"]
+    assert get_dataset("ac3ac4", em_roots["ac3ac4-snemi3d"]).layout_notes()[0] == "AC4: train-input.tif + train-labels.tif"
+    root = dataset_class("cremi_c").synth(tmp_path / "c", image_size=16)
+    (root / "sample_C_20160501.hdf").unlink()
+    [p] = get_dataset("cremi_c", root).layout_problems()
+    assert p.path == str(root / "sample_C_20160501.hdf")
+    assert "missing C raw and labels volume (or give cremiC_inputs_interp.h5 + cremiC_labels.h5)" in p.message
+    assert "does not exist" in str(get_dataset("ac3ac4", tmp_path / "nowhere").layout_problems()[0])
+    fp = get_dataset("cremi", em_roots["cremi-official"]).fingerprint()
+    assert fp != ds.fingerprint() and len(fp) == 64  # which layout was read is part of the identity

@@ -42,7 +42,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from tasks.datasets.base import Report, fresh_root, make_index, register_dataset
+from tasks.datasets.base import Problem, Report, fresh_root, make_index, register_dataset
 from tasks.datasets.dense_base import DenseDataset
 from tasks.dense import Sample
 from tasks.errors import ConfigError, DatasetError
@@ -91,18 +91,36 @@ class EMVolumes(DenseDataset):
         return {name: next((v for v in alts if (self.root / v.raw).is_file()), alts[0])
                 for name, alts in self.volumes.items()}
 
+    def _missing(self, name: str, vol: Volume, role: str) -> str:
+        other = " or ".join(f"{a.raw} + {a.labels}" for a in self.volumes[name] if a != vol)
+        return f"missing {name} {role} volume" + (f" (or give {other})" if other else "")
+
+    def layout_problems(self) -> list[Problem]:
+        """Fast: the root and every volume file of the layout found exist (nothing opened)."""
+        problems = super().layout_problems()
+        if problems:
+            return problems
+        return [Problem(str(self.root / rel), self._missing(name, vol, role)) for name, vol in self._chosen().items()
+                for role, rel in _files(vol) if not (self.root / rel).is_file()]
+
+    def layout_notes(self) -> list[str]:
+        return [f"{name}: {vol.raw}" + (f" + {vol.labels}" if vol.labels != vol.raw else "")
+                for name, vol in self._chosen().items()]
+
     def _load(self, report: Report) -> pd.DataFrame | None:
         self._vols = self._chosen()
         ok = True
         for name, vol in self._vols.items():
-            alts = self.volumes[name]
             shapes = {}
+            missing = set()
+            for role, rel in _files(vol):
+                if not (self.root / rel).is_file():
+                    report.add(self.root / rel, self._missing(name, vol, role))
+                    missing.add(rel)
+            ok = ok and not missing
             for role, rel, key in (("raw", vol.raw, vol.raw_key), ("labels", vol.labels, vol.labels_key)):
                 path = self.root / rel
-                if not path.is_file():
-                    other = " or ".join(f"{a.raw} + {a.labels}" for a in alts if a != vol)
-                    report.add(path, f"missing {name} {role} volume" + (f" (or give {other})" if other else ""))
-                    ok = False
+                if rel in missing:
                     continue
                 try:
                     shapes[role] = volume_shape(path, key)
@@ -187,6 +205,13 @@ class EMVolumes(DenseDataset):
         return root
 
     alt_layout: ClassVar[str] = ""
+
+
+def _files(vol: Volume) -> list[tuple[str, str]]:
+    """(role, file) of a volume pair; one entry when raw and labels share a file (CREMI's)."""
+    if vol.raw == vol.labels:
+        return [("raw and labels", vol.raw)]
+    return [("raw", vol.raw), ("labels", vol.labels)]
 
 
 def _cremi_volumes(samples: str) -> dict[str, tuple[Volume, ...]]:
