@@ -9,15 +9,18 @@ from tasks.datasets.base import DATASETS, ImageDataset, Problem, register_datase
 from tasks.datasets.bcnb import BCNB
 from tasks.datasets.camelyon import Camelyon16, Camelyon17
 from tasks.datasets.ct_rate import CTRATE
+from tasks.datasets.edd2020 import EDD2020
 from tasks.datasets.em import AC3AC4, CREMI, CREMIA, CREMIB, CREMIC
+from tasks.datasets.endovis18 import EndoVis18
 from tasks.datasets.kvasir_capsule import KvasirCapsule
 from tasks.datasets.nih14 import NIH14
 from tasks.datasets.rsna import RSNAPneumonia
 from tasks.errors import ConfigError
 
 # Every dataset module is imported here: importing registers its class (@register_dataset).
-__all__ = ["AC3AC4", "BCNB", "CREMI", "CREMIA", "CREMIB", "CREMIC", "CTRATE", "DATASETS", "AutoLaparo", "Camelyon16", "Camelyon17", "ImageDataset", "KvasirCapsule",
-           "NIH14", "Problem", "RSNAPneumonia", "dataset_class", "get_dataset", "list_datasets", "register_dataset"]
+__all__ = ["AC3AC4", "BCNB", "CREMI", "CREMIA", "CREMIB", "CREMIC", "CTRATE", "DATASETS", "EDD2020", "AutoLaparo",
+           "Camelyon16", "Camelyon17", "EndoVis18", "ImageDataset", "KvasirCapsule", "NIH14", "Problem", "RSNAPneumonia",
+           "dataset_class", "get_dataset", "list_datasets", "register_dataset"]
 
 
 def list_datasets() -> list[str]:

@@ -15,10 +15,13 @@ from tasks.protocols.base import PROTOCOLS, TASKS, Protocol, register_protocol
 from tasks.protocols.em_affinity import EMAffinity
 from tasks.protocols.knn import KNN
 from tasks.protocols.linear_probe import LinearProbe
+from tasks.protocols.seg2d_decoder import Seg2DDecoder
+from tasks.protocols.seg2d_linear import Seg2DLinear
 
 # Every protocol module is imported here: importing registers its class (@register_protocol).
 
-__all__ = ["ABMIL", "KNN", "EMAffinity", "PROTOCOLS", "TASKS", "LinearProbe", "Protocol", "create_protocol", "list_protocols",
+__all__ = ["ABMIL", "KNN", "PROTOCOLS", "TASKS", "EMAffinity", "LinearProbe", "Protocol", "Seg2DDecoder", "Seg2DLinear",
+           "create_protocol", "list_protocols",
            "protocols_for", "register_protocol"]
 
 
