@@ -189,7 +189,7 @@ class Mask2DHandler:
             return {}
         best, worst = max(scored, key=lambda c: c[2]), min(scored, key=lambda c: c[2])
         out = {}
-        for tag, (sample, pred, score) in (("best", best), ("worst", worst)):
+        for tag, (sample, pred, _score) in (("best", best), ("worst", worst)):
             name = prediction_name(sample).replace("/", "_")
             out[f"{tag}_{name}.png"] = png_bytes(overlay(sample, np.asarray(pred)))
         return out

@@ -107,10 +107,16 @@ def test_parity_multilabel_pngs(edd_root, tmp_path, one_torch_thread):
 
 
 def test_full_size_frame_gives_full_size_mask(tmp_path, one_torch_thread):
-    """A 1280x1024 EndoVis18 frame: read at 1280x1024, predicted and saved at 1280x1024."""
-    root = dataset_class("endovis18").synth(tmp_path / "ev", n=15, image_size=1280)
+    """A 1280x1024 EndoVis18 frame (the real size) among small ones: read at 1280x1024, predicted
+    and saved at 1280x1024, whatever size the head trained at."""
+    root = dataset_class("endovis18").synth(tmp_path / "ev", n=15, image_size=80)
+    seq2 = root / "miccai_challenge_2018_release_1" / "seq_2"
+    for sub in ("left_frames", "labels"):
+        small = Image.open(seq2 / sub / "frame000.png")
+        small.resize((1280, 1024), Image.Resampling.NEAREST).save(seq2 / sub / "frame000.png")
     ds, src, head, ids = _fit("endovis18", root, res=32, steps=3)
-    cid = ids["test"][0]
+    cid = "seq_2/frame000"
+    assert cid in ids["test"]
     s = src.sample(cid)
     assert s.images.shape == (1, 1, 1024, 1280, 3) and s.target.shape == (1024, 1280)
     pred = head.predict(src, cid)

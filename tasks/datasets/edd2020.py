@@ -33,8 +33,17 @@ import numpy as np
 import pandas as pd
 
 import tasks.seg2d_outputs  # noqa: F401 - registers the mask2d target handler
-from tasks.datasets.base import Report, carve_val, fresh_root, make_index, read_raster, register_dataset
-from tasks.datasets.dense_base import DenseDataset
+from tasks.datasets.base import (
+    ImageDataset,
+    Problem,
+    Report,
+    carve_val,
+    fresh_root,
+    make_index,
+    read_raster,
+    register_dataset,
+)
+from tasks.datasets.dense_base import DenseDataset, check_sample
 from tasks.dense import Sample
 from tasks.errors import DatasetError
 
@@ -139,11 +148,24 @@ class EDD2020(DenseDataset):
         return self._fold_split(ids, seed), f"cv fold {seed % CV_FOLDS + 1}/{CV_FOLDS}"
 
     def read_sample(self, case_id: str) -> Sample:
-        row = self.row(case_id)
-        img = read_raster(row["path"], "RGB")
+        return self._sample(case_id, str(self.row(case_id)["path"]))
+
+    def _check_image(self, path: str, decode: bool) -> Problem | None:
+        """Decode the frame and its masks by path, not through index() (see EndoVis18)."""
+        problem = ImageDataset._check_image(self, path, decode=False)
+        if problem is not None or not decode:
+            return problem
+        try:
+            check_sample(self._sample(Path(path).stem, path), self.target_kind)
+        except DatasetError as e:
+            return Problem(e.path, e.problem)
+        return None
+
+    def _sample(self, case_id: str, path: str) -> Sample:
+        img = read_raster(path, "RGB")
         h, w = img.shape[:2]
         target = np.zeros((len(CLASSES), h, w), dtype=bool)
-        for k, (c, p) in enumerate((c, self.root / MASKS / f"{case_id}_{c}.tif") for c in CLASSES):
+        for k, p in enumerate(self.root / MASKS / f"{case_id}_{c}.tif" for c in CLASSES):
             if not p.is_file():
                 p = p.with_suffix(".tiff")
                 if not p.is_file():
@@ -154,7 +176,7 @@ class EDD2020(DenseDataset):
                                            "(W x H)")
             target[k] = m
         return Sample(case_id=case_id, images=img[None, None], target=target,
-                      meta={"path": str(row["path"]), "label_path": str(self.root / MASKS / f"{case_id}_*.tif"),
+                      meta={"path": path, "label_path": str(self.root / MASKS / f"{case_id}_*.tif"),
                             "stem": case_id, "classes": list(CLASSES)})
 
     # -- synthetic data -----------------------------------------------------------------------------

@@ -47,8 +47,18 @@ import numpy as np
 import pandas as pd
 
 import tasks.seg2d_outputs  # noqa: F401 - registers the mask2d target handler
-from tasks.datasets.base import Report, carve_val, file_sha256, fresh_root, make_index, read_raster, register_dataset
-from tasks.datasets.dense_base import DenseDataset
+from tasks.datasets.base import (
+    ImageDataset,
+    Problem,
+    Report,
+    carve_val,
+    file_sha256,
+    fresh_root,
+    make_index,
+    read_raster,
+    register_dataset,
+)
+from tasks.datasets.dense_base import DenseDataset, check_sample
 from tasks.dense import Sample
 from tasks.errors import DatasetError
 
@@ -212,8 +222,22 @@ class EndoVis18(DenseDataset):
 
     # -- samples ------------------------------------------------------------------------------------
     def read_sample(self, case_id: str) -> Sample:
-        row = self.row(case_id)
-        img_path = Path(row["path"])
+        return self._sample(case_id, Path(self.row(case_id)["path"]))
+
+    def _check_image(self, path: str, decode: bool) -> Problem | None:
+        """Decode the frame and its label by path (not through index(), which a frame without a
+        label makes refuse the dataset), so check() names every bad file, each on its own."""
+        problem = ImageDataset._check_image(self, path, decode=False)
+        if problem is not None or not decode:
+            return problem
+        p = Path(path)
+        try:
+            check_sample(self._sample(f"{p.parent.parent.name}/{p.stem}", p), self.target_kind)
+        except DatasetError as e:
+            return Problem(e.path, e.problem)
+        return None
+
+    def _sample(self, case_id: str, img_path: Path) -> Sample:
         seq_dir = img_path.parent.parent
         label_path = seq_dir / "labels" / img_path.name
         img = read_raster(img_path, "RGB")
@@ -223,12 +247,16 @@ class EndoVis18(DenseDataset):
                                                 f"{img.shape[1]}x{img.shape[0]} (W x H)")
         cmap = self.colour_map(seq_dir)
         codes = _colour_code(lab)
-        uniq, inv = np.unique(codes, return_inverse=True)
-        unknown = [u for u in uniq if int(u) not in cmap]
-        if unknown:
-            cols = ", ".join(str(((u >> 16) & 255, (u >> 8) & 255, u & 255)) for u in unknown[:8])
+        # colour -> label by binary search in the few known colours (np.unique over 1.3M pixels
+        # would sort them all)
+        keys = np.array(sorted(cmap), dtype=np.int64)
+        pos = np.searchsorted(keys, codes).clip(0, len(keys) - 1)
+        known = keys[pos] == codes
+        if not known.all():
+            unknown = np.unique(codes[~known])
+            cols = ", ".join(str((int(u) >> 16 & 255, int(u) >> 8 & 255, int(u) & 255)) for u in unknown[:8])
             raise DatasetError(str(label_path), f"label colour(s) {cols} are not in {self._labels_json(seq_dir)}")
-        target = np.array([cmap[int(u)] for u in uniq], dtype=np.int64)[inv.reshape(codes.shape)]
+        target = np.array([cmap[int(k)] for k in keys], dtype=np.int64)[pos]
         return Sample(case_id=case_id, images=img[None, None], target=target,
                       meta={"path": str(img_path), "label_path": str(label_path), "stem": img_path.stem,
                             "pred_dir": seq_dir.name, "classes": list(CLASSES),
@@ -264,9 +292,9 @@ class EndoVis18(DenseDataset):
                 (sd / "labels.json").write_text(json.dumps(label_json, indent=1))
                 for f in range(per[seqs.index(s)]):
                     img, lab = _synth_frame(rng, h, w, yy, xx)
-                    Image.fromarray(img).save(sd / "left_frames" / f"frame{f:03d}.png")
+                    Image.fromarray(img).save(sd / "left_frames" / f"frame{f:03d}.png", compress_level=1)
                     col = np.array([CLASS_COLORS[NAMES[k]] for k in range(len(NAMES))], dtype=np.uint8)[lab]
-                    Image.fromarray(col).save(sd / "labels" / f"frame{f:03d}.png")
+                    Image.fromarray(col).save(sd / "labels" / f"frame{f:03d}.png", compress_level=1)
         return root
 
 
