@@ -70,7 +70,8 @@ class Seg2DHead(DenseHead):
     item_kinds: ClassVar[frozenset[str]] = frozenset({"image"})
 
     # set by subclasses' __init__: lr, weight_decay, max_steps, batch_size, val_every, patience,
-    # train_size, loss, task, seed, device
+    # train_size, loss, layers (encoder blocks whose maps are concatenated on channels; None = the
+    # last block: the cache pipeline reads it), task, seed, device
     lr: float
     weight_decay: float
     max_steps: int
@@ -79,6 +80,7 @@ class Seg2DHead(DenseHead):
     patience: int
     train_size: int
     loss: str
+    layers: list[int] | None
 
     def _module(self, channels: int, n_out: int) -> torch.nn.Module:
         raise NotImplementedError
@@ -92,6 +94,10 @@ class Seg2DHead(DenseHead):
         self._int("patience", 0)
         self._int("train_size", 0)
         self._choice("loss", LOSSES)
+        ok = self.layers is None or (isinstance(self.layers, (list, tuple)) and self.layers and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.layers))
+        if not ok:
+            self._bad("layers", self.layers, "null (the last block) or a list of block indices, e.g. [-4, -1]")
 
     # -- data ---------------------------------------------------------------------------------------
     def _targets(self, source: FeatureSource, ids: Sequence[str]) -> list[torch.Tensor]:

@@ -46,7 +46,8 @@ class Seg2DDecoder(Seg2DHead):
 
     def __init__(self, width: int = 256, n_up: int = 2, lr: float = 2e-3, weight_decay: float = 1e-4,
                  max_steps: int = 2000, batch_size: int = 8, val_every: int = 100, patience: int = 5,
-                 train_size: int = 256, loss: str = "dicece", task: str = "multiclass", seed: int = 0,
+                 train_size: int = 256, loss: str = "dicece", layers: list[int] | None = None,
+                 task: str = "multiclass", seed: int = 0,
                  device: str = "auto"):
         self.width = width
         self.n_up = n_up
@@ -58,6 +59,7 @@ class Seg2DDecoder(Seg2DHead):
         self.patience = patience
         self.train_size = train_size
         self.loss = loss
+        self.layers = layers
         self.task = task
         self.seed = seed
         self.device = device

@@ -19,6 +19,7 @@ class Seg2DLinear(Seg2DHead):
 
     def __init__(self, lr: float = 2e-3, weight_decay: float = 1e-4, max_steps: int = 2000, batch_size: int = 8,
                  val_every: int = 100, patience: int = 5, train_size: int = 256, loss: str = "ce",
+                 layers: list[int] | None = None,
                  task: str = "multiclass", seed: int = 0, device: str = "auto"):
         self.lr = lr
         self.weight_decay = weight_decay
@@ -28,6 +29,7 @@ class Seg2DLinear(Seg2DHead):
         self.patience = patience
         self.train_size = train_size
         self.loss = loss
+        self.layers = layers
         self.task = task
         self.seed = seed
         self.device = device
