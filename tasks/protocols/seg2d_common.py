@@ -49,9 +49,9 @@ def resize_target(target: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def case_classes(source: FeatureSource, case_id: str, task: str) -> list[str]:
-    """The dataset's class names: the source's `classes` where it has them, else the sample's
-    `meta["classes"]` (every mask2d dataset sets it), else numbered from the target."""
-    names = getattr(source, "classes", None)
+    """The dataset's class names: the source's `classes` or its dataset's where it has them, else
+    the sample's `meta["classes"]` (every mask2d dataset sets it), else numbered from the target."""
+    names = getattr(source, "classes", None) or getattr(getattr(source, "dataset", None), "classes", None)
     if names:
         return list(names)
     s = source.sample(case_id)
