@@ -222,7 +222,13 @@ class EndoVis18(DenseDataset):
 
     # -- samples ------------------------------------------------------------------------------------
     def read_sample(self, case_id: str) -> Sample:
-        return self._sample(case_id, Path(self.row(case_id)["path"]))
+        # The frame's path follows from its id (seq_N/frameNNN): no index() needed, so a worker
+        # reading a few frames does not first read every label for the index's class presence.
+        m = re.match(r"^seq_(\d+)/(frame\d+)$", case_id)
+        seq = dict(self._sequences()).get(int(m.group(1))) if m else None
+        if seq is None or not (seq / "left_frames" / f"{m.group(2)}.png").is_file():
+            return self._sample(case_id, Path(self.row(case_id)["path"]))  # KeyError names an unknown case
+        return self._sample(case_id, seq / "left_frames" / f"{m.group(2)}.png")
 
     def _check_image(self, path: str, decode: bool) -> Problem | None:
         """Decode the frame and its label by path (not through index(), which a frame without a
