@@ -49,8 +49,20 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
         raise ConfigError("analyze needs --reference, --points, --config or --tracking-uri")
     if df.empty:
         raise ConfigError(f"{source}: no finished cells to analyse")
-    result = analyze_points(df, out_dir, title=f"medscale analysis of {source}", predictions=predictions,
-                            n_boot=n_boot, seed=seed, reference=kind == "reference")
+    from analysis.data_axis import analyze_data_axis, full_data, has_data_axis
+
+    # The other axes compare cells trained on their whole split; subsets are the data axis.
+    data_axis = has_data_axis(df)
+    main = full_data(df) if data_axis else df
+    result = analyze_points(main if not main.empty else df, out_dir, title=f"medscale analysis of {source}",
+                            predictions=predictions, n_boot=n_boot, seed=seed, reference=kind == "reference")
+    if data_axis:
+        from analysis.points import is_random_init
+
+        result["data_axis"] = analyze_data_axis(df, out_dir, predictions=predictions, n_boot=n_boot, seed=seed,
+                                                random_init=is_random_init(df))
+        with open(result["report"], "a") as f:  # the data axis as the report's last section
+            f.write("\n" + result["data_axis"]["markdown"])
     if kind == "mlflow" and log:
         result["analysis_run_id"] = _log(tracking_uri, df, out_dir, result, n_boot, seed, len(predictions or {}))
     n_read = _mlflow_runs(df).nunique() if kind != "reference" and "run_id" in df else len(df)
@@ -59,6 +71,10 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
     print(f"verdicts: {result['verdicts']}  fits: {Path(result['fits']).name}")
     print(f"plots:    {len(result['plots'])} files in {out_dir / 'plots'}")
     print(f"summary:  {result['summary']}")
+    if "data_axis" in result:
+        dx = result["data_axis"]
+        print(f"data axis: {len(dx['curves'])} curves of metric vs training cases ({dx['data_verdicts']}), "
+              f"{len(dx['plots'])} plots")
     if "analysis_run_id" in result:
         print(f"MLflow:   analysis run {result['analysis_run_id']}")
     return result

@@ -26,7 +26,16 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.cache import CacheKey, FeatureCache
-from orchestrator.cells import EVAL_SPLITS, PLACEMENT_FILE, RESULT_FILE, ResultStore, _predictions
+from orchestrator.cells import (
+    EVAL_SPLITS,
+    PLACEMENT_FILE,
+    RESULT_FILE,
+    SUBSET_FILE,
+    ResultStore,
+    _predictions,
+    cell_train_subset,
+    subset_record,
+)
 
 HEATMAPS = 3  # attention heatmaps drawn per cell: its highest-scoring test slides
 
@@ -70,7 +79,10 @@ def run_bag_cell(spec: dict[str, Any], results: ResultStore, placement: dict[str
     cases = pd.DataFrame(spec["cases"])
     lost = [_lost(cases, bags, cache.meta(key).get("failed", {}), spec["dataset"])]
     C = len(spec["classes"])
-    _, tr_bags, Y_tr, _ = _split_bags(cases, bags, "train", C)
+    _, tr_bags, Y_tr, tr_pats = _split_bags(cases, bags, "train", C)
+    # The data axis: a nested, stratified, patient-level subset of the train slides (cells.py).
+    subset = cell_train_subset(spec, tr_pats, Y_tr)
+    tr_bags, Y_tr = [b for b, k in zip(tr_bags, subset.mask, strict=True) if k], Y_tr[subset.mask]
     if not tr_bags:
         raise ValueError(f"{spec['cell_id']}: no train slide has a bag ({len(lost[0])} slide(s) failed)")
     _, va_bags, Y_va, _ = _split_bags(cases, bags, "val", C)
@@ -111,6 +123,7 @@ def run_bag_cell(spec: dict[str, Any], results: ResultStore, placement: dict[str
     files["predictions.parquet"] = _parquet(pd.concat(frames, ignore_index=True))
     files["attention.parquet"] = _parquet(pd.concat(attn, ignore_index=True) if attn else pd.DataFrame(
         columns=["case_id", "split", "x", "y", "attention"]))
+    files[SUBSET_FILE] = subset_record(spec, subset)
     if len(lost_df):
         files["failed_slides.csv"] = lost_df.to_csv(index=False).encode()
     if placement:

@@ -22,6 +22,7 @@ import pandas as pd
 
 from orchestrator import storage
 from orchestrator.cache import CacheKey, FeatureCache
+from tasks.subsets import TrainSize, train_subset
 
 RESULT_FILE = "metrics.json"  # written last: a result directory without it is not a result
 PLACEMENT_FILE = "placement.json"  # where the cell ran (node, resources), when run by Ray
@@ -37,10 +38,19 @@ class Cell:
     dataset: str
     protocol: str
     seed: int
+    # The data axis (tasks/subsets.py): the whole training split unless told otherwise.
+    train_fraction: float = 1.0
+    train_shots: int | None = None
+
+    @property
+    def train_size(self) -> TrainSize:
+        return TrainSize(self.train_fraction, self.train_shots)
 
     @property
     def cell_id(self) -> str:
-        return f"{self.dataset}__{self.protocol}__{self.encoder}__{self.resolution}px__s{self.seed}"
+        # The train size shows only when it is not the whole split, so existing ids stay.
+        tail = f"__{self.train_size.label}" if not self.train_size.is_full else ""
+        return f"{self.dataset}__{self.protocol}__{self.encoder}__{self.resolution}px__s{self.seed}{tail}"
 
     @property
     def extraction(self) -> tuple[str, int, str]:
@@ -73,6 +83,10 @@ class ResultStore:
 
     def read(self, cell_id: str) -> dict[str, Any] | None:
         return storage.read_json(self.fs, f"{self.path(cell_id)}/{RESULT_FILE}")
+
+    def read_file(self, cell_id: str, name: str) -> Any | None:
+        """A JSON file of the cell's result directory, or None."""
+        return storage.read_json(self.fs, f"{self.path(cell_id)}/{name}")
 
     def placement(self, cell_id: str) -> dict[str, Any]:
         return storage.read_json(self.fs, f"{self.path(cell_id)}/{PLACEMENT_FILE}") or {}
@@ -128,6 +142,21 @@ class ResultStore:
         return storage.local_copy(self.fs, self.path(cell_id))
 
 
+SUBSET_FILE = "train_subset.json"  # the cell's train size and what its subset holds (run params)
+
+
+def cell_train_subset(spec: dict[str, Any], patients: list[str], Y: np.ndarray):
+    """The cell's training subset (tasks/subsets.py), seeded by the cell's seed: nested across
+    train sizes of one seed, a different draw per seed."""
+    size = TrainSize(float(spec.get("train_fraction", 1.0)), spec.get("train_shots"))
+    return train_subset(patients, Y, size, seed=int(spec["seed"]), classes=spec["classes"], task=spec["task"])
+
+
+def subset_record(spec: dict[str, Any], subset: Any) -> bytes:
+    size = TrainSize(float(spec.get("train_fraction", 1.0)), spec.get("train_shots"))
+    return json.dumps(subset.params(size), indent=1, sort_keys=True).encode()
+
+
 def _predictions(split: str, case_ids: list[str], patients: list[str], Y: np.ndarray, scores: np.ndarray,
                  classes: list[str]) -> pd.DataFrame:
     df = pd.DataFrame({"case_id": case_ids, "split": split, "patient_id": patients})
@@ -157,9 +186,12 @@ def run_cell(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> d
         t0 = time.perf_counter()
         cache = FeatureCache(spec["cache_root"])
         arrays = {s: cache.read_arrays(CacheKey(**spec["keys"][s])) for s in ("train", *EVAL_SPLITS)}
-        _, X_tr, Y_tr, _ = arrays["train"]
+        _, X_tr, Y_tr, pat_tr = arrays["train"]
         if len(X_tr) == 0:
             raise ValueError(f"{cell_id}: the train split is empty")
+        # The data axis: a nested, stratified, patient-level subset of train (val and test whole).
+        subset = cell_train_subset(spec, pat_tr, Y_tr)
+        X_tr, Y_tr = X_tr[subset.mask], Y_tr[subset.mask]
         protocol = create_protocol(spec["protocol"], task=spec["task"], seed=spec["seed"], **spec["hparams"])
         protocol.fit(X_tr, Y_tr)
         fit_s = time.perf_counter() - t0
@@ -183,6 +215,7 @@ def run_cell(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> d
                 index=False).encode()
         metrics.update(n_train=float(len(X_tr)), feature_dim=float(X_tr.shape[1]), fit_s=fit_s,
                        n_failed_cases=float(len(lost)), compute_s=time.perf_counter() - t0)
+        files[SUBSET_FILE] = subset_record(spec, subset)
 
         buf = io.BytesIO()
         pd.concat(frames, ignore_index=True).to_parquet(buf, index=False)

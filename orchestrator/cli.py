@@ -1,4 +1,4 @@
-"""`medscale` command line: encoders, datasets, sweep, analyze."""
+"""`medscale` command line: encoders, datasets, plan, sweep, analyze."""
 
 from __future__ import annotations
 
@@ -50,17 +50,30 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.plan import format_plan, plan_sweep, write_plan
+
+    cfg = load_config(args.config)
+    plan = plan_sweep(cfg, accelerator=args.accelerator)
+    print(format_plan(plan))
+    print(f"plan:     {write_plan(plan, cfg.output_path / 'plan')}/plan.json, plan.md")
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.progress import quiet_ray_output
     from orchestrator.sweep import run_sweep
 
+    if args.dry_run:
+        return _cmd_plan(args)
     cfg = load_config(args.config)
     log = cfg.output_path / "ray.log"
     with quiet_ray_output(log, enabled=not args.verbose):
         try:
             outcome = run_sweep(cfg, resume=args.resume, rerun=args.rerun, address=args.address,
-                                allow_missing=args.allow_missing)
+                                allow_missing=args.allow_missing, accelerator=args.accelerator)
         finally:  # inside the redirect: Ray's last forwarded worker lines go to the log too
             from orchestrator import ray_backend
 
@@ -110,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="print where a sweep's MLflow runs are and the URL of its runs table")
     r.add_argument("config", help="sweep config (YAML)")
 
+    p = sub.add_parser("plan", help="what a sweep will cost before it runs: items, GFLOPs, cache, device-hours")
+    p.add_argument("config", help="sweep config (YAML)")
+    _accelerator_arg(p)
+
     a = sub.add_parser("analyze", help="scaling verdicts, fits, plots and a report (MLflow, a CSV, or the paper)")
     a.add_argument("--config", help="a sweep config: read its tracking URI, experiment and output")
     a.add_argument("--tracking-uri", help="MLflow tracking URI (default: from --config)")
@@ -140,10 +157,19 @@ def add_sweep_args(s: argparse.ArgumentParser, config_flag: bool = False) -> Non
                    "cells of datasets whose root or index files are missing are recorded as FAILED")
     s.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own output on the console "
                    "(by default it goes to <output>/ray.log)")
+    s.add_argument("--dry-run", action="store_true", help="print the plan (medscale plan) and run nothing")
+    _accelerator_arg(s)
+
+
+def _accelerator_arg(p: argparse.ArgumentParser) -> None:
+    from orchestrator.throughput import ACCELERATORS
+
+    p.add_argument("--accelerator", default="H100", choices=list(ACCELERATORS),
+                   help="accelerator class the plan's device-hours are for (default H100)")
 
 
 COMMANDS = {"encoders": _cmd_encoders, "datasets": _cmd_datasets, "sweep": _cmd_sweep, "analyze": _cmd_analyze,
-            "runs": _cmd_runs}
+            "runs": _cmd_runs, "plan": _cmd_plan}
 COMMANDS["wsi"] = cmd_wsi
 
 

@@ -37,6 +37,10 @@ class Grid(_Strict):
     datasets: list[str] = Field(min_length=1)
     protocols: list[str] = Field(min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
+    # The data axis (tasks/subsets.py): each cell trains on a nested, stratified, patient-level
+    # subset of its training split; val and test stay whole. Fractions or shots per class, not both.
+    train_fractions: list[float] = Field(default=[1.0], min_length=1)
+    train_shots: list[int] = Field(default_factory=list)
 
     @field_validator("encoders")
     @classmethod
@@ -58,6 +62,38 @@ class Grid(_Strict):
         from tasks.protocols import list_protocols
 
         return _known(v, list_protocols(), "protocol")
+
+    @field_validator("train_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"train fractions must be in (0, 1], got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate train fractions in {v}")
+        return v
+
+    @field_validator("train_shots")
+    @classmethod
+    def _shots(cls, v: list[int]) -> list[int]:
+        bad = [k for k in v if k < 1]
+        if bad:
+            raise ValueError(f"train shots (patients per class) must be >= 1, got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate train shots in {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_data_axis(self) -> Grid:
+        if self.train_shots and self.train_fractions != [1.0]:
+            raise ValueError("train_fractions and train_shots: give one data axis, not both")
+        return self
+
+    @property
+    def train_sizes(self) -> list:
+        from tasks.subsets import train_sizes
+
+        return train_sizes(self.train_fractions, self.train_shots)
 
     @field_validator("resolutions")
     @classmethod
@@ -277,7 +313,8 @@ class SweepConfig(_Strict):
 
     def n_cells(self) -> int:
         g = self.grid
-        return len(list(itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols, g.seeds)))
+        return len(list(itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols, g.seeds,
+                                          g.train_sizes)))
 
 
 def _check_dataset_options(name: str, opts: dict[str, Any]) -> None:

@@ -22,6 +22,12 @@ def note(line: str) -> None:
     _p(f"medscale: {line}")
 
 
+def block(text: str) -> None:
+    """A multi-line block (the sweep's plan table) on the console."""
+    for line in text.splitlines():
+        _p(line)
+
+
 def banner(cfg: SweepConfig, n_cells: int, skipped: dict[str, str]) -> None:
     g = cfg.grid
     _p(f"== medscale sweep '{cfg.name}': {n_cells} cells "

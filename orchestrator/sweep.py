@@ -20,7 +20,7 @@ from typing import Any
 
 from orchestrator import __version__, console
 from orchestrator.cache import FeatureCache
-from orchestrator.cells import Cell, ResultStore, cell_spec
+from orchestrator.cells import SUBSET_FILE, Cell, ResultStore, cell_spec
 from orchestrator.config import SweepConfig
 from orchestrator.extract import DigestMemo, ExtractResult, describe
 from orchestrator.tracking import Tracker
@@ -63,8 +63,9 @@ def plan_cells(cfg: SweepConfig) -> tuple[list[Cell], dict[str, str]]:
 
     cells, skipped = [], {}
     g = cfg.grid
-    for enc, res, ds, proto, seed in itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols, g.seeds):
-        cell = Cell(enc, res, ds, proto, seed)
+    for enc, res, ds, proto, seed, size in itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols,
+                                                             g.seeds, g.train_sizes):
+        cell = Cell(enc, res, ds, proto, seed, size.fraction, size.shots)
         reason = PROTOCOLS[proto].accepts(dataset_class(ds))
         if reason:
             skipped[cell.cell_id] = reason
@@ -110,6 +111,9 @@ class _Runner:
         if placement:
             tags["medscale.placement"] = json.dumps(placement, sort_keys=True)
         self.tracker.set_tags(run_id, tags)
+        subset = self.results.read_file(cell_id, SUBSET_FILE)
+        if subset:  # the data axis: what the cell's training subset holds (cases, positives per class)
+            self.tracker.log_params(run_id, subset)
         with self.results.local_dir(cell_id) as artifacts:
             self.tracker.finish(run_id, metrics, artifacts)
         self._done(cell_id, "FINISHED", metrics)
@@ -142,6 +146,7 @@ def _cell_params(cfg: SweepConfig, cell: Cell, ex: ExtractResult, ds_cls: Any, h
         "encoder": cell.encoder, "timm_model": spec.timm_name, "params": spec.params,
         "gflops": float(spec.gflops(cell.resolution)), "resolution": cell.resolution,
         "dataset": cell.dataset, "protocol": cell.protocol, "seed": cell.seed, "pooling": ex.job.pooling,
+        "train_fraction": cell.train_fraction, "train_shots": cell.train_shots if cell.train_shots is not None else "",
         "weights": cfg.weights, "weights_kind": next(iter(ex.keys.values())).weights_kind, "weights_source": ex.weights_source,
         "weights_digest": ex.weights_digest, "dataset_fingerprint": fingerprint, "task": ds_cls.task,
         "n_classes": len(ds_cls.classes), "sweep": cfg.name, "medscale_version": __version__,
@@ -168,8 +173,28 @@ def _ood_sets(cfg: SweepConfig, c: Cell, extractions: dict, failures: dict) -> t
     return out, ""
 
 
+def _plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], tracker: Tracker, accelerator: str) -> None:
+    """Print the plan (orchestrator/plan.py), save it beside the outputs, log it as the sweep's
+    "plan" run. A plan that cannot be made is noted; it never stops a sweep."""
+    from orchestrator.plan import build_plan, format_plan, gather, write_plan
+
+    try:
+        plan = build_plan(cfg, cells, skipped, gather(cfg, cells), accelerator)
+    except Exception as e:  # noqa: BLE001 - the plan informs; the sweep is what was asked for
+        console.note(f"no plan: {type(e).__name__}: {e}")
+        return
+    console.block(format_plan(plan))
+    d = write_plan(plan, cfg.output_path / "plan")
+    t = plan.totals
+    tracker.log_sweep_run("plan", {"accelerator": plan.accelerator, "utilisation": plan.utilisation},
+                          {"device_hours": t["device_hours"], "cache_bytes": float(t["cache_bytes"]),
+                           "cache_bytes_new": float(t["cache_bytes_new"]), "cells": float(t["cells"]),
+                           "warnings": float(len(plan.warnings))}, str(d), kind="plan")
+
+
 def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, address: str | None = None,
-              ray_init: dict[str, Any] | None = None, allow_missing: bool = False) -> SweepOutcome:
+              ray_init: dict[str, Any] | None = None, allow_missing: bool = False,
+              accelerator: str = "H100") -> SweepOutcome:
     """`allow_missing`: datasets whose root or index files are missing fail their cells (once each)
     while the others run; by default nothing starts until every dataset is there."""
     from orchestrator import preflight, ray_backend
@@ -195,6 +220,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
     console.banner(cfg, len(cells), skipped)
     if missing:
         console.note(f"--allow-missing: the cells of {', '.join(missing)} will fail:\n{preflight.report(missing)}")
+    _plan(cfg, cells, skipped, tracker, accelerator)
 
     if rerun:
         n = tracker.delete_cells(c.cell_id for c in cells)

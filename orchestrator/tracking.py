@@ -123,6 +123,14 @@ class Tracker:
             self.client.log_batch(run_id, tags=tlist)
         return run_id
 
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Params known only once the cell ran (its training subset's counts); ones already logged
+        are left alone (MLflow params are write-once)."""
+        logged = self.client.get_run(run_id).data.params
+        plist = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
+        for chunk in _chunks(plist, 100):
+            self.client.log_batch(run_id, params=chunk)
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         if tags:
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -180,7 +188,11 @@ def load_points(tracking_uri: str, experiments: list[str] | None = None, split: 
                     "protocol": p.get("protocol"), "encoder": p.get("encoder"),
                     "params": int(p.get("params", 0)), "gflops": float(p.get("gflops", "nan")),
                     "resolution": int(p.get("resolution", 0)), "seed": int(p.get("seed", 0)),
-                    "weights": p.get("weights_kind", "")}
+                    "weights": p.get("weights_kind", ""),
+                    # the data axis: the cell's train size and the training cases it had
+                    "train_fraction": float(p.get("train_fraction", 1.0) or 1.0),
+                    "train_shots": int(p["train_shots"]) if p.get("train_shots") else 0,
+                    "n_train": float(r.data.metrics.get("n_train", float("nan")))}
             for k, v in r.data.metrics.items():
                 if k.startswith(f"{split}_"):
                     rows.append({**base, "metric": k[len(split) + 1 :], "value": float(v)})
@@ -193,7 +205,7 @@ def load_points(tracking_uri: str, experiments: list[str] | None = None, split: 
                         rows.append({**base, "dataset": f"{base['dataset']}->{ood}", "metric": k[len(prefix):],
                                      "run_id": f"{r.info.run_id}{OOD_SEP}{ood}_{split}", "value": float(v)})
     cols = ["experiment", "experiment_id", "run_id", "task", "dataset", "protocol", "encoder", "params", "gflops",
-            "resolution", "seed", "weights", "metric", "value"]
+            "resolution", "seed", "weights", "train_fraction", "train_shots", "n_train", "metric", "value"]
     return pd.DataFrame(rows, columns=cols)
 
 

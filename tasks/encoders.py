@@ -29,6 +29,9 @@ from tasks.weights import (
 
 DINOV3_TAG = "lvd1689m"
 N_PREFIX_TOKENS = 5  # DINOv3 ViTs: 1 CLS + 4 register tokens
+# Pretraining input sizes as timm's pretrained configs of the DINOv3 weights state them.
+DINOV3_PRETRAIN_RESOLUTION = 256
+CONVNEXT_PRETRAIN_RESOLUTION = 224
 
 
 def vit_gflops(params: int, patch_params: int, depth: int, dim: int, patch: int = 16) -> Callable[[int], float]:
@@ -82,6 +85,9 @@ class EncoderSpec:
     default_pooling: str
     gflops: Callable[[int], float] = field(compare=False, repr=False)
     timm_kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
+    # Input side the published weights were trained at (timm's pretrained cfg input_size): above it
+    # a ViT sees more patches than in pretraining. None: no published weights (test encoder).
+    pretrain_resolution: int | None = None
 
     @property
     def hf_hub_id(self) -> str | None:
@@ -95,13 +101,16 @@ class EncoderSpec:
 def _vit(name: str, timm_name: str, params: int, patch_params: int, depth: int, dim: int, size: str,
          tag: str | None = DINOV3_TAG, timm_kwargs: dict[str, Any] | None = None) -> EncoderSpec:
     # CLS + mean patch token: DINOv3's linear eval; timm's own default (avg) would silently differ.
+    # DINOv3 ViTs: 256 px (timm pretrained cfg; the paper's Table 2 evaluates at 256x256 too).
     return EncoderSpec(name, timm_name, tag, "vit", 16, dim, depth, params, size, "cls+mean",
-                       vit_gflops(params, patch_params, depth, dim), timm_kwargs or {})
+                       vit_gflops(params, patch_params, depth, dim), timm_kwargs or {},
+                       DINOV3_PRETRAIN_RESOLUTION if tag else None)
 
 
 def _convnext(name: str, params: int, dims: tuple[int, ...], depths: tuple[int, ...], size: str) -> EncoderSpec:
     return EncoderSpec(name, f"convnext_{name.rsplit('_', 1)[1]}", f"dinov3_{DINOV3_TAG}", "convnext", 32,
-                       dims[-1], sum(depths), params, size, "mean", convnext_gflops(dims, depths))
+                       dims[-1], sum(depths), params, size, "mean", convnext_gflops(dims, depths),
+                       pretrain_resolution=CONVNEXT_PRETRAIN_RESOLUTION)
 
 
 ENCODERS: dict[str, EncoderSpec] = {s.name: s for s in [
@@ -187,7 +196,7 @@ def create_encoder(name: str, weights: str = "random", device: str | torch.devic
 
 def encoder_table() -> list[dict[str, Any]]:
     return [{"name": s.name, "timm_model": s.timm_name, "params": s.params, "size": s.size,
-             "gflops_224": s.gflops(224), "gflops_512": s.gflops(512),
+             "gflops_224": s.gflops(224), "gflops_512": s.gflops(512), "pretrain_resolution": s.pretrain_resolution,
              "pretrained": s.hf_hub_id or "-"} for s in ENCODERS.values()]
 
 

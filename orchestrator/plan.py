@@ -1,0 +1,402 @@
+"""`medscale plan CONFIG`: what a sweep will cost before it runs (also printed before every sweep).
+
+Per extraction (encoder, resolution, dataset): items counted from the dataset's index (images,
+volumes and their slices, slides; "unknown" where the root or index is missing, so a plan runs
+without data), GFLOPs per item, the feature cache it writes and whether it is cached already. Per
+cell: the GPU share it asks for and the memory its features (or bags) take. Totals: device-hours on
+an accelerator class (orchestrator/throughput.py: measured where known, else estimated from
+GFLOPs), cache bytes, cells and runs. Warnings: a cache larger than the storage's free space, a cell
+whose features exceed its GPU share's memory, a resolution above the encoder's pretraining one.
+
+`gather` reads what a plan needs (indexes, cache markers, free space); `build_plan` is pure on what
+it gathered, so tests can feed it any counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.cells import Cell
+from orchestrator.config import SweepConfig
+from orchestrator.throughput import get_accelerator, items_per_second
+
+# Bytes a pooled cache entry takes beyond its float32 vectors, fitted to entries the pipeline wrote
+# (tests/test_plan_cost.py keeps the estimate within 10%). Per row: the id strings as they are, two
+# bytes per target class (int8 + list levels) and ROW_OVERHEAD (offsets, levels of the embedding
+# list, the empty error string). Per Parquet file: FILE_OVERHEAD (footer, page headers); the
+# pipeline writes one file per Ray block (rows / extract_batch_size) and split. Per entry: MARKER.
+ROW_OVERHEAD = 90
+FILE_OVERHEAD = 2_600
+MARKER_BYTES = 930
+DENSE_FAMILIES = ("dense", "training_free")
+
+
+@dataclass
+class Counts:
+    """What an index says about a dataset (None: not known without reading more)."""
+
+    kind: str  # image | volume | slide
+    cases: dict[str, int]  # per split (slides: "all")
+    slices: int | None = None  # volumes: slices the encoder sees (headers), else None
+    train: tuple[list[str], list[list[int]]] | None = None  # train rows: patients, targets
+    tiles: int | None = None  # slides: from a cached entry's metadata only
+    id_bytes: float = 24.0  # mean len(case_id) + len(patient_id): what a cache row stores besides floats
+    n_classes: int = 1
+
+
+@dataclass
+class ExtractionPlan:
+    encoder: str
+    resolution: int
+    dataset: str
+    item: str  # what one encoder pass sees: image | slice | tile
+    feature: str  # pooled | dense | bags
+    items: int | None
+    cases: int | None
+    gflops_per_item: float
+    cache_bytes: int | None
+    cached: str  # yes | no | unknown
+    items_per_s: float | None
+    throughput: str  # measured | estimated
+    device_hours: float | None
+    note: str = ""
+
+
+@dataclass
+class CellPlan:
+    cell_id: str
+    gpu_share: float
+    memory_bytes: int | None
+    gpu_memory_bytes: int
+    n_train: int | None  # training cases after the cell's subset (data axis)
+
+
+@dataclass
+class Plan:
+    sweep: str
+    accelerator: str
+    utilisation: float
+    extractions: list[ExtractionPlan]
+    cells: list[CellPlan]
+    skipped: dict[str, str]
+    totals: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=False, default=str)
+
+
+# -- gathering (reads indexes, cache markers, free space) ---------------------------------------
+
+def count_items(cfg: SweepConfig, name: str) -> Counts | str:
+    """The dataset's counts from its index, or why they are unknown."""
+    from tasks.datasets import get_dataset
+
+    root = cfg.data_root(name)
+    if not root.is_dir():
+        return f"{root}: dataset root missing"
+    try:
+        ds = get_dataset(name, str(root), val_fraction=cfg.val_fraction, seed=cfg.split_seed, **cfg.options_for(name))
+        idx = ds.index()
+    except Exception as e:  # noqa: BLE001 - a plan reports, it does not stop at a bad index
+        return f"{root}: index unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    kind = getattr(ds, "kind", "image")
+    if kind == "slide":
+        return Counts(kind, {"all": len(idx)})
+    cases = {str(s): int(n) for s, n in idx["split"].value_counts().items()}
+    train = idx[idx["split"] == "train"]
+    counts = Counts(kind, cases, train=(train["patient_id"].astype(str).tolist(), train["target"].tolist()),
+                    id_bytes=float(idx["case_id"].astype(str).str.len().mean() + idx["patient_id"].astype(str).str.len().mean()),
+                    n_classes=len(ds.classes))
+    if kind == "volume":
+        from tasks.datasets.ct_rate import n_slices
+
+        try:
+            counts.slices = sum(n_slices(str(p)) for p in idx["path"])
+        except Exception:  # noqa: BLE001 - a bad header: slices unknown, volumes still counted
+            counts.slices = None
+    elif hasattr(ds, "n_slices"):  # dense datasets: slices per case (1 for 2D)
+        try:
+            counts.slices = sum(int(ds.n_slices(str(c))) for c in idx["case_id"])
+        except Exception:  # noqa: BLE001
+            counts.slices = None
+    return counts
+
+
+def cache_state(cfg: SweepConfig, encoder: str, resolution: int, name: str) -> tuple[str, dict[str, Any]]:
+    """("yes" | "no" | "unknown", metadata of a complete entry). Needs the weights digest from the
+    sweep's memo (known after a first run) and the dataset fingerprint; unknown without them."""
+    from orchestrator.cache import FeatureCache
+    from orchestrator.extract import SPLITS, DigestMemo, ExtractionJob, cache_keys, weights_memo_key
+    from tasks.datasets import get_dataset
+    from tasks.encoders import create_encoder
+    from tasks.preprocess import PREPROCESS_VERSION
+
+    memo_path = cfg.output_path / "weights_digests.json"
+    info = DigestMemo(memo_path).get(weights_memo_key(encoder, cfg.weights)) if memo_path.exists() else None
+    root = cfg.data_root(name)
+    if info is None or not root.is_dir() or "://" not in cfg.cache_root and not Path(cfg.cache_root).is_dir():
+        return "unknown", {}
+    try:
+        ds = get_dataset(name, str(root), val_fraction=cfg.val_fraction, seed=cfg.split_seed, **cfg.options_for(name))
+        pooling = create_encoder(encoder, weights="random", device="meta").resolve_pooling(cfg.pooling)
+        job = ExtractionJob(encoder, cfg.weights, resolution, pooling, name, str(root), cfg.val_fraction,
+                            cfg.split_seed, json.dumps(cfg.options_for(name), sort_keys=True))
+        keys = cache_keys(job, info, ds.fingerprint(), PREPROCESS_VERSION)
+        cache = FeatureCache(cfg.cache_root)
+    except Exception:  # noqa: BLE001
+        return "unknown", {}
+    if getattr(ds, "kind", "image") == "slide":
+        from dataclasses import replace
+
+        from orchestrator.extract_slides import SLIDES
+
+        key = replace(keys["test"], split=SLIDES)
+        return ("yes", cache.meta(key)) if cache.is_complete(key) else ("no", {})
+    done = [cache.is_complete(keys[s]) for s in SPLITS]
+    return ("yes" if all(done) else "no"), {}
+
+
+def free_bytes(cfg: SweepConfig) -> int | None:
+    """Free space where the cache goes (a local path or NFS); None for object stores."""
+    if "://" in cfg.cache_root:
+        return None
+    p = Path(cfg.cache_root)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return int(shutil.disk_usage(p).free)
+    except OSError:
+        return None
+
+
+def gather(cfg: SweepConfig, cells: list[Cell]) -> dict[str, Any]:
+    extractions = sorted({c.extraction for c in cells} |
+                         {(c.encoder, c.resolution, d) for c in cells for d in cfg.evaluate_on.get(c.dataset, [])},
+                         key=lambda e: (e[2], e[0], e[1]))
+    counts = {d: count_items(cfg, d) for d in sorted({e[2] for e in extractions})}
+    cached = {e: cache_state(cfg, *e) for e in extractions}
+    return {"extractions": extractions, "counts": counts, "cached": cached, "free_bytes": free_bytes(cfg)}
+
+
+# -- the plan (pure) -----------------------------------------------------------------------------
+
+def pooled_bytes(rows_per_split: dict[str, int], dim: int, id_bytes: float = 24.0, n_classes: int = 1,
+                 batch_size: int = 32) -> int:
+    """Pooled cache entries (one per split) of `dim`-wide vectors on disk; `id_bytes`: mean length
+    of case_id + patient_id."""
+    n = sum(rows_per_split.values())
+    blocks = max(1, min(n // batch_size, 4096))  # as ray_backend.run_embedding_pipeline cuts them
+    files = sum(min(blocks, k) for k in rows_per_split.values())
+    per_row = dim * 4 + ROW_OVERHEAD + id_bytes + 2 * n_classes
+    return int(n * per_row + files * FILE_OVERHEAD + len(rows_per_split) * MARKER_BYTES)
+
+
+def _families(cfg: SweepConfig, cells: list[Cell], extraction: tuple[str, int, str]) -> set[str]:
+    from tasks.protocols import PROTOCOLS
+
+    return {PROTOCOLS[c.protocol].family for c in cells if c.extraction == extraction}
+
+
+def _dim(encoder: str, pooling: str) -> int:
+    from tasks.encoders import create_encoder
+
+    return create_encoder(encoder, weights="random", device="meta").embedding_dim(pooling)
+
+
+def build_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], gathered: dict[str, Any],
+               accelerator: str = "H100") -> Plan:
+    from tasks.dense import planned_bytes
+    from tasks.encoders import get_encoder_spec
+    from tasks.subsets import train_subset
+
+    acc = get_accelerator(accelerator)
+    warnings: list[str] = []
+    exps: list[ExtractionPlan] = []
+    row_bytes: dict[tuple[str, int, str], tuple[int | None, int | None]] = {}  # per extraction: (rows, bytes/row)
+    for name, c in gathered["counts"].items():
+        if isinstance(c, str):
+            warnings.append(f"{name}: item counts unknown ({c})")
+    above: dict[str, set[int]] = {}
+    for enc, res, ds in gathered["extractions"]:
+        spec = get_encoder_spec(enc)
+        counts = gathered["counts"][ds]
+        cached, meta = gathered["cached"].get((enc, res, ds), ("unknown", {}))
+        pooling = spec.default_pooling if cfg.pooling == "auto" else cfg.pooling
+        dim = _dim(enc, pooling)
+        known = not isinstance(counts, str)
+        kind = counts.kind if known else "image"
+        n_cases = sum(counts.cases.values()) if known else None
+        families = _families(cfg, cells, (enc, res, ds))
+        note = ""
+        if kind == "slide":
+            tiles = meta.get("n_tiles")
+            items = int(sum(tiles.values())) if isinstance(tiles, dict) else None
+            item, feature = "tile", "bags"
+            nbytes = pooled_bytes({"all": items}, dim, batch_size=cfg.resources.extract_batch_size) if items else None
+            note = "tiles known once tiled (cached entry)" if items is None else ""
+            row_bytes[(enc, res, ds)] = (items, dim * 4)
+        elif families & set(DENSE_FAMILIES):
+            item, feature = "slice", "dense"
+            items = counts.slices if known else None
+            grid = res // spec.patch_size
+            nbytes = planned_bytes(items, grid, spec.embed_dim) if items is not None else None
+            row_bytes[(enc, res, ds)] = (None, None)
+        else:
+            item, feature = ("slice" if kind == "volume" else "image"), "pooled"
+            items = (counts.slices if kind == "volume" else n_cases) if known else None
+            nbytes = (pooled_bytes(counts.cases, dim, counts.id_bytes, counts.n_classes,
+                                   cfg.resources.extract_batch_size) if known else None)
+            row_bytes[(enc, res, ds)] = (n_cases, dim * 4)
+        gf = float(spec.gflops(res))
+        rate, source = items_per_second(acc.name, enc, res, gf)
+        hours = items / rate / 3600 if items is not None else None
+        exps.append(ExtractionPlan(enc, res, ds, item, feature, items, n_cases, gf, nbytes, cached, rate, source,
+                                   hours, note))
+        if spec.pretrain_resolution and res > spec.pretrain_resolution:
+            above.setdefault(enc, set()).add(res)
+
+    for enc, rs in above.items():
+        warnings.append(f"{enc} at {', '.join(str(r) for r in sorted(rs))} px: above its pretraining resolution "
+                        f"({get_encoder_spec(enc).pretrain_resolution} px)")
+    cell_plans = []
+    gpu_mem = int(acc.memory_gb * 1e9)
+    too_big: dict[str, list[str]] = {}
+    for c in cells:
+        spec = get_encoder_spec(c.encoder)
+        share = cfg.resources.cell_gpu_share(spec.size, c.resolution)
+        rows, per_row = row_bytes.get(c.extraction, (None, None))
+        counts = gathered["counts"].get(c.dataset)
+        n_train = None
+        if not isinstance(counts, str) and counts is not None and counts.train is not None:
+            pats, tgts = counts.train
+            import numpy as np
+
+            from tasks.datasets import dataset_class
+
+            ds_cls = dataset_class(c.dataset)
+            n_train = train_subset(pats, np.array(tgts, dtype=np.int64).reshape(len(pats), -1), c.train_size,
+                                   seed=c.seed, classes=list(ds_cls.classes), task=ds_cls.task).n_cases
+        mem = rows * per_row if rows is not None and per_row is not None else None
+        cell_plans.append(CellPlan(c.cell_id, share, mem, int(share * gpu_mem), n_train))
+        if mem is not None and mem > share * gpu_mem:
+            too_big.setdefault(f"{c.dataset}/{c.protocol}/{c.encoder}@{c.resolution}px", []).append(c.cell_id)
+    for what, ids in too_big.items():
+        mem = next(p.memory_bytes for p in cell_plans if p.cell_id == ids[0])
+        share = next(p.gpu_share for p in cell_plans if p.cell_id == ids[0])
+        warnings.append(f"{what}: features {_gb(mem)} exceed the cell's GPU share ({share:g} x {acc.memory_gb:g} GB "
+                        f"on {acc.name}) in {len(ids)} cell(s); raise resources.cell_gpus")
+
+    new = [e for e in exps if e.cached != "yes"]
+    new_bytes = sum(e.cache_bytes or 0 for e in new)
+    dense_new = sum(e.cache_bytes or 0 for e in new if e.feature == "dense")
+    free = gathered.get("free_bytes")
+    if free is not None and dense_new > free:
+        warnings.append(f"the dense cache to write ({_gb(dense_new)}) is larger than the storage's free space "
+                        f"({_gb(free)}) at {cfg.cache_root}")
+    elif free is not None and new_bytes > free:
+        warnings.append(f"the feature cache to write ({_gb(new_bytes)}) is larger than the storage's free space "
+                        f"({_gb(free)}) at {cfg.cache_root}")
+    unknown_time = [e for e in new if e.device_hours is None]
+    totals = {
+        "cells": len(cells), "skipped_cells": len(skipped), "runs": len(cells), "extractions": len(exps),
+        "extractions_cached": sum(e.cached == "yes" for e in exps),
+        "items_to_encode": sum(e.items or 0 for e in new),
+        "device_hours": sum(e.device_hours or 0.0 for e in new),
+        "device_hours_all": sum(e.device_hours or 0.0 for e in exps),
+        "estimated": any(e.throughput == "estimated" for e in new),
+        "incomplete": bool(unknown_time),
+        "cache_bytes": sum(e.cache_bytes or 0 for e in exps), "cache_bytes_new": new_bytes,
+        "free_bytes": free,
+    }
+    return Plan(cfg.name, acc.name, acc.utilisation, exps, cell_plans, dict(skipped), totals, warnings)
+
+
+def plan_sweep(cfg: SweepConfig, accelerator: str = "H100") -> Plan:
+    from orchestrator.sweep import plan_cells
+
+    cells, skipped = plan_cells(cfg)
+    return build_plan(cfg, cells, skipped, gather(cfg, cells), accelerator)
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def _gb(n: float | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _n(v: int | None) -> str:
+    return "unknown" if v is None else f"{v:,}"
+
+
+def _hours(h: float | None) -> str:
+    return "unknown" if h is None else (f"{h:.2f}" if h >= 0.01 else f"{h * 3600:.1f} s")
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a text table (printed by `medscale plan` and before a sweep)."""
+    t = plan.totals
+    head = (f"{'extraction':<40} {'items':>14} {'GFLOPs/item':>11} {'s/1k items':>10} {'cache':>10} {'cached':>7} "
+            f"{'hours':>9}")
+    lines = [f"== plan of '{plan.sweep}' on {plan.accelerator} "
+             f"({'measured throughput where known, else ' if t['estimated'] else ''}"
+             f"{plan.utilisation:.0%} of peak: estimated)", head, "-" * len(head)]
+    for e in plan.extractions:
+        label = f"{e.encoder}@{e.resolution}px/{e.dataset}"
+        items = f"{_n(e.items)} {e.item}s"
+        hours = _hours(e.device_hours) + ("*" if e.throughput == "estimated" and e.device_hours is not None else "")
+        per_k = f"{1000 / e.items_per_s:.1f}" if e.items_per_s else "-"
+        lines.append(f"{label:<40} {items:>14} {e.gflops_per_item:>11.2f} {per_k:>10} {_gb(e.cache_bytes):>10} "
+                     f"{e.cached:>7} {hours:>9}")
+    shares = sorted({c.gpu_share for c in plan.cells})
+    mems = [c.memory_bytes for c in plan.cells if c.memory_bytes is not None]
+    lines.append("-" * len(head))
+    lines.append(f"cells: {t['cells']} ({t['skipped_cells']} skipped), one MLflow run each; GPU share per cell "
+                 f"{', '.join(f'{s:g}' for s in shares) or '-'}; features per cell up to "
+                 f"{_gb(max(mems)) if mems else 'unknown'}")
+    hours = _hours(t["device_hours"]) + (" + unknown" if t["incomplete"] else "")
+    lines.append(f"to encode: {t['items_to_encode']:,} items{' + unknown' if t['incomplete'] else ''}, {hours} "
+                 f"{plan.accelerator}-hours{' (estimated: *)' if t['estimated'] else ''}"
+                 f"; cache {_gb(t['cache_bytes'])} ({_gb(t['cache_bytes_new'])} new, "
+                 f"{_gb(t['free_bytes'])} free)")
+    lines += [f"WARNING: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def format_markdown(plan: Plan) -> str:
+    t = plan.totals
+    out = [f"# Plan of sweep `{plan.sweep}` on {plan.accelerator}", "",
+           "| encoder | px | dataset | items | feature | GFLOPs/item | cache | cached | items/s | hours |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in plan.extractions:
+        rate = "unknown" if e.items_per_s is None else f"{e.items_per_s:,.1f} ({e.throughput})"
+        out.append(f"| {e.encoder} | {e.resolution} | {e.dataset} | {_n(e.items)} {e.item}s | {e.feature} | "
+                   f"{e.gflops_per_item:.2f} | {_gb(e.cache_bytes)} | {e.cached} | {rate} | {_hours(e.device_hours)} |")
+    out += ["", "| cell | GPU share | feature memory | GPU share memory | train cases |", "|---|---|---|---|---|"]
+    out += [f"| {c.cell_id} | {c.gpu_share:g} | {_gb(c.memory_bytes)} | {_gb(c.gpu_memory_bytes)} | "
+            f"{_n(c.n_train)} |" for c in plan.cells]
+    out += ["", "## Totals", ""] + [f"- {k}: {v}" for k, v in t.items()]
+    out += ["", f"Throughput: measured where orchestrator/throughput.py has a figure, else GFLOPs at "
+            f"{plan.utilisation:.0%} of {plan.accelerator}'s peak (estimated)."]
+    if plan.warnings:
+        out += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
+    return "\n".join(out) + "\n"
+
+
+def write_plan(plan: Plan, out_dir: str | os.PathLike) -> Path:
+    """plan.json and plan.md under `out_dir` (created); returns the directory."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "plan.json").write_text(plan.to_json())
+    (d / "plan.md").write_text(format_markdown(plan))
+    return d

@@ -1,0 +1,146 @@
+"""The training-data axis: nested, stratified, patient-level subsets (pure), cells that train on
+them from cached features (each image embedded once), and the analysis of metric vs training cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis.data_axis import DataCurve, cases_to_reach, labels_saved
+from analysis.curves import CurveKey
+from orchestrator.cells import Cell
+from orchestrator.config import parse_config
+from orchestrator.sweep import plan_cells, run_sweep
+from tasks.errors import ConfigError
+from tasks.subsets import TrainSize, train_subset
+
+from .conftest import sweep_config
+
+FRACTIONS = [0.1, 0.5, 1.0]
+
+
+def _train_rows(root, name="nih14"):
+    from tasks.datasets import get_dataset
+
+    idx = get_dataset(name, root).index()
+    tr = idx[idx["split"] == "train"].reset_index(drop=True)
+    return tr, np.array(tr["target"].tolist(), dtype=np.int64)
+
+
+def test_subsets_are_nested_stratified_and_patient_level(synth_roots):
+    from tasks.datasets.nih14 import NIH14
+
+    tr, Y = _train_rows(synth_roots["nih14"])
+    pats = tr["patient_id"].tolist()
+    for seed in (0, 1):
+        masks = [train_subset(pats, Y, TrainSize(f), seed, NIH14.classes, "multilabel").mask for f in FRACTIONS]
+        for small, big in zip(masks, masks[1:]):
+            assert not (small & ~big).any()  # nested
+        assert masks[-1].all()
+        for m in masks:  # patient-level: a patient's cases are all in, or all out
+            assert tr.assign(m=m).groupby("patient_id")["m"].nunique().max() == 1
+        # stratified: each class's share of positive patients is near the fraction
+        n_pat = tr["patient_id"].nunique()
+        half = train_subset(pats, Y, TrainSize(0.5), seed, NIH14.classes)
+        assert half.n_patients == round(0.5 * n_pat)
+        pos = tr.assign(y=list(Y > 0), m=half.mask).groupby("patient_id").agg(
+            m=("m", "first"), y=("y", lambda v: np.any(np.stack(v.tolist()), axis=0)))
+        Yp, mp = np.stack(pos["y"].tolist()), pos["m"].to_numpy()
+        for j in np.flatnonzero(Yp.sum(0) >= 10):
+            assert abs(Yp[mp, j].sum() / Yp[:, j].sum() - 0.5) < 0.2, NIH14.classes[j]
+    # another seed draws another subset; the row order of the input does not matter
+    a = train_subset(pats, Y, TrainSize(0.1), 0, NIH14.classes)
+    assert not np.array_equal(a.mask, train_subset(pats, Y, TrainSize(0.1), 1, NIH14.classes).mask)
+    rev = train_subset(pats[::-1], Y[::-1], TrainSize(0.1), 0, NIH14.classes)
+    assert np.array_equal(a.mask, rev.mask[::-1])
+    # a small fraction still sees one positive patient of every class present
+    assert all(v > 0 for c, v in a.positives.items() if Y[:, NIH14.classes.index(c)].any())
+
+
+def test_shots_per_class_are_nested():
+    rng = np.random.default_rng(0)
+    pats = [f"p{i // 2}" for i in range(300)]
+    Y = (rng.random((300, 1)) < 0.3).astype(int)
+    masks = [train_subset(pats, Y, TrainSize(shots=k), 0, ["pos"], "binary").mask for k in (1, 4, 16)]
+    for small, big in zip(masks, masks[1:]):
+        assert not (small & ~big).any()
+    one = train_subset(pats, Y, TrainSize(shots=4), 0, ["pos"], "binary")
+    assert one.n_patients == 8 and one.positives["pos"] >= 4  # 4 positive and 4 negative patients
+
+
+def test_grid_and_cell_ids(synth_roots, tmp_path):
+    cfg = parse_config(sweep_config(tmp_path, synth_roots, grid={"train_fractions": FRACTIONS}))
+    cells, _ = plan_cells(cfg)
+    assert cfg.n_cells() == len(cells) == 8 * 3
+    ids = {c.cell_id for c in cells}
+    assert "nih14__knn__test_vit_tiny16__32px__s0" in ids  # the whole split keeps the old id
+    assert "nih14__knn__test_vit_tiny16__32px__s0__f0.1" in ids
+    assert Cell("e", 1, "d", "p", 0, train_shots=4).cell_id.endswith("__k4")
+    with pytest.raises(ConfigError, match="one data axis"):
+        parse_config(sweep_config(tmp_path, synth_roots, grid={"train_fractions": [0.5, 1.0], "train_shots": [4]}))
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+        parse_config(sweep_config(tmp_path, synth_roots, grid={"train_fractions": [0.0, 1.0]}))
+
+
+def _curve(enc, params, x, y, reps=None):
+    key = CurveKey("d", "p", "auc", "", "train cases", f"{enc} @ 32 px")
+    n = len(x)
+    return DataCurve(key, enc, 32, params, ["s"] * n, np.array(x, float), np.array(y, float), reps,
+                     np.full(n, np.nan), np.full(n, np.nan), 1)
+
+
+def test_labels_saved_is_the_horizontal_distance_between_data_curves():
+    assert cases_to_reach(np.array([10.0, 100.0]), np.array([0.6, 0.8]), 0.7) == pytest.approx((10 ** 1.5, ""))
+    small = _curve("s", 1, [10, 100, 1000], [0.60, 0.70, 0.80])
+    large = _curve("l", 2, [10, 100, 1000], [0.70, 0.80, 0.85])
+    r = labels_saved(small, large)  # the large one reaches 0.80 at 100 cases: 900 saved, 10x fewer
+    assert r["labels_saved"] == pytest.approx(900) and r["ratio"] == pytest.approx(10) and r["bound"] == ""
+    assert labels_saved(small, _curve("l", 2, [10, 100, 1000], [0.85, 0.9, 0.9]))["bound"] == ">="
+    assert labels_saved(small, _curve("l", 2, [10, 100, 1000], [0.5, 0.6, 0.7]))["bound"] == "none"
+
+
+def test_a_data_axis_sweep_embeds_once_and_is_analysed(ray_session, synth_roots, tmp_path, one_torch_thread):
+    from orchestrator.analyze import analyze
+    from tasks.datasets.nih14 import NIH14
+
+    raw = sweep_config(tmp_path, {"nih14": synth_roots["nih14"]},
+                       grid={"protocols": ["linear_probe"], "seeds": [0, 1], "train_fractions": FRACTIONS})
+    cfg = parse_config(raw)
+    outcome = run_sweep(cfg)
+    assert len(outcome.cells) == 2 * 2 * 3 and set(outcome.cells.values()) == {"FINISHED"}
+    assert outcome.n_encoded == 2 * 200  # two resolutions x 200 images: each image embedded once
+
+    client = MlflowClient(cfg.resolved_tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([exp.experiment_id], "tags.`medscale.kind` = 'cell'")
+    tr, Y = _train_rows(synth_roots["nih14"])
+    n_by = {}
+    for r in runs:
+        p = r.data.params
+        f, seed = float(p["train_fraction"]), int(p["seed"])
+        expect = train_subset(tr["patient_id"].tolist(), Y, TrainSize(f), seed, NIH14.classes)
+        assert int(p["n_train_cases"]) == expect.n_cases == int(r.data.metrics["n_train"])
+        assert int(p["n_train_pos_Effusion"]) == expect.positives["Effusion"]
+        n_by[(int(p["resolution"]), seed, f)] = expect.n_cases
+    for (res, seed, f), n in n_by.items():  # fewer cases for a smaller fraction, the same at each resolution
+        assert n == n_by[(32, seed, f)]
+        if f < 1.0:
+            assert n < n_by[(res, seed, FRACTIONS[FRACTIONS.index(f) + 1])]
+
+    out = tmp_path / "analysis"
+    result = analyze(config=None, tracking_uri=cfg.resolved_tracking_uri, experiments=[cfg.name], out=str(out),
+                     n_boot=200, log=False)
+    dx = result["data_axis"]
+    assert {(c.encoder, c.resolution) for c in dx["curves"] if c.key.metric == "auc"} == {
+        ("test_vit_tiny16", 32), ("test_vit_tiny16", 48)}
+    v = pd.read_csv(out / "data_verdicts.csv")
+    assert len(v) == len(dx["curves"]) and v["verdict"].notna().all()
+    auc = v[v["metric"] == "auc"]
+    assert (auc["sizes"] == "f0.1 f0.5 all").all()
+    assert dx["plots"] and all((out / "plots" / p.split("/")[-1]).exists() for p in dx["plots"])
+    assert "Training-set size" in (out / "report.md").read_text()
+    # the other axes see only the full-data cells: resolution curves of two points, not six
+    main = pd.read_csv(result["verdicts"])
+    assert (main["x"].str.split().str.len() <= 2).all()

@@ -1,0 +1,98 @@
+"""`medscale plan`: counts from the index (unknown without data), cache bytes within 10% of what a
+sweep writes, cached state after a run, the pretraining-resolution warning, the plan as files and
+as an MLflow run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cache import FeatureCache
+from orchestrator.config import load_config, parse_config
+from orchestrator.plan import build_plan, format_plan, gather, plan_sweep
+from orchestrator.sweep import plan_cells, run_sweep
+from orchestrator.throughput import MEASURED, items_per_second
+from tasks.encoders import ENCODERS
+
+from .conftest import REPO, sweep_config
+
+PAPER = REPO / "configs" / "paper.yaml"
+
+
+def test_plan_of_the_paper_grid_runs_without_data(tmp_path):
+    cfg = load_config(PAPER, {"output": str(tmp_path / "out"), "storage": None,
+                              "data": {"nih14": str(tmp_path / "none1"), "rsna_pneumonia": str(tmp_path / "none2")}})
+    plan = plan_sweep(cfg)
+    assert len(plan.extractions) == 3 * 6 * 2 and len(plan.cells) == cfg.n_cells() == 360
+    assert all(e.items is None and e.cache_bytes is None and e.cached == "unknown" for e in plan.extractions)
+    assert sum("item counts unknown" in w for w in plan.warnings) == 2
+    # 384-1024 px are above DINOv3's 256 px pretraining input: one warning per encoder
+    above = [w for w in plan.warnings if "pretraining resolution (256 px)" in w]
+    assert len(above) == 3 and all("384, 512, 768, 1024 px" in w for w in above)
+    assert plan.totals["incomplete"] and "unknown" in format_plan(plan)
+    # GFLOPs per item are the registry's; the rate is an estimate at the stated utilisation
+    e = next(e for e in plan.extractions if e.encoder == "dinov3_vitl16" and e.resolution == 512)
+    assert e.gflops_per_item == pytest.approx(ENCODERS["dinov3_vitl16"].gflops(512))
+    assert e.throughput == "estimated" and e.items_per_s == pytest.approx(0.35 * 989e3 / e.gflops_per_item)
+
+
+def test_plan_of_the_paper_grid_counts_a_synthetic_dataset_exactly(synth_roots, tmp_path):
+    from tasks.datasets import get_dataset
+
+    cfg = load_config(PAPER, {"output": str(tmp_path / "out"), "storage": None,
+                              "data": {k: str(v) for k, v in synth_roots.items()}})
+    plan = plan_sweep(cfg)
+    for e in plan.extractions:
+        n = len(get_dataset(e.dataset, synth_roots[e.dataset]).index())
+        assert e.items == e.cases == n and e.cache_bytes > n * ENCODERS[e.encoder].embed_dim * 2 * 4
+        assert e.device_hours == pytest.approx(n / e.items_per_s / 3600)
+    assert not any("unknown" in w for w in plan.warnings)
+
+
+def test_measured_throughput_wins_over_the_estimate():
+    assert items_per_second("cpu-2core", "dinov3_vits16", 224, 9.4) == (MEASURED[("cpu-2core", "dinov3_vits16", 224)],
+                                                                         "measured")
+    assert items_per_second("cpu-2core", "dinov3_vits16", 256, 12.5)[1] == "estimated"
+
+
+def test_a_cell_whose_features_exceed_its_gpu_share_is_warned(synth_roots, tmp_path):
+    raw = sweep_config(tmp_path, synth_roots, resources={"cell_gpus": {"tiny": 0.0}})
+    cfg = parse_config(raw)
+    cells, skipped = plan_cells(cfg)
+    plan = build_plan(cfg, cells, skipped, gather(cfg, cells), accelerator="T4")
+    assert sum("exceed the cell's GPU share" in w for w in plan.warnings) == 8  # dataset x protocol x res
+    assert all(c.gpu_share == 0.0 and c.memory_bytes == 200 * 128 * 4 for c in plan.cells)
+
+
+def _entry_bytes(cache: FeatureCache, key) -> int:
+    d = Path(cache.entry_path(key))
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def test_planned_cache_bytes_and_items_match_a_sweep(ray_session, synth_roots, tmp_path, one_torch_thread):
+    cfg = parse_config(sweep_config(tmp_path, synth_roots, grid={"protocols": ["linear_probe"]}))
+    before = {(e.encoder, e.resolution, e.dataset): e for e in plan_sweep(cfg).extractions}
+    assert {e.cached for e in before.values()} == {"unknown"}  # no weights digest yet
+    outcome = run_sweep(cfg)
+    assert set(outcome.cells.values()) == {"FINISHED"}
+    cache = FeatureCache(cfg.cache_root)
+    for ex in outcome.extractions:
+        j = ex.job
+        planned = before[(j.encoder, j.resolution, j.dataset)]
+        written = sum(_entry_bytes(cache, k) for k in ex.keys.values())
+        assert planned.items == ex.n_encoded  # exact: every indexed image, once
+        assert abs(planned.cache_bytes - written) <= 0.10 * written, (planned.cache_bytes, written)
+    # after the run the weights digests are known: the plan sees the cache
+    assert {e.cached for e in plan_sweep(cfg).extractions} == {"yes"}
+    # printed and saved before the sweep, and logged as the sweep's plan run
+    saved = json.loads((cfg.output_path / "plan" / "plan.json").read_text())
+    assert saved["totals"]["cells"] == 4 and (cfg.output_path / "plan" / "plan.md").exists()
+    client = MlflowClient(cfg.resolved_tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([exp.experiment_id], "tags.`medscale.kind` = 'plan'")
+    assert runs and runs[0].data.metrics["cells"] == 4
+    art = Path(runs[0].info.artifact_uri.removeprefix("file://"))
+    assert (art / "plan.json").exists() and (art / "plan.md").exists()
