@@ -41,10 +41,11 @@ data/rsna/stage_2_train_labels.csv: | venv
 demo-data: data/nih14/Data_Entry_2017.csv data/rsna/stage_2_train_labels.csv
 
 demo: venv demo-data
-	$(BIN)/medscale sweep configs/demo.yaml --resume
+	$(BIN)/medscale sweep configs/demo.yaml --resume --accelerator cpu-2core
 	$(BIN)/medscale analyze --config configs/demo.yaml
 	@echo
-	@echo "Report:     runs/demo/analysis/report.md (plots beside it; report.html opens in a browser)"
+	@echo "Plan:       runs/demo/plan/plan.md"
+	@echo "Report:     runs/demo/analysis/report.md (plots beside it; data axis: plots/data_*.png; report.html opens in a browser)"
 	@$(BIN)/medscale runs configs/demo.yaml
 
 bench: venv

@@ -32,7 +32,8 @@ def banner(cfg: SweepConfig, n_cells: int, skipped: dict[str, str]) -> None:
     g = cfg.grid
     _p(f"== medscale sweep '{cfg.name}': {n_cells} cells "
        f"({len(g.encoders)} encoders x {len(g.resolutions)} resolutions x {len(g.datasets)} datasets x "
-       f"{len(g.protocols)} protocols x {len(g.seeds)} seeds)")
+       f"{len(g.protocols)} protocols x {len(g.seeds)} seeds"
+       f"{f' x {len(g.train_sizes)} train sizes' if len(g.train_sizes) > 1 else ''})")
     if cfg.weights == "random":
         _p("== WEIGHTS: random  -- encoders are RANDOMLY INITIALISED; results say nothing about pretrained models")
     else:

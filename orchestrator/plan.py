@@ -34,6 +34,7 @@ ROW_OVERHEAD = 90
 FILE_OVERHEAD = 2_600
 MARKER_BYTES = 930
 DENSE_FAMILIES = ("dense", "training_free")
+HEADER_SAMPLE = 500  # volume headers read for a slice count before sampling
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Counts:
     slices: int | None = None  # volumes: slices the encoder sees (headers), else None
     train: tuple[list[str], list[list[int]]] | None = None  # train rows: patients, targets
     tiles: int | None = None  # slides: from a cached entry's metadata only
+    note: str = ""
     id_bytes: float = 24.0  # mean len(case_id) + len(patient_id): what a cache row stores besides floats
     n_classes: int = 1
 
@@ -116,8 +118,14 @@ def count_items(cfg: SweepConfig, name: str) -> Counts | str:
     if kind == "volume":
         from tasks.datasets.ct_rate import n_slices
 
+        paths = [str(p) for p in idx["path"]]
+        # Headers only, but tens of thousands of them on NFS take minutes: above HEADER_SAMPLE
+        # volumes, an evenly spaced sample is read and scaled (the plan says so).
+        sample = paths if len(paths) <= HEADER_SAMPLE else paths[:: len(paths) // HEADER_SAMPLE]
         try:
-            counts.slices = sum(n_slices(str(p)) for p in idx["path"])
+            counts.slices = round(sum(n_slices(p) for p in sample) * len(paths) / len(sample))
+            if len(sample) < len(paths):
+                counts.note = f"slices scaled from {len(sample)} of {len(paths)} volume headers"
         except Exception:  # noqa: BLE001 - a bad header: slices unknown, volumes still counted
             counts.slices = None
     elif hasattr(ds, "n_slices"):  # dense datasets: slices per case (1 for 2D)
@@ -233,7 +241,7 @@ def build_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], gat
         kind = counts.kind if known else "image"
         n_cases = sum(counts.cases.values()) if known else None
         families = _families(cfg, cells, (enc, res, ds))
-        note = ""
+        note = counts.note if known else ""
         if kind == "slide":
             tiles = meta.get("n_tiles")
             items = int(sum(tiles.values())) if isinstance(tiles, dict) else None
@@ -369,7 +377,8 @@ def format_plan(plan: Plan) -> str:
                  f"{plan.accelerator}-hours{' (estimated: *)' if t['estimated'] else ''}"
                  f"; cache {_gb(t['cache_bytes'])} ({_gb(t['cache_bytes_new'])} new, "
                  f"{_gb(t['free_bytes'])} free)")
-    lines += [f"WARNING: {w}" for w in plan.warnings]
+    notes = dict.fromkeys(f"{e.dataset}: {e.note}" for e in plan.extractions if e.note)
+    lines += [f"note: {n}" for n in notes] + [f"WARNING: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
 

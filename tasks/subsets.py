@@ -141,6 +141,14 @@ def train_subset(patients: Sequence[str], targets: np.ndarray, size: TrainSize, 
                   {c: int((Y[mask, j] > 0).sum()) for j, c in enumerate(classes)})
 
 
+def subset_ids(case_ids: Sequence[str], patients: Sequence[str], targets: np.ndarray, size: TrainSize, seed: int,
+               classes: Sequence[str] | None = None, task: str = "multilabel") -> list[str]:
+    """`train_subset` for heads that take case ids (dense heads: `fit(source, train_ids, val_ids)`):
+    the training case ids a cell of `size` keeps, in their given order."""
+    mask = train_subset(patients, targets, size, seed, classes, task).mask
+    return [c for c, k in zip(case_ids, mask, strict=True) if k]
+
+
 def _shots(P: np.ndarray, shots: int, rng: np.random.Generator, binary: bool) -> np.ndarray:
     """k patients positive for each class (and k with no positive label), the first k of one seeded
     order: nested in k, and a class with fewer than k positive patients gives all it has."""
@@ -159,4 +167,4 @@ def train_sizes(fractions: Sequence[float] | None, shots: Sequence[int] | None) 
     return [TrainSize(fraction=float(f)) for f in (fractions or [1.0])]
 
 
-__all__ = ["Subset", "TrainSize", "train_sizes", "train_subset"]
+__all__ = ["Subset", "TrainSize", "subset_ids", "train_sizes", "train_subset"]

@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from analysis.data_axis import DataCurve, cases_to_reach, labels_saved
 from analysis.curves import CurveKey
+from analysis.data_axis import DataCurve, cases_to_reach, labels_saved
 from orchestrator.cells import Cell
 from orchestrator.config import parse_config
 from orchestrator.sweep import plan_cells, run_sweep
 from tasks.errors import ConfigError
-from tasks.subsets import TrainSize, train_subset
+from tasks.subsets import TrainSize, subset_ids, train_subset
 
 from .conftest import sweep_config
 
@@ -36,7 +36,7 @@ def test_subsets_are_nested_stratified_and_patient_level(synth_roots):
     pats = tr["patient_id"].tolist()
     for seed in (0, 1):
         masks = [train_subset(pats, Y, TrainSize(f), seed, NIH14.classes, "multilabel").mask for f in FRACTIONS]
-        for small, big in zip(masks, masks[1:]):
+        for small, big in zip(masks, masks[1:], strict=False):
             assert not (small & ~big).any()  # nested
         assert masks[-1].all()
         for m in masks:  # patient-level: a patient's cases are all in, or all out
@@ -64,10 +64,13 @@ def test_shots_per_class_are_nested():
     pats = [f"p{i // 2}" for i in range(300)]
     Y = (rng.random((300, 1)) < 0.3).astype(int)
     masks = [train_subset(pats, Y, TrainSize(shots=k), 0, ["pos"], "binary").mask for k in (1, 4, 16)]
-    for small, big in zip(masks, masks[1:]):
+    for small, big in zip(masks, masks[1:], strict=False):
         assert not (small & ~big).any()
     one = train_subset(pats, Y, TrainSize(shots=4), 0, ["pos"], "binary")
     assert one.n_patients == 8 and one.positives["pos"] >= 4  # 4 positive and 4 negative patients
+    ids = [f"c{i}" for i in range(300)]
+    assert subset_ids(ids, pats, Y, TrainSize(shots=4), 0, ["pos"], "binary") == [
+        c for c, k in zip(ids, one.mask, strict=True) if k]
 
 
 def test_grid_and_cell_ids(synth_roots, tmp_path):

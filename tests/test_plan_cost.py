@@ -96,3 +96,14 @@ def test_planned_cache_bytes_and_items_match_a_sweep(ray_session, synth_roots, t
     assert runs and runs[0].data.metrics["cells"] == 4
     art = Path(runs[0].info.artifact_uri.removeprefix("file://"))
     assert (art / "plan.json").exists() and (art / "plan.md").exists()
+
+
+def test_pretraining_resolutions_are_timms_pretrained_input_sizes():
+    import timm
+
+    for spec in ENCODERS.values():
+        if spec.pretrained_tag is None:
+            assert spec.pretrain_resolution is None
+            continue
+        cfg = timm.models.get_pretrained_cfg(f"{spec.timm_name}.{spec.pretrained_tag}")
+        assert cfg.input_size[-1] == spec.pretrain_resolution, spec.name
