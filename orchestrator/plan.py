@@ -15,7 +15,6 @@ it gathered, so tests can feed it any counts.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from orchestrator.cells import Cell
 from orchestrator.config import SweepConfig
+from orchestrator.plan_format import format_markdown, format_plan, human_bytes, write_plan
 from orchestrator.throughput import get_accelerator, items_per_second
 
 # Bytes a pooled cache entry takes beyond its float32 vectors, fitted to entries the pipeline wrote
@@ -115,7 +115,14 @@ def count_items(cfg: SweepConfig, name: str) -> Counts | str:
     counts = Counts(kind, cases, train=(train["patient_id"].astype(str).tolist(), train["target"].tolist()),
                     id_bytes=float(idx["case_id"].astype(str).str.len().mean() + idx["patient_id"].astype(str).str.len().mean()),
                     n_classes=len(ds.classes))
-    if kind == "volume":
+    from tasks.datasets.dense_base import DenseDataset
+
+    if isinstance(ds, DenseDataset):  # dense datasets: slices per case (1 for 2D), from headers
+        try:
+            counts.slices = sum(int(ds.n_slices(str(c))) for c in idx["case_id"])
+        except Exception:  # noqa: BLE001
+            counts.slices = None
+    elif kind == "volume":  # CT-RATE: volumes embedded slice by slice, pooled per volume
         from tasks.datasets.ct_rate import n_slices
 
         paths = [str(p) for p in idx["path"]]
@@ -127,11 +134,6 @@ def count_items(cfg: SweepConfig, name: str) -> Counts | str:
             if len(sample) < len(paths):
                 counts.note = f"slices scaled from {len(sample)} of {len(paths)} volume headers"
         except Exception:  # noqa: BLE001 - a bad header: slices unknown, volumes still counted
-            counts.slices = None
-    elif hasattr(ds, "n_slices"):  # dense datasets: slices per case (1 for 2D)
-        try:
-            counts.slices = sum(int(ds.n_slices(str(c))) for c in idx["case_id"])
-        except Exception:  # noqa: BLE001
             counts.slices = None
     return counts
 
@@ -252,8 +254,14 @@ def build_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], gat
         elif families & set(DENSE_FAMILIES):
             item, feature = "slice", "dense"
             items = counts.slices if known else None
-            grid = res // spec.patch_size
-            nbytes = planned_bytes(items, grid, spec.embed_dim) if items is not None else None
+            from tasks.datasets import dataset_class
+
+            # channels = modalities x layers x width (tasks.dense.FeatureSource); layers from a
+            # protocol's `layers` hyperparameter where it has one, else the last block
+            layers = max([len(cfg.protocols.get(c.protocol, {}).get("layers", [0]) or [0]) for c in cells
+                          if c.extraction == (enc, res, ds)] or [1])
+            channels = getattr(dataset_class(ds), "n_modalities", 1) * layers * spec.embed_dim
+            nbytes = planned_bytes(items, res // spec.patch_size, channels) if items is not None else None
             row_bytes[(enc, res, ds)] = (None, None)
         else:
             item, feature = ("slice" if kind == "volume" else "image"), "pooled"
@@ -297,7 +305,7 @@ def build_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], gat
     for what, ids in too_big.items():
         mem = next(p.memory_bytes for p in cell_plans if p.cell_id == ids[0])
         share = next(p.gpu_share for p in cell_plans if p.cell_id == ids[0])
-        warnings.append(f"{what}: features {_gb(mem)} exceed the cell's GPU share ({share:g} x {acc.memory_gb:g} GB "
+        warnings.append(f"{what}: features {human_bytes(mem)} exceed the cell's GPU share ({share:g} x {acc.memory_gb:g} GB "
                         f"on {acc.name}) in {len(ids)} cell(s); raise resources.cell_gpus")
 
     new = [e for e in exps if e.cached != "yes"]
@@ -305,11 +313,11 @@ def build_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], gat
     dense_new = sum(e.cache_bytes or 0 for e in new if e.feature == "dense")
     free = gathered.get("free_bytes")
     if free is not None and dense_new > free:
-        warnings.append(f"the dense cache to write ({_gb(dense_new)}) is larger than the storage's free space "
-                        f"({_gb(free)}) at {cfg.cache_root}")
+        warnings.append(f"the dense cache to write ({human_bytes(dense_new)}) is larger than the storage's free space "
+                        f"({human_bytes(free)}) at {cfg.cache_root}")
     elif free is not None and new_bytes > free:
-        warnings.append(f"the feature cache to write ({_gb(new_bytes)}) is larger than the storage's free space "
-                        f"({_gb(free)}) at {cfg.cache_root}")
+        warnings.append(f"the feature cache to write ({human_bytes(new_bytes)}) is larger than the storage's free space "
+                        f"({human_bytes(free)}) at {cfg.cache_root}")
     unknown_time = [e for e in new if e.device_hours is None]
     totals = {
         "cells": len(cells), "skipped_cells": len(skipped), "runs": len(cells), "extractions": len(exps),
@@ -332,80 +340,4 @@ def plan_sweep(cfg: SweepConfig, accelerator: str = "H100") -> Plan:
     return build_plan(cfg, cells, skipped, gather(cfg, cells), accelerator)
 
 
-# -- output ----------------------------------------------------------------------------------------
-
-def _gb(n: float | None) -> str:
-    if n is None:
-        return "unknown"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def _n(v: int | None) -> str:
-    return "unknown" if v is None else f"{v:,}"
-
-
-def _hours(h: float | None) -> str:
-    return "unknown" if h is None else (f"{h:.2f}" if h >= 0.01 else f"{h * 3600:.1f} s")
-
-
-def format_plan(plan: Plan) -> str:
-    """The plan as a text table (printed by `medscale plan` and before a sweep)."""
-    t = plan.totals
-    head = (f"{'extraction':<40} {'items':>14} {'GFLOPs/item':>11} {'s/1k items':>10} {'cache':>10} {'cached':>7} "
-            f"{'hours':>9}")
-    lines = [f"== plan of '{plan.sweep}' on {plan.accelerator} "
-             f"({'measured throughput where known, else ' if t['estimated'] else ''}"
-             f"{plan.utilisation:.0%} of peak: estimated)", head, "-" * len(head)]
-    for e in plan.extractions:
-        label = f"{e.encoder}@{e.resolution}px/{e.dataset}"
-        items = f"{_n(e.items)} {e.item}s"
-        hours = _hours(e.device_hours) + ("*" if e.throughput == "estimated" and e.device_hours is not None else "")
-        per_k = f"{1000 / e.items_per_s:.1f}" if e.items_per_s else "-"
-        lines.append(f"{label:<40} {items:>14} {e.gflops_per_item:>11.2f} {per_k:>10} {_gb(e.cache_bytes):>10} "
-                     f"{e.cached:>7} {hours:>9}")
-    shares = sorted({c.gpu_share for c in plan.cells})
-    mems = [c.memory_bytes for c in plan.cells if c.memory_bytes is not None]
-    lines.append("-" * len(head))
-    lines.append(f"cells: {t['cells']} ({t['skipped_cells']} skipped), one MLflow run each; GPU share per cell "
-                 f"{', '.join(f'{s:g}' for s in shares) or '-'}; features per cell up to "
-                 f"{_gb(max(mems)) if mems else 'unknown'}")
-    hours = _hours(t["device_hours"]) + (" + unknown" if t["incomplete"] else "")
-    lines.append(f"to encode: {t['items_to_encode']:,} items{' + unknown' if t['incomplete'] else ''}, {hours} "
-                 f"{plan.accelerator}-hours{' (estimated: *)' if t['estimated'] else ''}"
-                 f"; cache {_gb(t['cache_bytes'])} ({_gb(t['cache_bytes_new'])} new, "
-                 f"{_gb(t['free_bytes'])} free)")
-    notes = dict.fromkeys(f"{e.dataset}: {e.note}" for e in plan.extractions if e.note)
-    lines += [f"note: {n}" for n in notes] + [f"WARNING: {w}" for w in plan.warnings]
-    return "\n".join(lines)
-
-
-def format_markdown(plan: Plan) -> str:
-    t = plan.totals
-    out = [f"# Plan of sweep `{plan.sweep}` on {plan.accelerator}", "",
-           "| encoder | px | dataset | items | feature | GFLOPs/item | cache | cached | items/s | hours |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for e in plan.extractions:
-        rate = "unknown" if e.items_per_s is None else f"{e.items_per_s:,.1f} ({e.throughput})"
-        out.append(f"| {e.encoder} | {e.resolution} | {e.dataset} | {_n(e.items)} {e.item}s | {e.feature} | "
-                   f"{e.gflops_per_item:.2f} | {_gb(e.cache_bytes)} | {e.cached} | {rate} | {_hours(e.device_hours)} |")
-    out += ["", "| cell | GPU share | feature memory | GPU share memory | train cases |", "|---|---|---|---|---|"]
-    out += [f"| {c.cell_id} | {c.gpu_share:g} | {_gb(c.memory_bytes)} | {_gb(c.gpu_memory_bytes)} | "
-            f"{_n(c.n_train)} |" for c in plan.cells]
-    out += ["", "## Totals", ""] + [f"- {k}: {v}" for k, v in t.items()]
-    out += ["", f"Throughput: measured where orchestrator/throughput.py has a figure, else GFLOPs at "
-            f"{plan.utilisation:.0%} of {plan.accelerator}'s peak (estimated)."]
-    if plan.warnings:
-        out += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
-    return "\n".join(out) + "\n"
-
-
-def write_plan(plan: Plan, out_dir: str | os.PathLike) -> Path:
-    """plan.json and plan.md under `out_dir` (created); returns the directory."""
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "plan.json").write_text(plan.to_json())
-    (d / "plan.md").write_text(format_markdown(plan))
-    return d
+__all__ = ["Plan", "build_plan", "format_markdown", "format_plan", "gather", "plan_sweep", "write_plan"]
