@@ -32,7 +32,7 @@ def test_every_shipped_config_validates(path):
 def test_demo_config_is_the_laptop_grid():
     cfg = load_config(REPO / "configs" / "demo.yaml")
     assert cfg.weights == "random"
-    assert cfg.n_cells() == 16
+    assert cfg.n_cells() == 16 * 3  # x three training-set sizes (the data axis)
     assert cfg.resolved_tracking_uri == f"sqlite:///{cfg.output_path / 'mlflow.db'}"
 
 
