@@ -207,6 +207,10 @@ def pooled_bytes(rows_per_split: dict[str, int], dim: int, id_bytes: float = 24.
     return int(n * per_row + files * FILE_OVERHEAD + len(rows_per_split) * MARKER_BYTES)
 
 
+def _n_or(v: int | None) -> str:
+    return "unknown" if v is None else str(v)
+
+
 def _families(cfg: SweepConfig, cells: list[Cell], extraction: tuple[str, int, str]) -> set[str]:
     from tasks.protocols import PROTOCOLS
 
@@ -249,7 +253,7 @@ def build_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], gat
             items = int(sum(tiles.values())) if isinstance(tiles, dict) else None
             item, feature = "tile", "bags"
             nbytes = pooled_bytes({"all": items}, dim, batch_size=cfg.resources.extract_batch_size) if items else None
-            note = "tiles known once tiled (cached entry)" if items is None else ""
+            note = f"{_n_or(n_cases)} slides; tiles are counted once tiled (a cached entry)" if items is None else ""
             row_bytes[(enc, res, ds)] = (items, dim * 4)
         elif families & set(DENSE_FAMILIES):
             item, feature = "slice", "dense"

@@ -107,3 +107,22 @@ def test_pretraining_resolutions_are_timms_pretrained_input_sizes():
             continue
         cfg = timm.models.get_pretrained_cfg(f"{spec.timm_name}.{spec.pretrained_tag}")
         assert cfg.input_size[-1] == spec.pretrain_resolution, spec.name
+
+
+def test_a_dense_grid_plans_slices_and_dense_cache_bytes(tmp_path):
+    import yaml
+
+    from tasks.datasets import dataset_class, get_dataset
+    from tasks.dense import planned_bytes
+
+    root = tmp_path / "ac3ac4"
+    dataset_class("ac3ac4").synth(root, seed=0)
+    raw = yaml.safe_load((REPO / "configs" / "em.yaml").read_text())
+    raw["grid"].update(datasets=["ac3ac4"], resolutions=[224])
+    raw.update(data={"ac3ac4": str(root)}, output=str(tmp_path / "out"), storage=None)
+    cfg = parse_config(raw)
+    ds = get_dataset("ac3ac4", root, **cfg.options_for("ac3ac4"))
+    slices = sum(ds.n_slices(c) for c in ds.index()["case_id"])
+    for e in plan_sweep(cfg).extractions:
+        assert e.feature == "dense" and e.item == "slice" and e.items == slices
+        assert e.cache_bytes == planned_bytes(slices, 224 // 16, ENCODERS[e.encoder].embed_dim)
