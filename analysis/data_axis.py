@@ -74,6 +74,8 @@ def data_curves(df: pd.DataFrame, predictions: dict | None = None, n_boot: int =
     d = df.copy()
     d["weights"] = d["weights"].fillna("").astype(str) if "weights" in d.columns else ""
     d["train_shots"] = d["train_shots"].fillna(0).astype(int) if "train_shots" in d.columns else 0
+    if "n_train" not in d.columns:  # a points file without counts: no x for a data curve
+        d["n_train"] = np.nan
     d["size"] = [_size_label(f, k) for f, k in zip(d["train_fraction"].fillna(1.0), d["train_shots"], strict=True)]
     d = d[d["metric"].map(is_performance_metric)]
     out: list[DataCurve] = []
@@ -172,6 +174,7 @@ def plot_data_curves(curves: list[DataCurve], out_dir: Path, random_init: bool =
     line per encoder and resolution, with the cells' intervals."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     from analysis.plots import safe_name
 
@@ -189,7 +192,11 @@ def plot_data_curves(curves: list[DataCurve], out_dir: Path, random_init: bool =
             if np.isfinite(c.lo).all():
                 ax.fill_between(c.x, c.lo, c.hi, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_xscale("log")
-        ax.set_xlabel("training cases (log)")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, 50, 100: cases, not powers of ten
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel("training cases (log scale)")
         ax.set_ylabel(metric)
         ax.set_title(f"{ds} / {proto}: {metric} vs training-set size" + (" [RANDOM-INIT]" if random_init else ""),
                      fontsize=9)
