@@ -24,7 +24,7 @@ def _n(v: int | None) -> str:
 
 
 def _hours(h: float | None) -> str:
-    return "unknown" if h is None else (f"{h:.2f}" if h >= 0.01 else f"{h * 3600:.1f} s")
+    return "unknown" if h is None else (f"{h:.2f} h" if h >= 0.01 else f"{h * 3600:.1f} s")
 
 
 def format_plan(plan: Plan) -> str:
@@ -50,7 +50,7 @@ def format_plan(plan: Plan) -> str:
                  f"{human_bytes(max(mems)) if mems else 'unknown'}")
     hours = _hours(t["device_hours"]) + (" + unknown" if t["incomplete"] else "")
     lines.append(f"to encode: {t['items_to_encode']:,} items{' + unknown' if t['incomplete'] else ''}, {hours} "
-                 f"{plan.accelerator}-hours{' (estimated: *)' if t['estimated'] else ''}"
+                 f"on {plan.accelerator}{' (estimated: *)' if t['estimated'] else ''}"
                  f"; cache {human_bytes(t['cache_bytes'])} ({human_bytes(t['cache_bytes_new'])} new, "
                  f"{human_bytes(t['free_bytes'])} free)")
     notes = dict.fromkeys(f"{e.dataset}: {e.note}" for e in plan.extractions if e.note)

@@ -147,3 +147,26 @@ def test_a_data_axis_sweep_embeds_once_and_is_analysed(ray_session, synth_roots,
     # the other axes see only the full-data cells: resolution curves of two points, not six
     main = pd.read_csv(result["verdicts"])
     assert (main["x"].str.split().str.len() <= 2).all()
+
+
+def test_analysis_of_points_compares_two_encoders_data_curves(tmp_path):
+    from analysis.data_axis import analyze_data_axis
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for enc, params, lift in (("small", 2e7, 0.0), ("large", 3e8, 0.04)):
+        for f, n in ((0.1, 20), (0.5, 100), (1.0, 200)):
+            for seed in range(4):
+                auc = 0.6 + 0.05 * np.log10(n) + lift + rng.normal(0, 0.003)
+                rows.append({"dataset": "d", "protocol": "linear_probe", "metric": "auc", "encoder": enc,
+                             "params": params, "gflops": 1.0, "resolution": 224, "seed": seed, "value": auc,
+                             "weights": "hub", "task": "binary", "train_fraction": f, "train_shots": 0,
+                             "n_train": float(n)})
+    res = analyze_data_axis(pd.DataFrame(rows), tmp_path, n_boot=200)
+    v = res["verdict_table"]
+    assert len(v) == 2 and set(v["verdict"]) == {"scales"}  # each curve rises with the data
+    s = res["savings"].iloc[0]
+    assert (s["smaller"], s["larger"]) == ("small", "large") and s["bound"] == ""
+    # the large encoder reaches the small one's full-data AUC at 200 / 10**(0.04/0.05) = 32 cases
+    assert s["labels_saved"] == pytest.approx(168, abs=15) and s["saved_lo"] <= s["labels_saved"] <= s["saved_hi"]
+    assert (tmp_path / "labels_saved.csv").exists() and "cases saved" in res["markdown"]
