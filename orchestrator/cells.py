@@ -179,6 +179,10 @@ def run_cell(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> d
     if placement:
         results.mark_running(cell_id, placement)
     try:
+        if spec.get("family") == "training_free":  # registration: the cell is the whole evaluation
+            from orchestrator.registration_cells import run_registration_cell
+
+            return run_registration_cell(spec, results, placement)
         if spec.get("cases") is not None:  # a slide dataset: bags, not one row per case
             from orchestrator.bag_cells import run_bag_cell
 

@@ -65,6 +65,10 @@ def plan_cells(cfg: SweepConfig) -> tuple[list[Cell], dict[str, str]]:
     g = cfg.grid
     for enc, res, ds, proto, seed, size in itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols,
                                                              g.seeds, g.train_sizes):
+        if not PROTOCOLS[proto].uses_seed and seed != g.seeds[0]:
+            continue  # the result cannot change with the seed: one cell, on the first seed
+        if PROTOCOLS[proto].family == "training_free" and size != g.train_sizes[0]:
+            continue  # nothing is trained: the training-set size changes nothing either
         cell = Cell(enc, res, ds, proto, seed, size.fraction, size.shots)
         reason = PROTOCOLS[proto].accepts(dataset_class(ds))
         if reason:
@@ -192,6 +196,48 @@ def _plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], tracker:
                            "warnings": float(len(plan.warnings))}, str(d), kind="plan")
 
 
+def _training_free_spec(cfg: SweepConfig, c: Cell, runner: _Runner, results: ResultStore, memo: DigestMemo,
+                        has_gpu: bool) -> dict[str, Any] | None:
+    """The spec of a registration cell (orchestrator/registration_cells.py), its MLflow params
+    recorded; None when the cell cannot run (recorded as FAILED) or was computed already."""
+    from orchestrator.extraction_phase import _error_text, weights_info
+    from orchestrator.registration_cells import registration_spec
+    from tasks.datasets import dataset_class, get_dataset
+    from tasks.encoders import create_encoder, get_encoder_spec
+    from tasks.protocols import create_protocol
+
+    ds_cls = dataset_class(c.dataset)
+    hp = create_protocol(c.protocol, task=ds_cls.task, seed=c.seed, **cfg.protocols.get(c.protocol, {}))
+    hparams = {k: v for k, v in hp.get_params().items() if k not in ("task", "seed")}
+    enc = get_encoder_spec(c.encoder)
+    params = {"encoder": c.encoder, "timm_model": enc.timm_name, "params": enc.params,
+              "gflops": float(enc.gflops(c.resolution)), "resolution": c.resolution, "dataset": c.dataset,
+              "protocol": c.protocol, "seed": c.seed, "weights": cfg.weights, "task": ds_cls.task,
+              "n_classes": len(ds_cls.classes), "sweep": cfg.name, "medscale_version": __version__,
+              "git_commit": git_commit(), "feature_source": "online", "layers": "last",
+              **{f"hp_{k}": v for k, v in hparams.items()},
+              **{f"dataset_{k}": v for k, v in cfg.options_for(c.dataset).items()}}
+    runner.params[c.cell_id] = params
+    try:
+        ds = get_dataset(c.dataset, str(cfg.data_root(c.dataset)), val_fraction=cfg.val_fraction,
+                         seed=cfg.split_seed, **cfg.options_for(c.dataset))
+        params["dataset_fingerprint"] = ds.fingerprint()
+        info = weights_info(c.encoder, cfg.weights, memo)
+        params.update(weights_kind=info.get("kind", ""), weights_source=info["source"],
+                      weights_digest=info["digest"],
+                      **{f"preprocess_{k}": v for k, v in create_encoder(c.encoder, weights="random", device="meta")
+                         .preprocess_info().items()})
+    except Exception as e:  # noqa: BLE001 - this cell fails alone, with the reason
+        runner.on_error(c.cell_id, _error_text(e))
+        return None
+    if results.read(c.cell_id) is not None:  # computed before the driver died: log it
+        runner.on_start(c.cell_id)
+        runner.on_result(c.cell_id, {})
+        return None
+    share = cfg.resources.cell_gpu_share(enc.size, c.resolution) if has_gpu else 0.0
+    return registration_spec(c, cfg, results.root, info, share, ds_cls.task, list(ds_cls.classes))
+
+
 def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, address: str | None = None,
               ray_init: dict[str, Any] | None = None, allow_missing: bool = False,
               accelerator: str = "H100") -> SweepOutcome:
@@ -258,7 +304,12 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
 
     cache = FeatureCache(cfg.cache_root)
     memo = DigestMemo(out / "weights_digests.json")
-    extractions, failures, datasets = extract_all(cfg, todo, cache, memo, resources.get("GPU", 0.0))
+    # Training-free cells (registration) encode online inside the cell: nothing to extract.
+    from tasks.protocols import PROTOCOLS
+
+    free = {c.cell_id for c in todo if PROTOCOLS[c.protocol].family == "training_free"}
+    extractions, failures, datasets = extract_all(cfg, [c for c in todo if c.cell_id not in free], cache, memo,
+                                                  resources.get("GPU", 0.0))
     outcome.extractions = list(extractions.values())
     with (out / "extractions.jsonl").open("a") as f:
         for ex in extractions.values():
@@ -266,6 +317,11 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
 
     specs = []
     for c in todo:
+        if c.cell_id in free:
+            spec = _training_free_spec(cfg, c, runner, results, memo, has_gpu)
+            if spec is not None:
+                specs.append(spec)
+            continue
         ex = extractions.get(c.extraction)
         if ex is None:
             runner.params[c.cell_id] = {"encoder": c.encoder, "resolution": c.resolution, "dataset": c.dataset,

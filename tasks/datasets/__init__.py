@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+from tasks.datasets.acdc import ACDC
 from tasks.datasets.autolaparo import AutoLaparo
 from tasks.datasets.base import DATASETS, ImageDataset, Problem, register_dataset
 from tasks.datasets.bcnb import BCNB
 from tasks.datasets.camelyon import Camelyon16, Camelyon17
+from tasks.datasets.camus import CAMUS
 from tasks.datasets.ct_rate import CTRATE
 from tasks.datasets.edd2020 import EDD2020
 from tasks.datasets.em import AC3AC4, CREMI, CREMIA, CREMIB, CREMIC
@@ -18,9 +20,9 @@ from tasks.datasets.rsna import RSNAPneumonia
 from tasks.errors import ConfigError
 
 # Every dataset module is imported here: importing registers its class (@register_dataset).
-__all__ = ["AC3AC4", "BCNB", "CREMI", "CREMIA", "CREMIB", "CREMIC", "CTRATE", "DATASETS", "EDD2020", "AutoLaparo",
-           "Camelyon16", "Camelyon17", "EndoVis18", "ImageDataset", "KvasirCapsule", "NIH14", "Problem", "RSNAPneumonia",
-           "dataset_class", "get_dataset", "list_datasets", "register_dataset"]
+__all__ = ["AC3AC4", "ACDC", "BCNB", "CAMUS", "CREMI", "CREMIA", "CREMIB", "CREMIC", "CTRATE", "DATASETS", "EDD2020",
+           "AutoLaparo", "Camelyon16", "Camelyon17", "EndoVis18", "ImageDataset", "KvasirCapsule", "NIH14", "Problem",
+           "RSNAPneumonia", "dataset_class", "get_dataset", "list_datasets", "register_dataset"]
 
 
 def list_datasets() -> list[str]:

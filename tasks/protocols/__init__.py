@@ -12,6 +12,7 @@ from typing import Any
 from tasks.errors import ConfigError
 from tasks.protocols.abmil import ABMIL
 from tasks.protocols.base import PROTOCOLS, TASKS, Protocol, register_protocol
+from tasks.protocols.convexadam_reg import ConvexAdamReg, MindConvexAdam
 from tasks.protocols.em_affinity import EMAffinity
 from tasks.protocols.knn import KNN
 from tasks.protocols.linear_probe import LinearProbe
@@ -20,9 +21,9 @@ from tasks.protocols.seg2d_linear import Seg2DLinear
 
 # Every protocol module is imported here: importing registers its class (@register_protocol).
 
-__all__ = ["ABMIL", "KNN", "PROTOCOLS", "TASKS", "EMAffinity", "LinearProbe", "Protocol", "Seg2DDecoder", "Seg2DLinear",
-           "create_protocol", "list_protocols",
-           "protocols_for", "register_protocol"]
+__all__ = ["ABMIL", "KNN", "PROTOCOLS", "TASKS", "ConvexAdamReg", "EMAffinity", "LinearProbe", "MindConvexAdam",
+           "Protocol", "Seg2DDecoder", "Seg2DLinear", "create_protocol", "list_protocols", "protocols_for",
+           "register_protocol"]
 
 
 def list_protocols() -> list[str]:
