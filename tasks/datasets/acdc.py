@@ -28,7 +28,7 @@ import pandas as pd
 from tasks.datasets.base import Report, fresh_root, make_index, register_dataset
 from tasks.datasets.dense_base import DenseDataset
 from tasks.dense import Pair, Sample
-from tasks.errors import DatasetError
+from tasks.errors import ConfigError, DatasetError
 
 GROUPS = ("DCM", "HCM", "MINF", "NOR", "RV")
 VAL_FRACTION = 0.2  # 20 of the 100 training patients (the paper's 80/20)
@@ -71,14 +71,15 @@ class ACDC(DenseDataset):
     classes: ClassVar[tuple[str, ...]] = ("RV", "myocardium", "LV")
     carves_val: ClassVar[bool] = False
     image_suffix: ClassVar[str] = ".nii.gz"
+    missing_item = "image of a listed patient is missing"
 
     def __init__(self, root: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0,
                  spacing: tuple[float, float, float] = (3.15, 1.5, 1.5), crop: tuple[int, int, int] = (32, 128, 128)):
         super().__init__(root, val_fraction, seed)
         self.spacing = tuple(float(s) for s in spacing)
         self.crop = tuple(int(c) for c in crop)
-        if len(self.spacing) != 3 or len(self.crop) != 3:
-            raise DatasetError(str(self.root), f"spacing and crop are (z, y, x) triples, got {spacing}, {crop}")
+        if len(self.spacing) != 3 or len(self.crop) != 3 or min(self.spacing) <= 0 or min(self.crop) < 1:
+            raise ConfigError(f"acdc: spacing and crop are positive (z, y, x) triples, got {spacing}, {crop}")
         self._windows: dict[str, np.ndarray] = {}
 
     def _split_identity(self) -> dict:

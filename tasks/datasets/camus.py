@@ -27,7 +27,7 @@ import pandas as pd
 from tasks.datasets.base import LayoutFile, Report, fresh_root, make_index, register_dataset
 from tasks.datasets.dense_base import DenseDataset
 from tasks.dense import Pair, Sample
-from tasks.errors import DatasetError
+from tasks.errors import ConfigError, DatasetError
 
 VIEWS = ("2CH", "4CH")
 INSTANTS = ("ED", "ES")
@@ -77,6 +77,8 @@ class CAMUS(DenseDataset):
     def __init__(self, root: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0, image_size: int = 128):
         super().__init__(root, val_fraction, seed)
         self.image_size = int(image_size)
+        if self.image_size < 8:
+            raise ConfigError(f"camus: image_size must be >= 8 pixels, got {image_size}")
         self.release = "nifti" if (self.root / "database_nifti").is_dir() else "legacy"
         self.image_dir = self.root / ("database_nifti" if self.release == "nifti" else "training")
         self.ext = ".nii.gz" if self.release == "nifti" else ".mhd"
