@@ -115,6 +115,9 @@ def test_mind_convexadam_recovers_translations_in_2d_and_3d(one_torch_thread):
     assert reg.displacement.shape == (2, 48, 48)
     inner = reg.displacement[:, 10:-10, 10:-10].reshape(2, -1)
     assert np.allclose(np.median(inner, axis=1), (3.0, -2.0), atol=0.5)
+    masked = create_protocol("convexadam_reg", features="mind", grid_sp=4, niter=30, use_mask=True).fit(src)
+    inner = masked.register(src, Pair("p", "f", "m", "test")).displacement[:, 10:-10, 10:-10].reshape(2, -1)
+    assert np.allclose(np.median(inner, axis=1), (3.0, -2.0), atol=0.5)
     # 3D, along the slice axis too: the axis order of the blocks is the array's.
     vol = _texture((14, 32, 32), seed=1)
     shift3 = np.stack([np.full(vol.shape, 2.0), np.full(vol.shape, 0.0), np.full(vol.shape, 3.0)])
@@ -172,3 +175,6 @@ def test_registration_beats_identity_on_synthetic_pairs(name, tmp_path, one_torc
                                    0)[-1]["dice"])
             assert folding_share(reg.displacement) < 0.05
         assert np.mean(after) > np.mean(before) + 0.05, (features, before, after)
+    # The paper's per-table choice: DINO alone in 2D, DINO (24 PCA components) + MIND (12) in 3D.
+    paper = create_protocol("convexadam_reg", features="dino+mind3d", grid_sp=4, niter=0).fit(src)
+    assert paper.register(src, pairs[0]).info["feature_channels"] == (24 if name == "camus" else 36)

@@ -26,18 +26,21 @@ whatever device `device` resolves to (the package's nnUNet variant assumes CUDA;
 from __future__ import annotations
 
 import time
+import warnings
 from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from convexAdam.convex_adam_utils import MINDSSC, correlate, coupled_convex, inverse_consistency
 from scipy import ndimage
 
 from tasks.dense import FeatureSource, Pair, Sample
 from tasks.protocols.base import register_protocol
 from tasks.protocols.dense_base import Registration, TrainingFreeHead
 from tasks.registration import warp_image, warp_labels
+
+with warnings.catch_warnings():  # the package runs warnings.filterwarnings("ignore") on import: keep it local
+    from convexAdam.convex_adam_utils import MINDSSC, correlate, coupled_convex, inverse_consistency
 
 # dino+mind3d: DINO alone on 2D images, DINO + MIND on volumes: the paper's choice per table (Table 15
 # drops MIND on CAMUS, where MIND fails on ultrasound; Table 16 concatenates it on ACDC).
@@ -93,7 +96,9 @@ def convex_step(ff: torch.Tensor, fm: torch.Tensor, grid_sp: int, disp_hw: int, 
     scale = torch.tensor([H // grid_sp - 1, W // grid_sp - 1, D // grid_sp - 1], device=ff.device,
                          dtype=ff.dtype).view(1, 3, 1, 1, 1) / 2
     disp_soft_ = solve(fms, ffs)
-    disp_ice, _ = inverse_consistency((disp_soft / scale).flip(1), (disp_soft_ / scale).flip(1), iter=15)
+    with warnings.catch_warnings():  # the package's grid_sample calls leave align_corners at its default
+        warnings.filterwarnings("ignore", "Default grid_sample and affine_grid behavior", UserWarning)
+        disp_ice, _ = inverse_consistency((disp_soft / scale).flip(1), (disp_soft_ / scale).flip(1), iter=15)
     return F.interpolate(disp_ice.flip(1) * scale * grid_sp, size=(H, W, D), mode="trilinear", align_corners=False)
 
 
