@@ -33,6 +33,8 @@ def test_camus_releases_read_alike_and_pairs_go_ed_to_es(tmp_path):
         ("patient0001_2CH", "patient0001_2CH_ES", "patient0001_2CH_ED"),
         ("patient0001_4CH", "patient0001_4CH_ES", "patient0001_4CH_ED")]
     assert len(nifti.pairs()) == 20 and nifti.check() == [] and legacy.check() == []
+    assert nifti.layout_problems() == [] and "nifti release" in nifti.layout_notes()[0]
+    assert "no CAMUS layout" in get_dataset("camus", tmp_path).layout_problems()[0].message
 
 
 def test_camus_check_names_every_problem(tmp_path):

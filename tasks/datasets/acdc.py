@@ -25,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from tasks.datasets.base import Report, fresh_root, make_index, register_dataset
+from tasks.datasets.base import Problem, Report, fresh_root, make_index, register_dataset
 from tasks.datasets.dense_base import DenseDataset
 from tasks.dense import Pair, Sample
 from tasks.errors import ConfigError, DatasetError
@@ -87,6 +87,12 @@ class ACDC(DenseDataset):
 
     def _image_dirs(self) -> list[Path]:
         return sorted(p for d in ("training", "testing") for p in (self.root / d).glob("patient*") if p.is_dir())
+
+    def layout_problems(self) -> list[Problem]:
+        problems = super().layout_problems()
+        if not problems and not (self.root / "training").is_dir():
+            problems.append(Problem(str(self.root / "training"), "missing ACDC training/ directory"))
+        return problems
 
     def n_slices(self, case_id: str) -> int:
         return self.crop[0]

@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from tasks.datasets.base import LayoutFile, Report, fresh_root, make_index, register_dataset
+from tasks.datasets.base import LayoutFile, Problem, Report, fresh_root, make_index, register_dataset
 from tasks.datasets.dense_base import DenseDataset
 from tasks.dense import Pair, Sample
 from tasks.errors import ConfigError, DatasetError
@@ -92,6 +92,18 @@ class CAMUS(DenseDataset):
 
     def _has_split_files(self) -> bool:
         return all((self.root / f).is_file() for f in SPLIT_FILES.values())
+
+    def layout_problems(self) -> list[Problem]:
+        problems = super().layout_problems()
+        if not problems and not self.image_dir.is_dir():
+            problems.append(Problem(str(self.root), "no CAMUS layout here: expected database_nifti/ (NIfTI "
+                                                    "release) or training/ (legacy release)"))
+        return problems
+
+    def layout_notes(self) -> list[str]:
+        split = "database_split/ files" if self._has_split_files() else f"seeded 80/10/10 (seed {self.seed})"
+        return [f"{self.release} release ({self.image_dir.name}/), split: {split}, images resampled to "
+                f"{self.image_size}x{self.image_size}"]
 
     def _image_dirs(self) -> list[Path]:
         return sorted(p for p in self.image_dir.glob("patient*") if p.is_dir())
