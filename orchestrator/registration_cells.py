@@ -5,10 +5,13 @@ is scored against the fixed one, with the unregistered pair (identity) as the re
 run. Plain Python, like `cells.run_cell` (which dispatches here by the protocol's family).
 
 Results (`<sweep>/cells/<cell_id>/`):
-- `pairs.parquet`: one row per (pair, stage in {identity, registered}, label or 'mean') with dice,
-  hd95, asd, folding: the table `medscale analyze` bootstraps over pairs;
-- `metrics.json`: `registered_dice`, `identity_dice`, ... per label and their mean, NaN counts,
-  `registered_folding_share`, timings, the GPU share the cell asked for and its device;
+- `per_case.parquet`: one row per (pair, label): case_id (the pair), split, class, dice, hd95, asd,
+  folding_share; split "test" for the registered pairs (what `medscale analyze` bootstraps over
+  pairs, as for any dense run) and "identity" for the same pairs unregistered;
+- `metrics.json`: `test_dice`, `test_hd95`, `test_asd` (per label the mean over pairs, then the
+  mean over labels), per label (`test_dice_myocardium`), `test_folding_share`, NaN counts, and the
+  same for the unregistered pairs as `identity_*` (a reference, not a scaling curve); timings,
+  the GPU share the cell asked for and whether it ran on a GPU;
 - `registrations/<pair>_disp.nii.gz` (voxel displacement on the fixed grid, NIfTI axis order
   (x, y[, z]) with the components last, in the same order) and `<pair>_warped_seg.nii.gz`, on the
   fixed image's affine (identity for 2D rasters);
@@ -173,9 +176,9 @@ def run_registration_cell(spec: dict[str, Any], results: ResultStore,
                            "error": f"{type(e).__name__}: {e}"})
             continue
         secs.append(reg.info.get("register_s", float("nan")))
-        rows += pair_rows(pair.pair_id, "identity", moving.target, fixed.target, classes, fixed.spacing, 0.0)
-        rows += pair_rows(pair.pair_id, "registered", reg.warped_target, fixed.target, classes, fixed.spacing,
+        rows += pair_rows(pair.pair_id, "test", reg.warped_target, fixed.target, classes, fixed.spacing,
                           folding_share(reg.displacement))
+        rows += pair_rows(pair.pair_id, "identity", moving.target, fixed.target, classes, fixed.spacing, 0.0)
         files[f"registrations/{pair.pair_id}_disp.nii.gz"] = _nifti(reg.displacement, fixed.affine, vector=True)
         files[f"registrations/{pair.pair_id}_warped_seg.nii.gz"] = _nifti(
             reg.warped_target.astype(np.int16), fixed.affine)
@@ -195,7 +198,7 @@ def run_registration_cell(spec: dict[str, Any], results: ResultStore,
                    feature_channels=float(getattr(source, "channels", 0)), compute_s=time.perf_counter() - t0)
     buf = io.BytesIO()
     table.to_parquet(buf, index=False)
-    files["pairs.parquet"] = buf.getvalue()
+    files["per_case.parquet"] = buf.getvalue()
     if failed:
         files["failed_pairs.csv"] = pd.DataFrame(failed).to_csv(index=False).encode()
     if placement:

@@ -92,37 +92,42 @@ def label_metrics(result: np.ndarray, reference: np.ndarray, spacing: Sequence[f
     return out
 
 
-def pair_rows(pair_id: str, stage: str, warped: np.ndarray, fixed: np.ndarray, classes: Sequence[str],
+def pair_rows(pair_id: str, split: str, warped: np.ndarray, fixed: np.ndarray, classes: Sequence[str],
               spacing: Sequence[float], folding: float) -> list[dict[str, Any]]:
-    """Rows of the per-pair table for one stage ('identity' or 'registered'): one per label
-    (label k is classes[k - 1]) and one 'mean' row (mean over labels present, NaNs skipped)."""
+    """Rows of the per-case table for one pair: one per label (label k is classes[k - 1]), columns
+    case_id (the pair), split, class, dice, hd95, asd, folding_share. `split` is "test" for the
+    registered pair and "identity" for the same test pair unregistered (the reference every run
+    carries); `medscale analyze` reads the "test" rows, as it reads any dense run's per_case table."""
     rows = []
     for k, name in enumerate(classes, start=1):
         m = label_metrics(warped == k, fixed == k, spacing)
-        rows.append({"pair_id": pair_id, "stage": stage, "label": name, **m, "folding": folding})
-    vals = {m: [r[m] for r in rows if np.isfinite(r[m])] for m in METRICS}
-    rows.append({"pair_id": pair_id, "stage": stage, "label": "mean",
-                 **{m: float(np.mean(v)) if v else float("nan") for m, v in vals.items()}, "folding": folding})
+        rows.append({"case_id": pair_id, "split": split, "class": name, **m, "folding_share": float(folding)})
     return rows
 
 
+def pair_mean(rows: list[dict[str, Any]], metric: str) -> float:
+    """A pair's mean of `metric` over its labels (NaN skipped; NaN when every label is NaN)."""
+    v = [r[metric] for r in rows if np.isfinite(r[metric])]
+    return float(np.mean(v)) if v else float("nan")
+
+
 def aggregate(table: Any, classes: Sequence[str]) -> dict[str, float]:
-    """Run metrics from the per-pair table: `<stage>_<metric>` (mean over pairs of the per-pair mean
-    over labels), `<stage>_<metric>_std`, `<stage>_<metric>_<label>`, `<stage>_folding_share`, and
-    `<stage>_n_nan_<metric>` (label-pair values that were NaN: an empty warped label)."""
+    """Run metrics from the per-case table, per split prefix (`test_`, `identity_`): for each metric,
+    per label the mean over pairs (NaN skipped), then the mean over labels (`test_dice`; the dense
+    handlers' aggregate, which `medscale analyze` recomputes on resampled pairs), per label
+    (`test_dice_LV`), `test_folding_share` (mean share of folding voxels over pairs), NaN counts
+    (`test_n_nan_hd95`: label-pair values that were NaN: an empty warped label) and `test_n_pairs`."""
     out: dict[str, float] = {}
-    for stage, df in table.groupby("stage"):
-        mean = df[df["label"] == "mean"]
-        per = df[df["label"] != "mean"]
+    for split, df in table.groupby("split"):
         for m in METRICS:
-            out[f"{stage}_{m}"] = float(np.nanmean(mean[m])) if mean[m].notna().any() else float("nan")
-            out[f"{stage}_{m}_std"] = float(np.nanstd(mean[m])) if mean[m].notna().any() else float("nan")
-            out[f"{stage}_n_nan_{m}"] = float(per[m].isna().sum())
-            for c in classes:
-                v = per.loc[per["label"] == c, m]
-                out[f"{stage}_{m}_{c}"] = float(np.nanmean(v)) if v.notna().any() else float("nan")
-        out[f"{stage}_folding_share"] = float(mean["folding"].mean())
-        out[f"{stage}_n_pairs"] = float(len(mean))
+            per = {c: df.loc[df["class"] == c, m] for c in classes}
+            means = {c: float(v.mean()) if v.notna().any() else float("nan") for c, v in per.items()}
+            finite = [v for v in means.values() if np.isfinite(v)]
+            out[f"{split}_{m}"] = float(np.mean(finite)) if finite else float("nan")
+            out.update({f"{split}_{m}_{c}": v for c, v in means.items()})
+            out[f"{split}_n_nan_{m}"] = float(df[m].isna().sum())
+        out[f"{split}_folding_share"] = float(df.groupby("case_id")["folding_share"].first().mean())
+        out[f"{split}_n_pairs"] = float(df["case_id"].nunique())
     return out
 
 

@@ -14,6 +14,7 @@ from tasks.registration import (
     contraction_field,
     folding_share,
     jacobian_determinant,
+    pair_mean,
     pair_rows,
     warp_image,
     warp_labels,
@@ -65,19 +66,23 @@ def test_pair_metrics_match_medpy_and_count_empty_labels():
     fixed = _labels()
     warped = warp_labels(fixed, np.stack([np.full(fixed.shape, 1.0), np.zeros(fixed.shape)]))
     warped[warped == 3] = 0  # an empty warped label: Dice 0, distances NaN (medpy raises)
-    rows = pair_rows("p", "registered", warped, fixed, ("LV", "myocardium", "LA"), (1.0, 2.0), 0.1)
-    by = {r["label"]: r for r in rows}
+    rows = pair_rows("p", "test", warped, fixed, ("LV", "myocardium", "LA"), (1.0, 2.0), 0.1)
+    by = {r["class"]: r for r in rows}
     for k, name in ((1, "LV"), (2, "myocardium")):
         assert by[name]["hd95"] == pytest.approx(binary.hd95(warped == k, fixed == k, voxelspacing=(1.0, 2.0)))
         assert by[name]["asd"] == pytest.approx(binary.asd(warped == k, fixed == k, voxelspacing=(1.0, 2.0)))
         assert by[name]["dice"] == pytest.approx(binary.dc(warped == k, fixed == k))
     assert by["LA"]["dice"] == 0.0 and np.isnan(by["LA"]["hd95"]) and np.isnan(by["LA"]["asd"])
-    assert by["mean"]["dice"] == pytest.approx(np.mean([by[c]["dice"] for c in ("LV", "myocardium", "LA")]))
-    assert by["mean"]["hd95"] == pytest.approx(np.mean([by[c]["hd95"] for c in ("LV", "myocardium")]))
+    assert pair_mean(rows, "dice") == pytest.approx(np.mean([by[c]["dice"] for c in ("LV", "myocardium", "LA")]))
+    assert pair_mean(rows, "hd95") == pytest.approx(np.mean([by[c]["hd95"] for c in ("LV", "myocardium")]))
+    # A second pair; per label the mean over pairs, then the mean over labels (NaN skipped).
+    rows += pair_rows("q", "test", fixed, fixed, ("LV", "myocardium", "LA"), (1.0, 2.0), 0.3)
     rows += pair_rows("p", "identity", fixed, fixed, ("LV", "myocardium", "LA"), (1.0, 2.0), 0.0)
     m = aggregate(pd.DataFrame(rows), ("LV", "myocardium", "LA"))
-    assert m["registered_n_nan_hd95"] == 1 and m["identity_n_nan_hd95"] == 0
-    assert m["identity_dice"] == 1.0 and m["registered_folding_share"] == pytest.approx(0.1)
+    assert m["test_n_nan_hd95"] == 1 and m["identity_n_nan_hd95"] == 0 and m["test_n_pairs"] == 2
+    assert m["test_hd95_LA"] == 0.0 and m["test_hd95_LV"] == pytest.approx(by["LV"]["hd95"] / 2)
+    assert m["test_hd95"] == pytest.approx((by["LV"]["hd95"] / 2 + by["myocardium"]["hd95"] / 2 + 0) / 3)
+    assert m["identity_dice"] == 1.0 and m["test_folding_share"] == pytest.approx(0.2)
 
 
 class _Src:
@@ -170,9 +175,10 @@ def test_registration_beats_identity_on_synthetic_pairs(name, tmp_path, one_torc
         for p in pairs:
             reg = head.register(src, p)
             f, m = src.sample(p.fixed), src.sample(p.moving)
-            before.append(pair_rows(p.pair_id, "identity", m.target, f.target, ds.classes, f.spacing, 0)[-1]["dice"])
-            after.append(pair_rows(p.pair_id, "registered", reg.warped_target, f.target, ds.classes, f.spacing,
-                                   0)[-1]["dice"])
+            before.append(pair_mean(pair_rows(p.pair_id, "identity", m.target, f.target, ds.classes, f.spacing, 0),
+                                    "dice"))
+            after.append(pair_mean(pair_rows(p.pair_id, "test", reg.warped_target, f.target, ds.classes, f.spacing, 0),
+                                   "dice"))
             assert folding_share(reg.displacement) < 0.05
         assert np.mean(after) > np.mean(before) + 0.05, (features, before, after)
     # The paper's per-table choice: DINO alone in 2D, DINO (24 PCA components) + MIND (12) in 3D.

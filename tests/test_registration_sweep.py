@@ -47,18 +47,19 @@ def test_registration_sweep_cells_finish_and_beat_identity(ray_session, reg_root
                                            for p in ("convexadam_reg", "mind_convexadam"))
     assert set(outcome.cells.values()) == {"FINISHED"}, outcome.errors
     for cell, m in outcome.metrics.items():
-        assert m["registered_dice"] > m["identity_dice"] + 0.05, (cell, m)
-        assert m["registered_hd95"] < m["identity_hd95"], (cell, m)
-        assert 0.0 <= m["registered_folding_share"] < 0.05 and m["identity_folding_share"] == 0.0
+        assert m["test_dice"] > m["identity_dice"] + 0.05, (cell, m)
+        assert m["test_hd95"] < m["identity_hd95"], (cell, m)
+        assert 0.0 <= m["test_folding_share"] < 0.05 and m["identity_folding_share"] == 0.0
         assert m["n_failed_pairs"] == 0 and m["compute_s"] > 0 and "gpu_share" in m
 
     # Parity: HD95 and ASD from the saved warped segmentation (NIfTI) equal the run's.
     cell = f"acdc__convexadam_reg__{TINY}__128px__s0"
     res = Path(cfg.sweep_root) / "cells" / cell
-    table = pd.read_parquet(res / "pairs.parquet")
+    table = pd.read_parquet(res / "per_case.parquet")
     ds = get_dataset("acdc", reg_roots["acdc"], **ACDC_OPTS)
     pairs = ds.pairs("test")
-    assert sorted(table["pair_id"].unique()) == sorted(p.pair_id for p in pairs)
+    assert sorted(table["case_id"].unique()) == sorted(p.pair_id for p in pairs)
+    assert set(table["split"]) == {"test", "identity"}
     for pair in pairs:
         fixed = ds.read_sample(pair.fixed)
         seg_path = res / "registrations" / f"{pair.pair_id}_warped_seg.nii.gz"
@@ -69,9 +70,9 @@ def test_registration_sweep_cells_finish_and_beat_identity(ray_session, reg_root
         disp = read_nifti_back(str(res / "registrations" / f"{pair.pair_id}_disp.nii.gz"), vector=True)
         assert disp.shape == (3, *fixed.target.shape)
         for k, name in enumerate(ds.classes, start=1):
-            row = table[(table.pair_id == pair.pair_id) & (table.stage == "registered") & (table.label == name)].iloc[0]
+            row = table[(table.case_id == pair.pair_id) & (table.split == "test") & (table["class"] == name)].iloc[0]
             assert row["hd95"] == pytest.approx(binary.hd95(warped == k, fixed.target == k, voxelspacing=fixed.spacing))
             assert row["asd"] == pytest.approx(binary.asd(warped == k, fixed.target == k, voxelspacing=fixed.spacing))
             assert row["dice"] == pytest.approx(binary.dc(warped == k, fixed.target == k))
     assert list((res / "figures").glob("*.png"))
-    assert json.loads((res / "metrics.json").read_text())["registered_n_pairs"] == len(pairs)
+    assert json.loads((res / "metrics.json").read_text())["test_n_pairs"] == len(pairs)
