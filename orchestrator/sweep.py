@@ -65,10 +65,8 @@ def plan_cells(cfg: SweepConfig) -> tuple[list[Cell], dict[str, str]]:
     g = cfg.grid
     for enc, res, ds, proto, seed, size in itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols,
                                                              g.seeds, g.train_sizes):
-        if not PROTOCOLS[proto].uses_seed and seed != g.seeds[0]:
-            continue  # the result cannot change with the seed: one cell, on the first seed
-        if PROTOCOLS[proto].family == "training_free" and size != g.train_sizes[0]:
-            continue  # nothing is trained: the training-set size changes nothing either
+        if PROTOCOLS[proto].family == "training_free" and (seed, size) != (g.seeds[0], g.train_sizes[0]):
+            continue  # nothing is trained or drawn: one cell, on the first seed and training-set size
         cell = Cell(enc, res, ds, proto, seed, size.fraction, size.shots)
         reason = PROTOCOLS[proto].accepts(dataset_class(ds))
         if reason:
