@@ -8,7 +8,7 @@ many seeds (>= ``PARAMETRIC_BELOW_SEEDS``) they are resampled after the cases, o
 across x because seed s of every config is the same run recipe. With the usual 3-5 seeds that
 resampling has too few distinct outcomes (3 seeds: 10) and understates the spread - the
 monotonicity test then rejected a flat curve 10-17% of the time at a 5% level in simulation - so
-the seed level is drawn from the two-way model y[x, s] = mu_x + b_s + e instead (``_seed_noise``).
+the seed level is drawn from the two-way model y[x, s] = mu_x + b_s + e instead (``_seed_level``).
 Per-case noise that differs between seeds is counted at both levels: conservative.
 
 Speed: a case draw is held as a count matrix C (R, N) - how often each case appears in each
@@ -37,12 +37,21 @@ CHUNK_ELEMENTS = 2_000_000  # replicate rows x cases processed at once: bounds m
 
 @dataclass(frozen=True)
 class CurveReplicates:
-    """Points of one curve: estimates (n,) at x (n,) and bootstrap replicates (R, n) or None."""
+    """Points of one curve: estimates (n,) at x (n,) and bootstrap replicates (R, n) or None.
+
+    ``parts`` splits the covariance of the point estimates by source ("cases", "seeds"): each an
+    (n, n) matrix, with its degrees of freedom in ``dfs`` (inf for a part known from many cases;
+    (x - 1)(seeds - 1) for the two-way seed model). The tests of `analysis.nulls` read contrasts
+    off their sum and a Satterthwaite df; the report prints each part's share. A shift that
+    moves every point alike (one seed's offset) cancels in every difference and is left out.
+    """
 
     x: np.ndarray
     estimate: np.ndarray
     replicates: np.ndarray | None = None
-    method: str = "none"  # "cases+seeds", "seeds", "seeds-parametric" or "none"
+    method: str = "none"  # "cases+seeds", "seeds", "seeds-parametric", "printed-sd" or "none"
+    parts: dict[str, np.ndarray] | None = None
+    dfs: dict[str, float] | None = None
 
     @property
     def no_ci(self) -> bool:
@@ -61,6 +70,34 @@ class CurveReplicates:
         q = 50 * (1 - level)
         lo, hi = np.nanpercentile(self.replicates, [q, 100 - q], axis=0)
         return lo, hi
+
+    def noise(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Covariance parts and their dfs; without ``parts``, the replicates' covariance ("replicates", inf)."""
+        if self.parts:
+            return self.parts, dict(self.dfs or {})
+        if self.no_ci:
+            return {}, {}
+        reps = self.replicates[np.isfinite(self.replicates).all(axis=1)]
+        return {"replicates": np.atleast_2d(np.cov(reps, rowvar=False))}, {"replicates": np.inf}
+
+    def take(self, rows: np.ndarray, sign: float = 1.0) -> CurveReplicates:
+        """The sub-curve at ``rows`` (positions), times ``sign`` (orientation)."""
+        reps = None if self.replicates is None else sign * self.replicates[:, rows]
+        parts = None if self.parts is None else {k: v[np.ix_(rows, rows)] for k, v in self.parts.items()}
+        return CurveReplicates(self.x[rows], sign * self.estimate[rows], reps, self.method, parts, self.dfs)
+
+
+def zero_spread(v: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
+    """Rows (cells) of per-seed values v (n_x, n_seeds) whose seeds agree to a relative tolerance:
+    a protocol that ignores the seed (kNN, registration) repeats one value, and float rounding
+    must not turn that repetition into a tiny, falsely precise spread. Needs >= 2 finite seeds."""
+    v = np.asarray(v, float)
+    ok = np.isfinite(v)
+    with np.errstate(invalid="ignore"):
+        hi = np.where(ok, v, -np.inf).max(axis=1)
+        lo = np.where(ok, v, np.inf).min(axis=1)
+        scale = np.maximum(np.abs(hi), np.abs(lo))
+    return (ok.sum(axis=1) >= 2) & (hi - lo <= rtol * np.maximum(scale, 1e-12))
 
 
 def case_counts(n_cases: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -134,14 +171,15 @@ def _seed_mean(cells: np.ndarray, seed_w: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_cases_seeds(x: Sequence[float], predictions, targets, metric: CaseMetric = auc,
-                          n_boot: int = 1000, seed: int = 0) -> CurveReplicates:
+                          n_boot: int = 1000, seed: int = 0, seed_free=None) -> CurveReplicates:
     """Two-level paired bootstrap of one curve.
 
     ``predictions[i][s]`` holds the per-case outputs (N, ...) of x-value i, seed s (None or a
     missing entry for a cell that did not run); every cell scores the same N test cases in the
     same order as ``targets`` (N, ...) (None for metrics that need none). Returns the point
     estimates (mean over seeds of the metric on all cases) and replicates (n_boot, n_x): cases
-    resampled with one draw for all cells, then the seed level (module docstring).
+    resampled with one draw for all cells, then the seed level (module docstring). A cell whose
+    seeds give one value (``seed_free`` (n_x,) or `zero_spread`) gets no seed-level noise.
     """
     x = np.asarray(x, float)
     if len(predictions) != x.size:
@@ -164,13 +202,18 @@ def bootstrap_cases_seeds(x: Sequence[float], predictions, targets, metric: Case
             if v is not None:
                 M[:, i, s] = _metric_chunked(metric, v, targets, counts)
                 est[i, s] = metric(v, targets, full)[0]
+    free = zero_spread(est) | (np.zeros(x.size, bool) if seed_free is None else np.asarray(seed_free, bool))
     point = _seed_mean(est, np.ones((1, n_seeds)))
+    reps = _seed_mean(M, np.ones((1, 1, n_seeds)))  # case level, every seed
+    noise, seed_part, df = _seed_level(est, free, n_boot, rng)
+    parts = {"cases": np.atleast_2d(np.cov(reps[np.isfinite(reps).all(axis=1)], rowvar=False))}
+    dfs = {"cases": np.inf}
+    if seed_part is not None:
+        parts["seeds"], dfs["seeds"] = seed_part, df
     if n_seeds >= PARAMETRIC_BELOW_SEEDS:
         seed_w = case_counts(n_seeds, n_boot, rng)[:, None, :]  # shared across x: seeds are paired
-        return CurveReplicates(x, point, _seed_mean(M, seed_w), "cases+seeds")
-    reps = _seed_mean(M, np.ones((1, 1, n_seeds)))  # case level, every seed
-    noise = _seed_noise(est, n_boot, rng)  # seed level from the two-way model
-    return CurveReplicates(x, point, reps if noise is None else reps + noise, "cases+seeds")
+        return CurveReplicates(x, point, _seed_mean(M, seed_w), "cases+seeds", parts, dfs)
+    return CurveReplicates(x, point, reps if noise is None else reps + noise, "cases+seeds", parts, dfs)
 
 
 def _seed_model(v: np.ndarray) -> tuple[float, float, float]:
@@ -190,44 +233,72 @@ def _seed_model(v: np.ndarray) -> tuple[float, float, float]:
     return (float(np.nansum(dev**2) / df) if df else float("nan")), df, 0.0
 
 
-def _seed_noise(v: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray | None:
-    """Seed-level replicate noise (n_boot, n_x) from the two-way model fitted to per-seed values v:
-    a residual variance drawn from its scaled inverse chi-square (t-like tails, since a variance
-    from 3 seeds is itself uncertain), one seed shift common to every x, independent noise per x.
-    None when v says nothing about seed spread."""
+def _seed_level(v: np.ndarray, free: np.ndarray, n_boot: int, rng: np.random.Generator):
+    """Seed-level replicate noise (n_boot, n_x) from the two-way model fitted to the per-seed values
+    v of the cells that vary with the seed: a residual variance drawn from its scaled inverse
+    chi-square (t-like tails, since a variance from 3-5 seeds is itself uncertain), one seed shift
+    common to every x, independent noise per x; none for seed-free cells. Also returns the seed
+    part of the covariance of the point estimates (diagonal: var / seeds; the common shift cancels
+    in every contrast) and its df. (None, None, inf) when v says nothing about seed spread."""
     n_per_x = np.isfinite(v).sum(axis=1)
-    if (n_per_x < 2).all():
-        return None
-    var, df, var_seed = _seed_model(v)
+    live = ~free & (n_per_x >= 1)
+    if (n_per_x[live] < 2).all():
+        return None, None, np.inf
+    var, df, var_seed = _seed_model(v[live])
     if not df or not np.isfinite(var):
-        return None
+        return None, None, np.inf
+    w = np.where(live, 1.0 / np.maximum(n_per_x, 1), 0.0)
     var_r = var * df / rng.chisquare(df, size=(n_boot, 1))
-    shift = rng.normal(size=(n_boot, 1)) * np.sqrt(var_seed / n_per_x.max())
-    return shift + rng.normal(size=(n_boot, v.shape[0])) * np.sqrt(var_r / np.maximum(n_per_x, 1))
+    shift = rng.normal(size=(n_boot, 1)) * np.sqrt(var_seed / n_per_x.max()) * live
+    noise = shift + rng.normal(size=(n_boot, v.shape[0])) * np.sqrt(var_r * w)
+    return noise, np.diag(var * w), float(df)
 
 
 def bootstrap_seeds(x: Sequence[float], values, n_boot: int = 1000, seed: int = 0,
-                    parametric: bool | None = None) -> CurveReplicates:
+                    parametric: bool | None = None, seed_free=None) -> CurveReplicates:
     """Replicates of a curve known by per-seed values (n_x, n_seeds); NaN marks a missing cell.
 
     Resampling seeds (paired across x) is right with many seeds, but 3 seeds give 10 distinct
     resamples, intervals far too narrow and a covariance too rough for the monotonicity test.
     So below ``PARAMETRIC_BELOW_SEEDS`` seeds (or with ``parametric=True``) the replicates come
-    from the two-way (x + seed) model instead (see ``_seed_noise``). Fewer than 2 seeds: no CI.
+    from the two-way (x + seed) model instead (see ``_seed_level``). A cell whose seeds agree
+    (`zero_spread`, or ``seed_free``) is one value without seed noise; when no cell varies with
+    the seed - or fewer than 2 seeds - there is no CI.
     """
     x = np.asarray(x, float)
     v = np.asarray(values, float).reshape(x.size, -1)
+    free = zero_spread(v) | (np.zeros(x.size, bool) if seed_free is None else np.asarray(seed_free, bool))
     est = _seed_mean(v, np.ones((1, v.shape[1])))
     rng = np.random.default_rng(seed)
+    if free.all():
+        return CurveReplicates(x, est, None, "none")
     if parametric is False or (parametric is None and v.shape[1] >= PARAMETRIC_BELOW_SEEDS):
         if (np.isfinite(v).sum(axis=1) < 2).all():
             return CurveReplicates(x, est, None, "none")
         w = case_counts(v.shape[1], n_boot, rng)[:, None, :]
-        return CurveReplicates(x, est, _seed_mean(v[None], w), "seeds")
-    noise = _seed_noise(v, n_boot, rng)
+        vv = np.where(free[:, None], est[:, None], v)  # a seed-free cell resamples to itself
+        reps = _seed_mean(vv[None], w)
+        cov = np.atleast_2d(np.cov(reps, rowvar=False))
+        return CurveReplicates(x, est, reps, "seeds", {"seeds": cov}, {"seeds": float(v.shape[1] - 1)})
+    noise, part, df = _seed_level(v, free, n_boot, rng)
     if noise is None:
         return CurveReplicates(x, est, None, "none")
-    return CurveReplicates(x, est, est + noise, "seeds-parametric")
+    return CurveReplicates(x, est, est + noise, "seeds-parametric", {"seeds": part}, {"seeds": df})
+
+
+def printed_spread(x: Sequence[float], means: Sequence[float], sd: Sequence[float], n_cases: int,
+                   n_boot: int = 1000, seed: int = 0) -> CurveReplicates:
+    """A curve known by published means ± SD over ``n_cases`` test cases (e.g. "0.748 ± 0.117" over
+    50 patients): each point's standard error is SD / sqrt(n), with n - 1 degrees of freedom.
+    Points are taken as independent: the pairing of cases between models is not published, and
+    for the positive correlation a shared test set brings, this overstates the error of every
+    difference (conservative). Replicates are drawn from the normal model for the plots' bands."""
+    x, m = np.asarray(x, float), np.asarray(means, float)
+    se = np.asarray(sd, float) / np.sqrt(n_cases)
+    rng = np.random.default_rng(seed)
+    reps = m + rng.standard_normal((n_boot, m.size)) * se * np.sqrt(rng.chisquare(max(n_cases - 1, 1), (n_boot, 1))
+                                                                      / max(n_cases - 1, 1)) ** -1
+    return CurveReplicates(x, m, reps, "printed-sd", {"cases": np.diag(se**2)}, {"cases": float(max(n_cases - 1, 1))})
 
 
 def means_only(x: Sequence[float], means: Sequence[float]) -> CurveReplicates:

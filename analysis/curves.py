@@ -12,7 +12,9 @@ on: every curve of a dataset sees the same resampled test cases in the same repl
 Curves (AXES): metric vs parameters at each fixed resolution, vs resolution for each encoder, and
 vs inference GFLOPs across all cells. Lower-is-better metrics are negated first (``sign``), as the
 verdict rules require, so a curve's "gain" is always an improvement. The equivalence margin is
-chosen per metric and unit (`margin_for`).
+chosen per metric and unit (`metric_table.margin_for`). A cell whose seeds agree (a protocol that
+ignores the seed, or a `seed_free` flag) is one value; a published table that prints "mean ± SD
+over n cases" gets intervals from SD / sqrt(n) (`bootstrap.printed_spread`).
 """
 
 from __future__ import annotations
@@ -22,28 +24,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.bootstrap import CurveReplicates, bootstrap_cases_seeds, bootstrap_seeds, means_only
+from analysis.bootstrap import (
+    CurveReplicates,
+    bootstrap_cases_seeds,
+    bootstrap_seeds,
+    printed_spread,
+    zero_spread,
+)
 from analysis.casemetrics import case_metric
-from analysis.points import MAIN_METRICS, higher_is_better, metric_order
-from analysis.verdict import CI_LEVEL, MIN_EFFECT, CurveVerdict, judge_curves
+from analysis.metric_table import higher_is_better, margin_for
+from analysis.points import MAIN_METRICS, metric_order
+from analysis.verdict import CI_LEVEL, CurveVerdict, judge_curves
 
 AXES = ("params", "resolution", "gflops")
 AXIS_LABELS = {"params": "parameters", "resolution": "input resolution", "gflops": "inference GFLOPs"}
 GROUP_KEY = ["dataset", "protocol", "metric", "weights"]
-# Margins in the metric's own units on a [0, 1] scale (percent tables multiply by 100). Why these:
-# 0.005 is half a point of AUC/accuracy/Dice, below what a reader of the paper's tables would call
-# a difference; VOI (nats) and surface distances (px or mm) live on other scales, where 0.05 nats
-# and half a pixel/mm are the smallest differences the paper's baselines are ranked by.
-MARGINS = {"voi": 0.05, "voi_split": 0.05, "voi_merge": 0.05, "hd": 0.5, "hd95": 0.5, "asd": 0.1,
-           "assd": 0.1, "tre": 0.1}
-UNIT_SCALE = {"percent": 100.0}
-
-
-def margin_for(metric: str, unit: str = "") -> float:
-    """The verdict's equivalence margin for `metric` in `unit` (see MARGINS)."""
-    if metric in MARGINS:
-        return MARGINS[metric]
-    return MIN_EFFECT * UNIT_SCALE.get(unit, 1.0)
+__all__ = ["margin_for", "Curve", "CurveKey", "Group", "group_curves", "judge", "make_group"]
 
 
 @dataclass(frozen=True, order=True)
@@ -70,6 +66,14 @@ class Group:
     method: str
     unit: str = ""
     notes: list[str] = field(default_factory=list)
+    parts: dict[str, np.ndarray] | None = None  # covariance of the cell estimates by source
+    dfs: dict[str, float] | None = None
+    seed_free: int = 0  # cells whose seeds gave one value
+    degenerate: np.ndarray | None = None  # (n_cells,) bool: the companion metrics say the prediction is empty
+
+    def replicates_of(self) -> CurveReplicates:
+        x = np.arange(1.0, len(self.cells) + 1)
+        return CurveReplicates(x, self.estimate, self.replicates, self.method, self.parts, self.dfs)
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Curve:
     sign: int
     margin: float
     unit: str
+    degenerate: bool = False  # a cell on it has a degenerate prediction (`study.flag_degenerate`)
 
 
 def resolution_label(r: int) -> str:
@@ -131,9 +136,22 @@ def _case_group(cells: pd.DataFrame, pts: pd.DataFrame, predictions: dict, task:
     preds: list[list] = [[None] * len(seeds) for _ in range(len(cells))]
     for (i, s), sc in zip(order, scores, strict=True):
         preds[i][s] = sc
-    c = bootstrap_cases_seeds(np.arange(1.0, len(cells) + 1), preds, targets, fn, n_boot=n_boot, seed=seed)
+    free = _seed_free_cells(cells, pts)
+    c = bootstrap_cases_seeds(np.arange(1.0, len(cells) + 1), preds, targets, fn, n_boot=n_boot, seed=seed,
+                              seed_free=free)
     notes = [f"{cells['dataset'].iloc[0]}: {len(common)} test cases"]
-    return Group(cells, c.estimate, c.replicates, c.method, notes=notes)
+    return Group(cells, c.estimate, c.replicates, c.method, notes=notes, parts=c.parts, dfs=c.dfs,
+                 seed_free=int(free.sum()))
+
+
+def _seed_free_cells(cells: pd.DataFrame, pts: pd.DataFrame) -> np.ndarray:
+    """Cells flagged `seed_free` by their runs (a protocol that ignores the seed)."""
+    if "seed_free" not in pts.columns:
+        return np.zeros(len(cells), bool)
+    flag = pts["seed_free"].map(lambda v: str(v).strip().lower() in ("true", "1", "yes", "1.0"))
+    out = np.zeros(len(cells), bool)
+    out[_cell_index(cells, pts)[flag.to_numpy()]] = True
+    return out
 
 
 def _cell_index(cells: pd.DataFrame, pts: pd.DataFrame) -> np.ndarray:
@@ -157,7 +175,18 @@ def make_group(cells: pd.DataFrame, pts: pd.DataFrame, *, predictions: dict | No
             return g
         first = cells.iloc[0]
         notes.append(f"{first['dataset']} / {first['protocol']} / {metric}: per-case predictions not used ({g})")
+    if "spread" in pts.columns and "n_cases" in pts.columns:
+        sd, nc = pts["spread"].to_numpy(float), pts["n_cases"].to_numpy(float)
+        if len(pts) == len(cells) and np.isfinite(sd).all() and np.isfinite(nc).all() and (nc >= 2).all():
+            order = _cell_index(cells, pts)
+            sd_c, n_c = np.empty(len(cells)), int(nc.min())
+            sd_c[order] = sd
+            c = printed_spread(np.arange(1.0, len(cells) + 1), cells["mean"].to_numpy(float), sd_c, n_c,
+                               n_boot=n_boot, seed=seed)
+            notes.append(f"{cells['dataset'].iloc[0]} / {metric}: intervals from the printed SD / sqrt({n_c})")
+            return Group(cells, c.estimate, c.replicates, c.method, unit, notes, c.parts, c.dfs)
     seeds = np.unique(pts["seed"].to_numpy())
+    free = _seed_free_cells(cells, pts)
     if seeds.size >= 2:
         v = np.full((len(cells), seeds.size), np.nan)
         total, count = np.zeros_like(v), np.zeros_like(v)
@@ -165,10 +194,11 @@ def make_group(cells: pd.DataFrame, pts: pd.DataFrame, *, predictions: dict | No
         np.add.at(total, (rows, cols), pts["value"].to_numpy(float))  # repeated (cell, seed) rows: averaged
         np.add.at(count, (rows, cols), 1.0)
         v = np.where(count > 0, total / np.maximum(count, 1.0), np.nan)
-        c = bootstrap_seeds(np.arange(1.0, len(cells) + 1), v, n_boot=n_boot, seed=seed)
+        free |= zero_spread(v)
+        c = bootstrap_seeds(np.arange(1.0, len(cells) + 1), v, n_boot=n_boot, seed=seed, seed_free=free)
         if not c.no_ci:
-            return Group(cells, c.estimate, c.replicates, c.method, unit, notes)
-    return Group(cells, cells["mean"].to_numpy(float), None, "none", unit, notes)
+            return Group(cells, c.estimate, c.replicates, c.method, unit, notes, c.parts, c.dfs, int(free.sum()))
+    return Group(cells, cells["mean"].to_numpy(float), None, "none", unit, notes, seed_free=int(free.sum()))
 
 
 # -- curves ---------------------------------------------------------------------------------------
@@ -204,12 +234,13 @@ def group_curves(g: Group) -> list[Curve]:
     sign = 1 if higher_is_better(metric) else -1
     margin = margin_for(metric, g.unit)
     out = []
+    whole = g.replicates_of()
     for axis, fixed, rows, x in _slices(g.cells):
         key = CurveKey(str(first["dataset"]), str(first["protocol"]), metric, str(first["weights"]), axis, fixed)
-        est = sign * g.estimate[rows]
-        reps = None if g.replicates is None else sign * g.replicates[:, rows]
-        rep = CurveReplicates(x, est, reps, g.method) if reps is not None else means_only(x, est)
-        out.append(Curve(key, g.cells.iloc[rows].reset_index(drop=True), x, rep, sign, margin, g.unit))
+        rep = whole.take(rows, sign)
+        rep = CurveReplicates(x, rep.estimate, rep.replicates, rep.method, rep.parts, rep.dfs)
+        degenerate = g.degenerate is not None and bool(g.degenerate[rows].any())
+        out.append(Curve(key, g.cells.iloc[rows].reset_index(drop=True), x, rep, sign, margin, g.unit, degenerate))
     return out
 
 
@@ -230,8 +261,17 @@ def cell_intervals(g: Group, level: float = CI_LEVEL) -> tuple[np.ndarray, np.nd
     return lo, hi
 
 
-def judge(curves: list[Curve]) -> dict[CurveKey, CurveVerdict]:
-    """One `judge_curves` call over every curve: Holm runs across all of them, each with its margin."""
+def judge(curves: list[Curve], correction: str = "bh") -> dict[CurveKey, CurveVerdict]:
+    """One `judge_curves` call over every curve: one family, each curve with its margin; degenerate
+    curves are left out of the family and marked `degenerate`."""
     if not curves:
         return {}
-    return judge_curves({c.key: c.replicates for c in curves}, min_effect={c.key: c.margin for c in curves})
+    out = judge_curves({c.key: c.replicates for c in curves}, min_effect={c.key: c.margin for c in curves},
+                       exclude={c.key: c.degenerate for c in curves}, correction=correction)
+    for c in curves:
+        if c.degenerate:
+            v = out[c.key]
+            reading = v.label
+            v.verdict, v.reason = "degenerate", ("a companion overlap metric (Dice/IoU) is ~0 or the predictions "
+                                                 f"are empty on this curve; its '{reading}' reading is not counted")
+    return out

@@ -24,21 +24,23 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, NullLocator
+from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
 from analysis.curves import Curve, Group, curve_order
+from analysis.metric_table import axis_label
 from analysis.plots import DPI, RANDOM_NOTE, metric_label, ordered_colors, safe_name, save_figure
 from analysis.study import Study
 from analysis.tables import fmt_effect
 
-PANEL_W, PANEL_H, HEADER_H = 3.5, 2.75, 0.6  # inches; x DPI (120) whole pixels
-PANEL_MARGINS = (0.62, 0.12, 0.28, 0.58)  # left, right, top, bottom of each panel, inches
+PANEL_W, PANEL_H, HEADER_H = 4.75, 2.75, 0.6  # inches; x DPI (120) whole pixels
+# left (room for the y label), right (the legend sits there, outside the data), top, bottom; inches
+PANEL_MARGINS = (0.72, 1.4, 0.28, 0.58)
 MAX_COLS, MAX_PANELS = 4, 24
 FOREST_W, FOREST_ROW_H, FOREST_PAD_H, MAX_ROWS = 11.0, 0.25, 1.25, 60
 FOREST_MARGINS = (4.1, 2.3, 0.05, 0.55)
 KINDS = ("fig1", "params", "heatmap", "gflops")
 VERDICT_COLORS = {"scales": "#1a9850", "saturates": "#91cf60", "peaks": "#fc8d59", "inverse": "#d73027",
-                  "flat": "#878787", "noisy": "#8073ac"}
+                  "flat": "#878787", "noisy": "#8073ac", "mixed": "#b35806", "degenerate": "#cccccc"}
 TITLES = {"fig1": "metric vs input resolution, one line per encoder (Figure 1 style)",
           "params": "metric vs parameters, one line per input resolution",
           "heatmap": "encoder x input resolution", "gflops": "metric vs inference GFLOPs, Pareto frontier ringed"}
@@ -60,6 +62,8 @@ class Plot:
     png: Path
     svg: Path
     size: tuple[int, int]  # PNG pixels (width, height)
+    legends_outside: bool = True  # every legend lies outside its panel's data area (checked when drawn)
+    datasets: tuple[str, ...] = ()  # the datasets with a panel in it
 
 
 def grid_size(n_panels: int) -> tuple[float, float]:
@@ -95,12 +99,34 @@ def _lohi(g: Group) -> tuple[np.ndarray, np.ndarray]:
     return g.cells["ci_lo"].to_numpy(float), g.cells["ci_hi"].to_numpy(float)
 
 
+def _thin(xs: np.ndarray, labels: list[str], min_gap: float = 0.09) -> list[str]:
+    """Blank the label of a tick closer (in log x, as a share of the axis) to the last labelled
+    one than ``min_gap``: 224 and 256 px side by side would print on top of each other."""
+    lx = np.log(np.asarray(xs, float))
+    span = max(float(lx.max() - lx.min()) + 2 * np.log(1.3), 1e-9)
+    out, last = [], -np.inf
+    for v, lab in zip(lx, labels, strict=True):
+        keep = (v - last) / span >= min_gap
+        out.append(lab if keep else "")
+        last = v if keep else last
+    return out
+
+
 def _log_ticks(ax: Axes, xs: np.ndarray, labels: list[str], base: float = 10) -> None:
     ax.set_xscale("log", base=base)
     ax.xaxis.set_major_locator(FixedLocator(xs))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels(labels, fontsize=7)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticklabels(_thin(xs, labels), fontsize=7)
     ax.set_xlim(float(xs.min()) / 1.3, float(xs.max()) * 1.3)
+
+
+def _nice_log_ticks(lo: float, hi: float) -> np.ndarray:
+    """1-2-5 values within [lo, hi]; the ends when fewer than two fall inside."""
+    e = np.arange(np.floor(np.log10(lo)) - 1, np.ceil(np.log10(hi)) + 1)
+    cand = np.sort((10.0 ** e[:, None] * np.array([1.0, 2.0, 5.0])[None]).ravel())
+    inside = cand[(cand >= lo) & (cand <= hi)]
+    return inside if inside.size >= 2 else np.array([lo, hi])
 
 
 def _line(ax: Axes, study: Study, c: Curve, scale: float, label: str, color) -> None:
@@ -108,10 +134,10 @@ def _line(ax: Axes, study: Study, c: Curve, scale: float, label: str, color) -> 
     v = study.verdicts[c.key]
     y = c.cells["mean"].to_numpy(float)
     lo, hi = c.cells["ci_lo"].to_numpy(float), c.cells["ci_hi"].to_numpy(float)
-    ax.plot(c.x / scale, y, "o-", color=color, lw=1.3, ms=4, label=f"{label}: {v.verdict}")
+    ax.plot(c.x / scale, y, "o-", color=color, lw=1.3, ms=4, label=f"{label}: {v.label}")
     if np.isfinite(lo).all() and np.isfinite(hi).all():
         ax.fill_between(c.x / scale, lo, hi, color=color, alpha=0.18, lw=0)
-    if v.fit.selected and c.x.size >= 4:  # with 3 points AICc (k <= n - 2) can only pick a constant
+    if v.fit.selected and c.x.size >= 4:  # with 3 points AICc (K <= n - 2) can only pick a constant
         ax.plot(v.fit.grid_x / scale, c.sign * v.fit.grid_y(), "--", color=color, lw=1, alpha=0.9)
 
 
@@ -189,7 +215,9 @@ def _panel_gflops(ax: Axes, study: Study, g: Group, curves: list[Curve]) -> None
     f = pareto_front(x, sign * y)
     ax.plot(x[f], y[f], "-", color="k", lw=1, drawstyle="steps-post", label="Pareto frontier")
     ax.plot(x[f], y[f], "o", mfc="none", mec="k", ms=9, mew=1.2)
-    ax.set_xscale("log")
+    ticks = _nice_log_ticks(float(np.nanmin(x)) / 1.3, float(np.nanmax(x)) * 1.3)
+    _log_ticks(ax, ticks, [f"{t:.3g}" for t in ticks])
+    ax.set_xlim(float(np.nanmin(x)) / 1.3, float(np.nanmax(x)) * 1.3)
     ax.set_xlabel("inference GFLOPs / image", fontsize=8)
 
 
@@ -248,14 +276,30 @@ def _grid(kind: str, panels: list, study: Study, title: str, out_dir: Path, stem
         PANELS[kind](ax, study, g, curves)
         r = g.cells.iloc[0]
         w = f" [{r['weights']}]" if several and r["weights"] else ""
-        ax.set_title(f"{r['dataset']}{w}: {metric_label(str(r['metric']))}", fontsize=8)
+        arrow = "" if kind != "heatmap" or not curves or curves[0].sign > 0 else " ↓"
+        ax.set_title(f"{r['dataset']}{w}: {metric_label(str(r['metric']))}{arrow}", fontsize=8)
         ax.tick_params(labelsize=7)
         if kind != "heatmap":
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=6, loc="lower right")
+            ax.set_ylabel(axis_label(str(r["metric"]), g.unit), fontsize=7)
+            # outside the data, to the right of the panel: it can never hide a point
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     for ax in axes[len(panels):]:
         ax.set_axis_off()
-    return _save(kind, fig, out_dir, stem, title, size)
+    plot = _save(kind, fig, out_dir, stem, title, size)
+    plot.legends_outside = legends_outside(fig)
+    plot.datasets = tuple(dict.fromkeys(str(g.cells["dataset"].iloc[0]) for g, _ in panels))
+    return plot
+
+
+def legends_outside(fig: Figure) -> bool:
+    """True when no legend's box overlaps its axes' data area (after the figure was drawn)."""
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        leg = ax.get_legend()
+        if leg is not None and leg.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)):
+            return False
+    return True
 
 
 def _save(kind: str, fig: Figure, out_dir: Path, stem: str, title: str, size: tuple[float, float]) -> Plot:
@@ -278,10 +322,10 @@ def forest_figures(study: Study, out_dir: Path) -> list[Plot]:
         for i, c in enumerate(part):
             v = study.verdicts[c.key]
             e = v.gain_top
-            color = VERDICT_COLORS[v.verdict]
+            color = VERDICT_COLORS.get(v.verdict, "#444444")
             ax.plot([e.lo / c.margin, e.hi / c.margin], [i, i], "-", color=color, lw=2)
             ax.plot([e.estimate / c.margin], [i], "s" if v.no_ci else "o", color=color, ms=5)
-            ax.annotate(f"{v.verdict}  {fmt_effect(e, v.no_ci)}", (1.01, i),
+            ax.annotate(f"{v.label}  {fmt_effect(e, v.no_ci)}", (1.01, i),
                         xycoords=("axes fraction", "data"), fontsize=7, va="center", color=color)
         for xv, ls in ((0, "-"), (-1, ":"), (1, ":")):
             ax.axvline(xv, color="k", ls=ls, lw=0.8)

@@ -16,21 +16,27 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.metric_table import higher_is_better as higher_is_better  # re-exported: its old home
+from analysis.metric_table import is_overlap, lower_is_better_names
 from tasks.errors import ConfigError
 
 # `params` is the parameter count (not millions); `gflops` is inference GFLOPs per image at the
 # point's resolution and may be empty when unknown.
 POINT_COLUMNS = ["dataset", "protocol", "metric", "encoder", "params", "gflops", "resolution", "seed", "value"]
-OPTIONAL_COLUMNS = ["experiment", "run_id", "weights"]
+OPTIONAL_COLUMNS = ["experiment", "run_id", "weights", "unit", "seed_free"]
+# `unit` says the scale of a metric's values (percent values get a x100 margin); `seed_free` marks
+# cells whose protocol ignores the seed (kNN, registration): their seeds are one value.
+UNITS = ("", "fraction", "percent", "mm", "px", "nats")
+UNIT_NAMES = "fraction, percent, mm, px, nats or empty"
 TEXT_COLUMNS = ["dataset", "protocol", "metric", "encoder"]
 
 # Headline metrics in the order the paper reports them; anything else follows alphabetically.
 MAIN_METRICS = ("auc", "acc", "precision", "recall", "f1_macro", "f1_weighted")
 # Bookkeeping a protocol may log beside its metrics: never plotted or tabulated.
 NON_METRICS = frozenset({"fit_s", "compute_s", "extract_s", "n_train", "n_val", "n_test", "feature_dim"})
-# Metrics where smaller is better (segmentation distances, registration errors): "best" flips.
-LOWER_IS_BETTER = frozenset({"loss", "hd95", "hd", "assd", "asd", "tre", "voi", "voi_split", "voi_merge",
-                             "arand", "cremi", "error", "ece", "brier"})
+# Metrics where smaller is better (segmentation distances, registration errors): "best" flips. The
+# one table of directions and margins is `analysis.metric_table.METRICS`; add new names there.
+LOWER_IS_BETTER = lower_is_better_names()
 
 # What one aggregated point is identified by. Weights are part of the identity: a random-init
 # and a pretrained encoder are different models and must never be averaged together.
@@ -44,14 +50,23 @@ def is_performance_metric(metric: str) -> bool:
     return metric not in NON_METRICS and not metric.endswith("_s") and not metric.startswith("n_")
 
 
-def higher_is_better(metric: str) -> bool:
-    return metric not in LOWER_IS_BETTER and not metric.endswith(("_error", "_loss", "_distance"))
-
-
 def metric_order(metrics) -> list[str]:
     """Main metrics first in the paper's order, then the rest alphabetically; bookkeeping dropped."""
     present = {str(m) for m in metrics if is_performance_metric(str(m))}
     return [m for m in MAIN_METRICS if m in present] + sorted(present - set(MAIN_METRICS))
+
+
+def headline_metric(metrics) -> str:
+    """The metric a summary leads with: AUC, else accuracy, else an overlap score (Dice first), else
+    VOI (instance segmentation), else the first in `metric_order`."""
+    ordered = metric_order(metrics)
+    for pick in ("auc", "acc"):
+        if pick in ordered:
+            return pick
+    overlap = [m for m in ordered if is_overlap(m)]
+    if overlap:
+        return "dice" if "dice" in overlap else overlap[0]
+    return "voi" if "voi" in ordered else (ordered[0] if ordered else "")
 
 
 def plotted_metrics(metrics) -> list[str]:
@@ -121,9 +136,22 @@ def read_points_csv(path: str | Path) -> pd.DataFrame:
     out["resolution"] = _numeric(raw, "resolution", source, integer=True, positive=True)
     out["seed"] = _numeric(raw, "seed", source, integer=True)
     out["value"] = _numeric(raw, "value", source)
-    for col in OPTIONAL_COLUMNS:
+    for col in ("experiment", "run_id", "weights"):
         if col in raw.columns:
             out[col] = raw[col].astype(str).str.strip()
+    if "unit" in raw.columns:
+        unit = raw["unit"].astype(str).str.strip().str.lower()
+        bad = ~unit.isin(UNITS)
+        if bad.any():
+            raise ConfigError(f"{source}: column 'unit' must be one of {UNIT_NAMES}; "
+                              f"{_bad_rows(bad, raw['unit'])}")
+        out["unit"] = unit
+    if "seed_free" in raw.columns:
+        flag = raw["seed_free"].astype(str).str.strip().str.lower()
+        bad = ~flag.isin(["", "true", "false", "1", "0", "yes", "no"])
+        if bad.any():
+            raise ConfigError(f"{source}: column 'seed_free' must be true/false; {_bad_rows(bad, raw['seed_free'])}")
+        out["seed_free"] = flag.isin(["true", "1", "yes"])
     return out.reset_index(drop=True)
 
 

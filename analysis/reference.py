@@ -10,8 +10,9 @@ checked against `points.higher_is_better`, so a metric name that would be judged
 caught at load time; `unit` ("fraction", "percent", "mm" or empty) sets the verdict margin's
 scale; `resolution` is filled only where the paper states the encoder's input size (Table 2's
 caption: 256 px; Tables 3-4: 224 px patches, section 3.1), 0 elsewhere ("not stated").
-`spread` is what the table prints after "±" (Tables 15-16: a standard deviation over cases, not
-the uncertainty of a mean), shown in the tables but not turned into intervals. Parameter counts
+`spread` is what the table prints after "±" (Tables 15-16: a standard deviation over test cases,
+not the uncertainty of a mean); with the test-set size the paper states (``TEST_CASES``) it gives
+each mean a standard error SD / sqrt(n) and the curve intervals (`bootstrap.printed_spread`). Parameter counts
 and GFLOPs come from `tasks.encoders`, never from the CSV.
 """
 
@@ -30,6 +31,9 @@ REFERENCE_COLUMNS = ["table", "dataset", "protocol", "metric", "encoder", "resol
                      "spread_kind", "unit", "direction", "note"]
 UNITS = ("fraction", "percent", "mm", "")
 UNKNOWN_RESOLUTION = 0  # as load_points records a run without one
+# Test-set sizes the paper states for the tables that print "mean ± SD" (its sections 2.2 and 2.6):
+# CAMUS 100 test registration pairs, ACDC 50 test patients.
+TEST_CASES = {"camus": 100, "acdc": 50}
 
 
 def reference_sets() -> list[str]:
@@ -106,4 +110,5 @@ def reference_points(ref: pd.DataFrame) -> pd.DataFrame:
     pts["weights"] = ""
     pts["experiment"] = "reference"
     pts["run_id"] = ""
+    pts["n_cases"] = pts["dataset"].map(TEST_CASES).astype(float)
     return pts.reset_index(drop=True)

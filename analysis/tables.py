@@ -23,7 +23,8 @@ DIGITS = 4  # as in the paper's tables
 MISSING = "–"
 AXIS_UNITS = {"params": "", "resolution": " px", "gflops": " GF"}
 VERDICT_HEADER = ["dataset", "protocol", "metric", "axis", "at", "n", "verdict", "reason", "P(monotone ↑)",
-                  "P(best = largest)", "peak [95% CI]", "largest − best smaller [95% CI]", "Holm p"]
+                  "P(best = largest)", "peak [95% CI]", "largest − best smaller [95% CI]",
+                  "gain / doubling at top [95% CI]", "corrected p", "variance: cases / seeds"]
 
 
 def rank_marks(means: pd.Series, higher: bool = True, digits: int = DIGITS) -> pd.Series:
@@ -95,7 +96,7 @@ def fmt_x(axis: str, x: float) -> str:
 def fmt_p(p: float) -> str:
     if not math.isfinite(p):
         return "–"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    return f"{p:.1e}" if p < 0.001 else f"{p:.3f}"
 
 
 def fmt_effect(e: Effect, no_ci: bool) -> str:
@@ -118,11 +119,21 @@ def verdict_table(study: Study) -> tuple[list[str], list[list]]:
         v = study.verdicts[c.key]
         metric = metric_label(c.key.metric) + (" ↓" if c.sign < 0 else "")
         rows.append([c.key.dataset, c.key.protocol, metric, c.key.axis, c.key.fixed, str(v.x.size),
-                     Cell(v.verdict, css=f"v-{v.verdict}"), v.reason,
+                     Cell(v.label, css=f"v-{v.verdict}"), v.reason,
                      "–" if math.isnan(v.p_increasing) else f"{v.p_increasing:.2f}",
                      "–" if math.isnan(v.p_best_largest) else f"{v.p_best_largest:.2f}",
-                     _peak(c.key.axis, v), fmt_effect(v.gain_top, v.no_ci), fmt_p(v.iso_p_adj)])
+                     _peak(c.key.axis, v), fmt_effect(v.gain_top, v.no_ci), fmt_effect(v.slope_top, v.no_ci),
+                     fmt_p(v.p_adj), variance_split(v.var_split)])
     return VERDICT_HEADER, rows
+
+
+def variance_split(split: dict[str, float]) -> str:
+    """'72% / 28%' (cases / seeds) and any other source after them; '–' without intervals."""
+    if not split:
+        return "–"
+    known = [f"{100 * split.get(k, 0.0):.0f}%" for k in ("cases", "seeds")]
+    other = [f"{k} {100 * v:.0f}%" for k, v in split.items() if k not in ("cases", "seeds")]
+    return " / ".join(known) + (f" ({', '.join(other)})" if other else "")
 
 
 def fits_table(study: Study, min_points: int = 4) -> tuple[list[str], list[list]]:

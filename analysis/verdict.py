@@ -1,55 +1,45 @@
 """A verdict per scaling curve: does the metric keep improving with x, level off, peak, or fall?
 
-Why these statistics: with 3-6 points a fitted form alone over-interprets noise, and trend tests
-(Page, Jonckheere-Terpstra, Spearman) call an inverted U "increasing". So the verdict rests on
-direct, paired comparisons between points (bootstrap CIs that keep the shared-test-set
-correlation) and on a direct test of monotonicity; the refitted forms supply the probabilities
-that describe the shape and a between-grid estimate of the peak.
+Why these statistics: with 2-6 points a fitted form alone over-interprets noise, and trend tests
+(Page, Jonckheere-Terpstra, Spearman) call an inverted U "increasing". So a verdict rests on
+direct, paired comparisons between points and on a direct test of monotonicity, each with an
+analytic p-value (`analysis.nulls`: a normal model of the points whose covariance comes from the
+test cases and the seeds), and on one multiplicity correction across every curve of the study.
 
-Quantities (y_1..y_n: point estimates in increasing x; j*: the best of the smaller x, argmax of
-y_1..y_{n-1}; every CI is the percentile interval at ``CI_LEVEL`` of the same quantity computed in
-each bootstrap replicate; a curve without replicates is "no CI" and its CI is the estimate itself):
+Quantities (y_1..y_n: point estimates in increasing x, oriented so that higher is better - HD95,
+ASD, VOI, ARAND, folding share are negated first; m: the curve's margin, `metric_table`):
+- G, total gain y_n - y_1;  R, rise y_j* - y_1 to the best smaller point j* = argmax(y_1..y_{n-1});
+  D, y_n - y_j*;  d, top gain y_n - max(y_1..y_{n-1});  drop, the largest fall max_{i<j} (y_i - y_j).
+- s, the fitted gain per doubling of x at the top: the least-squares slope of y on log2(x) over
+  the top half of the points (at least 2); unlike one grid step, it does not depend on the spacing.
+- p_iso: likelihood-ratio test of "non-decreasing in x" (chi-bar-square null, `nulls.isotonic_p`).
+- One-sided contrast p-values p(c'y > 0) and 95% intervals c'y +- t sqrt(c' Sigma c).
+- Reported, not used by the rules: d with its percentile interval and P(best = largest) (whether
+  the largest x beats its nearest neighbours depends on how close the grid puts them), P(increasing),
+  P(decreasing), the best tested x and its interval, a quadratic vertex between grid points.
 
-- G, total gain: y_n - y_1.
-- d, top gain: y_n - max(y_1..y_{n-1}), the max re-taken in each replicate (the CI is therefore
-  conservative for "the largest x is best").
-- R, rise to the best smaller: y_{j*} - y_1;  D, drop after it: y_n - y_{j*} (j* fixed).
-- drop: the largest decrease between any two points in x order, max_{i<j} (y_i - y_j).
-- p_iso: isotonic likelihood-ratio test of H0 "the means are non-decreasing in x": statistic
-  T = sum_j w_j (y_j - iso_j)^2, iso the weighted isotonic (non-decreasing) regression,
-  w_j = 1/se_j^2 from the replicates; null distribution: T of the replicate deviations recentred
-  on equal means (the least favourable null), which keeps the correlation between points;
-  p = (1 + #{T* >= T}) / (1 + R). Holm-adjusted across all curves judged together. (A metric
-  using the full covariance of the points held its level worse with few seeds: its estimate is
-  too rough; the diagonal one stayed near 5% in simulation.)
-- Reported, not used by the rules: P(increasing) and P(decreasing), the share of replicates whose
-  AICc-selected form is monotone over [x_min, x_max] (with < 4 points, whose points are);
-  P(best = largest), the share whose largest-x point is the best; per-form parameter CIs and how
-  often each form is selected.
-- Peak: ``peak_x`` is the tested x with the best mean and ``peak_ci`` the ``CI_LEVEL`` percentile
-  interval (on the tested grid) of the best tested x per replicate: model-free. ``vertex_x``/``vertex_ci``
-  place it between grid points: the maximum of the quadratic in u on [x_min, x_max] (its vertex
-  when interior), refitted per replicate, once >= 5 points allow the quadratic. The vertex CI
-  ignores misspecification (a curve that is not quadratic in u can put a precise vertex beside
-  the true peak), which is why the model-free interval is the one quoted with ``peaks``.
-
-Curves must be oriented so that higher is better (negate HD95, ASD, VOI, ARAND, losses first).
-An effect E with CI [lo, hi] is, with margin m = ``MIN_EFFECT`` (metric units; 0.005 suits AUC,
-accuracy, F1, Dice on [0, 1] - pass ``min_effect`` for other scales):
-  negligible if -m < lo and hi < m; else up if lo > 0; else down if hi < 0; else unclear.
-A curve whose replicates have no spread at all is treated like one without a CI.
-
-Rules, first match wins:
- 1. fewer than ``MIN_POINTS`` points                                   -> ``noisy``
- 2. non-monotone: drop >= m and (p_iso Holm-adjusted < ``ALPHA``, or no CI):
-    a. j* is interior (1 < j* < n), R up and D down                    -> ``peaks``
-    b. G down and R not up                                             -> ``inverse``
-    c. otherwise (a dip, a zigzag)                                     -> ``noisy``
- 3. otherwise (consistent with non-decreasing):
-    a. G up and d up                                                   -> ``scales``
-    b. G up and d negligible                                           -> ``saturates``
-    c. G negligible and d negligible                                   -> ``flat``
-    d. otherwise: the CIs are too wide to say                          -> ``noisy``
+A curve's CLAIM is the first shape its estimates show (orderings use the same list):
+  peaks      an interior best: j* interior, R >= m and D <= -m;   p = max(p_iso, p(R > 0), p(D < 0))
+  inverse    larger x is worse: G <= -m;                           p = p(G < 0)
+  saturates  gains overall, G >= m, and s lies within +-m (its 95% CI; an ordering: |s| < m),
+             i.e. another doubling of x gains less than the margin; p = p(G > 0)
+  scales     gains overall, G >= m, and still gains at the top: s > 0 (an ordering: s >= m);
+             p = max(p(G > 0), p(s > 0))
+  mixed      a fall beyond the margin (drop >= m) without one of the shapes above; p = p_iso
+Intersection-union p-values (the max) need no correction inside a claim. Every CI-backed curve
+enters ONE family with the p-value of its claim (1 without a claim), corrected by
+Benjamini-Hochberg at ``ALPHA`` (false discovery rate; `judge_curves(correction="holm")` holds the
+family-wise rate instead). Then, first match wins:
+ 1. the companion metrics say the prediction is degenerate (Dice ~ 0, empty masks) -> ``degenerate``
+    (set by `analysis.study`; never counted in the tally)
+ 2. fewer than 2 points                                                   -> ``noisy``
+ 3. with intervals: the claim's corrected p < ALPHA                       -> the claim
+    every difference between two points has its 95% CI inside +-m        -> ``flat``
+    otherwise: not shown after correction, or the CIs are too wide       -> ``noisy``
+ 4. without intervals (a published table, seeds that do not vary): an ORDERING of the point
+    estimates - the claim, else ``flat`` when max - min < m, else ``mixed`` - shown as
+    "order: <label>" and tallied apart: nothing here says the order would survive a new sample.
+A 2-point curve is a comparison: only ``scales``, ``inverse``, ``flat`` (or ``noisy``) apply.
 """
 
 from __future__ import annotations
@@ -58,7 +48,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from scipy.optimize import nnls
 
 from analysis.bootstrap import CurveReplicates
 from analysis.fits import (
@@ -72,21 +61,29 @@ from analysis.fits import (
     monotonicity,
     quadratic_peak,
 )
+from analysis.nulls import CORRECTIONS, contrast, holm, interval, isotonic_p, p_greater
+from analysis.nulls import cone_projection as _cone_projection
 
 ALPHA = 0.05
 CI_LEVEL = 0.95
 MIN_EFFECT = 0.005
-MIN_POINTS = 3
-VERDICTS = ("scales", "saturates", "peaks", "inverse", "flat", "noisy")
+MIN_POINTS = 2
+CORRECTION = "bh"
+SHAPE_REPLICATES = 400
+VAR_SOURCES = ("cases", "seeds")  # always-present columns of the variance split
+VERDICTS = ("scales", "saturates", "peaks", "inverse", "mixed", "flat", "noisy", "degenerate")
+DIRECTIONAL = ("scales", "saturates", "peaks", "inverse", "mixed")
+__all__ = ["holm", "analyse_curve", "judge_curves", "verdict_row", "monotone_distance", "VERDICTS"]
 
 
 @dataclass(frozen=True)
 class Effect:
-    """A difference between curve points with its CI (lo == hi == estimate when there is no CI)."""
+    """A contrast between curve points with its CI (lo == hi == estimate when there is no CI)."""
 
     estimate: float
     lo: float
     hi: float
+    p_up: float = float("nan")  # one-sided p of "> 0"
 
     def classify(self, margin: float) -> str:
         if -margin < self.lo and self.hi < margin:
@@ -98,6 +95,9 @@ class Effect:
         return "unclear"
 
 
+NAN_EFFECT = Effect(float("nan"), float("nan"), float("nan"))
+
+
 @dataclass
 class CurveVerdict:
     """Everything said about one curve; ``verdict``/``reason`` follow the module's rules."""
@@ -105,16 +105,23 @@ class CurveVerdict:
     verdict: str
     reason: str
     no_ci: bool
-    method: str  # how the replicates were made: "cases+seeds", "seeds", "seeds-parametric", "none"
+    method: str  # how the replicates were made: "cases+seeds", "seeds", "seeds-parametric", "printed-sd", "none"
     x: np.ndarray
     estimate: np.ndarray
     ci: tuple[np.ndarray, np.ndarray]
     fit: CurveFit
-    gain_total: Effect
-    gain_top: Effect
-    rise_to_best: Effect
-    drop_after_best: Effect
-    max_drop: float
+    gain_total: Effect = NAN_EFFECT
+    gain_top: Effect = NAN_EFFECT
+    rise_to_best: Effect = NAN_EFFECT
+    drop_after_best: Effect = NAN_EFFECT
+    max_drop: float = float("nan")
+    slope_top: Effect = NAN_EFFECT  # fitted gain per doubling of x at the top
+    claim: str = ""  # the shape the estimates show (module docstring), "" for none
+    p_claim: float = float("nan")
+    p_adj: float = float("nan")
+    flat_ok: bool = False  # every pairwise difference's CI inside +-m
+    margin: float = MIN_EFFECT
+    var_split: dict[str, float] = field(default_factory=dict)  # share of the shape's variance per source
     p_increasing: float = float("nan")
     p_decreasing: float = float("nan")
     p_best_largest: float = float("nan")
@@ -126,108 +133,190 @@ class CurveVerdict:
     param_ci: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
     iso_stat: float = float("nan")
     iso_p: float = float("nan")
-    iso_p_adj: float = float("nan")
+    iso_p_adj: float = float("nan")  # the corrected p of the claim (kept under its old name)
 
+    @property
+    def kind(self) -> str:
+        """"degenerate", "ordering" (no intervals) or "ci"."""
+        if self.verdict == "degenerate":
+            return "degenerate"
+        return "ordering" if self.no_ci else "ci"
 
-def holm(pvalues: Sequence[float]) -> np.ndarray:
-    """Holm step-down adjusted p-values, in input order; NaN entries stay NaN and are not counted."""
-    p = np.asarray(pvalues, float)
-    out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    order = ok[np.argsort(p[ok], kind="stable")]
-    m = order.size
-    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-    out[order] = adj
-    return out
-
-
-def _cone_basis(n: int) -> np.ndarray:
-    """Columns spanning the non-decreasing cone with non-negative coefficients: +1, -1, steps."""
-    steps = (np.arange(n)[:, None] >= np.arange(1, n)[None, :]).astype(float)
-    return np.column_stack([np.ones(n), -np.ones(n), steps])
+    @property
+    def label(self) -> str:
+        return f"order: {self.verdict}" if self.kind == "ordering" else self.verdict
 
 
 def monotone_distance(Y: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    """Squared Mahalanobis distance of each row of Y (R, n) to the non-decreasing cone.
-
-    This is the likelihood-ratio statistic (Gaussian, covariance ``cov``) of "non-decreasing"
-    against unrestricted means, by non-negative least squares on the cone's generators; with a
-    diagonal ``cov`` (what ``isotonic_test`` uses) it is weighted isotonic regression (PAVA).
-    """
-    Y = np.atleast_2d(np.asarray(Y, float))
-    W = np.linalg.inv(np.linalg.cholesky(cov))  # ||W r||^2 = r' cov^-1 r
-    B = W @ _cone_basis(Y.shape[1])
-    return np.array([nnls(B, W @ y)[1] ** 2 for y in Y])
+    """Squared Mahalanobis distance of each row of Y (R, n) to the non-decreasing cone (with a
+    diagonal ``cov`` this is weighted isotonic regression's residual sum of squares)."""
+    return _cone_projection(Y, cov)[0]
 
 
-def isotonic_test(curve: CurveReplicates) -> tuple[float, float]:
-    """Likelihood-ratio test of "non-decreasing in x" with a bootstrap null; (T, p), NaN without CI.
-
-    Null: the replicate deviations recentred on equal means, the least favourable configuration
-    of the null (the statistic is invariant to a common shift, so recentring suffices). The metric
-    is diagonal (weighted PAVA); ``monotone_distance`` also takes a full covariance.
-    """
-    if curve.no_ci:
-        return float("nan"), float("nan")
-    reps = curve.replicates[np.isfinite(curve.replicates).all(axis=1)]
-    if reps.shape[0] < 2:
-        return float("nan"), float("nan")
-    var = np.var(reps, axis=0, ddof=1)
-    if not (var > 0).any():
-        return float("nan"), float("nan")
-    cov = np.diag(np.maximum(var, 1e-6 * var[var > 0].mean()))  # a point without spread stays finite
-    t = float(monotone_distance(curve.estimate[None], cov)[0])
-    t0 = monotone_distance(reps - reps.mean(axis=0), cov)
-    return t, float((1 + np.sum(t0 >= t * (1 - 1e-9))) / (1 + t0.size))
+def _top_slope_contrast(x: np.ndarray) -> np.ndarray:
+    """c with c'y = least-squares slope of y on log2(x) over the top half of the points (>= 2)."""
+    n = x.size
+    k = max(2, (n + 1) // 2)
+    u = np.log2(x[n - k:])
+    den = float(np.sum((u - u.mean()) ** 2))
+    if den <= 0:  # repeated x: no slope
+        return np.full(n, np.nan)
+    c = np.zeros(n)
+    c[n - k:] = (u - u.mean()) / den
+    return c
 
 
-def _effect(est: float, reps: np.ndarray | None, level: float) -> Effect:
-    if reps is None:
-        return Effect(float(est), float(est), float(est))
-    q = 50 * (1 - level)
-    lo, hi = np.nanpercentile(reps, [q, 100 - q])
-    return Effect(float(est), float(lo), float(hi))
+def _effect(c: np.ndarray, y: np.ndarray, parts, dfs, level: float) -> Effect:
+    est = float(c @ y)
+    if not parts:
+        return Effect(est, est, est)
+    v, df = contrast(c, parts, dfs)
+    lo, hi = interval(est, v, df, level)
+    return Effect(est, lo, hi, p_greater(est, v, df))
+
+
+def _unit(n: int, i: int) -> np.ndarray:
+    e = np.zeros(n)
+    e[i] = 1.0
+    return e
+
+
+def _var_split(parts: Mapping[str, np.ndarray]) -> dict[str, float]:
+    if not parts:
+        return {}
+    n = next(iter(parts.values())).shape[0]
+    H = np.eye(n) - 1.0 / n
+    tr = {k: max(float(np.trace(H @ p @ H)), 0.0) for k, p in parts.items()}
+    tot = sum(tr.values())
+    return {k: v / tot for k, v in tr.items()} if tot > 0 else {}
 
 
 def analyse_curve(curve: CurveReplicates, *, level: float = CI_LEVEL,
                   min_effect: float = MIN_EFFECT) -> CurveVerdict:
-    """Statistics and a verdict for one curve (Holm over a single curve is the raw p-value)."""
-    ok = np.isfinite(curve.x) & np.isfinite(curve.estimate) & (curve.x > 0)
-    order = np.argsort(curve.x[ok], kind="stable")
-    x, y = curve.x[ok][order], curve.estimate[ok][order]
-    reps = None if curve.no_ci else curve.replicates[:, ok][:, order]
-    if reps is not None:
-        reps = reps[np.isfinite(reps).all(axis=1)]
-        if reps.shape[0] < 2:
-            reps = None
-    if reps is not None and not (np.var(reps, axis=0) > 0).any():
-        reps = None  # no spread at all: the points are taken as exact, like a table's
-    c = CurveReplicates(x, y, reps, curve.method if reps is not None else "none")
+    """Statistics, the claim and an uncorrected verdict for one curve (a family of one)."""
+    ok = np.flatnonzero(np.isfinite(curve.x) & np.isfinite(curve.estimate) & (curve.x > 0))
+    c = curve.take(ok[np.argsort(curve.x[ok], kind="stable")])
+    x, y = c.x, c.estimate
+    reps = None if c.no_ci else c.replicates[np.isfinite(c.replicates).all(axis=1)]
+    parts, dfs = c.noise() if reps is not None and reps.shape[0] >= 2 else ({}, {})
+    if parts and not any((np.diag(p) > 0).any() for p in parts.values()):
+        parts = {}  # no spread at all: the points are exact, like a table's
+    if not parts:
+        reps = None
+        c = CurveReplicates(x, y, None, "none")
     se = c.se()
-    sigma = se if reps is not None and (se > 0).all() else None
-    fit = fit_curve(x, y, sigma)
+    fit = fit_curve(x, y, se if reps is not None and (se > 0).all() else None)
     n = x.size
-    nan_e = Effect(float("nan"), float("nan"), float("nan"))
-    if n < 2:
-        v = CurveVerdict("noisy", "", c.no_ci, c.method, x, y, c.ci(level), fit, nan_e, nan_e, nan_e, nan_e,
-                         float("nan"))
-        return _decide(v, v.iso_p, min_effect)
+    v = CurveVerdict("noisy", "", reps is None, c.method, x, y, c.ci(level), fit, margin=min_effect,
+                     var_split=_var_split(parts))
+    if n < MIN_POINTS:
+        return _decide(v, float("nan"))
     js = int(np.argmax(y[:-1]))
-    r = reps
-    v = CurveVerdict(
-        "noisy", "", c.no_ci, c.method, x, y, c.ci(level), fit,
-        gain_total=_effect(y[-1] - y[0], None if r is None else r[:, -1] - r[:, 0], level),
-        gain_top=_effect(y[-1] - y[:-1].max(), None if r is None else r[:, -1] - r[:, :-1].max(axis=1), level),
-        rise_to_best=_effect(y[js] - y[0], None if r is None else r[:, js] - r[:, 0], level),
-        drop_after_best=_effect(y[-1] - y[js], None if r is None else r[:, -1] - r[:, js], level),
-        max_drop=float(np.max(np.maximum.accumulate(y) - y)),
-        peak_x=float(x[np.argmax(y)]),
-        vertex_x=fit.fits["quadratic"].peak_x if "quadratic" in fit.fits else float("nan"),
-    )
-    if r is not None:
-        _replicate_shape(v, r, sigma, level)
-        v.iso_stat, v.iso_p = isotonic_test(c)
-    return _decide(v, v.iso_p, min_effect)
+    m = min_effect
+    v.gain_total = _effect(_unit(n, n - 1) - _unit(n, 0), y, parts, dfs, level)
+    v.rise_to_best = _effect(_unit(n, js) - _unit(n, 0), y, parts, dfs, level)
+    v.drop_after_best = _effect(_unit(n, n - 1) - _unit(n, js), y, parts, dfs, level)
+    v.slope_top = _effect(_top_slope_contrast(x), y, parts, dfs, level)
+    v.max_drop = float(np.max(np.maximum.accumulate(y) - y))
+    v.peak_x = float(x[np.argmax(y)])
+    v.vertex_x = fit.fits["quadratic"].peak_x if "quadratic" in fit.fits else float("nan")
+    d_est = float(y[-1] - y[:-1].max())
+    p_top = [_effect(_unit(n, n - 1) - _unit(n, j), y, parts, dfs, level).p_up for j in range(n - 1)]
+    if reps is not None:
+        dr = reps[:, -1] - reps[:, :-1].max(axis=1)
+        lo, hi = np.percentile(dr, [50 * (1 - level), 50 * (1 + level)])
+        v.gain_top = Effect(d_est, float(lo), float(hi), _pmax(*p_top))
+        _replicate_shape(v, reps, se if (se > 0).all() else None, level)
+        if n >= 3:
+            v.iso_stat, v.iso_p = isotonic_p(y, parts, dfs)
+        pair = [_effect(_unit(n, j) - _unit(n, i), y, parts, dfs, level) for i in range(n) for j in range(i + 1, n)]
+        v.flat_ok = all(e.classify(m) == "negligible" for e in pair)
+    else:
+        v.gain_top = Effect(d_est, d_est, d_est)
+        v.flat_ok = float(np.ptp(y)) < m
+    _claim(v, m)
+    return _decide(v, v.p_claim)
+
+
+def _pmax(*ps: float) -> float:
+    """Intersection-union p-value: the largest; NaN (not testable) if any part is NaN."""
+    return float("nan") if any(not np.isfinite(p) for p in ps) else float(max(ps))
+
+
+def _claim(v: CurveVerdict, m: float) -> None:
+    """The first shape the estimates show, and the p-value of claiming it (module docstring)."""
+    n, y = v.x.size, v.estimate
+    G, R, D, s = v.gain_total, v.rise_to_best, v.drop_after_best, v.slope_top
+    js = int(np.argmax(y[:-1]))
+    if n >= 3 and 0 < js < n - 1 and R.estimate >= m and D.estimate <= -m:
+        v.claim, v.p_claim = "peaks", _pmax(v.iso_p, R.p_up, 1 - D.p_up)
+    elif G.estimate <= -m:
+        v.claim, v.p_claim = "inverse", 1 - G.p_up
+    elif n >= 3 and G.estimate >= m and (s.classify(m) == "negligible" if not v.no_ci else abs(s.estimate) < m):
+        v.claim, v.p_claim = "saturates", G.p_up
+    elif G.estimate >= m and (s.estimate > 0 if not v.no_ci else s.estimate >= m):
+        v.claim, v.p_claim = "scales", _pmax(G.p_up, s.p_up)
+    elif n >= 3 and v.max_drop >= m:
+        v.claim, v.p_claim = "mixed", v.iso_p
+    else:
+        v.claim, v.p_claim = "", float("nan")
+
+
+SENTENCES = {
+    "peaks": "rises to an interior best at x={x}, then falls",
+    "inverse": "larger x is worse (smaller is better)",
+    "saturates": "gains overall; another doubling of x gains less than the margin at the top",
+    "scales": "gains overall and still gains at the top (fitted gain per doubling > 0)",
+    "mixed": "falls by more than the margin somewhere, without a single interior best",
+    "flat": "every change within +-{m:g}",
+}
+
+
+def _size(v: CurveVerdict, label: str) -> str:
+    """The effect behind a label, in metric units and margins: '(G -0.035 = 7.0 margins)'."""
+    m = v.margin
+
+    def e(name: str, val: float) -> str:
+        return f"{name} {val:+.4g} = {abs(val) / m:.1f} margins"
+    if label == "peaks":
+        return f" ({e('rise', v.rise_to_best.estimate)}, {e('then', v.drop_after_best.estimate)})"
+    if label in ("scales", "inverse"):
+        return f" ({e('total', v.gain_total.estimate)})"
+    if label == "saturates":
+        return f" ({e('total', v.gain_total.estimate)}; {e('per doubling at the top', v.slope_top.estimate)})"
+    if label == "mixed":
+        return f" (largest fall {v.max_drop:.4g} = {v.max_drop / m:.1f} margins)"
+    return ""
+
+
+def _decide(v: CurveVerdict, p_adj: float) -> CurveVerdict:
+    """Apply the module's rules with the corrected p-value ``p_adj`` of the curve's claim."""
+    v.p_adj = v.iso_p_adj = p_adj
+    n, m = v.x.size, v.margin
+    two = "2-point comparison: " if n == 2 else ""
+    if n < MIN_POINTS:
+        v.verdict, v.reason = "noisy", f"{n} point(s): nothing to compare"
+        return v
+    where = format_x(v.x[int(np.argmax(v.estimate[:-1]))]) if n >= 3 else ""
+    if v.no_ci:
+        label = v.claim or ("flat" if v.flat_ok else "mixed")
+        v.verdict = label
+        v.reason = two + SENTENCES[label].format(x=where, m=m) + _size(v, label) + " [ordering, no CI]"
+        return v
+    if v.claim and np.isfinite(p_adj) and p_adj < ALPHA:
+        v.verdict = v.claim
+        v.reason = two + SENTENCES[v.claim].format(x=where, m=m) + _size(v, v.claim) + f", corrected p {_p(p_adj)}"
+    elif v.flat_ok:
+        v.verdict, v.reason = "flat", two + SENTENCES["flat"].format(m=m) + " (95% CIs)"
+    elif v.claim:
+        v.verdict, v.reason = "noisy", f"{two}looks like '{v.claim}' but corrected p {_p(p_adj)} >= {ALPHA:g}"
+    else:
+        v.verdict, v.reason = "noisy", f"{two}CIs too wide to say (total gain {v.gain_total.classify(m)})"
+    return v
+
+
+def _p(p: float) -> str:
+    return "nan" if not np.isfinite(p) else (f"{p:.1e}" if p < 0.001 else f"{p:.3f}")
 
 
 def _replicate_shape(v: CurveVerdict, reps: np.ndarray, sigma, level: float) -> None:
@@ -237,6 +326,7 @@ def _replicate_shape(v: CurveVerdict, reps: np.ndarray, sigma, level: float) -> 
     best = x[np.argmax(reps, axis=1)]
     v.p_best_largest = float(np.mean(best == x[-1]))
     v.peak_ci = (float(np.percentile(best, q[0], method="lower")), float(np.percentile(best, q[1], method="higher")))
+    reps = reps[:SHAPE_REPLICATES]  # reported shape shares: 400 refits resolve them to +-0.025
     batch = fit_forms(x, reps, sigma)
     for f, b in batch.items():
         v.param_ci[f] = {p: tuple(map(float, np.nanpercentile(b.params[:, i], q)))
@@ -270,70 +360,58 @@ def format_x(x: float) -> str:
     return f"{x:g}"
 
 
-def _decide(v: CurveVerdict, p_adj: float, m: float) -> CurveVerdict:
-    """Apply the module's rules (see the docstring) with the Holm-adjusted p-value ``p_adj``."""
-    v.iso_p_adj = p_adj
-    n = v.x.size
-    if n < MIN_POINTS:
-        v.verdict, v.reason = "noisy", f"{n} point(s): fewer than {MIN_POINTS}"
-        return v
-    G, d = v.gain_total.classify(m), v.gain_top.classify(m)
-    R, D = v.rise_to_best.classify(m), v.drop_after_best.classify(m)
-    js = int(np.argmax(v.estimate[:-1]))
-    significant = v.no_ci or (np.isfinite(p_adj) and p_adj < ALPHA)
-    if v.max_drop >= m and significant:
-        if 0 < js < n - 1 and R == "up" and D == "down":
-            v.verdict, v.reason = "peaks", f"rises to x={format_x(v.x[js])}, then falls"
-        elif G == "down" and R != "up":
-            v.verdict, v.reason = "inverse", "larger x is worse"
-        else:
-            v.verdict, v.reason = "noisy", f"non-monotone without a clear single peak (G {G}, R {R}, D {D})"
-    elif G == "up" and d == "up":
-        v.verdict, v.reason = "scales", "the largest x beats every smaller one"
-    elif G == "up" and d == "negligible":
-        v.verdict, v.reason = "saturates", f"gains overall, top gain within +-{m:g}"
-    elif G == "negligible" and d == "negligible":
-        v.verdict, v.reason = "flat", f"all changes within +-{m:g}"
-    else:
-        v.verdict, v.reason = "noisy", f"CI too wide to say (total gain {G}, top gain {d})"
-    if v.no_ci:
-        v.reason += " [no CI]"
-    return v
-
-
 def judge_curves(curves: Mapping | Sequence[CurveReplicates], *, level: float = CI_LEVEL,
-                 min_effect: float | Mapping | Sequence[float] = MIN_EFFECT) -> dict | list[CurveVerdict]:
-    """Analyse many curves and decide each with Holm-adjusted isotonic p-values across all of them.
+                 min_effect: float | Mapping | Sequence[float] = MIN_EFFECT, correction: str = CORRECTION,
+                 exclude: Mapping | Sequence[bool] | None = None) -> dict | list[CurveVerdict]:
+    """Analyse many curves and decide each with its claim's p-value corrected across all of them.
 
     Accepts a mapping (key -> CurveReplicates; returns key -> CurveVerdict) or a sequence.
-    ``min_effect`` is one margin for every curve, or one per curve (a mapping with the same keys,
-    or a sequence in the same order): curves in different units (AUC, Dice in %, HD95 in mm)
-    need their own margins, yet belong in one Holm family.
+    ``min_effect``: one margin, or one per curve (mapping with the same keys, or a sequence):
+    curves in different units need their own margins, yet belong in one family. The family is
+    every CI-backed curve not in ``exclude`` (degenerate ones), one p-value each (1 without a
+    claim); ``correction`` is "bh" (Benjamini-Hochberg, the default) or "holm".
     """
     keys = list(curves) if isinstance(curves, Mapping) else list(range(len(curves)))
     items = [curves[k] for k in keys]
-    if isinstance(min_effect, Mapping):
-        margins = [float(min_effect[k]) for k in keys]
-    elif isinstance(min_effect, Sequence):
-        if len(min_effect) != len(keys):
-            raise ValueError(f"{len(min_effect)} margins for {len(keys)} curves")
-        margins = [float(m) for m in min_effect]
-    else:
-        margins = [float(min_effect)] * len(keys)
-    stats = [analyse_curve(c, level=level, min_effect=m) for c, m in zip(items, margins, strict=True)]
-    adj = holm([s.iso_p for s in stats])
-    out = [_decide(replace(s), float(a), m) for s, a, m in zip(stats, adj, margins, strict=True)]
+
+    def per_curve(arg, default, what: str):
+        if isinstance(arg, Mapping):
+            return [arg[k] for k in keys]
+        if isinstance(arg, Sequence):
+            if len(arg) != len(keys):
+                raise ValueError(f"{len(arg)} {what} for {len(keys)} curves")
+            return list(arg)
+        return [default if arg is None else arg] * len(keys)
+    margins = [float(m) for m in per_curve(min_effect, MIN_EFFECT, "margins")]
+    skip = [bool(e) for e in per_curve(exclude, False, "exclusion flags")]
+    stats_ = [analyse_curve(c, level=level, min_effect=m) for c, m in zip(items, margins, strict=True)]
+    fam = [not s.no_ci and not e and s.x.size >= MIN_POINTS for s, e in zip(stats_, skip, strict=True)]
+    p = [(s.p_claim if np.isfinite(s.p_claim) else 1.0) if f else float("nan") for s, f in zip(stats_, fam, strict=True)]
+    adj = CORRECTIONS[correction](p)
+    out = [_decide(replace(s), float(a) if f else float("nan")) if f else s
+           for s, a, f in zip(stats_, adj, fam, strict=True)]
     return dict(zip(keys, out, strict=True)) if isinstance(curves, Mapping) else out
+
+
+ROW_COLUMNS = ["verdict", "kind", "label", "reason", "no_ci", "method", "n_points", "claim", "p_claim", "p_adj",
+               "selected_form", "p_increasing", "p_decreasing", "p_best_largest", "peak_x", "peak_lo", "peak_hi",
+               "vertex_x", "vertex_lo", "vertex_hi", "iso_stat", "iso_p", "max_drop",
+               *[f"var_share_{k}" for k in VAR_SOURCES],
+               *[f"{n}{s}" for n in ("gain_total", "gain_top", "rise_to_best", "drop_after_best", "slope_top")
+                 for s in ("", "_lo", "_hi")]]
 
 
 def verdict_row(v: CurveVerdict) -> dict:
     """The verdict as one flat row (for the report's verdict table and CSV)."""
-    row = {"verdict": v.verdict, "reason": v.reason, "no_ci": v.no_ci, "method": v.method, "n_points": v.x.size,
+    row = {"verdict": v.verdict, "kind": v.kind, "label": v.label, "reason": v.reason, "no_ci": v.no_ci,
+           "method": v.method, "n_points": v.x.size, "claim": v.claim, "p_claim": v.p_claim, "p_adj": v.p_adj,
            "selected_form": v.fit.selected, "p_increasing": v.p_increasing, "p_decreasing": v.p_decreasing,
            "p_best_largest": v.p_best_largest, "peak_x": v.peak_x, "peak_lo": v.peak_ci[0], "peak_hi": v.peak_ci[1],
            "vertex_x": v.vertex_x, "vertex_lo": v.vertex_ci[0], "vertex_hi": v.vertex_ci[1],
-           "iso_p": v.iso_p, "iso_p_holm": v.iso_p_adj, "max_drop": v.max_drop}
-    for name in ("gain_total", "gain_top", "rise_to_best", "drop_after_best"):
+           "iso_stat": v.iso_stat, "iso_p": v.iso_p, "max_drop": v.max_drop,
+           **{f"var_share_{k}": v.var_split.get(k, float("nan")) for k in VAR_SOURCES},
+           **{f"var_share_{k}": s for k, s in v.var_split.items() if k not in VAR_SOURCES}}
+    for name in ("gain_total", "gain_top", "rise_to_best", "drop_after_best", "slope_top"):
         e = getattr(v, name)
         row |= {name: e.estimate, f"{name}_lo": e.lo, f"{name}_hi": e.hi}
     return row

@@ -55,7 +55,8 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
     data_axis = has_data_axis(df)
     main = full_data(df) if data_axis else df
     result = analyze_points(main if not main.empty else df, out_dir, title=f"medscale analysis of {source}",
-                            predictions=predictions, n_boot=n_boot, seed=seed, reference=kind == "reference")
+                            predictions=predictions, n_boot=n_boot, seed=seed, reference=kind == "reference",
+                            every_metric=kind != "mlflow")
     if data_axis:
         from analysis.points import is_random_init
 
@@ -93,11 +94,15 @@ def _log(tracking_uri: str, df, out_dir: Path, result: dict, n_boot: int, seed: 
     sources = df.assign(run_id=_mlflow_runs(df))[["experiment", "experiment_id", "run_id"]]
     sources = sources.drop_duplicates().sort_values(["experiment", "run_id"])
     sources.to_csv(out_dir / "sources.csv", index=False)  # the full list of runs read, beside the report
-    verdicts = [v.verdict for v in result["study"].verdicts.values()]
+    from analysis.verdict import VERDICTS
+
+    verdicts = [v for v in result["study"].verdicts.values()]
+    ci = [v.verdict for v in verdicts if v.kind == "ci"]
     metrics = {"n_runs": float(sources["run_id"].nunique()), "n_curves": float(len(verdicts)),
                "n_runs_with_predictions": float(n_predictions),
-               **{f"n_{v}": float(verdicts.count(v)) for v in ("scales", "saturates", "peaks", "inverse", "flat",
-                                                                "noisy")}}
+               "n_ordering_only": float(sum(v.kind == "ordering" for v in verdicts)),
+               "n_degenerate": float(sum(v.kind == "degenerate" for v in verdicts)),
+               **{f"n_{v}": float(ci.count(v)) for v in VERDICTS if v != "degenerate"}}
     params = {"n_boot": n_boot, "seed": seed, "experiments": ",".join(sorted(sources["experiment"].unique()))}
     # The run goes into the first experiment read; its tags name every experiment and run.
     return log_analysis_run(tracking_uri, str(sources["experiment"].iloc[0]), str(out_dir), sources, params, metrics)

@@ -159,9 +159,10 @@ def test_report_table_marks_best_bold_and_second_underlined(analysed):
     # What was read, other metrics, embedded plots with links relative to the report.
     assert "**18 runs**" in report and "dinov3_vitl16 (303.1M params)" in report
     assert "input resolutions (px): 224, 512" in report and "seeds: 0, 1, 2" in report
-    assert "Also plotted (below and in `summary.csv`): `acc`." in report
-    assert "In `summary.csv` only: `precision_macro`." in report
-    assert "Bookkeeping values kept in `summary.csv` only: `fit_s`, `n_cases`." in report
+    assert "Also judged and plotted (below and in `summary.csv`): `acc`." in report
+    # every metric without curves is named, with why
+    assert "- `nih14 / linear_probe / precision_macro`: not a headline metric" in report
+    assert "- `nih14 / linear_probe / fit_s`: bookkeeping" in report and "/ n_cases`: bookkeeping" in report
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert links == [f"plots/{k}__linear_probe.png" for k in KINDS] + ["plots/forest.png"]
     assert all((out / link).is_file() for link in links)
