@@ -251,3 +251,70 @@ def test_orchestrator_analyze_and_cli_on_a_points_csv(tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("dataset,protocol\nnih14,knn\n")
     assert main(["analyze", "--points", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "c")]) == 2
     assert "bad.csv" in capsys.readouterr().err
+
+
+# -- edges (issue 16) ----------------------------------------------------------------------------------
+def test_points_unit_column_sets_the_margin_and_bad_units_are_named(tmp_path):
+    from orchestrator.analyze import analyze
+
+    df = make_points(seeds=(0, 1, 2), metrics=("dice",)).assign(unit="percent")
+    df["value"] = df["value"] * 100
+    path = tmp_path / "p.csv"
+    df.to_csv(path, index=False)
+    back = read_points_csv(path)
+    assert set(back["unit"]) == {"percent"}
+    res = analyze(points=str(path), out=str(tmp_path / "out"), n_boot=200)
+    v = pd.read_csv(res["verdicts"])
+    assert (v["margin"] == 0.5).all() and (v["unit"] == "percent").all()
+    df.assign(unit=lambda d: d["unit"].where(d.index != 3, "per-mille")).to_csv(path, index=False)
+    with pytest.raises(ConfigError, match=r"'unit'.*row 4 \(line 5\)"):
+        read_points_csv(path)
+
+
+def test_every_metric_of_a_points_file_is_judged_or_named(tmp_path):
+    from orchestrator.analyze import analyze
+
+    path = tmp_path / "p.csv"
+    make_points(seeds=(0, 1, 2), metrics=("auc", "accuracy", "dice", "hd95", "fit_s")).to_csv(path, index=False)
+    res = analyze(points=str(path), out=str(tmp_path / "out"), n_boot=200)
+    v = pd.read_csv(res["verdicts"])
+    assert set(v["metric"]) == {"auc", "accuracy", "dice", "hd95"}
+    assert (v.loc[v["metric"] == "hd95", "sign"] == -1).all()  # one direction table: HD95 is lower-is-better
+    report = Path(res["report"]).read_text()
+    assert "- `nih14 / linear_probe / fit_s`: bookkeeping" in report
+
+
+def test_a_study_without_curves_writes_csvs_with_headers(tmp_path):
+    df = make_points(seeds=(0, 1), metrics=("auc",), resolutions=(224,))
+    df = df[df["encoder"] == "dinov3_vits16"]  # one cell: nothing to compare
+    res = analyze_points(df, tmp_path, title="empty")
+    v, f = pd.read_csv(res["verdicts"]), pd.read_csv(res["fits"])
+    assert v.empty and {"dataset", "metric", "axis", "verdict", "kind", "p_adj", "var_share_seeds"} <= set(v.columns)
+    assert f.empty and "form" in f.columns
+    assert "no curve" in Path(res["report"]).read_text()
+
+
+def test_seed_free_column_makes_cells_one_value(tmp_path):
+    df = make_points(seeds=(0, 1, 2), metrics=("auc",), resolutions=(224, 384, 512))
+    df["seed_free"] = True  # e.g. kNN: the runs say the seed does not enter
+    path = tmp_path / "p.csv"
+    df.to_csv(path, index=False)
+    back = read_points_csv(path)
+    assert back["seed_free"].all()
+    res = analyze_points(back, tmp_path / "out", title="knn", every_metric=True)
+    v = pd.read_csv(res["verdicts"])
+    assert (v["kind"] == "ordering").all() and v["label"].str.startswith("order: ").all()
+    assert "gave one value for every seed" in Path(res["report"]).read_text()
+
+
+def test_metric_table_is_one_place_for_direction_margin_and_label():
+    from analysis.metric_table import axis_label, higher_is_better, margin_for
+
+    for m in ("hd95", "asd", "voi", "voi_split", "voi_merge", "arand", "folding", "folding_share", "hd95_lv"):
+        assert not higher_is_better(m), m
+    for m in ("dice", "auc", "binary_iou", "dice_polyp"):
+        assert higher_is_better(m), m
+    assert margin_for("dice", "percent") == 0.5 and margin_for("hd95", "percent") == 0.5
+    assert margin_for("voi_split") == 0.05 and margin_for("folding_share") == 0.001
+    assert axis_label("hd95", "mm") == "HD95 (mm)  ↓ lower is better"
+    assert axis_label("dice", "percent") == "Dice (%)  ↑ higher is better"
