@@ -17,8 +17,13 @@ each cell's scores once and reads every replicate off cumulative sums of counts;
 per replicate. 1000 replicates x 15 cells x 5000 cases take about a second.
 
 Fewer inputs, less said: per-seed values only -> resample seeds (paired across x), or with fewer
-than 10 seeds draw from the two-way (x + seed) model, since 3 resampled seeds understate the
-spread; means only -> no replicates, and the curve is marked "no CI".
+than ``PARAMETRIC_BELOW_SEEDS`` seeds draw from the two-way (x + seed) model, since 3 resampled
+seeds understate the spread; a table's mean ± SD over n cases -> SD / sqrt(n) (`printed_spread`);
+means only -> no replicates, and the curve is marked "no CI". Cells whose seeds agree
+(`zero_spread`: a protocol that ignores the seed) get no seed noise.
+
+Every curve also carries its noise split by source (`CurveReplicates.parts`), which the analytic
+tests of `analysis.nulls` read instead of counting replicates.
 """
 
 from __future__ import annotations

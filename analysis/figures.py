@@ -216,7 +216,7 @@ def _panel_gflops(ax: Axes, study: Study, g: Group, curves: list[Curve]) -> None
     ax.plot(x[f], y[f], "-", color="k", lw=1, drawstyle="steps-post", label="Pareto frontier")
     ax.plot(x[f], y[f], "o", mfc="none", mec="k", ms=9, mew=1.2)
     ticks = _nice_log_ticks(float(np.nanmin(x)) / 1.3, float(np.nanmax(x)) * 1.3)
-    _log_ticks(ax, ticks, [f"{t:.3g}" for t in ticks])
+    _log_ticks(ax, ticks, [f"{t:,.0f}" if t >= 100 else f"{t:g}" for t in ticks])
     ax.set_xlim(float(np.nanmin(x)) / 1.3, float(np.nanmax(x)) * 1.3)
     ax.set_xlabel("inference GFLOPs / image", fontsize=8)
 

@@ -13,12 +13,11 @@ from matplotlib.figure import Figure
 
 DPI = 120  # a figure's PNG is its size in inches x DPI pixels
 RANDOM_NOTE = "RANDOM-INIT weights: these numbers say nothing about pretrained scaling"
-METRIC_LABELS = {"auc": "AUC", "acc": "accuracy", "precision": "precision", "recall": "recall",
-                 "f1_macro": "F1 (macro)", "f1_weighted": "F1 (weighted)"}
-
-
 def metric_label(metric: str) -> str:
-    return METRIC_LABELS.get(metric, metric)
+    """A metric's name for people, from the one metric table (`analysis.metric_table`)."""
+    from analysis.metric_table import metric_label as label
+
+    return label(metric)
 
 
 def safe_name(*parts: object) -> str:

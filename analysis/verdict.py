@@ -188,7 +188,10 @@ def _var_split(parts: Mapping[str, np.ndarray]) -> dict[str, float]:
     H = np.eye(n) - 1.0 / n
     tr = {k: max(float(np.trace(H @ p @ H)), 0.0) for k, p in parts.items()}
     tot = sum(tr.values())
-    return {k: v / tot for k, v in tr.items()} if tot > 0 else {}
+    if tot <= 0:
+        return {}
+    # a source without a part contributes nothing (e.g. seeds of cells that ignore the seed)
+    return {**{k: 0.0 for k in VAR_SOURCES}, **{k: v / tot for k, v in tr.items()}}
 
 
 def analyse_curve(curve: CurveReplicates, *, level: float = CI_LEVEL,

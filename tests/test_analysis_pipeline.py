@@ -335,11 +335,12 @@ def test_mlflow_analysis_bootstraps_cases_and_reproduces_logged_metrics(mlflow_a
     assert two["verdict"].isin(["scales", "inverse", "flat", "noisy"]).all()
     assert two["reason"].str.startswith("2-point comparison").all() and (two["n_points"] == 2).all()
     # variance split: test cases and seeds both contribute; shares sum to one (a curve whose points
-    # do not vary at all - recall 1.0 everywhere - has no interval and no split)
-    ci = v[v["kind"] == "ci"]
+    # move together in every replicate - recall 1.0 at both cells - has no shape variance to split)
+    ci = v[(v["kind"] == "ci") & v["var_share_cases"].notna()]
     assert len(ci) >= len(v) - 2
     np.testing.assert_allclose(ci["var_share_cases"] + ci["var_share_seeds"], 1.0)
-    assert (ci["var_share_cases"] > 0).all() and (ci["var_share_seeds"] > 0).all()
+    sizes = ci[ci["axis"] == "params"]  # (the fake runs' predictions do not change with the resolution)
+    assert (sizes["var_share_cases"] > 0).all() and (sizes["var_share_seeds"] > 0).all()
 
 
 def test_mlflow_analysis_is_logged_as_a_linked_analysis_run(mlflow_sweep, mlflow_analysis):
