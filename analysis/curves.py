@@ -1,5 +1,5 @@
 """Scaling curves from analysis points: bootstrap replicates per cell, curves along each axis, and
-one verdict per curve from a single `judge_curves` call (so Holm runs across every curve).
+one verdict per curve from a single `judge_curves` call (so one correction runs across every curve).
 
 A *group* is every cell of one (dataset, protocol, metric, weights). Its replicates are made once,
 for all its cells together, then sliced into curves; that keeps the pairing the statistics rely
@@ -219,7 +219,7 @@ def _slices(cells: pd.DataFrame) -> list[tuple[str, str, np.ndarray, np.ndarray]
     out = [s for s in out if s[3].size >= 2 and np.unique(s[3]).size == s[3].size]
     rows = np.flatnonzero(np.isfinite(gflops))
     # Across all cells, unless those are exactly one curve already (one resolution, or one encoder):
-    # the same points judged twice would count twice in Holm and in the verdict tally.
+    # the same points judged twice would count twice in the correction and in the verdict tally.
     if not any(set(rows) == set(s[2]) for s in out):
         add("gflops", "all cells", rows, gflops)
         if out[-1][3].size < 2 or np.unique(out[-1][3]).size != out[-1][3].size:

@@ -6,7 +6,9 @@ seeds; the subsets are nested, tasks/subsets.py). Replicates come from the same 
 other axes (`curves.make_group`: test cases and seeds when per-case predictions exist, else seeds),
 with one trick: a cell is keyed by "encoder@resolution" and the train size's rank, so the pairing of
 resampled test cases across a group's cells is kept. All data curves are judged in one
-`judge_curves` call (their own Holm family, beside the model-size and resolution curves).
+`judge_curves` call (their own family, corrected like the other axes' - Benjamini-Hochberg -
+beside the model-size and resolution curves; no covariance parts are kept here, so the tests read
+the replicates' covariance with normal tails).
 
 "How many labels does a larger encoder save?": at each resolution, for each pair of encoders
 (smaller, larger by parameters), the horizontal distance between their data curves at the metric
@@ -235,11 +237,11 @@ def analyze_data_axis(df: pd.DataFrame, out_dir: str | Path, *, predictions: dic
     plots = plot_data_curves(curves, out / "plots", random_init)
     md = ["## Training-set size", "",
           "Metric vs the number of training cases (nested, stratified, patient-level subsets of each "
-          "cell's training split; validation and test whole). One verdict per curve (their own Holm family).", "",
+          "cell's training split; validation and test whole). One verdict per curve (their own family, Benjamini-Hochberg; `order: ...` without intervals).", "",
           "| dataset | protocol | metric | encoder @ px | train cases | verdict | reason |", "|---|---|---|---|---|---|---|"]
     for r in vrows:
         md.append(f"| {r['dataset']} | {r['protocol']} | {r['metric']} | {r['encoder']} @ {r['resolution']} | "
-                  f"{r['train_cases']} | **{r['verdict']}** | {r['reason']} |")
+                  f"{r['train_cases']} | **{r['label']}** | {r['reason']} |")
     if not saved.empty:
         md += ["", "Labels a larger encoder saves for the same metric (the smaller encoder's full-data value; "
                f"{CI_LEVEL:.0%} interval over replicates):", "",
