@@ -48,6 +48,7 @@ METRICS: dict[str, MetricInfo] = {
     "arand": MetricInfo(higher=False, label="ARAND"),
     "cremi": MetricInfo(higher=False, margin=0.05, label="CREMI score", scale="absolute"),
     "folding": MetricInfo(higher=False, margin=0.001, label="folding share"),
+    "folding_share": MetricInfo(higher=False, margin=0.001, label="folding share"),
     "loss": MetricInfo(higher=False, label="loss", scale="absolute"),
     "error": MetricInfo(higher=False), "ece": MetricInfo(higher=False, label="ECE"),
     "brier": MetricInfo(higher=False, label="Brier score"),
@@ -66,6 +67,9 @@ def metric_info(metric: str) -> MetricInfo:
         return METRICS[m]
     for prefix, name in PREFIXES:
         if m.startswith(prefix):
+            return MetricInfo(**{**METRICS[name].__dict__, "label": m})
+    for name in sorted(METRICS, key=len, reverse=True):  # a qualified name: identity_hd95, val_dice
+        if m.endswith("_" + name):
             return MetricInfo(**{**METRICS[name].__dict__, "label": m})
     if m.endswith(("_dice", "_iou")):
         return MetricInfo(label=m, overlap=True)

@@ -310,7 +310,8 @@ def test_seed_free_column_makes_cells_one_value(tmp_path):
 def test_metric_table_is_one_place_for_direction_margin_and_label():
     from analysis.metric_table import axis_label, higher_is_better, margin_for
 
-    for m in ("hd95", "asd", "voi", "voi_split", "voi_merge", "arand", "folding", "folding_share", "hd95_lv"):
+    for m in ("hd95", "asd", "voi", "voi_split", "voi_merge", "arand", "folding", "folding_share", "hd95_lv",
+              "identity_hd95", "identity_folding_share"):
         assert not higher_is_better(m), m
     for m in ("dice", "auc", "binary_iou", "dice_polyp"):
         assert higher_is_better(m), m
