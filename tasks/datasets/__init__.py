@@ -15,14 +15,17 @@ from tasks.datasets.edd2020 import EDD2020
 from tasks.datasets.em import AC3AC4, CREMI, CREMIA, CREMIB, CREMIC
 from tasks.datasets.endovis18 import EndoVis18
 from tasks.datasets.kvasir_capsule import KvasirCapsule
+from tasks.datasets.msd import MSD_DATASETS, MSDDataset
 from tasks.datasets.nih14 import NIH14
+from tasks.datasets.petct import AutoPET2, HECKTOR22
 from tasks.datasets.rsna import RSNAPneumonia
 from tasks.errors import ConfigError
 
 # Every dataset module is imported here: importing registers its class (@register_dataset).
 __all__ = ["AC3AC4", "ACDC", "BCNB", "CAMUS", "CREMI", "CREMIA", "CREMIB", "CREMIC", "CTRATE", "DATASETS", "EDD2020",
-           "AutoLaparo", "Camelyon16", "Camelyon17", "EndoVis18", "ImageDataset", "KvasirCapsule", "NIH14", "Problem",
-           "RSNAPneumonia", "dataset_class", "get_dataset", "list_datasets", "register_dataset"]
+           "HECKTOR22", "MSD_DATASETS", "AutoLaparo", "AutoPET2", "Camelyon16", "Camelyon17", "EndoVis18",
+           "ImageDataset", "KvasirCapsule", "MSDDataset", "NIH14", "Problem", "RSNAPneumonia", "dataset_class",
+           "get_dataset", "list_datasets", "register_dataset"]
 
 
 def list_datasets() -> list[str]:
