@@ -18,12 +18,13 @@ from tasks.protocols.knn import KNN
 from tasks.protocols.linear_probe import LinearProbe
 from tasks.protocols.seg2d_decoder import Seg2DDecoder
 from tasks.protocols.seg2d_linear import Seg2DLinear
+from tasks.protocols.seg3d_decoder import Seg3DDecoder
 
 # Every protocol module is imported here: importing registers its class (@register_protocol).
 
 __all__ = ["ABMIL", "KNN", "PROTOCOLS", "TASKS", "ConvexAdamReg", "EMAffinity", "LinearProbe", "MindConvexAdam",
-           "Protocol", "Seg2DDecoder", "Seg2DLinear", "create_protocol", "list_protocols", "protocols_for",
-           "register_protocol"]
+           "Protocol", "Seg2DDecoder", "Seg2DLinear", "Seg3DDecoder", "create_protocol", "list_protocols",
+           "protocols_for", "register_protocol"]
 
 
 def list_protocols() -> list[str]:

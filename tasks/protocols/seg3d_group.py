@@ -1,0 +1,218 @@
+"""Train and apply many `seg3d_decoder` heads on ONE stream of encoded crops.
+
+With online features (the paper's augmentations must pass through the encoder), encoding is the
+cost of 3D segmentation. Every head that shares (encoder, resolution, dataset) -- all CV folds and
+all seeds of a sweep -- therefore trains on the same crops: each step draws `batch_size` crops
+from the union of the heads' training cases, encodes them once, and every head takes a gradient
+step on the crops of ITS OWN training cases (a fold never sees its test or validation cases).
+Heads keep their own initialisation (their seed); the crop order is shared, and each head records
+it (`shared_data_order_`, `data_seed_`, `group_size_`). Validation and test volumes are encoded
+once per window for all heads that score them.
+
+Memory: only a crop's or a window's slices are encoded at a time; a volume's full feature volume
+never exists. No Ray, no MLflow here (the orchestrator's group runner calls these in a trial).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tasks.dense import FeatureSource, Sample, upsample_logits
+from tasks.protocols.seg3d_decoder import Seg3DDecoder, same_data_params
+
+
+def draw_crop(sample: Sample, n_slices: int, rng: np.random.Generator, fg_ratio: float,
+              augment: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (M, D, H', W'), int64 (D, H', W')): D = min(n_slices, S) whole axial slices,
+    centred on a foreground voxel with probability fg_ratio; with `augment`, a random in-plane
+    flip (each axis, p=0.5) and rot90 (k in 0..3) of the PIXELS and the target together."""
+    assert sample.target is not None
+    s = sample.n_slices
+    d = min(n_slices, s)
+    fg = np.flatnonzero(sample.target.reshape(s, -1).any(axis=1))
+    if fg.size and rng.random() < fg_ratio:
+        z = int(rng.choice(fg))
+        start = int(np.clip(z - rng.integers(0, d), 0, s - d))
+    else:
+        start = int(rng.integers(0, s - d + 1))
+    img, tgt = sample.images[:, start:start + d], sample.target[start:start + d]
+    if augment:
+        if rng.random() < 0.5:
+            img, tgt = img[:, :, ::-1], tgt[:, ::-1]
+        if rng.random() < 0.5:
+            img, tgt = img[:, :, :, ::-1], tgt[:, :, ::-1]
+        k = int(rng.integers(0, 4))
+        img, tgt = np.rot90(img, k, axes=(2, 3)), np.rot90(tgt, k, axes=(1, 2))
+    return np.ascontiguousarray(img), np.ascontiguousarray(tgt)
+
+
+def _volume(source: FeatureSource, images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Encoded slices (D, C, h, w) as a decoder input (1, C, D, h, w) on `device`."""
+    f = source.encode(images)  # type: ignore[attr-defined]
+    return torch.as_tensor(f).to(device=device, dtype=torch.float32).permute(1, 0, 2, 3).unsqueeze(0)
+
+
+def _classes(source: FeatureSource) -> tuple[str, ...]:
+    ds = getattr(source, "dataset", None)
+    classes = tuple(getattr(ds, "classes", ()))
+    if not classes:
+        raise ValueError("the feature source names no dataset classes; seg3d_decoder needs them")
+    return classes
+
+
+def _patch(source: FeatureSource) -> int:
+    res = getattr(source, "resolution", None)
+    return int(res) // int(source.grid) if res else 16
+
+
+def _lr_lambda(steps: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + np.cos(np.pi * min(1.0, t)))
+    return f
+
+
+class _SampleCache:
+    """The last few samples read (a crop needs its volume; neighbouring steps often reuse one)."""
+
+    def __init__(self, source: FeatureSource, keep: int = 4):
+        self.source, self.keep, self._d = source, keep, {}
+
+    def __call__(self, cid: str) -> Sample:
+        if cid not in self._d:
+            if len(self._d) >= self.keep:
+                self._d.pop(next(iter(self._d)))
+            self._d[cid] = self.source.sample(cid)
+        return self._d[cid]
+
+
+def fit_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, train_ids_per_head: Sequence[Sequence[str]],
+              val_ids_per_head: Sequence[Sequence[str]] | None = None) -> list[Seg3DDecoder]:
+    """Fit every head on one shared stream of encoded crops (module docstring). Returns the heads."""
+    from monai.losses import DiceCELoss
+
+    heads = list(heads)
+    same_data_params(heads)
+    val_ids_per_head = val_ids_per_head or [[] for _ in heads]
+    if not (len(heads) == len(train_ids_per_head) == len(val_ids_per_head)):
+        raise ValueError("one list of training ids and one of validation ids per head")
+    trains = [set(map(str, t)) for t in train_ids_per_head]
+    vals = [list(map(str, v)) for v in val_ids_per_head]
+    if any(not t for t in trains):
+        raise ValueError("seg3d_decoder: a head has an empty training set")
+    ref = heads[0]
+    classes = _classes(source)
+    ds = getattr(source, "dataset", None)
+    samples = _SampleCache(source)
+    first = samples(sorted(trains[0])[0])
+    data_seed = min(int(h.seed) for h in heads)
+    rng = np.random.default_rng(data_seed)
+    union = sorted(set().union(*trains))
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opts, scheds = [], []
+    for h in heads:
+        h.validate()
+        h.device_ = str(h._torch_device())
+        h.n_features_in_ = int(source.channels)
+        h.feature_source_ = source.kind
+        h.classes_ = classes
+        h.net_ = h.build(source, first.n_modalities, len(classes) + 1, _patch(source)).to(h.device_)
+        warm = h.warmup if h.warmup is not None else float(getattr(ds, "warmup_fraction", 0.0))
+        h.warmup_steps_ = int(round(warm * h.steps))
+        opt = torch.optim.AdamW(h.net_.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+        opts.append(opt)
+        scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(h.steps, h.warmup_steps_)))
+        h.loss_curve_, h.val_curve_, h.n_updates_, h.best_step_ = [], [], 0, 0
+        h.data_seed_, h.group_size_, h.shared_data_order_ = data_seed, len(heads), len(heads) > 1
+        h.best_dice_, h._best_state = -1.0, None
+    n_encoded = 0
+    for step in tqdm(range(ref.steps), desc=f"seg3d x{len(heads)} heads", unit="step"):
+        crops = []
+        for _ in range(ref.batch_size):
+            cid = union[int(rng.integers(len(union)))]
+            img, tgt = draw_crop(samples(cid), ref.crop_slices, rng, ref.fg_ratio, ref.augment)
+            feats = _volume(source, img, torch.device(heads[0].device_))  # ONE encoding for every head
+            n_encoded += img.shape[0] * img.shape[1]
+            crops.append((cid, feats, torch.from_numpy(tgt)[None, None]))
+        for h, opt, sched, tr in zip(heads, opts, scheds, trains, strict=True):
+            mine = [(f, t) for cid, f, t in crops if cid in tr]
+            h.net_.train()
+            if mine:
+                opt.zero_grad(set_to_none=True)
+                loss = sum(loss_fn(upsample_logits(h.net_(f.to(h.device_)), t.shape[2:]), t.to(h.device_))
+                           for f, t in mine) / len(mine)
+                loss.backward()
+                opt.step()
+                h.n_updates_ += 1
+                h.loss_curve_.append(float(loss.detach()))
+            sched.step()
+        if ref.val_every and ((step + 1) % ref.val_every == 0 or step + 1 == ref.steps):
+            _validate(heads, source, vals, step + 1)
+    if not ref.val_every:
+        _validate(heads, source, vals, ref.steps)
+    for h in heads:
+        if h._best_state is not None:
+            h.net_.load_state_dict(h._best_state)
+        del h._best_state
+        h.net_.eval()
+        h.n_encoded_slices_ = n_encoded
+    return heads
+
+
+def _validate(heads: list[Seg3DDecoder], source: FeatureSource, vals: list[list[str]], step: int) -> None:
+    """Mean foreground Dice of each head on its own validation cases; keeps its best weights (the
+    last ones when it has no validation cases)."""
+    union = sorted(set().union(*map(set, vals)))
+    scores: list[list[float]] = [[] for _ in heads]
+    for cid in union:
+        idx = [i for i, v in enumerate(vals) if cid in v]
+        preds = predict_group([heads[i] for i in idx], source, cid)
+        gt = source.sample(cid).target
+        for i, p in zip(idx, preds, strict=True):
+            k = len(heads[i].classes_)
+            d = [2 * np.sum((p == c) & (gt == c)) / (np.sum(p == c) + np.sum(gt == c))
+                 for c in range(1, k + 1) if np.sum(p == c) + np.sum(gt == c)]
+            scores[i].append(float(np.mean(d)) if d else 1.0)
+    for h, s in zip(heads, scores, strict=True):
+        dice = float(np.mean(s)) if s else float("nan")
+        h.val_curve_.append((step, dice))
+        if not s or dice > h.best_dice_:
+            h.best_dice_, h.best_step_ = (dice if s else h.best_dice_), step
+            h._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in h.net_.state_dict().items()})
+
+
+def predict_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, case_id: str) -> list[np.ndarray]:
+    """Label maps (S, H, W) of one case for every head: MONAI sliding_window_inference over the
+    whole volume (windows of crop_slices whole slices, `overlap` along z), each window encoded
+    once for all heads. Logits are blended at the volume's own size."""
+    from monai.inferers import sliding_window_inference
+
+    heads = list(heads)
+    ref = heads[0]
+    sample = source.sample(case_id)
+    m, s, h, w = sample.images.shape[:4]
+    x = torch.from_numpy(sample.images.astype(np.float32))[None]  # (1, M, S, H, W)
+    dev = torch.device(ref.device_)
+
+    def predictor(win: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = []
+        for b in range(win.shape[0]):
+            pixels = win[b].round().clamp(0, 255).to(torch.uint8).numpy()
+            feats = _volume(source, pixels, dev)
+            with torch.no_grad():
+                out.append([upsample_logits(hd.net_.eval()(feats.to(hd.device_)), pixels.shape[1:]).cpu()
+                            for hd in heads])
+        return tuple(torch.cat([o[i] for o in out], dim=0) for i in range(len(heads)))
+
+    with torch.no_grad():
+        res = sliding_window_inference(x, roi_size=(min(ref.crop_slices, s), -1, -1), sw_batch_size=1,
+                                       predictor=predictor, overlap=(ref.overlap, 0.0, 0.0), mode="constant")
+    res = res if isinstance(res, tuple) else (res,)
+    return [r[0].argmax(dim=0).numpy().astype(np.int64) for r in res]
