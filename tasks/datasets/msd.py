@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+import tasks.seg3d_outputs  # noqa: F401 - registers the mask3d target handler beside its datasets
 from tasks.datasets.base import LayoutFile, Report, carve_val, make_index, register_dataset
 from tasks.datasets.dense_base import DenseDataset
 from tasks.dense import Sample
@@ -134,7 +135,7 @@ def blob_volume(rng: np.random.Generator, shape: tuple[int, int, int], n_classes
     d = ((x - cx) / r) ** 2 + ((y - cy) / r) ** 2 + ((z - cz) / rz) ** 2
     label = np.zeros(shape, dtype=np.int64)
     for k in range(n_classes):
-        label[d <= (1.0 - 0.45 * k) ** 2] = k + 1
+        label[d <= (1.0 - 0.3 * k) ** 2] = k + 1
     if modality == "CT":
         img = rng.normal(-60.0, 25.0, shape) + 90.0 * label
         return label, img.astype(np.float32)

@@ -132,6 +132,7 @@ def fit_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, train_ids_pe
         h.loss_curve_, h.val_curve_, h.n_updates_, h.best_step_ = [], [], 0, 0
         h.data_seed_, h.group_size_, h.shared_data_order_ = data_seed, len(heads), len(heads) > 1
         h.best_dice_, h._best_state = -1.0, None
+        h.trained_cases_ = set()  # the cases whose crops gave this head gradients (its own training cases)
     n_encoded = 0
     for step in tqdm(range(ref.steps), desc=f"seg3d x{len(heads)} heads", unit="step"):
         crops = []
@@ -143,6 +144,7 @@ def fit_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, train_ids_pe
             crops.append((cid, feats, torch.from_numpy(tgt)[None, None]))
         for h, opt, sched, tr in zip(heads, opts, scheds, trains, strict=True):
             mine = [(f, t) for cid, f, t in crops if cid in tr]
+            h.trained_cases_.update(cid for cid, _, _ in crops if cid in tr)
             h.net_.train()
             if mine:
                 opt.zero_grad(set_to_none=True)

@@ -1,0 +1,90 @@
+"""Shared encoding: one encoded crop trains every head of an (encoder, resolution, dataset)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.datasets import dataset_class, get_dataset
+from tasks.encoders import create_encoder
+from tasks.features import OnlineFeatures
+from tasks.protocols import create_protocol
+from tasks.protocols.seg3d_group import draw_crop, fit_group, predict_group
+
+HP = {"steps": 3, "batch_size": 2, "crop_slices": 3, "val_every": 0, "base": 8, "lr": 1e-3}
+
+
+class Counting(OnlineFeatures):
+    """The online source, counting encoder calls and slices encoded (pure bookkeeping)."""
+
+    calls = 0
+    slices = 0
+
+    def encode(self, images):
+        self.calls += 1
+        self.slices += images.shape[0] * images.shape[1]
+        return super().encode(images)
+
+
+@pytest.fixture(scope="module")
+def spleen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("msd")
+    dataset_class("msd_spleen").synth(root, n=10, image_size=16, n_slices=5)
+    return get_dataset("msd_spleen", root)
+
+
+def _source(ds, head):
+    enc = create_encoder("test_vit_tiny16", "random", "cpu")
+    return Counting(enc, ds, 32, layers=head.layers_for(enc.spec.depth))
+
+
+def test_five_folds_encode_once_per_step_and_train_on_their_own_cases(spleen, one_torch_thread):
+    heads = [create_protocol("seg3d_decoder", seed=k, **HP) for k in range(5)]
+    splits = [spleen.cell_splits(k)[0] for k in range(5)]
+    train = [[c for c, v in sp.items() if v == "train"] for sp in splits]
+    src = _source(spleen, heads[0])
+    fit_group(heads, src, train, [[] for _ in heads])
+    # 3 steps x 2 crops, once for all five folds (not 5 x 6): the acceptance criterion.
+    assert src.calls == HP["steps"] * HP["batch_size"]
+    assert src.slices == src.calls * HP["crop_slices"]
+    for h, tr in zip(heads, train, strict=True):
+        assert h.trained_cases_ <= set(tr)  # never a crop of its own val or test cases
+        assert h.shared_data_order_ and h.group_size_ == 5 and h.data_seed_ == 0
+        assert h.n_updates_ == len(h.loss_curve_) <= HP["steps"]
+        assert h.n_encoded_slices_ == src.slices
+    # one head alone draws the same crops (same data seed): the same encoder work
+    alone = _source(spleen, heads[0])
+    fit_group([create_protocol("seg3d_decoder", seed=0, **HP)], alone, [train[0]])
+    assert alone.calls == src.calls
+
+
+def test_group_prediction_encodes_each_window_once_and_equals_single_heads(spleen, one_torch_thread):
+    heads = [create_protocol("seg3d_decoder", seed=k, **HP) for k in range(3)]
+    train = [[c for c, v in spleen.cell_splits(k)[0].items() if v == "train"] for k in range(3)]
+    src = _source(spleen, heads[0])
+    fit_group(heads, src, train)
+    cid = spleen.index()["case_id"][0]
+    src.calls = 0
+    together = predict_group(heads, src, cid)
+    windows = src.calls
+    assert windows == 3  # 5 slices, windows of 3 with 25% overlap along z -> 3 windows, all heads at once
+    for h, p in zip(heads, together, strict=True):
+        assert p.shape == (5, 16, 16) and p.dtype == np.int64
+        np.testing.assert_array_equal(p, h.predict(src, cid))
+
+
+def test_heads_with_different_data_streams_refuse_to_share(spleen):
+    a = create_protocol("seg3d_decoder", **HP)
+    b = create_protocol("seg3d_decoder", **{**HP, "crop_slices": 4})
+    with pytest.raises(ValueError, match="crop_slices"):
+        fit_group([a, b], _source(spleen, a), [["spleen_1"], ["spleen_2"]])
+
+
+def test_crops_augment_pixels_and_target_together(spleen):
+    s = spleen.read_sample("spleen_1")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        img, tgt = draw_crop(s, 3, rng, fg_ratio=1.0, augment=True)
+        assert img.shape[1] == 3 and tgt.any()  # fg_ratio 1: every crop holds foreground
+        # the synthetic lesion is brighter than background in the same augmented frame
+        assert img[0][tgt > 0].mean() > img[0][tgt == 0].mean() + 30
