@@ -116,7 +116,7 @@ def fit_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, train_ids_pe
     rng = np.random.default_rng(data_seed)
     union = sorted(set().union(*trains))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opts, scheds = [], []
+    opts, lr_at = [], []
     for h in heads:
         h.validate()
         h.device_ = str(h._torch_device())
@@ -128,7 +128,7 @@ def fit_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, train_ids_pe
         h.warmup_steps_ = int(round(warm * h.steps))
         opt = torch.optim.AdamW(h.net_.parameters(), lr=h.lr, weight_decay=h.weight_decay)
         opts.append(opt)
-        scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(h.steps, h.warmup_steps_)))
+        lr_at.append(_lr_lambda(h.steps, h.warmup_steps_))
         h.loss_curve_, h.val_curve_, h.n_updates_, h.best_step_ = [], [], 0, 0
         h.data_seed_, h.group_size_, h.shared_data_order_ = data_seed, len(heads), len(heads) > 1
         h.best_dice_, h._best_state = -1.0, None
@@ -142,7 +142,9 @@ def fit_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, train_ids_pe
             feats = _volume(source, img, torch.device(heads[0].device_))  # ONE encoding for every head
             n_encoded += img.shape[0] * img.shape[1]
             crops.append((cid, feats, torch.from_numpy(tgt)[None, None]))
-        for h, opt, sched, tr in zip(heads, opts, scheds, trains, strict=True):
+        for h, opt, lr_f, tr in zip(heads, opts, lr_at, trains, strict=True):
+            for g in opt.param_groups:  # the schedule follows the group's step, updates or not
+                g["lr"] = h.lr * lr_f(step)
             mine = [(f, t) for cid, f, t in crops if cid in tr]
             h.trained_cases_.update(cid for cid, _, _ in crops if cid in tr)
             h.net_.train()
@@ -154,7 +156,6 @@ def fit_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, train_ids_pe
                 opt.step()
                 h.n_updates_ += 1
                 h.loss_curve_.append(float(loss.detach()))
-            sched.step()
         if ref.val_every and ((step + 1) % ref.val_every == 0 or step + 1 == ref.steps):
             _validate(heads, source, vals, step + 1)
     if not ref.val_every:
