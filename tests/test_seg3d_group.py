@@ -11,7 +11,7 @@ from tasks.features import OnlineFeatures
 from tasks.protocols import create_protocol
 from tasks.protocols.seg3d_group import draw_crop, fit_group, predict_group
 
-HP = {"steps": 3, "batch_size": 2, "crop_slices": 3, "val_every": 0, "base": 8, "lr": 1e-3}
+HP = {"steps": 3, "batch_size": 2, "crop_slices": 3, "val_every": 0, "base": 8, "lr": 1e-3, "layers": [-2, -1]}
 
 
 class Counting(OnlineFeatures):
@@ -35,7 +35,7 @@ def spleen(tmp_path_factory):
 
 def _source(ds, head):
     enc = create_encoder("test_vit_tiny16", "random", "cpu")
-    return Counting(enc, ds, 32, layers=head.layers_for(enc.spec.depth))
+    return Counting(enc, ds, 32, layers=head.layers)
 
 
 def test_five_folds_encode_once_per_step_and_train_on_their_own_cases(spleen, one_torch_thread):

@@ -25,7 +25,9 @@ def test_registered_for_mask3d_volumes_only():
     for bad, frag in [({"warmup": 1.5}, "warmup"), ({"crop_slices": 0}, "crop_slices"), ({"overlap": 1.0}, "overlap")]:
         with pytest.raises(ConfigError, match=frag):
             create_protocol("seg3d_decoder", **bad)
-    assert cls().layers_for(12) == (2, 5, 8, 11) and cls().layers_for(24) == (5, 11, 17, 23)
+    assert tuple(cls().layers) == (-4, -3, -2, -1)  # DINOv3's multi-layer dense evaluation: the last four
+    with pytest.raises(ConfigError, match="layers"):
+        create_protocol("seg3d_decoder", layers=[])
 
 
 @pytest.mark.parametrize("name", ["msd_spleen", "msd_prostate", "autopet2", "hecktor22"])
@@ -33,8 +35,9 @@ def test_learns_above_all_background(tmp_path, name, one_torch_thread):
     dataset_class(name).synth(tmp_path, n=10, image_size=32, n_slices=8)
     ds = get_dataset(name, tmp_path)
     enc = create_encoder("test_vit_tiny16", "random", "cpu")
-    head = create_protocol("seg3d_decoder", steps=60, crop_slices=4, val_every=30, base=8, lr=3e-3, seed=0)
-    src = OnlineFeatures(enc, ds, 64, layers=head.layers_for(enc.spec.depth))
+    head = create_protocol("seg3d_decoder", steps=60, crop_slices=4, val_every=30, base=8, lr=3e-3, seed=0,
+                           layers=[-2, -1])
+    src = OnlineFeatures(enc, ds, 64, layers=head.layers)
     assert src.channels == ds.n_modalities * 2 * 64  # modalities x layers x width, concatenated
     splits, _ = ds.cell_splits(0)
     ids = {k: [c for c, v in splits.items() if v == k] for k in ("train", "val", "test")}

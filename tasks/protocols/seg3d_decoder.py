@@ -5,8 +5,9 @@ feature volume at full z resolution and 1/16 in-plane. The decoder (MONAI blocks
 
 - the encoder's last block -> `UnetResBlock` bottleneck at 1/16;
 - log2(patch) `UnetUpBlock`s, each upsampling in-plane only (kernel/stride (1, 2, 2)); the first
-  ones take skip connections from earlier encoder blocks (`n_layers` blocks, evenly spaced, ending
-  at the last), each brought to its scale by (1, 2, 2) transposed convolutions (UNETR's skips);
+  ones take skip connections from earlier encoder blocks (`layers`: block indices, negative from
+  the end; default the last four, DINOv3's multi-layer dense evaluation), each brought to its scale
+  by (1, 2, 2) transposed convolutions (UNETR's skips);
   stages without an encoder skip upsample and refine;
 - `UnetOutBlock` -> voxel logits at the encoder input's in-plane size, then trilinearly to the
   volume's own size (tasks.dense.upsample_logits), where the loss and every metric are computed.
@@ -89,12 +90,13 @@ class Seg3DNet(nn.Module):
 
 @register_protocol
 class Seg3DDecoder(DenseHead):
-    """Hyperparameters: crop_slices, batch_size, steps, lr, weight_decay, warmup, n_layers, base,
+    """Hyperparameters: crop_slices, batch_size, steps, lr, weight_decay, warmup, layers, base,
     fg_ratio, augment, val_every, overlap (+ task, seed, device).
 
     Fitted: `net_` (best-validation weights), `loss_curve_`, `val_curve_` [(step, mean Dice)],
     `best_step_`, `n_updates_`, `warmup_steps_`, `data_seed_`, `shared_data_order_` (True when the
-    head trained in a group whose seeds and folds shared one crop order), `group_size_`."""
+    head trained in a group whose seeds and folds shared one crop order), `group_size_`,
+    `trained_cases_` (cases whose crops gave it gradients), `n_encoded_slices_` (the group's)."""
 
     name = "seg3d_decoder"
     supports = frozenset({"multiclass"})
@@ -103,10 +105,11 @@ class Seg3DDecoder(DenseHead):
     augments = True
 
     # Hyperparameters that decide the data stream; heads share encoded crops only when they agree.
-    DATA_PARAMS = ("crop_slices", "batch_size", "steps", "fg_ratio", "augment", "val_every", "n_layers")
+    DATA_PARAMS = ("crop_slices", "batch_size", "steps", "fg_ratio", "augment", "val_every", "layers")
 
     def __init__(self, crop_slices: int = 16, batch_size: int = 2, steps: int = 2000, lr: float = 1e-4,
-                 weight_decay: float = 1e-5, warmup: float | None = None, n_layers: int = 4, base: int = 32,
+                 weight_decay: float = 1e-5, warmup: float | None = None,
+                 layers: Sequence[int] | None = (-4, -3, -2, -1), base: int = 32,
                  fg_ratio: float = 0.33, augment: bool = True, val_every: int = 500, overlap: float = 0.25,
                  task: str = "multiclass", seed: int = 0, device: str = "auto"):
         self.crop_slices = crop_slices
@@ -115,7 +118,7 @@ class Seg3DDecoder(DenseHead):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup = warmup
-        self.n_layers = n_layers
+        self.layers = layers
         self.base = base
         self.fg_ratio = fg_ratio
         self.augment = augment
@@ -126,8 +129,12 @@ class Seg3DDecoder(DenseHead):
         self.device = device
 
     def _check_params(self) -> None:
-        for p in ("crop_slices", "batch_size", "steps", "n_layers", "base"):
+        for p in ("crop_slices", "batch_size", "steps", "base"):
             self._int(p, minimum=1)
+        if self.layers is not None and (isinstance(self.layers, (str, bytes)) or not len(self.layers) or not all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in self.layers)):
+            self._bad("layers", self.layers, "a non-empty list of encoder block indices (negative from the end), "
+                      "or null for the last block")
         self._int("val_every", minimum=0)
         self._float("lr", 0.0)
         self._float("weight_decay", 0.0, inclusive=True)
@@ -143,15 +150,12 @@ class Seg3DDecoder(DenseHead):
         if self.overlap >= 1:
             self._bad("overlap", self.overlap, "a fraction in [0, 1)")
 
-    def layers_for(self, depth: int) -> tuple[int, ...]:
-        """The encoder blocks the decoder reads: `n_layers` evenly spaced, ending at the last
-        (ViT-S/B: 2, 5, 8, 11; ViT-L: 5, 11, 17, 23); what the feature source must encode."""
-        n = min(self.n_layers, depth)
-        step = depth // n
-        return tuple(depth - 1 - k * step for k in reversed(range(n)))
-
     def build(self, source: FeatureSource, n_modalities: int, n_classes: int, patch: int) -> Seg3DNet:
-        n_layers = max(1, len(source.layers))
+        n_layers = max(1, len(source.layers or ()))
+        want = 1 if self.layers is None else len(self.layers)
+        if n_layers != want:
+            raise ValueError(f"{self.name}: the feature source has {n_layers} encoder layers, the head wants "
+                             f"{want} ({self.layers})")
         width = int(source.channels) // (n_modalities * n_layers)
         if width * n_modalities * n_layers != int(source.channels):
             raise ValueError(f"{self.name}: {source.channels} feature channels are not {n_modalities} modalities x "
