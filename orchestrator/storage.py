@@ -46,12 +46,13 @@ def is_file(fs: pafs.FileSystem, path: str) -> bool:
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     if is_local(fs) and "/" in path:  # object stores have no directories; local disks need them
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
+    # compression=None: bytes are written as given (pyarrow would gzip a *.nii.gz a second time).
+    with fs.open_output_stream(path, compression=None) as f:
         f.write(data)
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         return f.read()
 
 

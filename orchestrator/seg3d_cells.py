@@ -1,0 +1,120 @@
+"""The group runner of 3D segmentation: every `seg3d_decoder` cell of one (encoder, resolution,
+dataset) -- all folds and seeds -- runs together in one trial, on one stream of encoded crops
+(tasks/protocols/seg3d_group.py), and each cell's result is written separately, in the layout of
+the dense cell runner:
+
+- `metrics.json`: `val_*` / `test_*` from the mask3d handler's aggregate (Dice per label and mean,
+  HD95 mm, precision, recall, `n_empty_predictions`), counts, timings, and how the group shared
+  its data: `shared_data_order` (1 when the cell's head drew the same crops as the others),
+  `data_seed`, `group_size`, `n_encoded_slices` (the group's, once for all its cells);
+- `per_case.parquet` (case_id, split, class, metrics), `predictions/<case>.nii.gz` (test cases, on
+  the source affine), `figures/` (best and worst test cases), `feature_source.json` (online, why,
+  layers, split scheme, the cells that shared the crops), `failed_cases.csv` when cases were left out.
+
+Plain Python (no Ray, no MLflow): a trial calls `run_seg3d_group`. A case whose header cannot be
+read is left out of every cell and named (it fails alone).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from orchestrator.cells import RESULT_FILE, ResultStore
+
+SPLITS = ("train", "val", "test")
+ONLINE_REASON = "seg3d_decoder trains with geometric augmentation, which must pass through the encoder"
+
+
+def _probe(dataset: Any, case_ids: Sequence[str]) -> dict[str, str]:
+    from tasks.errors import DatasetError
+
+    failed = {}
+    for cid in case_ids:
+        try:
+            dataset.n_slices(cid)
+        except DatasetError as e:
+            failed[cid] = str(e)
+    return failed
+
+
+def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence[dict[str, Any]],
+                    results: ResultStore) -> dict[str, dict[str, float]]:
+    """cells: [{"cell_id", "seed", "hparams"}] of one (encoder, resolution, dataset). Returns each
+    cell's metrics, as written to its result directory."""
+    from tasks.dense import TARGET_HANDLERS
+    from tasks.features import OnlineFeatures
+    from tasks.protocols import create_protocol
+    from tasks.protocols.seg3d_group import fit_group, predict_group
+
+    t0 = time.perf_counter()
+    handler = TARGET_HANDLERS[dataset.target_kind]
+    heads = [create_protocol("seg3d_decoder", **{**c.get("hparams", {}), "task": dataset.task, "seed": c["seed"]})
+             for c in cells]
+    splits = [dataset.cell_splits(c["seed"]) for c in cells]
+    failed = _probe(dataset, list(splits[0][0]))
+    ids = [{s: [cid for cid, sp in sp_map.items() if sp == s and cid not in failed] for s in SPLITS}
+           for sp_map, _ in splits]
+    source = OnlineFeatures(encoder, dataset, resolution, heads[0].layers)
+    fit_group(heads, source, [i["train"] for i in ids], [i["val"] for i in ids])
+    fit_s = time.perf_counter() - t0
+
+    classes = list(dataset.classes)
+    rows: list[list[dict[str, Any]]] = [[] for _ in cells]
+    files: list[dict[str, bytes]] = [{} for _ in cells]
+    scored: list[list[tuple[float, Any, np.ndarray]]] = [[] for _ in cells]
+    need = sorted({cid for i in ids for s in ("val", "test") for cid in i[s]})
+    for cid in need:  # each case's windows are encoded once for every cell that scores it
+        who = [k for k, i in enumerate(ids) if cid in i["val"] or cid in i["test"]]
+        preds = predict_group([heads[k] for k in who], source, cid)
+        sample = source.sample(cid)
+        for k, pred in zip(who, preds, strict=True):
+            split = "val" if cid in ids[k]["val"] else "test"
+            case_rows = [{**r, "case_id": cid, "split": split} for r in handler.case_metrics(sample, pred, classes)]
+            rows[k] += case_rows
+            if split == "test":
+                files[k].update(handler.prediction_files(sample, pred))
+                score = float(np.nanmean([r["dice"] for r in case_rows])) if case_rows else float("nan")
+                if np.isfinite(score):
+                    scored[k].append((score, sample, pred))
+    out = {}
+    cell_ids = [c["cell_id"] for c in cells]
+    for k, (cell, head) in enumerate(zip(cells, heads, strict=True)):
+        per_case = pd.DataFrame(rows[k])
+        metrics: dict[str, float] = {}
+        for split in ("val", "test"):
+            sub = per_case[per_case["split"] == split] if len(per_case) else per_case
+            if len(sub):
+                metrics.update({f"{split}_{m}": float(v) for m, v in handler.aggregate(sub, classes).items()})
+        ranked = sorted(scored[k], key=lambda t: -t[0])
+        chosen = ranked[:1] + ranked[-1:] if len(ranked) > 1 else ranked
+        f = files[k]
+        f.update(handler.figures([(s, p, sc) for sc, s, p in chosen]))
+        lost = [(splits[k][0].get(c, ""), c, e) for c, e in sorted(failed.items())]
+        if lost:
+            f["failed_cases.csv"] = pd.DataFrame(lost, columns=["split", "case_id", "error"]).to_csv(index=False).encode()
+        metrics.update(n_train=float(len(ids[k]["train"])), n_val=float(len(ids[k]["val"])),
+                       n_test=float(len(ids[k]["test"])), n_failed_cases=float(len(lost)),
+                       feature_channels=float(source.channels), fit_s=fit_s, best_step=float(head.best_step_),
+                       n_updates=float(head.n_updates_), shared_data_order=float(head.shared_data_order_),
+                       data_seed=float(head.data_seed_), group_size=float(head.group_size_),
+                       n_encoded_slices=float(head.n_encoded_slices_), compute_s=time.perf_counter() - t0)
+        buf = io.BytesIO()
+        per_case.to_parquet(buf, index=False)
+        f["per_case.parquet"] = buf.getvalue()
+        f["feature_source.json"] = json.dumps({
+            "source": "online", "reason": ONLINE_REASON, "layers": list(source.layers),
+            "split_scheme": splits[k][1], "shared_data_order": bool(head.shared_data_order_),
+            "data_seed": head.data_seed_, "group_cells": cell_ids,
+            "note": "every cell of this group trained on the same encoded crops, in the same order; "
+                    "each cell's loss used only its own training cases"}, indent=1).encode()
+        f[RESULT_FILE] = json.dumps(metrics, indent=1, sort_keys=True).encode()
+        results.write(cell["cell_id"], f)
+        out[cell["cell_id"]] = metrics
+    return out
