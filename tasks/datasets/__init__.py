@@ -17,7 +17,7 @@ from tasks.datasets.endovis18 import EndoVis18
 from tasks.datasets.kvasir_capsule import KvasirCapsule
 from tasks.datasets.msd import MSD_DATASETS, MSDDataset
 from tasks.datasets.nih14 import NIH14
-from tasks.datasets.petct import AutoPET2, HECKTOR22
+from tasks.datasets.petct import HECKTOR22, AutoPET2
 from tasks.datasets.rsna import RSNAPneumonia
 from tasks.errors import ConfigError
 

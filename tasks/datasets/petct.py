@@ -34,7 +34,14 @@ import pandas as pd
 
 from tasks.datasets.base import Report, carve_val, make_index, register_dataset
 from tasks.datasets.dense_base import DenseDataset
-from tasks.datasets.msd import blob_volume, canonical_slices, read_canonical, to_label_map, window_ct, write_nifti
+from tasks.datasets.msd import (
+    blob_volume,
+    canonical_slices,
+    read_canonical,
+    to_label_map,
+    window_ct,
+    write_nifti,
+)
 from tasks.dense import Sample
 from tasks.errors import ConfigError, DatasetError
 
