@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 import tasks.seg3d_outputs  # noqa: F401 - registers the mask3d target handler beside its datasets
-from tasks.datasets.base import LayoutFile, Report, carve_val, make_index, register_dataset
+from tasks.datasets.base import LayoutFile, Report, carve_val, fresh_root, make_index, register_dataset
 from tasks.datasets.dense_base import DenseDataset
 from tasks.dense import Sample
 from tasks.errors import ConfigError, DatasetError
@@ -295,7 +295,8 @@ class MSDDataset(DenseDataset):
               n_slices: int = 8) -> Path:
         """A small task in the MSD layout: anisotropic voxels, a non-canonical (LPS) affine, and
         per class a bright ellipsoid (one inside another for a second class) the encoder sees."""
-        d = Path(root) / cls.task_dir
+        root = fresh_root(root)
+        d = root / cls.task_dir
         (d / "imagesTr").mkdir(parents=True, exist_ok=True)
         (d / "labelsTr").mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(seed)
@@ -317,7 +318,7 @@ class MSDDataset(DenseDataset):
                 "modality": modality, "labels": {"0": "background", **{str(k + 1): c for k, c in enumerate(cls.classes)}},
                 "numTraining": n, "numTest": 0, "training": training, "test": []}
         (d / "dataset.json").write_text(json.dumps(meta, indent=1))
-        return Path(root)
+        return root
 
 
 def _msd(name: str, task_dir: str, classes: tuple[str, ...], modality: str = "CT", n_modalities: int = 1,

@@ -32,7 +32,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from tasks.datasets.base import Report, carve_val, make_index, register_dataset
+from tasks.datasets.base import Report, carve_val, fresh_root, make_index, register_dataset
 from tasks.datasets.dense_base import DenseDataset
 from tasks.datasets.msd import (
     blob_volume,
@@ -172,6 +172,7 @@ class AutoPET2(PETCTDataset):
     @classmethod
     def synth(cls, root: str | os.PathLike, n: int = 12, seed: int = 0, image_size: int = 32,
               n_slices: int = 8) -> Path:
+        root = fresh_root(root)
         rng = np.random.default_rng(seed)
         affine = np.diag([2.0, 2.0, 3.0, 1.0])
         for i in range(n):
@@ -181,7 +182,7 @@ class AutoPET2(PETCTDataset):
             write_nifti(study / "CTres.nii.gz", ct, affine)
             write_nifti(study / "SUV.nii.gz", suv, affine)
             write_nifti(study / "SEG.nii.gz", label.astype(np.uint8), affine)
-        return Path(root)
+        return root
 
 
 @register_dataset
@@ -217,6 +218,7 @@ class HECKTOR22(PETCTDataset):
         """CT and labels on one grid; PET on a coarser grid (half the in-plane voxels), as released."""
         from scipy.ndimage import zoom
 
+        root = fresh_root(root)
         rng = np.random.default_rng(seed)
         (Path(root) / "imagesTr").mkdir(parents=True, exist_ok=True)
         (Path(root) / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -231,4 +233,4 @@ class HECKTOR22(PETCTDataset):
             write_nifti(Path(root) / "imagesTr" / f"{cid}__PT.nii.gz",
                         zoom(suv, (0.5, 0.5, 1.0), order=1).astype(np.float32), pt_aff)
             write_nifti(Path(root) / "labelsTr" / f"{cid}.nii.gz", label.astype(np.uint8), ct_aff)
-        return Path(root)
+        return root
