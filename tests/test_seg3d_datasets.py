@@ -102,3 +102,6 @@ def test_hecktor_missing_pet_fails_alone(tmp_path):
     (tmp_path / "imagesTr" / "CHUP-001__PT.nii.gz").unlink()
     problems = get_dataset("hecktor22", tmp_path).check()
     assert len(problems) == 1 and "CHUP-001__PT.nii.gz" in problems[0].message
+    assert get_dataset("hecktor22", tmp_path).layout_problems() == []
+    assert "labelsTr" in str(get_dataset("hecktor22", tmp_path / "imagesTr").layout_problems())
+    assert "dataset.json" in str(get_dataset("msd_heart", tmp_path).layout_problems()[0])

@@ -32,7 +32,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from tasks.datasets.base import Report, carve_val, fresh_root, make_index, register_dataset
+from tasks.datasets.base import Problem, Report, carve_val, fresh_root, make_index, register_dataset
 from tasks.datasets.dense_base import DenseDataset
 from tasks.datasets.msd import (
     blob_volume,
@@ -95,6 +95,13 @@ class PETCTDataset(DenseDataset):
         return make_index([c for c, _, _ in cases], [p["seg"] for _, _, p in cases],
                           [split[p] for _, p, _ in cases], [p for _, p, _ in cases], [[] for _ in cases])
 
+    layout_dirs: ClassVar[tuple[str, ...]] = ()
+
+    def layout_problems(self) -> list[Problem]:
+        """The fast pre-sweep check: the root and the layout's directories exist."""
+        return super().layout_problems() or [Problem(str(self.root / d), f"missing {d}/ of the {self.name} layout")
+                                             for d in self.layout_dirs if not (self.root / d).is_dir()]
+
     def paths(self, case_id: str) -> dict[str, str]:
         if not hasattr(self, "_paths"):
             self.index()
@@ -148,6 +155,7 @@ class AutoPET2(PETCTDataset):
     name = "autopet2"
     classes = ("lesion",)
     ROOT: ClassVar[str] = "FDG-PET-CT-Lesions"
+    layout_dirs = (ROOT,)
 
     def _image_dirs(self) -> list[Path]:
         return sorted(p for p in (self.root / self.ROOT).glob("PETCT_*/*") if p.is_dir())
@@ -189,6 +197,7 @@ class AutoPET2(PETCTDataset):
 class HECKTOR22(PETCTDataset):
     name = "hecktor22"
     classes = ("GTVp", "GTVn")
+    layout_dirs = ("imagesTr", "labelsTr")
 
     def _image_dirs(self) -> list[Path]:
         return [d for d in (self.root / "imagesTr", self.root / "labelsTr") if d.is_dir()]
