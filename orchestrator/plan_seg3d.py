@@ -95,3 +95,10 @@ def format_plan(plan: pd.DataFrame) -> str:
     lines.append(f"  largest group: {top['encoder']} @ {top['resolution']} on {top['dataset']}: "
                  f"{top['gpu_hours']:,.1f} GPU-h")
     return "\n".join(lines)
+
+
+def plan_text(cfg: Any) -> str | None:
+    """What the sweep prints before it starts when its grid has seg3d_decoder cells (else None)."""
+    if "seg3d_decoder" not in cfg.grid.protocols:
+        return None
+    return format_plan(plan_for_config(cfg))

@@ -179,7 +179,14 @@ def _plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], tracker:
     """Print the plan (orchestrator/plan.py), save it beside the outputs, log it as the sweep's
     "plan" run. A plan that cannot be made is noted; it never stops a sweep."""
     from orchestrator.plan import build_plan, format_plan, gather, write_plan
+    from orchestrator.plan_seg3d import plan_text
 
+    try:  # 3D segmentation encodes online: its encoder GPU-hours, printed before anything starts
+        text = plan_text(cfg)
+        if text:
+            console.block(text)
+    except Exception as e:  # noqa: BLE001 - the plan informs; the sweep is what was asked for
+        console.note(f"no seg3d plan: {type(e).__name__}: {e}")
     try:
         plan = build_plan(cfg, cells, skipped, gather(cfg, cells), accelerator)
     except Exception as e:  # noqa: BLE001 - the plan informs; the sweep is what was asked for

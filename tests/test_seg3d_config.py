@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.plan_seg3d import format_plan, plan_for_config, planned_gpu_hours
+from orchestrator.plan_seg3d import format_plan, plan_for_config, plan_text, planned_gpu_hours
 from tests.conftest import REPO
 
 
@@ -34,6 +34,8 @@ def test_plan_counts_encoder_work_once_per_group():
     assert row["gpu_hours"].iloc[0] == pytest.approx(slices * g / 300e3 / 3600)
     text = format_plan(plan)
     assert text.startswith("seg3d plan: 216 groups") and "GPU-hours planned" in text
+    assert plan_text(cfg) == text  # what the sweep prints before it starts
+    assert plan_text(load_config(REPO / "configs" / "paper.yaml")) is None
     # ct+pet encodes two images per slice: twice the work of ct alone
     one = planned_gpu_hours(["dinov3_vits16"], [224], ["autopet2"], modalities={"autopet2": 1})
     two = planned_gpu_hours(["dinov3_vits16"], [224], ["autopet2"], modalities={"autopet2": 2})
