@@ -22,6 +22,7 @@ Results (`<sweep>/cells/<cell_id>/`):
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import time
@@ -80,14 +81,14 @@ def _nifti(array: np.ndarray, affine: np.ndarray | None, vector: bool = False) -
     else:
         a = np.transpose(array)
     img = nib.Nifti1Image(np.ascontiguousarray(a), np.eye(4) if affine is None else affine)
-    return img.to_bytes()
+    return gzip.compress(img.to_bytes(), compresslevel=6)  # the files are .nii.gz; storage writes bytes as given
 
 
 def read_nifti_back(data: bytes | str, vector: bool = False) -> np.ndarray:
     """Inverse of `_nifti` (tests, analysis): the array in (z, y, x) / (y, x) order again."""
     import nibabel as nib
 
-    img = nib.load(data) if isinstance(data, str) else nib.Nifti1Image.from_bytes(data)
+    img = nib.load(data) if isinstance(data, str) else nib.Nifti1Image.from_bytes(gzip.decompress(data))
     a = np.asarray(img.dataobj)
     if not vector:
         return np.transpose(a)
