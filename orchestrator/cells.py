@@ -15,6 +15,7 @@ import traceback
 import uuid
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,13 @@ PLACEMENT_FILE = "placement.json"  # where the cell ran (node, resources), when 
 ERROR_FILE = "error.json"
 RUNNING_FILE = "running.json"  # .<cell_id>.running.json: where an attempt runs now (or ran, if it died)
 EVAL_SPLITS = ("val", "test")
+# The runner of each head family but `feature` (run here): "module:function", imported when a cell
+# of that family runs (a new family adds its runner here).
+FAMILY_RUNNERS: dict[str, str] = {
+    "bag": "orchestrator.bag_cells:run_bag_cell",
+    "dense": "orchestrator.dense_cells:run_dense_cell",
+    "training_free": "orchestrator.registration_cells:run_registration_cell",
+}
 
 
 @dataclass(frozen=True)
@@ -60,14 +68,16 @@ class Cell:
 def cell_spec(cell: Cell, *, keys: dict[str, CacheKey], cache_root: str, results_dir: str, task: str,
               classes: list[str], hparams: dict[str, Any], size: str,
               cases: list[dict[str, Any]] | None = None, ood: list[dict[str, Any]] | None = None,
-              coords_uri: str = "") -> dict[str, Any]:
+              coords_uri: str = "", dense: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a worker needs to run the cell, as plain data (it travels through Tune).
     `cases` (slide datasets): every slide with its split and target; the cell reads bags.
     `ood`: out-of-domain test sets, each {dataset, keys, cases}; `coords_uri`: the slides' tile
-    coordinates, for the attention heatmaps (see bag_cells)."""
+    coordinates, for the attention heatmaps (see bag_cells). `dense`: a dense cell's feature source
+    and the classes its workers import (see dense_cells.dense_cell_plan)."""
     return {**asdict(cell), "cell_id": cell.cell_id, "keys": {s: asdict(k) for s, k in keys.items()},
             "cache_root": cache_root, "results_dir": results_dir, "task": task, "classes": classes,
-            "hparams": hparams, "size": size, "cases": cases or None, "ood": ood or [], "coords_uri": coords_uri}
+            "hparams": hparams, "size": size, "cases": cases or None, "ood": ood or [], "coords_uri": coords_uri,
+            "dense": dense}
 
 
 class ResultStore:
@@ -123,13 +133,15 @@ class ResultStore:
         storage.delete_dir(self.fs, self.path(cell_id))
         self.clear_marks(cell_id, ERROR_FILE, RUNNING_FILE)
 
-    def write(self, cell_id: str, files: dict[str, bytes]) -> None:
+    def write(self, cell_id: str, files: dict[str, bytes | Path]) -> None:
         """Stage every file, metrics last, then publish; an earlier result (a retry after a node
-        died between writing and reporting) is replaced."""
+        died between writing and reporting) is replaced. A value may be a local file's path (read
+        when staged, one at a time: many prediction files never sit in memory together)."""
         stage = f"{self.base}/.stage-{cell_id}-{uuid.uuid4().hex[:8]}"
         self.fs.create_dir(stage, recursive=True)
         for name in sorted(files, key=lambda n: n == RESULT_FILE):
-            storage.write_bytes(self.fs, f"{stage}/{name}", files[name])
+            data = files[name]
+            storage.write_bytes(self.fs, f"{stage}/{name}", data.read_bytes() if isinstance(data, Path) else data)
         final = self.path(cell_id)
         if not storage.publish_dir(self.fs, stage, final, last=RESULT_FILE):
             self.fs.move(final, f"{stage}-old")  # a rename: never a half-deleted result in place
@@ -166,6 +178,30 @@ def _predictions(split: str, case_ids: list[str], patients: list[str], Y: np.nda
     return df
 
 
+def _family_runner(spec: dict[str, Any]) -> Any:
+    """The runner of the cell's head family; None for `feature` heads (run_cell itself)."""
+    import importlib
+
+    if spec.get("family"):  # set by the driver's spec (registration cells)
+        family = spec["family"]
+    elif spec.get("dense"):  # dense maps: the family the driver saw (its head may be known by path only)
+        family = spec["dense"].get("family", "dense")
+    elif spec.get("cases") is not None:
+        family = "bag"  # a slide dataset: bags, not one row per case
+    else:
+        from tasks.protocols import PROTOCOLS
+
+        family = getattr(PROTOCOLS.get(spec["protocol"]), "family", "feature")
+    if family == "feature":
+        return None
+    target = FAMILY_RUNNERS.get(family)
+    if not target:
+        raise NotImplementedError(f"{spec['cell_id']}: no cell runner for head family {family!r} yet "
+                                  "(orchestrator.cells.FAMILY_RUNNERS)")
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
 def run_cell(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> dict[str, float]:
     """Fit the cell's protocol on train, score val and test, write results, return metrics.
     `placement` (node, resources) is saved beside the results, so a resumed driver can log it."""
@@ -179,14 +215,9 @@ def run_cell(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> d
     if placement:
         results.mark_running(cell_id, placement)
     try:
-        if spec.get("family") == "training_free":  # registration: the cell is the whole evaluation
-            from orchestrator.registration_cells import run_registration_cell
-
-            return run_registration_cell(spec, results, placement)
-        if spec.get("cases") is not None:  # a slide dataset: bags, not one row per case
-            from orchestrator.bag_cells import run_bag_cell
-
-            return run_bag_cell(spec, results, placement)
+        runner = _family_runner(spec)
+        if runner is not None:  # bags, dense maps, registration: their own runners
+            return runner(spec, results, placement)
         t0 = time.perf_counter()
         cache = FeatureCache(spec["cache_root"])
         arrays = {s: cache.read_arrays(CacheKey(**spec["keys"][s])) for s in ("train", *EVAL_SPLITS)}

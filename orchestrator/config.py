@@ -124,6 +124,12 @@ class Resources(_Strict):
     extract_actors: int | None = Field(default=None, ge=1, description="default: one per GPU, else 1")
     extract_batch_size: int = Field(default=32, ge=1)
     torch_threads: int | None = Field(default=None, ge=1, description="CPU encoder threads")
+    # Dense features (docs/dense.md): an extraction goes to the cache when its planned fp16 maps fit
+    # this budget (and the head does not augment), else the encoder runs inside each trial, and
+    # such an online cell asks for `online_encoder_gpus` more of a GPU than its head alone.
+    dense_cache_max_gb: float = Field(default=200.0, ge=0, description="largest dense cache entry (GB)")
+    online_encoder_gpus: float = Field(default=0.5, ge=0, le=1,
+                                       description="GPU share added to a cell that runs its encoder online")
 
     @field_validator("cell_gpus")
     @classmethod
@@ -259,6 +265,13 @@ class SweepConfig(_Strict):
                 create_protocol(name, **hp)
             except ConfigError as e:
                 raise ValueError(f"protocols.{name}: {e}") from None
+        for name in self.grid.protocols:  # dense heads: the encoder blocks they read must exist
+            try:
+                layers = getattr(create_protocol(name, **self.protocols.get(name, {})), "layers", None)
+            except ConfigError:  # e.g. a default task the head does not take: checked per cell
+                continue
+            if layers is not None:
+                _check_layers(name, layers, self.grid.encoders)
         return self
 
     # -- derived -------------------------------------------------------------------------------
@@ -315,6 +328,21 @@ class SweepConfig(_Strict):
         g = self.grid
         return len(list(itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols, g.seeds,
                                           g.train_sizes)))
+
+
+def _check_layers(protocol: str, layers: Any, encoders: list[str]) -> None:
+    """A dense head's `layers` (encoder blocks whose maps it reads) must exist in every grid encoder."""
+    from tasks.encoders import create_encoder
+
+    layers = list(layers) if isinstance(layers, tuple) else layers
+    if not isinstance(layers, list) or not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise ValueError(f"protocols.{protocol}.layers: a list of block indices (e.g. [2, 5, 8, 11] or [-1]), "
+                         f"got {layers!r}")
+    for enc in encoders:
+        try:
+            create_encoder(enc, device="meta").check_layers(layers)
+        except ConfigError as e:
+            raise ValueError(f"protocols.{protocol}.layers: {e}") from None
 
 
 def _check_dataset_options(name: str, opts: dict[str, Any]) -> None:

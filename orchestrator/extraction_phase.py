@@ -66,7 +66,7 @@ def _error_text(e: BaseException) -> str:
 
 
 def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: SweepConfig,
-                n_gpus: float, dataset: Any, fingerprint: str) -> ExtractResult:
+                n_gpus: float, dataset: Any, fingerprint: str, dense: set | None = None) -> ExtractResult:
     from orchestrator import ray_backend
     from tasks.preprocess import PREPROCESS_VERSION
 
@@ -77,6 +77,10 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
                            interpolation=info.get("interpolation", "bicubic"))
     if getattr(dataset, "kind", "image") == "slide":
         return _extract_slides(job, cache, cfg, n_gpus, dataset, result, t0)
+    if dense is not None:  # dense maps (one file per case), the cached/online rule: extract_dense
+        from orchestrator.extract_dense import extract_dense
+
+        return extract_dense(job, cache, cfg, n_gpus, dataset, result, dense, t0)
     missing = [s for s in SPLITS if not cache.is_complete(keys[s])]
     result.cached_splits = [s for s in SPLITS if s not in missing]
     for s in result.cached_splits:
@@ -184,14 +188,14 @@ def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n
 
 
 def _extract_with_retries(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: SweepConfig,
-                          n_gpus: float, dataset: Any, fingerprint: str) -> ExtractResult:
+                          n_gpus: float, dataset: Any, fingerprint: str, dense: set | None = None) -> ExtractResult:
     """`extract_one`, again (up to max_failures times) when Ray lost a node or worker under it:
     splits committed before the loss come from the cache, only the rest is encoded again."""
     from orchestrator import ray_backend
 
     for attempt in range(cfg.max_failures + 1):
         try:
-            return extract_one(job, cache, memo, cfg, n_gpus, dataset, fingerprint)
+            return extract_one(job, cache, memo, cfg, n_gpus, dataset, fingerprint, dense)
         except Exception as e:
             if attempt == cfg.max_failures or not ray_backend.is_system_error(e):
                 raise
@@ -203,9 +207,11 @@ def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: 
                 n_gpus: float) -> tuple[dict[Extraction, ExtractResult], dict[Extraction, str],
                                         dict[Extraction, tuple[str, dict[str, Any]]]]:
     """Returns (results, failure messages, (fingerprint, preprocessing record)) per extraction."""
+    from orchestrator.extract_dense import dense_requests
     from tasks.datasets import get_dataset
     from tasks.encoders import create_encoder
 
+    dense = dense_requests(cfg, cells)  # dense datasets: (layers, augment) per extraction
     needed = {c.extraction for c in cells}
     needed |= {(c.encoder, c.resolution, d) for c in cells for d in cfg.evaluate_on.get(c.dataset, [])}
     needed = sorted(needed, key=lambda e: (e[2], e[0], e[1]))
@@ -231,7 +237,7 @@ def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: 
                                 cfg.val_fraction, cfg.split_seed,
                                 json.dumps(cfg.options_for(ds_name), sort_keys=True))
             results[(enc, res, ds_name)] = _extract_with_retries(job, cache, memo, cfg, n_gpus, dataset,
-                                                                 fingerprint)
+                                                                 fingerprint, dense.get((enc, res, ds_name)))
             info[(enc, res, ds_name)] = (fingerprint, {**meta_enc.preprocess_info(), "pooling": pooling})
         except Exception as e:  # noqa: BLE001 - one extraction fails alone; its cells carry the reason
             failures[(enc, res, ds_name)] = _error_text(e)

@@ -4,7 +4,8 @@
   under `ray submit`), else start a private local one.
 - `run_remote`: one function as a Ray task (loading weights to digest them, off the driver).
 - `run_embedding_pipeline`: Ray Data, rows -> CPU decode tasks -> encoder actor pool -> Parquet;
-  `run_slice_pipeline` (CT volumes) and `run_slide_pipeline` (whole slides) expand items first.
+  `run_slice_pipeline` (CT volumes) and `run_slide_pipeline` (whole slides) expand items first;
+  `run_dense_pipeline`: cases -> Samples decoded on CPU -> encoder pool -> one fp16 map file a case.
 - `run_cells`: a Ray Tune grid, one trial per cell, per-cell resources and retries; a callback
   hands trial events to a plain listener (the MLflow side never sees Ray objects).
 """
@@ -23,6 +24,7 @@ from ray.data import ActorPoolStrategy
 
 from orchestrator import console
 from orchestrator.extract import EncoderUDF, ExtractionJob, decode_batch, decode_slices, expand_volume
+from orchestrator.extract_dense import DenseEncoderUDF, decode_cases
 from orchestrator.extract_slides import decode_tiles, expand_slide
 
 
@@ -148,6 +150,27 @@ def run_slide_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, tiling
     _encode_and_write(ds, job, expected_digest=expected_digest, out_dir=out_dir, filesystem=filesystem,
                       batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                       torch_threads=torch_threads, partition_cols=["case_id"])
+
+
+def run_dense_pipeline(rows: list[dict[str, Any]], *, dataset: str, job: ExtractionJob, layers: str, precision: str,
+                       interpolation: str, expected_digest: str, out_uri: str, batch_size: int, cases_per_batch: int,
+                       actors: int, gpus_per_actor: float, torch_threads: int | None) -> list[dict[str, Any]]:
+    """Dense maps of `rows` (one per case): `decode_cases` on CPU tasks (`dataset`: the JSON that
+    rebuilds the dataset there) -> `DenseEncoderUDF` in the actor pool, which writes one fp16 `.npy`
+    file per case under `out_uri` -> the small index rows (case_id, file, n_slices, channels, grid,
+    error), gathered on the driver. `cases_per_batch` keeps a batch near `batch_size` slices."""
+    n_blocks = max(1, min(len(rows) // cases_per_batch, 4096))
+    ds = ray.data.from_items(rows).repartition(n_blocks)
+    ds = ds.map_batches(decode_cases, batch_size=cases_per_batch, batch_format="numpy", num_cpus=1,
+                        fn_kwargs={"dataset": dataset, "resolution": job.resolution, "interpolation": interpolation})
+    ds = ds.map_batches(
+        DenseEncoderUDF, batch_size=cases_per_batch, batch_format="numpy",
+        fn_constructor_kwargs={"encoder": job.encoder, "weights": job.weights, "expected_digest": expected_digest,
+                               "layers": layers, "out_uri": out_uri, "precision": precision,
+                               "torch_threads": torch_threads, "batch_size": batch_size},
+        compute=ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None, num_cpus=1,
+    )
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in ds.iter_rows()]
 
 
 def _encode_and_write(ds: Any, job: ExtractionJob, *, expected_digest: str, out_dir: str, filesystem: Any,

@@ -338,6 +338,12 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
         hparams = {k: v for k, v in hp.get_params().items() if k not in ("task", "seed")}
         fingerprint, preprocess = datasets[c.extraction]
         runner.params[c.cell_id] = _cell_params(cfg, c, ex, ds_cls, hparams, fingerprint, preprocess)
+        dense = None
+        if getattr(ex, "choices", None) is not None:  # a dense dataset: the source rule's choice for this head
+            from orchestrator.dense_cells import dense_cell_plan
+
+            dense, dparams = dense_cell_plan(cfg, c, ex, hp)
+            runner.params[c.cell_id].update(dparams)
         existing = results.read(c.cell_id)
         if existing is not None:  # computed before the driver died: log it, do not recompute
             runner.on_start(c.cell_id)
@@ -356,12 +362,14 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
                                task=ds_cls.task, classes=list(ds_cls.classes),
                                hparams=cfg.protocols.get(c.protocol, {}),
                                size=get_encoder_spec(c.encoder).size, cases=cases, ood=ood,
-                               coords_uri=ex.coords_uri))
+                               coords_uri=ex.coords_uri, dense=dense))
 
     def cell_resources(spec: dict[str, Any]) -> dict[str, float]:
         res = {"CPU": cfg.resources.cell_cpus}
         if has_gpu:  # a share of one GPU, by encoder size and resolution (config: resources.cell_gpus)
             res["GPU"] = cfg.resources.cell_gpu_share(spec["size"], spec["resolution"])
+            if (spec.get("dense") or {}).get("source") == "online":  # the frozen encoder runs in the trial
+                res["GPU"] = min(1.0, res["GPU"] + cfg.resources.online_encoder_gpus)
         return res
 
     ray_backend.run_cells(specs, runner, name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
