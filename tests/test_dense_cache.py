@@ -1,0 +1,123 @@
+"""The dense cache: the pipeline's maps equal the online source's within fp16 tolerance, are read
+memory-mapped one case at a time, and the source rule picks and explains; every registered
+protocol family has a cell runner and honours its contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.cache import FeatureCache
+from orchestrator.config import parse_config
+from orchestrator.extract import DigestMemo
+from orchestrator.extract_dense import CachedFeatures, DenseExtractResult, source_for
+from tasks.dense import FAMILIES, SourceChoice, choose_source, planned_bytes
+
+from . import dense_toy
+from .conftest import TINY, sweep_config
+
+
+def _extract(tmp: Path, root: Path, **resources) -> tuple[DenseExtractResult, FeatureCache, object]:
+    from orchestrator.extraction_phase import extract_all
+    from orchestrator.sweep import plan_cells
+
+    raw = sweep_config(tmp, {"toy_dense": root}, grid={"resolutions": [64], "protocols": ["toy_seg"]},
+                       resources={"extract_batch_size": 3, **resources})
+    raw["protocols"] = {}
+    cfg = parse_config(raw)
+    cells, _ = plan_cells(cfg)
+    cache = FeatureCache(cfg.cache_root)
+    results, failures, _ = extract_all(cfg, cells, cache, DigestMemo(tmp / "memo.json"), 0.0)
+    assert not failures
+    return results[(TINY, 64, "toy_dense")], cache, cfg
+
+
+def test_cached_maps_equal_online_maps_and_are_memory_mapped(ray_session, tmp_path, monkeypatch, one_torch_thread):
+    from tasks.encoders import create_encoder
+    from tasks.features import OnlineFeatures
+
+    dense_toy.register(monkeypatch)
+    root = dense_toy.ToyDense.synth(tmp_path / "toy", n=8)
+    dense_toy.corrupt(root, "case002")
+    ex, cache, _ = _extract(tmp_path, root)
+    assert ex.choices[""].kind == "cached" and ex.n_encoded == 7 and list(ex.failed) == ["case002"]
+    assert "case002.png" in ex.failed["case002"]
+
+    ds = dense_toy.ToyDense(root)
+    cached = CachedFeatures(cache, ex.dense_keys[""], ds)
+    online = OnlineFeatures(create_encoder(TINY), ds, 64)
+    assert (cached.channels, cached.grid, cached.kind) == (online.channels, online.grid, "cached") == (64, 4, "cached")
+    assert "case002" not in cached.case_ids() and cached.case_ids("test") == ["case003", "case007"]
+    for cid in cached.case_ids():
+        f = cached.features(cid)
+        assert isinstance(f, np.memmap) and f.dtype == np.float16 and f.shape == (1, 64, 4, 4)
+        ref = online.features(cid)
+        np.testing.assert_allclose(f.astype(np.float32), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+    with pytest.raises(KeyError, match="case002.*cannot decode image"):
+        cached.features("case002")
+
+    # A second extraction of the same key is a cache hit: nothing is encoded again.
+    again, _, _ = _extract(tmp_path, root)
+    assert again.n_encoded == 0 and again.cached_splits and list(again.failed) == ["case002"]
+
+
+def test_source_rule_chooses_and_says_why():
+    b = planned_bytes(100, 14, 384)
+    assert b == 100 * 14 * 14 * 384 * 2
+    assert choose_source(100, 14, 384, b / 1e9, False).kind == "cached"  # exactly fits
+    over = choose_source(100, 14, 384, b / 1e9 * 0.99, False)
+    assert over.kind == "online" and "> resources.dense_cache_max_gb" in over.reason
+    aug = choose_source(1, 14, 384, 1000, True)
+    assert aug.kind == "online" and "augmentation" in aug.reason
+    # Per cell: the extraction's choice for its layers, unless its head augments.
+    ex = DenseExtractResult(None, {}, "", "", choices={"": SourceChoice("cached", "fits", b)})
+    assert source_for(ex, "", False, 200).kind == "cached"
+    cell = source_for(ex, "", True, 200)
+    assert cell.kind == "online" and cell.planned_bytes == b and "augmentation" in cell.reason
+
+
+def test_every_protocol_family_has_a_runner_and_honours_its_contract(monkeypatch, tmp_path, one_torch_thread):
+    """Over every registered protocol: its family is known, cells.run_cell finds its runner, and
+    the family's contract holds on tiny data (feature: fit(X, Y)/predict_proba; bag: bags;
+    dense: fit(source, train, val)/predict at the case's size)."""
+    from orchestrator.cells import FAMILY_RUNNERS, _family_runner
+    from tasks.encoders import create_encoder
+    from tasks.features import OnlineFeatures
+    from tasks.protocols import PROTOCOLS
+
+    dense_toy.register(monkeypatch)
+    root = dense_toy.ToyDense.synth(tmp_path / "toy", n=8)
+    source = OnlineFeatures(create_encoder(TINY), dense_toy.ToyDense(root), 32, keep=8)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for name, cls in sorted(PROTOCOLS.items()):
+        assert cls.family in FAMILIES, name
+        seen.add(cls.family)
+        spec = {"cell_id": name, "protocol": name, "cases": None, "dense": None}
+        if cls.family == "training_free" and not FAMILY_RUNNERS["training_free"]:
+            with pytest.raises(NotImplementedError, match="no cell runner for head family 'training_free'"):
+                _family_runner(spec)
+            continue
+        runner = _family_runner({**spec, "dense": {"family": cls.family}} if cls.family in ("dense", "training_free")
+                                else spec)
+        assert (runner is None) == (cls.family == "feature"), name
+        prefer = "multiclass" if cls.family == "dense" else "binary"
+        task = prefer if prefer in cls.supports else sorted(cls.supports)[0]
+        small = {"epochs": 2} if "epochs" in cls.param_names() else {}
+        head = cls(task=task, seed=0, **small)
+        if cls.family == "feature":
+            X, Y = rng.normal(size=(12, 4)).astype(np.float32), np.eye(2, dtype=int)[np.arange(12) % 2]
+            Y = Y if task == "multiclass" else Y[:, :1]
+            assert head.fit(X, Y).predict_proba(X).shape == Y.shape
+        elif cls.family == "bag":
+            bags = [rng.normal(size=(3 + i % 3, 4)).astype(np.float32) for i in range(6)]
+            Y = (np.arange(6) % 2)[:, None]
+            assert head.fit(bags, Y).predict_proba(bags).shape == (6, 1)
+        elif cls.family == "dense" and task == dense_toy.ToyDense.task:
+            ids = source.case_ids()
+            head.fit(source, ids[:4], ids[4:6])
+            pred = head.predict(source, ids[6])
+            assert pred.shape == source.sample(ids[6]).target.shape
+    assert {"feature", "bag", "dense"} <= seen
