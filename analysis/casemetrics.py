@@ -113,3 +113,46 @@ def case_metrics(names, task: str) -> dict[str, CaseMetric]:
         if m is not None:
             out[str(n)] = m
     return out
+
+
+# -- dense runs: per-case metric tables (per_case.parquet: case_id, class, dice, iou, ...) ----------
+
+def is_per_case_table(frame) -> bool:
+    """True for a dense run's per-case table (one row per case and class, one column per metric)."""
+    return "class" in frame.columns and not any(str(c).startswith("target_") for c in frame.columns)
+
+
+def case_values(frame, metric: str):
+    """Each case's value of a run metric, as a Series by case_id, or None: `dice` or `dice_mean` ->
+    the case's mean of column `dice` over its classes; `dice_<class>` -> that class's row."""
+    cols = [c for c in frame.columns if c not in ("case_id", "split", "class")]
+    base = metric.removesuffix("_mean")
+    if base in cols:
+        return frame.groupby(frame["case_id"].astype(str))[base].mean()
+    for col in sorted(cols, key=len, reverse=True):
+        cls = metric.removeprefix(f"{col}_")
+        if metric.startswith(f"{col}_") and cls in set(frame["class"].astype(str)):
+            sub = frame[frame["class"].astype(str) == cls]
+            return sub.groupby(sub["case_id"].astype(str))[col].mean()
+    return None
+
+
+def aligned_case_values(frames, metric: str):
+    """(values (N, 1) per frame on the cases common to all, None, case ids), or why not."""
+    series = [case_values(f, metric) for f in frames]
+    if any(s is None for s in series):
+        return f"no per-case column for {metric!r}"
+    common = sorted(set.intersection(*(set(s.index) for s in series)))
+    if not common:
+        return "the runs share no test case"
+    return [s.loc[common].to_numpy(np.float64)[:, None] for s in series], None, common
+
+
+def case_mean(values, targets, counts):
+    """The mean over (resampled) cases of per-case values (N, 1); cases without a value (NaN, e.g.
+    a class absent from both truth and prediction) are left out of that case's average."""
+    v = np.asarray(values, float)[:, 0]
+    ok = np.isfinite(v)
+    num = counts[:, ok] @ v[ok]
+    den = counts[:, ok].sum(axis=1)
+    return _ratio(num, den)

@@ -31,7 +31,7 @@ from analysis.bootstrap import (
     printed_spread,
     zero_spread,
 )
-from analysis.casemetrics import case_metric
+from analysis.casemetrics import aligned_case_values, case_mean, case_metric, is_per_case_table
 from analysis.metric_table import higher_is_better, margin_for
 from analysis.points import MAIN_METRICS, metric_order
 from analysis.verdict import CI_LEVEL, CurveVerdict, judge_curves
@@ -116,7 +116,9 @@ def _case_group(cells: pd.DataFrame, pts: pd.DataFrame, predictions: dict, task:
     """The group from per-case predictions, or why it cannot be made from them."""
     # AUC is the same for every task (a macro mean over classes); the rest need the task
     fn = case_metric(metric, task) if task else (case_metric(metric, "multilabel") if metric == "auc" else None)
-    if fn is None:
+    # dense runs (Dice, IoU, ...) log per-case metric tables instead of scores
+    dense = any(is_per_case_table(predictions[r]) for r in pts.get("run_id", ()) if r in predictions)
+    if fn is None and not dense:
         return f"no per-case form of {metric!r}" + ("" if task else " without the task")
     if "run_id" not in pts.columns:
         return "no run ids"
@@ -129,7 +131,13 @@ def _case_group(cells: pd.DataFrame, pts: pd.DataFrame, predictions: dict, task:
                 return f"run {rid} has none"  # the whole group falls back to seeds
             runs[i][seeds.index(s)] = rid
     order = [(i, s) for i in range(len(cells)) for s in range(len(seeds)) if runs[i][s] is not None]
-    aligned = _aligned([predictions[runs[i][s]] for i, s in order])
+    if dense:  # Dice, IoU, ...: the mean over cases of each case's value, cases resampled
+        aligned = aligned_case_values([predictions[runs[i][s]] for i, s in order], metric)
+        if isinstance(aligned, str):
+            return aligned
+        fn = case_mean
+    else:
+        aligned = _aligned([predictions[runs[i][s]] for i, s in order])
     if aligned is None:
         return "the runs disagree on the test cases or their labels"
     scores, targets, common = aligned

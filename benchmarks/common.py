@@ -50,7 +50,9 @@ class PeakRSS:
         self._t.join()
 
 
-def bare_throughput(encoder: str, pixels, batch: int, threads: int) -> float:
+def bare_throughput(encoder: str, pixels, batch: int, threads: int, layers=False) -> float:
+    """Images/s of the encoder alone on in-memory pixels: pooled embeddings, or with `layers` (None
+    for the last block, or a list) the dense maps a dense extraction computes."""
     import torch
 
     from tasks.encoders import create_encoder
@@ -58,18 +60,23 @@ def bare_throughput(encoder: str, pixels, batch: int, threads: int) -> float:
     torch.set_num_threads(threads)
     enc = create_encoder(encoder, weights="random")
     x = torch.from_numpy(pixels)
-    enc.embed(x[:batch], pooling="cls+mean")  # warm-up: first-call allocations
+
+    def forward(b):
+        return enc.embed(b, pooling="cls+mean") if layers is False else enc.dense(b, layers=layers)
+
+    forward(x[:batch])  # warm-up: first-call allocations
     t0 = time.perf_counter()
     for s in range(0, len(x), batch):
-        enc.embed(x[s:s + batch], pooling="cls+mean")
+        forward(x[s:s + batch])
     return len(x) / (time.perf_counter() - t0)
 
 
-def bare_rate(when: str, encoder: str, pixels, batch: int, threads: int, unit: str, what: str) -> float:
+def bare_rate(when: str, encoder: str, pixels, batch: int, threads: int, unit: str, what: str,
+              layers=False) -> float:
     """`bare_throughput`, printed. Benchmarks measure it before and after their pipeline runs and
     average the two: on a small shared machine the encoder's speed drifts by ~10% over minutes,
     as much as the effect measured."""
-    rate = bare_throughput(encoder, pixels, batch, threads)
+    rate = bare_throughput(encoder, pixels, batch, threads, layers)
     print(f"bare encoder ({when}): {rate:.2f} {unit}/s on {what} ({encoder}, {pixels.shape[-1]}px, "
           f"batch {batch}, {threads} threads)")
     return rate

@@ -1,6 +1,10 @@
 """A grid cell on feature bags (whole-slide datasets, `abmil`): fit on the train slides' bags,
 early-stop on the val slides, score val and test. Plain Python, like `cells.run_cell`.
 
+Bags are stored in fp16 and read one slide at a time while training and scoring
+(`extract_slides.SlideBags`, a lazy mapping; ABMIL accepts a lazy sequence of bags), so a cell's
+memory does not grow with the number of slides.
+
 The bag entry holds every slide of the dataset; the cell's spec says which slide is in which split
 (`cases`), so folds and seeds reuse one embedding pass. Slides without a bag (they failed to tile or
 read; the entry's metadata says why) are left out and listed in `failed_slides.csv`, with the count
@@ -20,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,11 +45,24 @@ from orchestrator.cells import (
 HEATMAPS = 3  # attention heatmaps drawn per cell: its highest-scoring test slides
 
 
-def _split_bags(cases: pd.DataFrame, bags: dict[str, tuple[np.ndarray, np.ndarray]], split: str, n_classes: int):
-    sub = cases[(cases["split"] == split) & cases["case_id"].isin(bags)]
+class _SplitBags(Sequence):
+    """The embeddings of one split's slides, read from the cache when indexed (one slide at a time)."""
+
+    def __init__(self, bags: Mapping[str, tuple[np.ndarray, np.ndarray]], ids: list[str]):
+        self.bags, self.ids = bags, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        return self.bags[self.ids[i]][1]
+
+
+def _split_bags(cases: pd.DataFrame, bags: Mapping[str, tuple[np.ndarray, np.ndarray]], split: str, n_classes: int):
+    sub = cases[(cases["split"] == split) & cases["case_id"].isin(list(bags))]
     ids = sub["case_id"].tolist()
     Y = np.array(sub["target"].tolist(), dtype=np.int64).reshape(len(sub), n_classes)
-    return ids, [bags[c][1] for c in ids], Y, sub["patient_id"].tolist()
+    return ids, _SplitBags(bags, ids), Y, sub["patient_id"].tolist()
 
 
 def _score(protocol: Any, cases: pd.DataFrame, bags: dict, split: str, spec: dict[str, Any], label: str):
@@ -55,15 +73,17 @@ def _score(protocol: Any, cases: pd.DataFrame, bags: dict, split: str, spec: dic
     ids, split_bags, Y, patients = _split_bags(cases, bags, split, C)
     scores = protocol.predict_proba(split_bags) if split_bags else np.zeros((0, C))
     agg, table = classification_metrics(Y, scores, spec["task"], spec["classes"])
-    attn = [pd.DataFrame({"case_id": cid, "split": label, "x": bags[cid][0][:, 0], "y": bags[cid][0][:, 1],
-                          "attention": protocol.attention(bag).astype(np.float32)})
-            for cid, bag in zip(ids, split_bags, strict=True)]
+    attn = []
+    for cid in ids:  # one slide read at a time
+        xy, bag = bags[cid]
+        attn.append(pd.DataFrame({"case_id": cid, "split": label, "x": xy[:, 0], "y": xy[:, 1],
+                                  "attention": protocol.attention(bag).astype(np.float32)}))
     return ({f"{label}_{k}": float(v) for k, v in agg.items()},
             _predictions(label, ids, patients, Y, scores, spec["classes"]), table, attn)
 
 
 def _lost(cases: pd.DataFrame, bags: dict, failed: dict[str, str], dataset: str) -> pd.DataFrame:
-    lost = cases[~cases["case_id"].isin(bags)]
+    lost = cases[~cases["case_id"].isin(list(bags))]
     return pd.DataFrame({"dataset": dataset, "case_id": lost["case_id"], "split": lost["split"], "path": lost["path"],
                          "error": [failed.get(c, "no bag in the cache entry") for c in lost["case_id"]]})
 
@@ -95,7 +115,7 @@ def run_bag_cell(spec: dict[str, Any], results: ResultStore, placement: dict[str
 
     metrics: dict[str, float] = {}
     frames, attn, files = [], [], {}
-    n_tiles = [len(b[1]) for b in bags.values()]
+    n_tiles = list(cache.meta(key).get("n_tiles", {}).values()) or [0]  # from the entry's metadata: no bag read
     for split in EVAL_SPLITS:
         m, pred, table, a = _score(protocol, cases, bags, split, spec, split)
         metrics.update(m)
@@ -114,7 +134,7 @@ def run_bag_cell(spec: dict[str, Any], results: ResultStore, placement: dict[str
         attn += a
         files[f"per_class_{d}_test.csv"] = table.to_csv(index=False).encode()
     lost_df = pd.concat(lost, ignore_index=True)
-    metrics.update(n_train=float(len(tr_bags)), feature_dim=float(tr_bags[0].shape[1]), fit_s=fit_s,
+    metrics.update(n_train=float(len(tr_bags)), feature_dim=float(protocol.n_features_in_), fit_s=fit_s,
                    n_failed_slides=float(len(lost_df)), tiles_per_slide_median=float(np.median(n_tiles)),
                    best_epoch=float(getattr(protocol, "best_epoch_", -1)), compute_s=time.perf_counter() - t0)
 

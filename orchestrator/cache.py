@@ -117,8 +117,9 @@ class FeatureCache:
         # Row order across Parquet parts is not meaningful: sort by case id so reads are stable.
         return table.sort_by("case_id")
 
-    def read_bags(self, key: CacheKey) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """A slide entry's bags: case_id -> (tile x, y (n, 2); embeddings (n, D)); see extract_slides."""
+    def read_bags(self, key: CacheKey) -> Any:
+        """A slide entry's bags, a lazy mapping read per slide: case_id -> (tile x, y (n, 2); embeddings
+        (n, D) float32, stored fp16); see extract_slides.SlideBags."""
         from orchestrator.extract_slides import read_bags
 
         if not self.is_complete(key):

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute, for SlideBags
 
 from orchestrator import storage
 from tasks.errors import DatasetError
@@ -28,6 +30,7 @@ from tasks.errors import DatasetError
 SLIDES = "slides"  # the cache key's split field for a bag entry: all slides, whatever the cell's split
 TILING_VERSION = 1  # bump when tile_slide's output for the same parameters changes
 TILE_COLUMNS = ("case_id", "path", "x", "y", "level", "read_size", "tile_size", "error")
+BAG_DTYPE = np.float16  # stored tile embeddings (the cache key's feature_kind "bag" says so)
 
 
 def coords_root(cache_base: str, dataset: str, tiling: dict[str, Any]) -> str:
@@ -96,8 +99,9 @@ def decode_tiles(batch: dict[str, Any], resolution: int, interpolation: str) -> 
 
 
 def tile_embeddings_table(batch: dict[str, Any], emb: np.ndarray) -> pa.Table:
-    """Encoder output for tiles: (case_id, x, y, error, embedding); failed rows keep zeros."""
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    """Encoder output for tiles: (case_id, x, y, error, embedding fp16); failed rows keep zeros.
+    Bags are stored in fp16 (half the bytes; ABMIL reads them back as float32 one slide at a time)."""
+    emb = np.ascontiguousarray(emb, dtype=BAG_DTYPE)
     return pa.table({
         "case_id": pa.array([str(c) for c in batch["case_id"]]),
         "x": pa.array(np.asarray(batch["x"], np.int64)),
@@ -145,24 +149,46 @@ def bag_dirs(fs: Any, out_dir: str) -> dict[str, str]:
     return out
 
 
-def read_bags(fs: Any, entry: str, files: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """case_id -> (tile coordinates (n, 2) int64 as x, y; embeddings (n, D) float32), tiles in
-    row-major order (y, then x), so a bag's order does not depend on how Ray split the work."""
-    import pyarrow.dataset as pads
+def read_bags(fs: Any, entry: str, files: list[str] | None = None) -> SlideBags:
+    """The entry's bags as a lazy mapping: case_id -> (tile coordinates (n, 2) int64 as x, y;
+    embeddings (n, D) float32), each slide read from its own files when asked for."""
+    return SlideBags(fs, entry, files)
 
-    source = [f"{entry}/{f}" for f in files] if files else entry
-    part = pads.HivePartitioning(pa.schema([("case_id", pa.string())]))
-    t = pads.dataset(source, filesystem=fs, format="parquet", partitioning=part,
-                     partition_base_dir=entry).to_table(columns=["case_id", "x", "y", "embedding"],
-                                                        filter=pads.field("error") == "")
-    t = t.sort_by([("case_id", "ascending"), ("y", "ascending"), ("x", "ascending")])
-    emb = t.column("embedding").combine_chunks()
-    X = emb.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(t), -1)
-    xy = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], axis=1).astype(np.int64)
-    case = t.column("case_id").to_numpy(zero_copy_only=False)
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if len(t):
-        starts = np.flatnonzero(np.r_[True, case[1:] != case[:-1]])
-        for a, b in zip(starts, np.r_[starts[1:], len(t)], strict=True):
-            out[str(case[a])] = (xy[a:b], X[a:b])
-    return out
+
+class SlideBags(Mapping):
+    """case_id -> (xy (n, 2) int64, embeddings (n, D) float32) of a bag entry, read per slide on
+    access (never the dataset's bags together: a cell's memory does not grow with the number of
+    slides). Tiles in row-major order (y, then x), so a bag's order does not depend on how Ray
+    split the work; rows that failed are dropped."""
+
+    def __init__(self, fs: Any, entry: str, files: list[str] | None = None):
+        from urllib.parse import unquote
+
+        self.fs, self.entry = fs, entry
+        files = files if files is not None else storage.files_under(fs, entry)
+        self._files: dict[str, list[str]] = {}
+        for f in files:
+            head, _, _ = f.partition("/")
+            if head.startswith("case_id=") and f.endswith(".parquet"):
+                self._files.setdefault(unquote(head.removeprefix("case_id=")), []).append(f"{entry}/{f}")
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __iter__(self):
+        return iter(sorted(self._files))
+
+    def __contains__(self, case_id: object) -> bool:
+        return case_id in self._files
+
+    def __getitem__(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        import pyarrow.parquet as pq
+
+        parts = [pq.read_table(f, filesystem=self.fs, columns=["x", "y", "error", "embedding"])
+                 for f in self._files[case_id]]
+        t = pa.concat_tables(parts)
+        t = t.filter(pa.compute.equal(t.column("error"), "")).sort_by([("y", "ascending"), ("x", "ascending")])
+        emb = t.column("embedding").combine_chunks()
+        X = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(t), -1)
+        xy = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], axis=1).astype(np.int64)
+        return xy, X

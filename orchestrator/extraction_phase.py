@@ -146,7 +146,7 @@ def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n
     from orchestrator import ray_backend
     from orchestrator.extract_slides import SLIDES, coords_root, finish_bags
 
-    key = replace(result.keys["test"], split=SLIDES)
+    key = replace(result.keys["test"], split=SLIDES, feature_kind="bag")  # bags, stored fp16
     result.keys = {SLIDES: key}
     tiling = dataset.tiling.key()
     result.coords_uri = coords_root(cache.root, job.dataset, tiling)

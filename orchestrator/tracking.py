@@ -210,6 +210,7 @@ def load_points(tracking_uri: str, experiments: list[str] | None = None, split: 
 
 
 PREDICTIONS_ARTIFACT = "predictions.parquet"  # written by orchestrator.cells.run_cell
+PER_CASE_ARTIFACT = "per_case.parquet"  # dense cells (orchestrator.dense_cells): per-case metrics
 OOD_SEP = "#"  # run ids of out-of-domain points: "<MLflow run id>#<dataset>_test"
 
 
@@ -228,12 +229,18 @@ def load_predictions(tracking_uri: str, run_ids: Iterable[str], split: str = "te
     with tempfile.TemporaryDirectory(prefix="medscale-preds-") as tmp:
         for rid in dict.fromkeys(run_ids):
             run, _, ood_split = rid.partition(OOD_SEP)  # "<run>#camelyon17_test": an OOD test set
-            path = Path(tmp) / run / PREDICTIONS_ARTIFACT
-            if not path.exists():
-                try:
-                    client.download_artifacts(run, PREDICTIONS_ARTIFACT, str(Path(tmp) / run))
-                except (MlflowException, OSError):
-                    continue
+            path = None
+            for name in (PREDICTIONS_ARTIFACT, PER_CASE_ARTIFACT):  # dense runs: per-case metrics
+                p = Path(tmp) / run / name
+                if not p.exists():
+                    try:
+                        client.download_artifacts(run, name, str(Path(tmp) / run))
+                    except (MlflowException, OSError):
+                        continue
+                path = p
+                break
+            if path is None:
+                continue
             df = pd.read_parquet(path)
             if "split" in df.columns:
                 df = df[df["split"] == (ood_split or split)]

@@ -118,18 +118,20 @@ class ToyHead(DenseHead):
             torch.manual_seed(self.seed)
             conv = torch.nn.Conv2d(source.channels, 2, 1)
         opt = torch.optim.Adam(conv.parameters(), lr=self.lr)
-        data = [(as_tensor_features(source.features(c)), torch.from_numpy(source.sample(c).target)) for c in train_ids]
-        val = [(as_tensor_features(source.features(c)), torch.from_numpy(source.sample(c).target)) for c in val_ids]
+        def pairs(ids):  # one case at a time, read when used: memory does not grow with the cases
+            for c in ids:
+                yield as_tensor_features(source.features(c)), torch.from_numpy(source.sample(c).target)
+
         best, state, self.best_epoch_ = np.inf, None, 0
         for epoch in range(self.epochs):
-            for x, y in data:
+            for x, y in pairs(train_ids):
                 loss = torch.nn.functional.cross_entropy(upsample_logits(conv(x), y.shape), y[None])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             with torch.no_grad():
                 vl = sum(float(torch.nn.functional.cross_entropy(upsample_logits(conv(x), y.shape), y[None]))
-                         for x, y in val) if val else -epoch
+                         for x, y in pairs(val_ids)) if val_ids else -epoch
             if vl < best:
                 best, state, self.best_epoch_ = vl, {k: v.clone() for k, v in conv.state_dict().items()}, epoch
         conv.load_state_dict(state)

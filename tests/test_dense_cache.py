@@ -121,3 +121,32 @@ def test_every_protocol_family_has_a_runner_and_honours_its_contract(monkeypatch
             pred = head.predict(source, ids[6])
             assert pred.shape == source.sample(ids[6]).target.shape
     assert {"feature", "bag", "dense"} <= seen
+
+
+def test_analysis_bootstraps_dense_metrics_over_cases_from_per_case_tables():
+    """`medscale analyze` reads dense runs' per_case.parquet: the point estimate is the run's mean
+    over cases, and replicates resample the cases (paired across cells)."""
+    import pandas as pd
+
+    from analysis.curves import make_group
+
+    rng = np.random.default_rng(0)
+    preds, pts = {}, []
+    for enc, base in (("s", 0.6), ("b", 0.7), ("l", 0.8)):
+        for seed in (0, 1):
+            df = pd.DataFrame({"case_id": [f"c{i}" for i in range(30)] * 2, "split": "test",
+                               "class": ["a"] * 30 + ["b"] * 30, "dice": np.clip(base + rng.normal(0, .1, 60), 0, 1)})
+            preds[f"{enc}{seed}"] = df
+            pts.append({"run_id": f"{enc}{seed}", "encoder": enc, "resolution": 224, "seed": seed,
+                        "value": df["dice"].mean(), "metric": "dice_mean"})
+    pts = pd.DataFrame(pts)
+    cells = pts.groupby(["encoder", "resolution"], as_index=False).agg(mean=("value", "mean"))
+    cells["metric"], cells["dataset"], cells["protocol"] = "dice_mean", "d", "p"
+    g = make_group(cells, pts, predictions=preds, task="multiclass", n_boot=200)
+    assert g.method == "cases+seeds" and g.replicates.shape == (200, 3)
+    np.testing.assert_allclose(g.estimate, cells["mean"], rtol=1e-12)
+    # Per class: `dice_a` is class a's rows only.
+    cells_a = cells.assign(metric="dice_a")
+    g_a = make_group(cells_a, pts.assign(metric="dice_a"), predictions=preds, task="multiclass", n_boot=200)
+    want = [np.mean([preds[f"{e}{s}"].query("`class` == 'a'")["dice"].mean() for s in (0, 1)]) for e in cells["encoder"]]
+    np.testing.assert_allclose(g_a.estimate, want, rtol=1e-12)

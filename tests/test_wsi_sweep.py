@@ -95,7 +95,9 @@ def test_abmil_sweep_on_slides_learns_and_bad_slides_fail_alone(ray_session, cam
     from tasks.preprocess import prepare_image
 
     tiles = np.stack([prepare_image(t, 32, "bicubic") for t in read_coordinate_tiles(slide.path, coords)])
-    np.testing.assert_allclose(X, enc.embed(tiles, pooling=ex.job.pooling), rtol=1e-4, atol=1e-5)
+    ref = enc.embed(tiles, pooling=ex.job.pooling)  # bags are stored fp16: within half precision
+    np.testing.assert_allclose(X, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+    assert key.feature_kind == "bag" and X.dtype == np.float32
 
     # Coordinates are kept per slide and reused: the stored file is what tile_slide gives.
     stored = load_coordinates(f"{coords_root(str(cfg.cache_root), 'camelyon16', ds.tiling.key())}/{slide.case_id}.parquet")

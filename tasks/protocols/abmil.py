@@ -10,7 +10,8 @@ early stopping with patience 20 on the validation loss; weight decay 1e-5 (Patho
 per step (`batch_size` 1, the ABMIL paper's setting); larger batches pad bags and mask the padding.
 
 Bag contract (family `bag`, not the (n, D) one of the feature heads):
-`fit(bags, Y, val_bags=None, val_Y=None)` with bags a list of float32 (n_i, D0) arrays and Y
+`fit(bags, Y, val_bags=None, val_Y=None)` with bags a sequence of (n_i, D0) arrays (a list, or a lazy
+sequence that reads each bag when indexed: bags are read one at a time, never held together) and Y
 (n, C) of 0/1; without an explicit validation set, `val_fraction` of the bags is held out (seeded).
 `predict_proba(bags)` -> (n, C) float64; `attention(bag)` -> (n_i,) float64 summing to 1, in the
 bag's row order (what the heatmap artifact stores next to the tile coordinates).
@@ -97,24 +98,13 @@ class ABMIL(Protocol):
             self._bad("val_fraction", self.val_fraction, "a number in [0, 1)")
 
     # -- inputs ---------------------------------------------------------------------------------
-    def _check_bags(self, bags: Sequence[np.ndarray], width: int | None = None) -> list[np.ndarray]:
+    def _check_bags(self, bags: Sequence[np.ndarray], width: int | None = None) -> _Bags:
+        """A checked view of `bags`: each bag is converted to float32 and checked when it is read,
+        so a lazy sequence (bags read from disk one slide at a time) is never loaded whole."""
         if isinstance(bags, np.ndarray) and bags.ndim == 2:
             raise ValueError(f"{self.name}: expects a list of bags (n_i, D) arrays, got one 2-D array; "
                              "wrap it as [X] for a single bag")
-        out = []
-        for i, b in enumerate(bags):
-            b = np.ascontiguousarray(np.asarray(b), dtype=np.float32)
-            if b.ndim != 2 or len(b) == 0:
-                raise ValueError(f"{self.name}: bag {i} must be a non-empty (n_i, D) array, got shape {b.shape}")
-            if width is not None and b.shape[1] != width:
-                raise ValueError(f"{self.name}: bag {i} has {b.shape[1]} features, but the protocol was "
-                                 f"fitted on {width}")
-            if not np.isfinite(b).all():
-                raise ValueError(f"{self.name}: bag {i} contains NaN or infinite values")
-            out.append(b)
-        if width is None and len({b.shape[1] for b in out}) > 1:
-            raise ValueError(f"{self.name}: bags have different feature widths")
-        return out
+        return _Bags(self.name, bags, width)
 
     def _check_y(self, bags: list[np.ndarray], Y: np.ndarray) -> np.ndarray:
         # The shared checks of (X, Y), with one dummy row per bag standing in for X.
@@ -130,15 +120,15 @@ class ABMIL(Protocol):
         device = self._torch_device()
         gen = torch.Generator().manual_seed(int(self.seed))
         if val_bags is not None:
-            vb = self._check_bags(val_bags, bags[0].shape[1])
+            vb = self._check_bags(val_bags, bags.width)
             vy = self._check_y(vb, val_Y)
             tb, ty = bags, Y
         else:
             n_val = int(round(self.val_fraction * len(bags))) if len(bags) >= 5 else 0
             order = np.random.default_rng(self.seed).permutation(len(bags))
             vi, ti = order[:n_val], order[n_val:]
-            tb, ty = [bags[i] for i in ti], Y[ti]
-            vb, vy = [bags[i] for i in vi], Y[vi]
+            tb, ty = bags.subset(ti), Y[ti]
+            vb, vy = bags.subset(vi), Y[vi]
         # nn.Linear init and dropout draw from torch's global generator: seed it inside a fork, so
         # a fit is reproducible and leaves the caller's random state as it was.
         with torch.random.fork_rng(devices=[]):
@@ -146,13 +136,13 @@ class ABMIL(Protocol):
             model = self._train(tb, ty, vb, vy, device, gen)
         self.module_ = model.cpu().eval()
         self.device_ = str(device)
-        self.n_features_in_ = bags[0].shape[1]
+        self.n_features_in_ = bags.width
         self.n_classes_ = Y.shape[1]
         return self
 
-    def _train(self, tb: list[np.ndarray], ty: np.ndarray, vb: list[np.ndarray], vy: np.ndarray,
+    def _train(self, tb: Sequence[np.ndarray], ty: np.ndarray, vb: Sequence[np.ndarray], vy: np.ndarray,
                device: torch.device, gen: torch.Generator) -> nn.Module:
-        model = GatedABMIL(tb[0].shape[1], self.embed_dim, self.attn_dim, ty.shape[1], float(self.dropout))
+        model = GatedABMIL(tb.width, self.embed_dim, self.attn_dim, ty.shape[1], float(self.dropout))
         model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         self.loss_curve_: list[float] = []
@@ -197,7 +187,7 @@ class ABMIL(Protocol):
         return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
 
     @torch.no_grad()
-    def _logits(self, model: nn.Module, bags: list[np.ndarray], device: torch.device) -> np.ndarray:
+    def _logits(self, model: nn.Module, bags: Sequence[np.ndarray], device: torch.device) -> np.ndarray:
         model.eval()
         out = [model(*_pad([b], device))[0][0].double().cpu().numpy() for b in bags]
         return np.stack(out)
@@ -241,3 +231,37 @@ def _pad(bags: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, to
         x[i, :len(b)] = torch.from_numpy(b)
         m[i, :len(b)] = True
     return x.to(device), m.to(device)
+
+
+class _Bags(Sequence):
+    """Bags checked as they are read (float32, 2-D, non-empty, finite, one width). Wraps any
+    sequence, lists in memory or a lazy reader of a cache entry's slides: training touches one bag
+    (or one batch) at a time, so memory does not grow with the number of slides."""
+
+    def __init__(self, name: str, bags: Sequence[np.ndarray], width: int | None,
+                 indices: Sequence[int] | None = None):
+        self.name, self.bags = name, bags
+        self.indices = list(range(len(bags))) if indices is None else [int(i) for i in indices]
+        # The width all bags must share: the fitted one, or the first bag's.
+        self.width = width if width is not None or not self.indices else self[0].shape[1]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        j = self.indices[i]
+        b = np.ascontiguousarray(np.asarray(self.bags[j]), dtype=np.float32)
+        if b.ndim != 2 or len(b) == 0:
+            raise ValueError(f"{self.name}: bag {j} must be a non-empty (n_i, D) array, got shape {b.shape}")
+        if getattr(self, "width", None) is not None and b.shape[1] != self.width:
+            raise ValueError(f"{self.name}: bag {j} has {b.shape[1]} features, but the bags (or the fitted "
+                             f"protocol) have {self.width}")
+        if not np.isfinite(b).all():
+            raise ValueError(f"{self.name}: bag {j} contains NaN or infinite values")
+        return b
+
+    def subset(self, idx: Sequence[int]) -> _Bags:
+        return _Bags(self.name, self.bags, self.width, [self.indices[int(i)] for i in idx])
