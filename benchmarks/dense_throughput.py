@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -83,7 +82,10 @@ def _child(kind: str, spec_file: str) -> None:
         from orchestrator.bag_cells import run_bag_cell
 
         m = run_bag_cell(spec, results, None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its
+    # parent's (this benchmark's) peak; VmHWM belongs to this process's own address space.
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     print(json.dumps({"peak": peak, "seconds": time.perf_counter() - t0, "n_train": m.get("n_train")}))
 
 
