@@ -116,43 +116,66 @@ def case_metrics(names, task: str) -> dict[str, CaseMetric]:
 
 
 # -- dense runs: per-case metric tables (per_case.parquet: case_id, class, dice, iou, ...) ----------
+# A dense handler's aggregate is, per class, the mean over cases (NaN: class absent from both masks,
+# skipped), then the mean over classes (`mdice`, `miou`, `precision`, `recall`, `<metric>_mean`);
+# `<metric>_<class>` is one class's (or group's) mean. `case_mean` recomputes exactly that for
+# resampled cases, so a curve's point estimate is the logged value.
+_MEANS = {"mdice": "dice", "miou": "iou"}
+
 
 def is_per_case_table(frame) -> bool:
     """True for a dense run's per-case table (one row per case and class, one column per metric)."""
     return "class" in frame.columns and not any(str(c).startswith("target_") for c in frame.columns)
 
 
+def _slug(name) -> str:
+    import re
+
+    return re.sub(r"[^0-9a-zA-Z]+", "_", str(name)).strip("_").lower()
+
+
 def case_values(frame, metric: str):
-    """Each case's value of a run metric, as a Series by case_id, or None: `dice` or `dice_mean` ->
-    the case's mean of column `dice` over its classes; `dice_<class>` -> that class's row."""
-    cols = [c for c in frame.columns if c not in ("case_id", "split", "class")]
-    base = metric.removesuffix("_mean")
-    if base in cols:
-        return frame.groupby(frame["case_id"].astype(str))[base].mean()
-    for col in sorted(cols, key=len, reverse=True):
-        cls = metric.removeprefix(f"{col}_")
-        if metric.startswith(f"{col}_") and cls in set(frame["class"].astype(str)):
-            sub = frame[frame["class"].astype(str) == cls]
-            return sub.groupby(sub["case_id"].astype(str))[col].mean()
-    return None
+    """Per-case values of a run metric as a (cases x classes) table indexed by case_id, or None."""
+    cols = [c for c in frame.columns if c not in ("case_id", "split", "class", "kind")]
+    base = _MEANS.get(metric, metric.removesuffix("_mean"))
+    rows = frame[frame["kind"] == "class"] if "kind" in frame.columns else frame
+    if base not in cols:
+        rows = None
+        for col in sorted(cols, key=len, reverse=True):
+            if metric.startswith(f"{col}_"):
+                hit = frame[frame["class"].map(_slug) == metric.removeprefix(f"{col}_")]
+                if len(hit):
+                    rows, base = hit, col
+                    break
+        if rows is None:
+            return None
+    ids = rows["case_id"].astype(str)
+    return rows.groupby([ids, rows["class"].astype(str)])[base].mean().unstack("class")
 
 
 def aligned_case_values(frames, metric: str):
-    """(values (N, 1) per frame on the cases common to all, None, case ids), or why not."""
-    series = [case_values(f, metric) for f in frames]
-    if any(s is None for s in series):
+    """(values (N, K) per frame on the cases common to all, None, case ids), or why not."""
+    tables = [case_values(f, metric) for f in frames]
+    if any(t is None for t in tables):
         return f"no per-case column for {metric!r}"
-    common = sorted(set.intersection(*(set(s.index) for s in series)))
+    common = sorted(set.intersection(*(set(t.index) for t in tables)))
+    classes = sorted(set.union(*(set(t.columns) for t in tables)))
     if not common:
         return "the runs share no test case"
-    return [s.loc[common].to_numpy(np.float64)[:, None] for s in series], None, common
+    return [t.reindex(index=common, columns=classes).to_numpy(np.float64) for t in tables], None, common
 
 
 def case_mean(values, targets, counts):
-    """The mean over (resampled) cases of per-case values (N, 1); cases without a value (NaN, e.g.
-    a class absent from both truth and prediction) are left out of that case's average."""
-    v = np.asarray(values, float)[:, 0]
-    ok = np.isfinite(v)
-    num = counts[:, ok] @ v[ok]
-    den = counts[:, ok].sum(axis=1)
-    return _ratio(num, den)
+    """Per class the mean over (resampled) cases of its finite values, then the mean over classes
+    that have one: the dense handlers' aggregate (module note above)."""
+    v = np.asarray(values, float)
+    per_class = []
+    for k in range(v.shape[1]):
+        ok = np.isfinite(v[:, k])
+        den = counts[:, ok].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class.append(np.where(den > 0, (counts[:, ok] @ v[ok, k]) / np.where(den > 0, den, 1), np.nan))
+    m = np.stack(per_class, axis=1)
+    with np.errstate(invalid="ignore"):
+        n = np.isfinite(m).sum(axis=1)
+        return np.where(n > 0, np.nansum(np.nan_to_num(m, nan=0.0), axis=1) / np.maximum(n, 1), np.nan)

@@ -195,6 +195,8 @@ def run_dense_cell(spec: dict[str, Any], results: ResultStore, placement: dict[s
         metrics.update(n_train=float(len(ids["train"])), n_val=float(len(ids["val"])), n_test=float(len(ids["test"])),
                        feature_channels=float(source.channels), n_failed_cases=float(len(lost)), fit_s=fit_s,
                        best_epoch=float(getattr(head, "best_epoch_", -1)), compute_s=time.perf_counter() - t0)
+        if callable(getattr(head, "summary", None)):  # what training did (steps, best step, ...)
+            metrics.update({f"head_{k}": float(v) for k, v in head.summary().items()})
         buf = io.BytesIO()
         per_case.to_parquet(buf, index=False)
         files["per_case.parquet"] = buf.getvalue()

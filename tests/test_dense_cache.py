@@ -124,8 +124,9 @@ def test_every_protocol_family_has_a_runner_and_honours_its_contract(monkeypatch
 
 
 def test_analysis_bootstraps_dense_metrics_over_cases_from_per_case_tables():
-    """`medscale analyze` reads dense runs' per_case.parquet: the point estimate is the run's mean
-    over cases, and replicates resample the cases (paired across cells)."""
+    """`medscale analyze` reads dense runs' per_case.parquet: the point estimate is the handler's
+    aggregate (per class the mean over cases, NaN skipped, then the mean over classes), and
+    replicates resample the cases (paired across cells)."""
     import pandas as pd
 
     from analysis.curves import make_group
@@ -134,19 +135,23 @@ def test_analysis_bootstraps_dense_metrics_over_cases_from_per_case_tables():
     preds, pts = {}, []
     for enc, base in (("s", 0.6), ("b", 0.7), ("l", 0.8)):
         for seed in (0, 1):
+            dice = np.clip(base + rng.normal(0, .1, 60), 0, 1)
+            dice[[31, 40, 55]] = np.nan  # class b absent from both masks in three cases
             df = pd.DataFrame({"case_id": [f"c{i}" for i in range(30)] * 2, "split": "test",
-                               "class": ["a"] * 30 + ["b"] * 30, "dice": np.clip(base + rng.normal(0, .1, 60), 0, 1)})
+                               "class": ["a"] * 30 + ["b x"] * 30, "kind": "class", "dice": dice})
             preds[f"{enc}{seed}"] = df
+            logged = np.mean([np.nanmean(dice[:30]), np.nanmean(dice[30:])])
             pts.append({"run_id": f"{enc}{seed}", "encoder": enc, "resolution": 224, "seed": seed,
-                        "value": df["dice"].mean(), "metric": "dice_mean"})
+                        "value": logged, "class_b": np.nanmean(dice[30:])})
     pts = pd.DataFrame(pts)
-    cells = pts.groupby(["encoder", "resolution"], as_index=False).agg(mean=("value", "mean"))
-    cells["metric"], cells["dataset"], cells["protocol"] = "dice_mean", "d", "p"
-    g = make_group(cells, pts, predictions=preds, task="multiclass", n_boot=200)
+    cells = pts.groupby(["encoder", "resolution"], as_index=False, sort=False).agg(
+        mean=("value", "mean"), b=("class_b", "mean"))
+    cells["dataset"], cells["protocol"] = "d", "p"
+    g = make_group(cells.assign(metric="mdice"), pts.assign(metric="mdice"), predictions=preds, task="multiclass",
+                   n_boot=200)
     assert g.method == "cases+seeds" and g.replicates.shape == (200, 3)
     np.testing.assert_allclose(g.estimate, cells["mean"], rtol=1e-12)
-    # Per class: `dice_a` is class a's rows only.
-    cells_a = cells.assign(metric="dice_a")
-    g_a = make_group(cells_a, pts.assign(metric="dice_a"), predictions=preds, task="multiclass", n_boot=200)
-    want = [np.mean([preds[f"{e}{s}"].query("`class` == 'a'")["dice"].mean() for s in (0, 1)]) for e in cells["encoder"]]
-    np.testing.assert_allclose(g_a.estimate, want, rtol=1e-12)
+    # One class (its name slugged as in metric names): that class's rows only.
+    g_b = make_group(cells.assign(metric="dice_b_x"), pts.assign(metric="dice_b_x"), predictions=preds,
+                     task="multiclass", n_boot=200)
+    np.testing.assert_allclose(g_b.estimate, cells["b"], rtol=1e-12)
