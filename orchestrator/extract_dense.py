@@ -250,12 +250,13 @@ def extract_dense(job: Any, cache: FeatureCache, cfg: Any, n_gpus: float, datase
         console.extract_line(job, "start", len(rows), 0.0, "cases")
         scratch = cache.scratch_dir()
         try:
-            index = ray_backend.run_dense_pipeline(
-                rows, dataset=json.dumps(out.dataset_ref, sort_keys=True), job=job, layers=lk,
-                precision=precision, interpolation=result.interpolation, expected_digest=result.weights_digest,
-                out_uri=_uri(cache, scratch), batch_size=res.extract_batch_size,
-                cases_per_batch=max(1, res.extract_batch_size * len(rows) // max(1, n_slices)),
-                actors=out.actors, gpus_per_actor=out.gpus_per_actor, torch_threads=res.torch_threads)
+            with _watch_maps(cache.fs, f"{scratch}/{MAPS_DIR}", job.label, len(rows)):
+                index = ray_backend.run_dense_pipeline(
+                    rows, dataset=json.dumps(out.dataset_ref, sort_keys=True), job=job, layers=lk,
+                    precision=precision, interpolation=result.interpolation, expected_digest=result.weights_digest,
+                    out_uri=_uri(cache, scratch), batch_size=res.extract_batch_size,
+                    cases_per_batch=max(1, res.extract_batch_size * len(rows) // max(1, n_slices)),
+                    actors=out.actors, gpus_per_actor=out.gpus_per_actor, torch_threads=res.torch_threads)
             n, failed = commit_dense(cache, key, scratch, index, {
                 "weights_source": result.weights_source, "planned_bytes": choice.planned_bytes,
                 "source_reason": choice.reason})
@@ -268,6 +269,39 @@ def extract_dense(job: Any, cache: FeatureCache, cfg: Any, n_gpus: float, datase
     out.seconds = time.perf_counter() - t0
     console.extract_line(job, "done", out.n_encoded, out.seconds, "cases")
     return out
+
+
+def _watch_maps(fs: Any, maps_dir: str, label: str, total: int):
+    """A progress bar over the cases whose map file has appeared (no Ray API involved)."""
+    import contextlib
+    import threading
+
+    import pyarrow.fs as pafs
+
+    from orchestrator.progress import Progress
+
+    bar, stop = Progress(label, total, "cases"), threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(1.0):
+            try:
+                infos = fs.get_file_info(pafs.FileSelector(maps_dir, allow_not_found=True))
+            except OSError:
+                continue
+            bar.update_to(sum(1 for i in infos if i.path.endswith(".npy")))
+
+    @contextlib.contextmanager
+    def watching():
+        t = threading.Thread(target=loop, name="medscale-dense-progress", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+            bar.close()
+
+    return watching()
 
 
 def _uri(cache: FeatureCache, path: str) -> str:

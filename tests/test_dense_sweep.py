@@ -113,3 +113,36 @@ def test_augmenting_head_runs_online_and_layers_are_validated(ray_session, toy_r
     raw["protocols"]["toy_seg"]["layers"] = [0, 5]
     with pytest.raises(ConfigError, match="protocols.toy_seg.layers: test_vit_tiny16 has 2 blocks; layer 5"):
         parse_config(raw)
+
+
+def test_seg2d_sweep_on_endovis18_and_edd2020(ray_session, tmp_path, one_torch_thread):
+    """The real 2D segmentation datasets and heads through the sweep: both protocols FINISHED on
+    synthetic EndoVis18 and EDD2020, from the dense cache, with the seg2d metrics, per-case tables
+    and prediction PNGs at each frame's size."""
+    from tasks.datasets import dataset_class, get_dataset
+
+    roots = {"endovis18": dataset_class("endovis18").synth(tmp_path / "ev", n=30, image_size=80),
+             "edd2020": dataset_class("edd2020").synth(tmp_path / "edd", n=20, image_size=64)}
+    raw = sweep_config(tmp_path, roots, grid={"resolutions": [64], "protocols": ["seg2d_linear", "seg2d_decoder"]},
+                       resources={"extract_batch_size": 8})
+    steps = {"max_steps": 20, "val_every": 10, "batch_size": 4, "train_size": 64}
+    raw["protocols"] = {"seg2d_linear": steps, "seg2d_decoder": {**steps, "width": 16}}
+    cfg = parse_config(raw)
+    outcome = run_sweep(cfg)
+    assert len(outcome.cells) == 4 and set(outcome.cells.values()) == {"FINISHED"}, outcome.errors
+    runs = _runs(cfg)
+    assert len(runs) == 4 and set(runs["status"]) == {"FINISHED"}
+    for r in runs["run"]:
+        p, m = r.data.params, r.data.metrics
+        assert p["feature_source"] == "cached" and p["feature_kind"] == "dense", p
+        assert "test_miou" in m and "test_mdice" in m and m["n_failed_cases"] == 0
+        res = Path(cfg.sweep_root) / "cells" / r.data.tags["medscale.cell_id"]
+        pc = pd.read_parquet(res / "per_case.parquet")
+        test_ids = sorted(pc.loc[pc["split"] == "test", "case_id"].unique())
+        assert len(test_ids) == m["n_test"] > 0
+        ds = get_dataset(p["dataset"], roots[p["dataset"]])
+        s = ds.read_sample(test_ids[0])
+        pngs = sorted((res / "predictions").rglob("*.png"))
+        assert pngs and np.asarray(Image.open(pngs[0])).shape[:2] == s.images.shape[2:4]
+    assert "test_iou_instrument" in runs.set_index(runs["run"].map(lambda r: r.data.params["dataset"]))["run"].loc[
+        "endovis18"].iloc[0].data.metrics
