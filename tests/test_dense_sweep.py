@@ -146,3 +146,29 @@ def test_seg2d_sweep_on_endovis18_and_edd2020(ray_session, tmp_path, one_torch_t
         assert pngs and np.asarray(Image.open(pngs[0])).shape[:2] == s.images.shape[2:4]
     assert "test_iou_instrument" in runs.set_index(runs["run"].map(lambda r: r.data.params["dataset"]))["run"].loc[
         "endovis18"].iloc[0].data.metrics
+
+
+def test_em_sweep_caches_one_map_per_volume(ray_session, tmp_path, one_torch_thread):
+    """Volumes through the same pipeline: a case's S slices are one fp16 (S, C, h, w) file, and
+    the EM head (target kind instances) finishes from the cache."""
+    from orchestrator.cache import CacheKey, FeatureCache
+    from orchestrator.extract_dense import CachedFeatures
+    from tasks.datasets import dataset_class, get_dataset
+
+    root = dataset_class("ac3ac4").synth(tmp_path / "ac", image_size=32, seed=1)
+    raw = sweep_config(tmp_path, {"ac3ac4": root}, grid={"resolutions": [32], "protocols": ["em_affinity"]},
+                       resources={"extract_batch_size": 16})
+    raw["protocols"] = {"em_affinity": {"epochs": 2}}
+    cfg = parse_config(raw)
+    outcome = run_sweep(cfg)
+    assert set(outcome.cells.values()) == {"FINISHED"}, outcome.errors
+    p = _runs(cfg)["run"].iloc[0].data.params
+    assert p["feature_source"] == "cached" and p["target_kind"] == "instances"
+    cell = next(iter(outcome.cells))
+    assert (Path(cfg.sweep_root) / "cells" / cell / "per_case.parquet").exists()
+    ds = get_dataset("ac3ac4", root)
+    (entry,) = (Path(cfg.cache_root) / "features").glob("ac3ac4-cases-*")
+    meta = json.loads((entry / "_medscale.json").read_text())
+    src = CachedFeatures(FeatureCache(cfg.cache_root), CacheKey(**meta["key"]), ds)
+    for cid in src.case_ids():
+        assert src.features(cid).shape == (ds.n_slices(cid), 64, 2, 2)
