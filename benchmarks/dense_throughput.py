@@ -10,20 +10,23 @@
    rate is the marginal one. Last line of this part: `ratio=<pipeline / bare images/s>` (target
    >= 0.85 for dinov3_vits16 at 224 px).
 2. Decoder-cell memory. A dense cell (`dense_cells.run_dense_cell`, cached source) on N and on 4N
-   cases, each in a fresh process; its peak RSS (the process's high-water mark) should stay
-   within +10% (maps memory-mapped one case at a time). The maps have 4 blocks (a decoder with
-   skips: 4 x 384 channels, 0.6 MB a case), so loading the 4N cases whole would show (~+115 MB).
-   The head is the test suite's 1x1-conv head (tests/dense_toy.py), which reads one case per step.
+   cases, each in a fresh process; its peak RSS (the process's high-water mark, VmHWM) should stay
+   within +10% (maps memory-mapped one case at a time). The entry's maps are written directly
+   (random fp16 in commit_dense's layout: this part measures reading, not encoding) with 4 blocks
+   of ViT-S (a decoder with skips: 4 x 384 channels, 0.6 MB a case at 224 px), so a cell that held
+   its cases would show it. The head is the test suite's 1x1-conv head (tests/dense_toy.py), which
+   reads one case per step.
 3. ABMIL-cell memory. An ABMIL cell (`bag_cells.run_bag_cell`) on S and 4S slides of synthetic
    fp16 bags (`--tiles` tiles of 768 features, cls+mean of ViT-S, written in the bag entry layout)
    in fresh processes; peak RSS within +10% (bags read one slide at a time).
 
-    python benchmarks/dense_throughput.py [--images 160] [--short 40] [--cases 48] [--slides 24]
+    python benchmarks/dense_throughput.py [--images 96] [--short 24] [--cases 100] [--slides 24] [--only ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -146,33 +149,35 @@ def throughput(args, work: Path) -> None:
 
 
 def decoder_memory(args, work: Path) -> None:
-    from orchestrator import ray_backend
+    """The cell reads a dense cache entry; its maps are written here directly (random fp16, the
+    entry layout commit_dense makes), so this part measures reading and training, not encoding."""
+    from dataclasses import asdict
+
+    import numpy as np
+
     from orchestrator.cache import FeatureCache
-    from orchestrator.extract import DigestMemo, ExtractionJob
-    from orchestrator.extract_dense import class_path, dataset_ref
-    from orchestrator.extraction_phase import weights_info
+    from orchestrator.extract import ExtractionJob
+    from orchestrator.extract_dense import case_file, class_path, commit_dense, dataset_ref
+    from orchestrator.storage import write_bytes
     from tests.dense_toy import ToyDense, ToyHandler, ToyHead
 
-    ray_backend.start("local", num_cpus=os.cpu_count())
-    info = weights_info(args.encoder, "random", DigestMemo(work / "digests.json"))
     cache = FeatureCache(str(work / "cache"))
+    grid, channels = args.resolution // 16, 4 * 384  # ViT-S/16, blocks 2, 5, 8, 11
+    info = {"digest": "0" * 64}
+    rng = np.random.default_rng(0)
     peaks = {}
     for mult in (1, 4):
         n = args.cases * mult
         root = ToyDense.synth(work / f"cells{mult}", n=n, image_size=args.resolution)
         ds = ToyDense(root)
         job = ExtractionJob(args.encoder, "random", args.resolution, "patch", ds.name, str(root))
-        ids = ds.index()["case_id"].tolist()
-        scratch = cache.scratch_dir()
-        rows = ray_backend.run_dense_pipeline(
-            [{"case_id": c} for c in ids], dataset=json.dumps(dataset_ref(ds)), job=job, layers=SKIP_LAYERS,
-            precision="fp32", interpolation=info.get("interpolation", "bicubic"), expected_digest=info["digest"],
-            out_uri=scratch, batch_size=args.batch_size, cases_per_batch=args.batch_size, actors=1,
-            gpus_per_actor=0.0, torch_threads=args.threads)
-        from dataclasses import asdict
-
-        from orchestrator.extract_dense import commit_dense
-
+        scratch, rows = cache.scratch_dir(), []
+        for c in ds.index()["case_id"]:
+            buf = io.BytesIO()
+            np.save(buf, rng.normal(size=(1, channels, grid, grid)).astype(np.float16))
+            write_bytes(cache.fs, f"{scratch}/{case_file(c)}", buf.getvalue())
+            rows.append({"case_id": c, "file": case_file(c), "n_slices": 1, "channels": channels, "grid": grid,
+                         "error": ""})
         key = _key(info, job, SKIP_LAYERS, ds.name, ds.fingerprint())
         commit_dense(cache, key, scratch, rows, {"weights_source": "random"})
         spec = {"cell_id": f"dense{mult}", "encoder": args.encoder, "resolution": args.resolution, "seed": 0,
@@ -185,9 +190,8 @@ def decoder_memory(args, work: Path) -> None:
         r = _run_child("dense", spec, work, str(mult))
         peaks[mult] = r["peak"]
         size = sum(f.stat().st_size for f in Path(cache.entry_path(key)).glob("maps/*.npy"))
-        print(f"decoder cell on {n} cases ({size / 2**20:.0f} MiB of fp16 maps, {SKIP_LAYERS} blocks): "
-              f"peak RSS {r['peak'] / 2**20:.0f} MiB, {r['seconds']:.1f} s")
-    ray_backend.stop()
+        print(f"decoder cell on {n} cases ({size / 2**20:.0f} MiB of fp16 maps, {channels} channels, "
+              f"{grid}x{grid}): peak RSS {r['peak'] / 2**20:.0f} MiB, {r['seconds']:.1f} s")
     print(f"decoder cell peak RSS 4x vs 1x cases: {100 * (peaks[4] / peaks[1] - 1):+.1f}%")
 
 
@@ -238,9 +242,9 @@ def main() -> None:
     ap.add_argument("--encoder", default="dinov3_vits16")
     ap.add_argument("--resolution", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--images", type=int, default=160, help="images of the full throughput run")
-    ap.add_argument("--short", type=int, default=40, help="images of the short run (start-up)")
-    ap.add_argument("--cases", type=int, default=48, help="cases of the 1x decoder cell (4x: 4 times as many)")
+    ap.add_argument("--images", type=int, default=96, help="images of the full throughput run")
+    ap.add_argument("--short", type=int, default=24, help="images of the short run (start-up)")
+    ap.add_argument("--cases", type=int, default=100, help="cases of the 1x decoder cell (4x: 4 times as many)")
     ap.add_argument("--slides", type=int, default=24, help="slides of the 1x ABMIL cell")
     ap.add_argument("--tiles", type=int, default=2000, help="tiles per synthetic slide bag")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (both sides)")
