@@ -99,10 +99,12 @@ def run_bag_cell(spec: dict[str, Any], results: ResultStore, placement: dict[str
     cases = pd.DataFrame(spec["cases"])
     lost = [_lost(cases, bags, cache.meta(key).get("failed", {}), spec["dataset"])]
     C = len(spec["classes"])
-    _, tr_bags, Y_tr, tr_pats = _split_bags(cases, bags, "train", C)
-    # The data axis: a nested, stratified, patient-level subset of the train slides (cells.py).
+    tr_ids, _, Y_tr, tr_pats = _split_bags(cases, bags, "train", C)
+    # The data axis: a nested, stratified, patient-level subset of the train slides (cells.py),
+    # still read one slide at a time.
     subset = cell_train_subset(spec, tr_pats, Y_tr)
-    tr_bags, Y_tr = [b for b, k in zip(tr_bags, subset.mask, strict=True) if k], Y_tr[subset.mask]
+    tr_bags = _SplitBags(bags, [c for c, k in zip(tr_ids, subset.mask, strict=True) if k])
+    Y_tr = Y_tr[subset.mask]
     if not tr_bags:
         raise ValueError(f"{spec['cell_id']}: no train slide has a bag ({len(lost[0])} slide(s) failed)")
     _, va_bags, Y_va, _ = _split_bags(cases, bags, "val", C)

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.cache import CacheKey, FeatureCache
-from orchestrator.cells import PLACEMENT_FILE, RESULT_FILE, ResultStore
+from orchestrator.cells import PLACEMENT_FILE, RESULT_FILE, SUBSET_FILE, ResultStore, subset_record
 from orchestrator.extract_dense import (
     CachedFeatures,
     DenseExtractResult,
@@ -117,6 +117,20 @@ def build_source(spec: dict[str, Any], dataset: Any, splits: dict[str, str]) -> 
     return source, _probe(dataset, list(splits))
 
 
+def _train_subset(spec: dict[str, Any], dataset: Any, train_ids: list[str]) -> Any:
+    """The cell's nested, stratified, patient-level subset of its train cases (cells.py's rule for
+    every family), stratified on each case's class presence (the dense index's `target`)."""
+    from tasks.subsets import TrainSize, train_subset
+
+    idx = dataset.index()
+    idx = idx.set_index(idx["case_id"].astype(str))
+    Y = np.array([list(idx.at[c, "target"]) for c in train_ids], dtype=np.int64).reshape(len(train_ids), -1)
+    size = TrainSize(float(spec.get("train_fraction", 1.0)), spec.get("train_shots"))
+    classes = list(dataset.classes) if len(dataset.classes) == Y.shape[1] else None
+    return train_subset([str(idx.at[c, "patient_id"]) for c in train_ids], Y, size, seed=int(spec["seed"]),
+                        classes=classes, task="multilabel")
+
+
 def _create_head(spec: dict[str, Any], task: str) -> Any:
     cls = load_class(spec["dense"]["protocol_cls"])
     cls.check_param_names(list(spec["hparams"]))
@@ -144,6 +158,8 @@ def run_dense_cell(spec: dict[str, Any], results: ResultStore, placement: dict[s
     if not ids["train"]:
         raise ValueError(f"{spec['cell_id']}: no train case can be read ({len(failed)} failed; first: "
                          f"{next(iter(failed.values()), 'none')})")
+    subset = _train_subset(spec, dataset, ids["train"])  # the data axis (tasks/subsets.py)
+    ids["train"] = [c for c, k in zip(ids["train"], subset.mask, strict=True) if k]
     head = _create_head(spec, dataset.task)
     head.fit(source, ids["train"], ids["val"])
     fit_s = time.perf_counter() - t0
@@ -200,6 +216,7 @@ def run_dense_cell(spec: dict[str, Any], results: ResultStore, placement: dict[s
         buf = io.BytesIO()
         per_case.to_parquet(buf, index=False)
         files["per_case.parquet"] = buf.getvalue()
+        files[SUBSET_FILE] = subset_record(spec, subset)
         files["feature_source.json"] = json.dumps({k: d[k] for k in ("source", "reason", "planned_bytes", "layers",
                                                                      "precision")} | {"split_scheme": scheme},
                                                   indent=1).encode()
