@@ -166,14 +166,14 @@ class DenseEncoderUDF(EncoderUDF):
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from tasks.features import encode_prepared
-
+        cases = [(str(c), np.asarray(px)) for c, px, e in zip(batch["case_id"], batch["pixels"], batch["error"],
+                                                                strict=True) if not e]
+        maps = iter(self._encode(cases))
         rows: dict[str, list[Any]] = {k: [] for k in ("case_id", "file", "n_slices", "channels", "grid", "error")}
-        for cid, px, err in zip(batch["case_id"], batch["pixels"], batch["error"], strict=True):
+        for cid, err in zip(batch["case_id"], batch["error"], strict=True):
             cid, f, shape = str(cid), "", (0, 0, 0, 0)
             if not err:
-                maps = encode_prepared(self.encoder, np.asarray(px), self.layers, self.batch_size)
-                arr = maps.numpy().astype(FEATURE_DTYPE)
+                arr = next(maps).numpy().astype(FEATURE_DTYPE)
                 f, shape = case_file(cid), arr.shape
                 buf = io.BytesIO()
                 np.save(buf, arr, allow_pickle=False)
@@ -182,6 +182,27 @@ class DenseEncoderUDF(EncoderUDF):
                 rows[k].append(v)
         return {k: np.array(v, dtype=object if k in ("case_id", "file", "error") else np.int64)
                 for k, v in rows.items()}
+
+    def _encode(self, cases: list[tuple[str, np.ndarray]]) -> list[Any]:
+        """Every slice of every case in one stream of `batch_size` forward passes (2D cases are one
+        image each: one pass per case would starve the encoder), then each case's (S, M*C, h, w),
+        modalities concatenated on channels exactly as tasks.features.encode_prepared does."""
+        import torch
+
+        if not cases:
+            return []
+        flat = np.concatenate([px.reshape(-1, *px.shape[2:]) for _, px in cases])  # (sum M*S, 3, r, r)
+        out = torch.cat([self.encoder.dense(torch.from_numpy(np.ascontiguousarray(flat[i:i + self.batch_size])),
+                                            layers=self.layers).cpu()
+                         for i in range(0, len(flat), self.batch_size)])
+        maps, at = [], 0
+        for _, px in cases:
+            m, s = px.shape[:2]
+            f = out[at:at + m * s]
+            at += m * s
+            c, h, w = f.shape[1:]
+            maps.append(f.reshape(m, s, c, h, w).permute(1, 0, 2, 3, 4).reshape(s, m * c, h, w))
+        return maps
 
 
 # -- planning, extracting, committing -------------------------------------------------------------
