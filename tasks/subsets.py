@@ -20,6 +20,7 @@ tasks): a head cannot learn a class it never sees, and the extension keeps nesti
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,7 +71,8 @@ class Subset:
         out: dict[str, float | int | str] = {"train_fraction": size.fraction,
                                              "train_shots": size.shots if size.shots is not None else "",
                                              "n_train_cases": self.n_cases, "n_train_patients": self.n_patients}
-        out.update({f"n_train_pos_{c}": n for c, n in self.positives.items()})
+        # MLflow keys take letters, digits, _ - . / and spaces: BCNB's "ALN N+" becomes "ALN N_".
+        out.update({"n_train_pos_" + re.sub(r"[^\w\-./ ]", "_", c): n for c, n in self.positives.items()})
         return out
 
 
