@@ -195,6 +195,9 @@ def test_head_learns_on_synthetic_ac3ac4_and_never_looks_at_test(tmp_path, one_t
     assert head.threshold_ in DEFAULT_THRESHOLDS and set(head.val_scores_) == set(DEFAULT_THRESHOLDS)
     assert head.threshold_ == min(head.val_scores_, key=lambda t: (head.val_scores_[t]["voi"], t))
     assert head.loss_curve_[-1] < head.loss_curve_[0]
+    summary = head.summary()
+    assert summary["threshold"] == head.threshold_ and summary["best_epoch"] == head.best_epoch_
+    assert summary["val_voi_at_threshold"] == head.val_scores_[head.threshold_]["voi"]
 
     s = src.sample("AC3_test")
     pred = head.predict(src, "AC3_test")

@@ -42,6 +42,7 @@ def test_em_sweep_cremi_and_ac3ac4(ray_session, tmp_path, one_torch_thread):
         for k in ("voi_split", "voi_merge", "voi", "arand"):
             assert 0 <= m[f"test_{k}"] < 10, (name, k, m)
         assert m["test_voi"] == pytest.approx(m["test_voi_split"] + m["test_voi_merge"])
+        assert m["head_threshold"] in (0.3, 0.5, 0.7)  # chosen on the validation slab, recorded
         pc = pd.read_parquet(res / "per_case.parquet")
         test = pc[pc["split"] == "test"]
         assert sorted(test["case_id"]) == (["A_test"] if name == "cremi_a" else ["AC3_test"])

@@ -203,6 +203,15 @@ class EMAffinity(DenseHead):
         # Ties go to the lowest threshold (the least merging).
         self.threshold_ = min(finite, key=lambda t: (finite[t], t)) if finite else float(sorted(self.thresholds)[0])
 
+    def summary(self) -> dict[str, float]:
+        """What fitting chose (the run records it as head_*): the agglomeration threshold, its mean
+        validation VOI and ARAND, the kept epoch and its validation loss."""
+        self._fitted()
+        chosen = self.val_scores_.get(self.threshold_, {})
+        return {"threshold": float(self.threshold_), "val_voi_at_threshold": chosen.get("voi", float("nan")),
+                "val_arand_at_threshold": chosen.get("arand", float("nan")), "best_epoch": float(self.best_epoch_),
+                "best_val_loss": float(min(self.val_loss_curve_))}
+
     # -- inference ---------------------------------------------------------------------------------
     def _predict_affinities(self, source: FeatureSource, case_id: str, features: np.ndarray | None = None,
                             size: tuple[int, int] | None = None) -> np.ndarray:
