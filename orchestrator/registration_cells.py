@@ -139,26 +139,16 @@ def run_registration_cell(spec: dict[str, Any], results: ResultStore,
     t0 = time.perf_counter()
     protocol = create_protocol(spec["protocol"], task=spec["task"], seed=spec["seed"], **spec["hparams"])
     uses_encoder = "dino" in getattr(protocol, "features", "dino")
-    lost: dict[str, str] = {}  # frames without features (failed to read or encode): their pairs fail
-    if spec.get("dense"):  # planned by the dense extraction: cached maps or the encoder in the cell
-        from orchestrator.dense_cells import build_source
-        from orchestrator.extract_dense import open_dataset
-
-        ds = open_dataset(spec["dense"]["dataset"])
-        pairs = ds.pairs("test")
-        frames = {c: "test" for p in pairs for c in (p.fixed, p.moving)}
-        source, lost = build_source(spec, ds, frames) if uses_encoder else (_SamplesOnly(ds), {})
-    else:
-        ds = get_dataset(spec["dataset"], spec["root"], val_fraction=spec["val_fraction"], seed=spec["split_seed"],
-                         **spec["dataset_options"])
-        pairs = ds.pairs("test")
-        source = _SamplesOnly(ds)
-        if uses_encoder:
-            encoder = create_encoder(spec["encoder"], weights=spec["weights"], device="auto")
-            if spec.get("weights_digest") and encoder.weights.digest != spec["weights_digest"]:
-                raise RuntimeError(f"{spec['encoder']}: weights digest {encoder.weights.digest[:12]} differs from "
-                                   f"the one planned ({spec['weights_digest'][:12]}): the weights changed mid-sweep")
-            source = OnlineFeatures(encoder, ds, spec["resolution"], keep=2)
+    ds = get_dataset(spec["dataset"], spec["root"], val_fraction=spec["val_fraction"], seed=spec["split_seed"],
+                     **spec["dataset_options"])
+    pairs = ds.pairs("test")
+    source: Any = _SamplesOnly(ds)
+    if uses_encoder:  # online: each test frame is encoded once, inside the cell (nothing is reused)
+        encoder = create_encoder(spec["encoder"], weights=spec["weights"], device="auto")
+        if spec.get("weights_digest") and encoder.weights.digest != spec["weights_digest"]:
+            raise RuntimeError(f"{spec['encoder']}: weights digest {encoder.weights.digest[:12]} differs from "
+                               f"the one planned ({spec['weights_digest'][:12]}): the weights changed mid-sweep")
+        source = OnlineFeatures(encoder, ds, spec["resolution"], keep=2)
     if not pairs:
         raise ValueError(f"{spec['cell_id']}: {spec['dataset']} has no test pairs")
     protocol.fit(source)
@@ -167,9 +157,6 @@ def run_registration_cell(spec: dict[str, Any], results: ResultStore,
     rows, files, failed, secs = [], {}, [], []
     for i, pair in enumerate(tqdm(pairs, desc=f"register {spec['cell_id']}", unit="pair")):
         try:
-            bad = [f"{c}: {lost[c]}" for c in (pair.fixed, pair.moving) if c in lost]
-            if bad:
-                raise ValueError("; ".join(bad))
             reg = protocol.register(source, pair)
             fixed, moving = source.sample(pair.fixed), source.sample(pair.moving)
         except Exception as e:  # noqa: BLE001 - one bad pair fails alone, named in failed_pairs.csv
@@ -190,9 +177,6 @@ def run_registration_cell(spec: dict[str, Any], results: ResultStore,
     table = pd.DataFrame(rows)
     metrics = aggregate(table, classes)
     cuda = torch.cuda.is_available()
-    if spec.get("dense"):
-        files["feature_source.json"] = json.dumps({k: spec["dense"].get(k) for k in (
-            "source", "reason", "planned_bytes", "layers", "precision")}, indent=1).encode()
     metrics.update(n_failed_pairs=float(len(failed)), register_s_mean=float(np.nanmean(secs)),
                    gpu_share=float(spec.get("gpu_share", 0.0)), on_gpu=float(cuda),
                    gpu_max_memory_gb=float(torch.cuda.max_memory_allocated() / 1e9) if cuda else 0.0,
