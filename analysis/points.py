@@ -155,6 +155,23 @@ def read_points_csv(path: str | Path) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def collapse_seed_free(df: pd.DataFrame) -> pd.DataFrame:
+    """A seed-free cell (`seed_free` True: its protocol ignores the seed, e.g. kNN) is one value:
+    of rows repeating it under several seeds (runs of an older release, or a CSV listing every
+    seed) only the lowest seed's stay, so `aggregate` sees n = 1 and no seed spread, never n
+    identical values posing as independent seeds."""
+    if "seed_free" not in df.columns or df.empty:
+        return df
+    free = df["seed_free"].fillna(False).astype(bool)
+    if not free.any():
+        return df
+    key = [c for c in (*CELL_KEY, "train_fraction", "train_shots") if c in df.columns]
+    lowest = df[free].groupby(key, dropna=False)["seed"].transform("min")
+    keep = ~free
+    keep[free] = df.loc[free, "seed"] == lowest
+    return df[keep].reset_index(drop=True)
+
+
 def check_points(df: pd.DataFrame, source: str = "points") -> None:
     """The columns `aggregate` relies on are there (a DataFrame built by hand or by load_points)."""
     missing = [c for c in POINT_COLUMNS if c not in df.columns]

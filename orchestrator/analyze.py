@@ -19,13 +19,16 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
         raise ConfigError("analyze reads one input: --points FILE or --reference NAME, not both")
     if n_boot < 0 or (0 < n_boot < 100):
         raise ConfigError(f"--n-boot {n_boot}: use 0 (no intervals) or at least 100 replicates")
+    current = None  # config digests of the cells the config plans now (None: every finished run)
     if config:
         from orchestrator.config import load_config
+        from orchestrator.identity import config_identities
 
         cfg = load_config(config)
         tracking_uri = tracking_uri or cfg.resolved_tracking_uri
         experiments = experiments or [cfg.name]
         out = out or str(cfg.output_path / "analysis")
+        current = set(config_identities(cfg))
     out_dir = Path(out or "analysis_out")
     predictions, kind = None, "points"
     if reference:
@@ -41,14 +44,20 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
     elif tracking_uri:
         from orchestrator.tracking import load_points, load_predictions
 
-        df = load_points(tracking_uri, experiments)
+        # With --config, only the cells of the config as it is now: runs of an earlier pooling,
+        # hyperparameter or weights (or marked superseded by a later sweep) are left out.
+        df = load_points(tracking_uri, experiments, config_identities=current)
         source, kind = f"{tracking_uri} ({', '.join(experiments or ['all experiments'])})", "mlflow"
+        if current is not None:
+            source += " [cells of the config as it is now]"
         if not df.empty and n_boot:
             predictions = load_predictions(tracking_uri, df["run_id"].unique())
     else:
         raise ConfigError("analyze needs --reference, --points, --config or --tracking-uri")
     if df.empty:
-        raise ConfigError(f"{source}: no finished cells to analyse")
+        hint = ("; the config changed since its cells ran? run `medscale sweep` on it first"
+                if current is not None else "")
+        raise ConfigError(f"{source}: no finished cells to analyse{hint}")
     from analysis.data_axis import analyze_data_axis, full_data, has_data_axis
 
     # The other axes compare cells trained on their whole split; subsets are the data axis.

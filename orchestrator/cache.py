@@ -25,6 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from orchestrator import storage
+from orchestrator.scratch import Leases, clean_stale
 
 MARKER = "_medscale.json"
 CACHE_FORMAT = 2  # 2: feature kind, layers and precision joined the key
@@ -59,11 +60,16 @@ class CacheKey:
 
 
 class FeatureCache:
-    def __init__(self, root: str):
+    def __init__(self, root: str, clean: bool = False):
+        """`clean`: first remove the scratch directories of writers that died (a killed
+        extraction's); a live writer's, on any node, stays (see orchestrator.scratch). The sweep
+        driver opens the cache this way; cells, which only read, do not."""
         self.root = root
         self.fs, self.base = storage.split_uri(root)
         self.fs.create_dir(f"{self.base}/features", recursive=True)
         self.fs.create_dir(f"{self.base}/tmp", recursive=True)
+        self.leases = Leases(self.fs, f"{self.base}/tmp")
+        self.cleaned: list[str] = clean_stale(self.fs, f"{self.base}/tmp") if clean else []
 
     def entry_path(self, key: CacheKey) -> str:
         return f"{self.base}/features/{key.dirname}"
@@ -77,10 +83,13 @@ class FeatureCache:
             return json.loads(f.read().decode())
 
     def scratch_dir(self) -> str:
-        """A fresh directory for one extraction's output; never looks like an entry."""
-        path = f"{self.base}/tmp/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        self.fs.create_dir(path, recursive=True)
-        return path
+        """A fresh directory for one extraction's output; never looks like an entry. It is leased
+        to this process until `release`: a writer that dies leaves it to the next clean open."""
+        return self.leases.acquire()
+
+    def release(self, scratch: str) -> None:
+        """Remove a scratch directory (whatever is left of it) and its lease."""
+        self.leases.release(scratch)
 
     def commit(self, key: CacheKey, staged_dir: str, meta: dict[str, Any]) -> bool:
         """Publish a staged directory of Parquet files as the entry of `key`. Returns False, and
@@ -93,14 +102,17 @@ class FeatureCache:
             storage.write_bytes(self.fs, f"{staged_dir}/{MARKER}",
                                 json.dumps(record, indent=2, sort_keys=True).encode())
             if storage.publish_dir(self.fs, staged_dir, final, last=MARKER):
+                self.leases.release(staged_dir)  # published: only its lease is left to drop
                 return True
             if not self.is_complete(key):
                 # A directory without a marker: left by a writer that died mid-publish. Move it
                 # aside (never delete in place: a rename cannot race with a reader) and retry.
                 self.fs.move(final, f"{self.base}/tmp/stale-{uuid.uuid4().hex[:8]}")
                 if storage.publish_dir(self.fs, staged_dir, final, last=MARKER):
+                    self.leases.release(staged_dir)
                     return True
         self.fs.delete_dir(staged_dir)  # another writer's complete entry won
+        self.leases.release(staged_dir)
         return False
 
     def read_table(self, key: CacheKey) -> pa.Table:

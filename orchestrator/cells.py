@@ -29,6 +29,7 @@ RESULT_FILE = "metrics.json"  # written last: a result directory without it is n
 PLACEMENT_FILE = "placement.json"  # where the cell ran (node, resources), when run by Ray
 ERROR_FILE = "error.json"
 RUNNING_FILE = "running.json"  # .<cell_id>.running.json: where an attempt runs now (or ran, if it died)
+IDENTITY_FILE = "identity.json"  # the cell's identity digests (orchestrator.identity), beside its metrics
 EVAL_SPLITS = ("val", "test")
 # The runner of each head family but `feature` (run here): "module:function", imported when a cell
 # of that family runs (a new family adds its runner here).
@@ -41,6 +42,10 @@ FAMILY_RUNNERS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Cell:
+    """A point of the grid. Its id (`cell_id` in a spec) is `prefix` plus a digest of everything that
+    determines its result (orchestrator.identity); `seed_free`: the protocol ignores the seed, so one
+    cell stands for every seed of the grid."""
+
     encoder: str
     resolution: int
     dataset: str
@@ -49,16 +54,25 @@ class Cell:
     # The data axis (tasks/subsets.py): the whole training split unless told otherwise.
     train_fraction: float = 1.0
     train_shots: int | None = None
+    seed_free: bool = False
 
     @property
     def train_size(self) -> TrainSize:
         return TrainSize(self.train_fraction, self.train_shots)
 
     @property
-    def cell_id(self) -> str:
-        # The train size shows only when it is not the whole split, so existing ids stay.
+    def prefix(self) -> str:
+        """The readable part of the cell's id; the train size shows only when it is not the whole split."""
+        from orchestrator.identity import cell_prefix
+
         tail = f"__{self.train_size.label}" if not self.train_size.is_full else ""
-        return f"{self.dataset}__{self.protocol}__{self.encoder}__{self.resolution}px__s{self.seed}{tail}"
+        return cell_prefix(self.encoder, self.resolution, self.dataset, self.protocol, self.seed, self.seed_free) + tail
+
+    @property
+    def cell_id(self) -> str:
+        """The readable id, before planning adds its identity digest (the id of a run and a result
+        directory is `spec["cell_id"]`, from `cell_spec`)."""
+        return self.prefix
 
     @property
     def extraction(self) -> tuple[str, int, str]:
@@ -66,25 +80,34 @@ class Cell:
 
 
 def cell_spec(cell: Cell, *, keys: dict[str, CacheKey], cache_root: str, results_dir: str, task: str,
-              classes: list[str], hparams: dict[str, Any], size: str,
+              classes: list[str], hparams: dict[str, Any], size: str, config: dict[str, Any] | None = None,
               cases: list[dict[str, Any]] | None = None, ood: list[dict[str, Any]] | None = None,
-              coords_uri: str = "", dense: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything a worker needs to run the cell, as plain data (it travels through Tune).
-    `cases` (slide datasets): every slide with its split and target; the cell reads bags.
-    `ood`: out-of-domain test sets, each {dataset, keys, cases}; `coords_uri`: the slides' tile
-    coordinates, for the attention heatmaps (see bag_cells). `dense`: a dense cell's feature source
-    and the classes its workers import (see dense_cells.dense_cell_plan)."""
-    return {**asdict(cell), "cell_id": cell.cell_id, "keys": {s: asdict(k) for s, k in keys.items()},
+              coords_uri: str = "", split_scheme: str = "", dense: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a worker needs to run the cell, as plain data (it travels through Tune), with its
+    identity: `cell_id` = readable prefix + digest of every field but the runtime ones
+    (orchestrator.identity). `hparams`: resolved (defaults included). `config`: what the sweep
+    config says beyond that (identity.config_part). `cases` (slide datasets): every slide with its
+    split and target; the cell reads bags. `ood`: out-of-domain test sets, each {dataset, keys,
+    cases}; `coords_uri`: the slides' tile coordinates, for the attention heatmaps (see bag_cells).
+    `dense`: a dense cell's feature source and the classes its workers import (see
+    dense_cells.dense_cell_plan)."""
+    from orchestrator.identity import identify
+
+    spec = {**asdict(cell), "keys": {s: asdict(k) for s, k in keys.items()},
             "cache_root": cache_root, "results_dir": results_dir, "task": task, "classes": classes,
-            "hparams": hparams, "size": size, "cases": cases or None, "ood": ood or [], "coords_uri": coords_uri,
-            "dense": dense}
+            "hparams": hparams, "config": config or {}, "size": size, "cases": cases or None, "ood": ood or [],
+            "coords_uri": coords_uri, "split_scheme": split_scheme, "dense": dense}
+    return identify(spec, cell.prefix)
 
 
 class ResultStore:
     """Cell result directories under one root (a path or a URI), complete or absent."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, identity: dict[str, str] | None = None):
+        """`identity` (a cell spec's): written beside every result as identity.json, so each runner
+        stores it without knowing of it."""
         self.root = root
+        self.identity = identity
         self.fs, self.base = storage.split_uri(root)
         self.fs.create_dir(self.base, recursive=True)
 
@@ -97,6 +120,15 @@ class ResultStore:
     def read_file(self, cell_id: str, name: str) -> Any | None:
         """A JSON file of the cell's result directory, or None."""
         return storage.read_json(self.fs, f"{self.path(cell_id)}/{name}")
+
+    def read_identity(self, cell_id: str) -> dict[str, str]:
+        return storage.read_json(self.fs, f"{self.path(cell_id)}/{IDENTITY_FILE}") or {}
+
+    def attempted(self, cell_id: str) -> bool:
+        """A result, a running mark or an error of this cell exists (an earlier sweep got to it)."""
+        return any(storage.exists(self.fs, p) for p in (f"{self.path(cell_id)}/{RESULT_FILE}",
+                                                        f"{self.base}/.{cell_id}.{RUNNING_FILE}",
+                                                        f"{self.base}/.{cell_id}.{ERROR_FILE}"))
 
     def placement(self, cell_id: str) -> dict[str, Any]:
         return storage.read_json(self.fs, f"{self.path(cell_id)}/{PLACEMENT_FILE}") or {}
@@ -139,6 +171,8 @@ class ResultStore:
         when staged, one at a time: many prediction files never sit in memory together)."""
         stage = f"{self.base}/.stage-{cell_id}-{uuid.uuid4().hex[:8]}"
         self.fs.create_dir(stage, recursive=True)
+        if self.identity and IDENTITY_FILE not in files:
+            files = {**files, IDENTITY_FILE: json.dumps(self.identity, indent=1, sort_keys=True).encode()}
         for name in sorted(files, key=lambda n: n == RESULT_FILE):
             data = files[name]
             storage.write_bytes(self.fs, f"{stage}/{name}", data.read_bytes() if isinstance(data, Path) else data)
@@ -211,7 +245,7 @@ def run_cell(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> d
 
     cell_id = spec["cell_id"]
     grouped = getattr(DATASETS.get(spec["dataset"]), "grouped_metrics", None)
-    results = ResultStore(spec["results_dir"])
+    results = ResultStore(spec["results_dir"], identity={**spec.get("identity", {}), "cell_id": cell_id})
     if placement:
         results.mark_running(cell_id, placement)
     try:

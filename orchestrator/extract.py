@@ -35,6 +35,7 @@ class ExtractionJob:
     val_fraction: float = 0.1
     split_seed: int = 0
     options: str = "{}"  # the dataset's reading options (config.dataset_options), as sorted JSON
+    precision: str = "fp32"  # what the encoder actors will run in (planned_precision); part of the keys
 
     @property
     def label(self) -> str:
@@ -104,7 +105,7 @@ class EncoderUDF:
     """Holds one frozen encoder per actor; turns pixel batches into an Arrow table of embeddings."""
 
     def __init__(self, encoder: str, weights: str, pooling: str, expected_digest: str,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, expected_precision: str | None = None):
         import torch
 
         from tasks.encoders import create_encoder
@@ -113,7 +114,14 @@ class EncoderUDF:
         if self.encoder.device.type == "cpu":
             # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1); an encoder on CPU
             # should use the machine's cores unless told otherwise.
-            torch.set_num_threads(torch_threads or len(os.sched_getaffinity(0)))
+            torch.set_num_threads(torch_threads or usable_cpus())
+        precision = encoder_precision(self.encoder)
+        if expected_precision and precision != expected_precision:
+            # Features of another precision must not be filed under this key (bf16 != fp32).
+            raise WeightsError(
+                f"{encoder}: the encoder runs in {precision} on {self.encoder.device}, but the sweep planned "
+                f"{expected_precision} (resources.extract_gpus and the cluster's GPUs decide it); rerun to re-plan."
+            )
         if self.encoder.weights.digest != expected_digest:
             # The weights changed since the cache key was computed: refuse to file features
             # under a key that does not describe them.
@@ -158,19 +166,91 @@ def embeddings_table(batch: dict[str, Any], emb: np.ndarray) -> pa.Table:
     return pa.table(cols)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the OS has one (Linux), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# -- precision -------------------------------------------------------------------------------
+
+def planned_precision(n_gpus: float, extract_gpus: float) -> str:
+    """What the encoder actors of a sweep run in: bf16 autocast when they get a GPU (the cluster
+    has GPUs and resources.extract_gpus > 0), fp32 on CPU. Decided when the sweep is planned,
+    because it is part of every feature cache key and every cell's identity."""
+    return "bf16" if n_gpus > 0 and extract_gpus > 0 else "fp32"
+
+
+def encoder_precision(encoder: Any) -> str:
+    """The precision a loaded FrozenEncoder computes in (bf16 autocast on CUDA, else fp32)."""
+    return "bf16" if getattr(encoder, "autocast", False) else "fp32"
+
+
 # -- weights identity ------------------------------------------------------------------------
 
-def weights_memo_key(encoder: str, weights: str) -> str:
-    """What determines a weights digest without loading the weights (for the digest memo)."""
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm loads from a hub snapshot, in order
+
+
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache a worker started now would read (huggingface_hub's precedence:
+    HF_HUB_CACHE, HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub); read
+    from the environment at call time, not at import time."""
+    env = os.environ
+    if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
+        return str(Path(env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]).expanduser())
+    if env.get("HF_HOME"):
+        return str(Path(env["HF_HOME"]).expanduser() / "hub")
+    xdg = Path(env["XDG_CACHE_HOME"]).expanduser() if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return str(xdg / "huggingface" / "hub")
+
+
+def hub_snapshot(encoder: str) -> dict[str, Any] | None:
+    """The cached hub snapshot timm would load for `encoder`: cache dir, revision (the commit
+    refs/main points at), file, size and mtime. None when nothing is cached (then the weights
+    would be downloaded, and no memo can vouch for them)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from tasks.encoders import get_encoder_spec
+
+    repo = get_encoder_spec(encoder).hf_hub_id
+    if repo is None:
+        return None
+    cache = hf_cache_dir()
+    for name in HUB_FILES:
+        path = try_to_load_from_cache(repo, name, cache_dir=cache)
+        if isinstance(path, str) and Path(path).is_file():
+            st = Path(path).stat()  # the blob behind the snapshot's symlink
+            return {"repo": repo, "cache": cache, "revision": Path(path).parent.name, "file": name,
+                    "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return None
+
+
+def weights_memo_key(encoder: str, weights: str) -> str | None:
+    """The resolved source of a weights spec, without loading the weights: the key of the digest
+    memo. `file:` -> the file the loader would pick, with its size and mtime; `hub` -> the cached
+    snapshot (revision, file, size, mtime); `random` -> the library versions that draw it. None
+    when the source cannot be resolved locally (missing file, nothing cached): nothing is memoised
+    then, so a memo can never vouch for weights it has not seen."""
     import timm
     import torch
 
+    from tasks.weights import parse_weights, resolve_file
+
     ident: dict[str, Any] = {"encoder": encoder, "weights": weights}
-    if weights.startswith("file:"):
-        p = Path(weights[5:]).expanduser()
-        files = sorted(p.glob(f"{encoder}.*")) if p.is_dir() else [p]
-        ident["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
-    if weights == "random":
+    kind, path = parse_weights(weights)
+    if kind == "file":
+        try:
+            f = resolve_file(path, encoder).resolve()
+        except WeightsError:
+            return None
+        st = f.stat()
+        ident["source"] = {"path": str(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    elif kind == "hub":
+        ident["source"] = hub_snapshot(encoder)
+        if ident["source"] is None:
+            return None
+    else:
         # Random init depends on the library code that draws it.
         ident["versions"] = [timm.__version__, torch.__version__.split("+")[0]]
     return json.dumps(ident, sort_keys=True)
@@ -192,11 +272,21 @@ class DigestMemo:
         self.path = path
         self.data: dict[str, dict[str, str]] = json.loads(path.read_text()) if path.exists() else {}
 
-    def get(self, key: str) -> dict[str, str] | None:
-        return self.data.get(key)
+    def get(self, key: str | None) -> dict[str, str] | None:
+        return self.data.get(key) if key is not None else None
 
-    def put(self, key: str, info: dict[str, str]) -> None:
+    def put(self, key: str | None, info: dict[str, str]) -> None:
+        if key is None:  # an unresolvable source: never memoised
+            return
         self.data[key] = info
+        self._save()
+
+    def drop(self, key: str | None) -> None:
+        """Forget an entry the weights contradicted (the digest differed at extraction)."""
+        if key is not None and self.data.pop(key, None) is not None:
+            self._save()
+
+    def _save(self) -> None:
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
         tmp.replace(self.path)
@@ -210,7 +300,7 @@ def cache_keys(job: ExtractionJob, weights_info: dict[str, str], fingerprint: st
         split: CacheKey(
             encoder=job.encoder, weights_kind=weights_info["kind"], weights_digest=weights_info["digest"],
             resolution=job.resolution, pooling=job.pooling, preprocess_version=preprocess_version,
-            dataset=job.dataset, dataset_fingerprint=fingerprint, split=split,
+            dataset=job.dataset, dataset_fingerprint=fingerprint, split=split, precision=job.precision,
         )
         for split in SPLITS
     }
@@ -259,7 +349,7 @@ def commit_splits(cache: FeatureCache, scratch: str, keys: dict[str, CacheKey], 
     for split, (n, bad) in counts.items():
         cache.commit(keys[split], f"{scratch}/split={split}", {**meta, "n_rows": n, "split": split, "failed": bad})
         all_failed.update(bad)
-    cache.fs.delete_dir(scratch)
+    cache.release(scratch)
     return sum(n for n, _ in counts.values()), all_failed
 
 

@@ -36,6 +36,8 @@ _BYTES_PER_PARAM = 10
 
 
 def weights_info(encoder: str, weights: str, memo: DigestMemo) -> dict[str, str]:
+    """Kind, source and digest of the weights, from the memo when its key (the resolved source:
+    file path + size + mtime, hub snapshot revision) still matches, else by loading them once."""
     from orchestrator import ray_backend
     from tasks.encoders import get_encoder_spec
 
@@ -65,16 +67,37 @@ def _error_text(e: BaseException) -> str:
     return f"{type(err).__name__}: {err}".strip()
 
 
-def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: SweepConfig,
-                n_gpus: float, dataset: Any, fingerprint: str, dense: set | None = None) -> ExtractResult:
-    from orchestrator import ray_backend
+def plan_one(job: ExtractionJob, memo: DigestMemo, cfg: SweepConfig, dataset: Any, fingerprint: str) -> ExtractResult:
+    """The extraction's cache keys (weights digest, precision, pooling, fingerprint, ...) without
+    encoding anything; slide datasets: also every grid seed's split of the slides."""
+    from orchestrator.extract_slides import SLIDES, coords_root
     from tasks.preprocess import PREPROCESS_VERSION
 
-    t0 = time.perf_counter()
     info = weights_info(job.encoder, job.weights, memo)
     keys = cache_keys(job, info, fingerprint, PREPROCESS_VERSION)
     result = ExtractResult(job, keys, info["source"], info["digest"],
                            interpolation=info.get("interpolation", "bicubic"))
+    if getattr(dataset, "kind", "image") == "slide":
+        result.keys = {SLIDES: replace(keys["test"], split=SLIDES, feature_kind="bag")}  # bags, stored fp16
+        result.coords_uri = coords_root(cfg.cache_root, job.dataset, dataset.tiling.key())
+        for seed in cfg.grid.seeds:  # each cell's split (official, or its CV fold)
+            cases, scheme = dataset.cell_cases(seed)
+            result.cases[seed] = ([{"case_id": str(r.case_id), "path": str(r.path), "split": str(r.split),
+                                    "patient_id": str(r.patient_id), "target": [int(v) for v in r.target]}
+                                   for r in cases.itertuples(index=False)], scheme)
+    return result
+
+
+def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: SweepConfig,
+                n_gpus: float, dataset: Any, fingerprint: str, dense: set | None = None,
+                planned: ExtractResult | None = None) -> ExtractResult:
+    """Encode what the cache lacks of one extraction (`planned`: its keys, from plan_one)."""
+    from orchestrator import ray_backend
+
+    t0 = time.perf_counter()
+    result = planned or plan_one(job, memo, cfg, dataset, fingerprint)
+    job, keys = result.job, result.keys
+    info = {"digest": result.weights_digest, "source": result.weights_source, "interpolation": result.interpolation}
     if getattr(dataset, "kind", "image") == "slide":
         return _extract_slides(job, cache, cfg, n_gpus, dataset, result, t0)
     if dense is not None:  # dense maps (one file per case), the cached/online rule: extract_dense
@@ -118,8 +141,7 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
         result.n_encoded, result.failed = commit_splits(cache, scratch, keys, missing, meta, failed)
         _report_failed(result.failed, "volume" if volumes else "case")
     finally:
-        if cache.fs.get_file_info(scratch).type.name != "NotFound":
-            cache.fs.delete_dir(scratch)
+        cache.release(scratch)
     result.seconds = time.perf_counter() - t0
     console.extract_line(job, "done", result.n_encoded, result.seconds)
     return result
@@ -141,20 +163,13 @@ def _pool_size(cfg: SweepConfig, n_gpus: float) -> tuple[int, float]:
 
 def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n_gpus: float, dataset: Any,
                     result: ExtractResult, t0: float) -> ExtractResult:
-    """One bag entry for all slides of the dataset (cells assign the splits); slides that fail are
-    dropped from it and named in its metadata, as `result.failed`."""
+    """One bag entry for all slides of the dataset (cells assign the splits; plan_one did); slides
+    that fail are dropped from it and named in its metadata, as `result.failed`."""
     from orchestrator import ray_backend
-    from orchestrator.extract_slides import SLIDES, coords_root, finish_bags
+    from orchestrator.extract_slides import SLIDES, finish_bags
 
-    key = replace(result.keys["test"], split=SLIDES, feature_kind="bag")  # bags, stored fp16
-    result.keys = {SLIDES: key}
+    key = result.keys[SLIDES]
     tiling = dataset.tiling.key()
-    result.coords_uri = coords_root(cache.root, job.dataset, tiling)
-    for seed in cfg.grid.seeds:  # each cell's split (official, or its CV fold)
-        cases, scheme = dataset.cell_cases(seed)
-        result.cases[seed] = ([{"case_id": str(r.case_id), "path": str(r.path), "split": str(r.split),
-                                "patient_id": str(r.patient_id), "target": [int(v) for v in r.target]}
-                               for r in cases.itertuples(index=False)], scheme)
     if cache.is_complete(key):
         result.cached_splits = [SLIDES]
         result.failed = cache.meta(key).get("failed", {})
@@ -180,22 +195,22 @@ def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n
                                     "failed": failed, "n_slides": len(n_tiles)})
         result.n_encoded, result.failed = sum(n_tiles.values()), failed
     finally:
-        if cache.fs.get_file_info(scratch).type.name != "NotFound":
-            cache.fs.delete_dir(scratch)
+        cache.release(scratch)
     result.seconds = time.perf_counter() - t0
     console.extract_line(job, "done", result.n_encoded, result.seconds, "tiles")
     return result
 
 
 def _extract_with_retries(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: SweepConfig,
-                          n_gpus: float, dataset: Any, fingerprint: str, dense: set | None = None) -> ExtractResult:
+                          n_gpus: float, dataset: Any, fingerprint: str, dense: set | None = None,
+                          planned: ExtractResult | None = None) -> ExtractResult:
     """`extract_one`, again (up to max_failures times) when Ray lost a node or worker under it:
     splits committed before the loss come from the cache, only the rest is encoded again."""
     from orchestrator import ray_backend
 
     for attempt in range(cfg.max_failures + 1):
         try:
-            return extract_one(job, cache, memo, cfg, n_gpus, dataset, fingerprint, dense)
+            return extract_one(job, cache, memo, cfg, n_gpus, dataset, fingerprint, dense, planned)
         except Exception as e:
             if attempt == cfg.max_failures or not ray_backend.is_system_error(e):
                 raise
@@ -203,43 +218,81 @@ def _extract_with_retries(job: ExtractionJob, cache: FeatureCache, memo: DigestM
     raise AssertionError("unreachable")
 
 
-def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: DigestMemo,
-                n_gpus: float) -> tuple[dict[Extraction, ExtractResult], dict[Extraction, str],
-                                        dict[Extraction, tuple[str, dict[str, Any]]]]:
-    """Returns (results, failure messages, (fingerprint, preprocessing record)) per extraction."""
-    from orchestrator.extract_dense import dense_requests
+class Plan:
+    """Every extraction a sweep's cells need, resolved to cache keys before anything is encoded
+    (the keys are part of each cell's identity), with the failures met on the way."""
+
+    def __init__(self) -> None:
+        self.results: dict[Extraction, ExtractResult] = {}
+        self.failures: dict[Extraction, str] = {}
+        self.info: dict[Extraction, tuple[str, dict[str, Any]]] = {}  # (fingerprint, preprocessing record)
+        self.datasets: dict[str, tuple[Any, str]] = {}  # name -> (dataset, fingerprint)
+        self.memo_keys: dict[Extraction, str | None] = {}
+
+
+def needed_extractions(cfg: SweepConfig, cells: list[Cell]) -> list[Extraction]:
+    needed = {c.extraction for c in cells}
+    needed |= {(c.encoder, c.resolution, d) for c in cells for d in cfg.evaluate_on.get(c.dataset, [])}
+    return sorted(needed, key=lambda e: (e[2], e[0], e[1]))
+
+
+def plan_extractions(cfg: SweepConfig, cells: list[Cell], memo: DigestMemo, precision: str) -> Plan:
+    """Resolve every extraction the cells need: the dataset (its fingerprint), the weights (their
+    digest, from the memo when its source still matches), pooling and precision, into cache keys.
+    A failure (bad dataset root, missing weights) is kept per extraction; its cells fail alone."""
     from tasks.datasets import get_dataset
     from tasks.encoders import create_encoder
 
-    dense = dense_requests(cfg, cells)  # dense datasets: (layers, augment) per extraction
-    needed = {c.extraction for c in cells}
-    needed |= {(c.encoder, c.resolution, d) for c in cells for d in cfg.evaluate_on.get(c.dataset, [])}
-    needed = sorted(needed, key=lambda e: (e[2], e[0], e[1]))
-    results: dict[Extraction, ExtractResult] = {}
-    failures: dict[Extraction, str] = {}
-    info: dict[Extraction, tuple[str, dict[str, Any]]] = {}
-    datasets: dict[str, tuple[Any, str]] = {}  # name -> (dataset, fingerprint)
-    for i, (enc, res, ds_name) in enumerate(needed, 1):
-        console.note(f"features [{i}/{len(needed)}] {enc} @ {res}px on {ds_name}")
+    plan = Plan()
+    for enc, res, ds_name in needed_extractions(cfg, cells):
         try:
-            if ds_name not in datasets:
+            if ds_name not in plan.datasets:
                 root = str(cfg.data_root(ds_name))
                 if not os.path.isdir(root):
                     raise FileNotFoundError(f"{root}: dataset root of {ds_name} does not exist "
                                             f"(write a synthetic one: medscale datasets synth {ds_name} --root {root})")
                 ds = get_dataset(ds_name, root, val_fraction=cfg.val_fraction, seed=cfg.split_seed,
                                  **cfg.options_for(ds_name))
-                datasets[ds_name] = (ds, ds.fingerprint())
-            dataset, fingerprint = datasets[ds_name]
+                plan.datasets[ds_name] = (ds, ds.fingerprint())
+            dataset, fingerprint = plan.datasets[ds_name]
             meta_enc = create_encoder(enc, weights="random", device="meta")
             pooling = meta_enc.resolve_pooling(cfg.pooling)
             job = ExtractionJob(enc, cfg.weights, res, pooling, ds_name, str(cfg.data_root(ds_name)),
                                 cfg.val_fraction, cfg.split_seed,
-                                json.dumps(cfg.options_for(ds_name), sort_keys=True))
-            results[(enc, res, ds_name)] = _extract_with_retries(job, cache, memo, cfg, n_gpus, dataset,
-                                                                 fingerprint, dense.get((enc, res, ds_name)))
-            info[(enc, res, ds_name)] = (fingerprint, {**meta_enc.preprocess_info(), "pooling": pooling})
+                                json.dumps(cfg.options_for(ds_name), sort_keys=True), precision)
+            plan.memo_keys[(enc, res, ds_name)] = weights_memo_key(enc, cfg.weights)
+            plan.results[(enc, res, ds_name)] = plan_one(job, memo, cfg, dataset, fingerprint)
+            plan.info[(enc, res, ds_name)] = (fingerprint, {**meta_enc.preprocess_info(), "pooling": pooling,
+                                                            "precision": precision})
         except Exception as e:  # noqa: BLE001 - one extraction fails alone; its cells carry the reason
-            failures[(enc, res, ds_name)] = _error_text(e)
-            console.note(f"  FAILED: {failures[(enc, res, ds_name)]}")
-    return results, failures, info
+            plan.failures[(enc, res, ds_name)] = _error_text(e)
+    return plan
+
+
+def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: DigestMemo, n_gpus: float,
+                plan: Plan) -> tuple[dict[Extraction, ExtractResult], dict[Extraction, str]]:
+    """Encode what the cache lacks for the extractions these cells need (planned in `plan`).
+    Returns (results, failure messages, planning failures included) per extraction."""
+    from orchestrator.extract_dense import dense_requests
+
+    dense = dense_requests(cfg, cells)  # dense datasets: (layers, augment) per extraction
+    needed = needed_extractions(cfg, cells)
+    results: dict[Extraction, ExtractResult] = {}
+    failures = {e: plan.failures[e] for e in needed if e in plan.failures}
+    for i, ext in enumerate(needed, 1):
+        enc, res, ds_name = ext
+        console.note(f"features [{i}/{len(needed)}] {enc} @ {res}px on {ds_name}")
+        if ext in failures:
+            console.note(f"  FAILED: {failures[ext]}")
+            continue
+        planned = plan.results[ext]
+        dataset, fingerprint = plan.datasets[ds_name]
+        try:
+            results[ext] = _extract_with_retries(planned.job, cache, memo, cfg, n_gpus, dataset, fingerprint,
+                                                 dense.get(ext), planned)
+        except Exception as e:  # noqa: BLE001 - one extraction fails alone; its cells carry the reason
+            failures[ext] = _error_text(e)
+            if "differs from the planned" in failures[ext]:
+                memo.drop(plan.memo_keys.get(ext))  # the weights changed under the memo: re-plan next time
+            console.note(f"  FAILED: {failures[ext]}")
+    return results, failures

@@ -1,4 +1,5 @@
-"""Every Ray call medscale makes lives here: Ray's APIs move between releases (NOTES.md).
+"""Every Ray call medscale makes lives here: Ray's APIs move between releases
+(docs/libraries.md).
 
 - `start`: join a cluster (`--address`, RAY_ADDRESS, or one `ray start` runs on this machine, as
   under `ray submit`), else start a private local one.
@@ -180,7 +181,8 @@ def _encode_and_write(ds: Any, job: ExtractionJob, *, expected_digest: str, out_
     ds = ds.map_batches(
         EncoderUDF, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={"encoder": job.encoder, "weights": job.weights, "pooling": job.pooling,
-                               "expected_digest": expected_digest, "torch_threads": torch_threads},
+                               "expected_digest": expected_digest, "torch_threads": torch_threads,
+                               "expected_precision": job.precision},
         compute=ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None, num_cpus=1,
     )
     ds.write_parquet(out_dir, filesystem=filesystem, partition_cols=partition_cols or ["split"])

@@ -10,6 +10,8 @@ driver; a trial whose node dies is retried elsewhere (`max_failures`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import json
 import subprocess
@@ -22,7 +24,9 @@ from orchestrator import __version__, console
 from orchestrator.cache import FeatureCache
 from orchestrator.cells import SUBSET_FILE, Cell, ResultStore, cell_spec
 from orchestrator.config import SweepConfig
-from orchestrator.extract import DigestMemo, ExtractResult, describe
+from orchestrator.extract import DigestMemo, ExtractResult, describe, planned_precision
+from orchestrator.extraction_phase import Plan
+from orchestrator.identity import RESULT_FORMAT, config_part, resolved_hparams, resolved_pooling
 from orchestrator.tracking import Tracker
 from tasks.errors import ConfigError, MedscaleError
 
@@ -44,6 +48,7 @@ class SweepOutcome:
         return sum(r.n_encoded for r in self.extractions)
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[1]
@@ -56,24 +61,76 @@ def git_commit() -> str:
         return "unknown"
 
 
+def split_uses_seed(cfg: SweepConfig, dataset: str) -> bool:
+    """Whether a grid seed chooses the dataset's split (a CV fold): then even a protocol that
+    ignores the seed gives a different result per seed. Slide datasets with `cv_folds`, and dense
+    datasets that override `cell_splits`, do; image datasets split once (`split_seed`)."""
+    from tasks.datasets import dataset_class
+
+    cls = dataset_class(dataset)
+    if hasattr(cls, "cell_cases"):
+        try:
+            return bool(getattr(cls(".", **cfg.options_for(dataset)), "cv_folds", 0))
+        except Exception:  # noqa: BLE001 - cannot tell: per seed is always right
+            return True
+    try:
+        from tasks.datasets.dense_base import DenseDataset
+    except ImportError:  # pragma: no cover - older contract
+        return False
+    return isinstance(cls, type) and issubclass(cls, DenseDataset) and cls.cell_splits is not DenseDataset.cell_splits
+
+
 def plan_cells(cfg: SweepConfig) -> tuple[list[Cell], dict[str, str]]:
-    """The grid's cells, minus those that make no sense (returned with the reason)."""
+    """The grid's cells, minus those that make no sense (returned by cell prefix, with the reason).
+    A protocol that does not use the seed (`uses_seed` False), on a dataset whose split the seed
+    does not choose, is one cell per (encoder, resolution, dataset), `seed_free`, run with the
+    grid's first seed: five identical kNN runs would pose as five seeds."""
     from tasks.datasets import dataset_class
     from tasks.protocols import PROTOCOLS
 
     cells, skipped = [], {}
     g = cfg.grid
-    for enc, res, ds, proto, seed, size in itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols,
-                                                             g.seeds, g.train_sizes):
-        if PROTOCOLS[proto].family == "training_free" and (seed, size) != (g.seeds[0], g.train_sizes[0]):
+    seeded = {ds: split_uses_seed(cfg, ds) for ds in g.datasets}
+    for enc, res, ds, proto, size in itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols,
+                                                       g.train_sizes):
+        training_free = PROTOCOLS[proto].family == "training_free"
+        if training_free and size != g.train_sizes[0]:
             continue  # nothing is trained or drawn: one cell, on the first seed and training-set size
-        cell = Cell(enc, res, ds, proto, seed, size.fraction, size.shots)
+        # A training subset smaller than the split is drawn with the cell's seed: then the seed counts.
+        free = training_free or (not PROTOCOLS[proto].uses_seed and not seeded[ds] and size.is_full)
         reason = PROTOCOLS[proto].accepts(dataset_class(ds))
-        if reason:
-            skipped[cell.cell_id] = reason
-        else:
-            cells.append(cell)
+        for seed in g.seeds[:1] if free else g.seeds:
+            cell = Cell(enc, res, ds, proto, seed, size.fraction, size.shots, free)
+            if reason:
+                skipped[cell.prefix] = reason
+            else:
+                cells.append(cell)
     return cells, skipped
+
+
+@dataclass
+class PlannedCell:
+    """A cell with its spec (identity included) and the params its run records; `error`: why it
+    cannot run (its extraction could not be planned), then `spec` holds only the identity."""
+
+    cell: Cell
+    spec: dict[str, Any]
+    params: dict[str, Any]
+    error: str = ""
+
+    @property
+    def cell_id(self) -> str:
+        return self.spec["cell_id"]
+
+    @property
+    def tags(self) -> dict[str, str]:
+        from orchestrator.tracking import CONFIG_IDENTITY_TAG, IDENTITY_TAG, SEED_FREE_TAG
+
+        ident = self.spec["identity"]
+        tags = {IDENTITY_TAG: ident["identity"], CONFIG_IDENTITY_TAG: ident["config_identity"]}
+        if self.cell.seed_free:
+            tags[SEED_FREE_TAG] = "true"
+        return tags
 
 
 class _Runner:
@@ -83,6 +140,7 @@ class _Runner:
         self.cfg, self.tracker, self.outcome, self.total = cfg, tracker, outcome, total
         self.results = ResultStore(f"{cfg.sweep_root}/cells")
         self.params: dict[str, dict[str, Any]] = {}
+        self.extra_tags: dict[str, dict[str, str]] = {}  # identity tags, by cell id
         self.run_ids: dict[str, str] = {}
 
     def _run_id(self, cell_id: str) -> str:
@@ -92,7 +150,7 @@ class _Runner:
 
     def tags(self, cell_id: str) -> dict[str, str]:
         kind = self.params[cell_id].get("weights_kind", self.cfg.weights)
-        tags = {"medscale.weights": kind}
+        tags = {"medscale.weights": kind, **self.extra_tags.get(cell_id, {})}
         if kind == "random":
             tags["mlflow.note.content"] = "RANDOM-INIT encoder weights (weights: random): not a pretrained result."
         return tags
@@ -145,6 +203,8 @@ def _cell_params(cfg: SweepConfig, cell: Cell, ex: ExtractResult, ds_cls: Any, h
 
     spec = get_encoder_spec(cell.encoder)
     return {
+        "precision": next(iter(ex.keys.values())).precision, "seed_free": str(cell.seed_free).lower(),
+        "result_format": RESULT_FORMAT,
         "encoder": cell.encoder, "timm_model": spec.timm_name, "params": spec.params,
         "gflops": float(spec.gflops(cell.resolution)), "resolution": cell.resolution,
         "dataset": cell.dataset, "protocol": cell.protocol, "seed": cell.seed, "pooling": ex.job.pooling,
@@ -159,6 +219,38 @@ def _cell_params(cfg: SweepConfig, cell: Cell, ex: ExtractResult, ds_cls: Any, h
         **{f"dataset_{k}": v for k, v in cfg.options_for(cell.dataset).items()},
         **({"evaluate_on": ",".join(cfg.evaluate_on[cell.dataset])} if cell.dataset in cfg.evaluate_on else {}),
     }
+
+
+def _plan_cell(cfg: SweepConfig, c: Cell, plan: Plan, results_dir: str, precision: str) -> PlannedCell:
+    """The cell's spec (its identity) from the planned extractions; a cell whose extraction (or an
+    out-of-domain test set's) could not be planned gets an identity from the config alone."""
+    from tasks.datasets import dataset_class
+    from tasks.encoders import get_encoder_spec
+
+    ds_cls = dataset_class(c.dataset)
+    hparams = resolved_hparams(c.protocol, ds_cls.task, c.seed, cfg.protocols.get(c.protocol, {}))
+    ex = plan.results.get(c.extraction)
+    pooling = ex.job.pooling if ex else resolved_pooling(c.encoder, cfg.pooling)
+    common = {"task": ds_cls.task, "classes": list(ds_cls.classes), "hparams": hparams,
+              "config": config_part(cfg, c.dataset, pooling), "size": get_encoder_spec(c.encoder).size,
+              "cache_root": cfg.cache_root, "results_dir": results_dir}
+    error = plan.failures.get(c.extraction, "")
+    cases, ood, scheme = None, None, ""
+    if ex is not None and ex.cases:  # a slide dataset: the cell's own split, and its out-of-domain test sets
+        cases, scheme = ex.cases[c.seed]
+        ood, error = _ood_sets(cfg, c, plan.results, plan.failures)
+    if ex is None or error:
+        spec = cell_spec(c, keys={}, **common)
+        params = {"encoder": c.encoder, "resolution": c.resolution, "dataset": c.dataset, "protocol": c.protocol,
+                  "seed": c.seed, "seed_free": str(c.seed_free).lower(), "weights": cfg.weights,
+                  "precision": precision, "result_format": RESULT_FORMAT}
+        return PlannedCell(c, spec, params, error or "not planned")
+    spec = cell_spec(c, keys=ex.keys, cases=cases, ood=ood, coords_uri=ex.coords_uri, split_scheme=scheme, **common)
+    fingerprint, preprocess = plan.info[c.extraction]
+    params = _cell_params(cfg, c, ex, ds_cls, hparams, fingerprint, preprocess)
+    if scheme:
+        params["split_scheme"] = scheme
+    return PlannedCell(c, spec, params)
 
 
 def _ood_sets(cfg: SweepConfig, c: Cell, extractions: dict, failures: dict) -> tuple[list[dict[str, Any]], str]:
@@ -201,28 +293,29 @@ def _plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], tracker:
                            "warnings": float(len(plan.warnings))}, str(d), kind="plan")
 
 
-def _training_free_spec(cfg: SweepConfig, c: Cell, runner: _Runner, results: ResultStore, memo: DigestMemo,
-                        has_gpu: bool) -> dict[str, Any] | None:
-    """The spec of a registration cell (orchestrator/registration_cells.py), its MLflow params
-    recorded; None when the cell cannot run (recorded as FAILED) or was computed already."""
+def _plan_training_free(cfg: SweepConfig, c: Cell, memo: DigestMemo, results_dir: str, n_gpus: float) -> PlannedCell:
+    """A registration cell (orchestrator/registration_cells.py): it encodes online, inside the cell,
+    so its identity holds the dataset fingerprint and weights digest instead of cache keys."""
     from orchestrator.extraction_phase import _error_text, weights_info
+    from orchestrator.identity import identify
     from orchestrator.registration_cells import registration_spec
     from tasks.datasets import dataset_class, get_dataset
     from tasks.encoders import create_encoder, get_encoder_spec
-    from tasks.protocols import create_protocol
 
     ds_cls = dataset_class(c.dataset)
-    hp = create_protocol(c.protocol, task=ds_cls.task, seed=c.seed, **cfg.protocols.get(c.protocol, {}))
-    hparams = {k: v for k, v in hp.get_params().items() if k not in ("task", "seed")}
+    hparams = resolved_hparams(c.protocol, ds_cls.task, c.seed, cfg.protocols.get(c.protocol, {}))
     enc = get_encoder_spec(c.encoder)
+    precision = planned_precision(n_gpus, 1)  # the cell's own GPU share, when the cluster has GPUs
     params = {"encoder": c.encoder, "timm_model": enc.timm_name, "params": enc.params,
               "gflops": float(enc.gflops(c.resolution)), "resolution": c.resolution, "dataset": c.dataset,
               "protocol": c.protocol, "seed": c.seed, "weights": cfg.weights, "task": ds_cls.task,
               "n_classes": len(ds_cls.classes), "sweep": cfg.name, "medscale_version": __version__,
-              "git_commit": git_commit(), "feature_source": "online", "layers": "last",
+              "git_commit": git_commit(), "feature_source": "online", "layers": "last", "precision": precision,
+              "seed_free": str(c.seed_free).lower(), "result_format": RESULT_FORMAT,
               **{f"hp_{k}": v for k, v in hparams.items()},
               **{f"dataset_{k}": v for k, v in cfg.options_for(c.dataset).items()}}
-    runner.params[c.cell_id] = params
+    extra = {"hparams": hparams, "precision": precision,
+             "config": config_part(cfg, c.dataset, resolved_pooling(c.encoder, cfg.pooling))}
     try:
         ds = get_dataset(c.dataset, str(cfg.data_root(c.dataset)), val_fraction=cfg.val_fraction,
                          seed=cfg.split_seed, **cfg.options_for(c.dataset))
@@ -233,14 +326,24 @@ def _training_free_spec(cfg: SweepConfig, c: Cell, runner: _Runner, results: Res
                       **{f"preprocess_{k}": v for k, v in create_encoder(c.encoder, weights="random", device="meta")
                          .preprocess_info().items()})
     except Exception as e:  # noqa: BLE001 - this cell fails alone, with the reason
-        runner.on_error(c.cell_id, _error_text(e))
-        return None
-    if results.read(c.cell_id) is not None:  # computed before the driver died: log it
-        runner.on_start(c.cell_id)
-        runner.on_result(c.cell_id, {})
-        return None
-    share = cfg.resources.cell_gpu_share(enc.size, c.resolution) if has_gpu else 0.0
-    return registration_spec(c, cfg, results.root, info, share, ds_cls.task, list(ds_cls.classes))
+        spec = registration_spec(c, cfg, results_dir, {}, 0.0, ds_cls.task, list(ds_cls.classes))
+        return PlannedCell(c, identify({**spec, **extra}, c.prefix), params, _error_text(e))
+    share = cfg.resources.cell_gpu_share(enc.size, c.resolution) if n_gpus else 0.0
+    spec = registration_spec(c, cfg, results_dir, info, share, ds_cls.task, list(ds_cls.classes))
+    spec = identify({**spec, **extra, "dataset_fingerprint": params["dataset_fingerprint"]}, c.prefix)
+    return PlannedCell(c, spec, params)
+
+
+def _online(c: Cell) -> bool:
+    from tasks.protocols import PROTOCOLS
+
+    return PROTOCOLS[c.protocol].family == "training_free"
+
+
+def _superseded_note(cfg: SweepConfig, planned: list[PlannedCell]) -> str:
+    digest = hashlib.sha256("".join(sorted(p.spec["identity"]["identity"] for p in planned)).encode()).hexdigest()
+    return (f"not a cell of sweep '{cfg.name}' as configured on {time.strftime('%Y-%m-%d %H:%M:%S %Z')} "
+            f"(its cells' digest {digest[:12]}): a setting that determines the result changed")
 
 
 def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, address: str | None = None,
@@ -249,9 +352,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
     """`allow_missing`: datasets whose root or index files are missing fail their cells (once each)
     while the others run; by default nothing starts until every dataset is there."""
     from orchestrator import preflight, ray_backend
-    from orchestrator.extraction_phase import extract_all
-    from tasks.datasets import dataset_class
-    from tasks.protocols import create_protocol
+    from orchestrator.extraction_phase import extract_all, plan_extractions
 
     missing = preflight.missing_data(cfg)
     if missing and not allow_missing:
@@ -273,100 +374,105 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
         console.note(f"--allow-missing: the cells of {', '.join(missing)} will fail:\n{preflight.report(missing)}")
     _plan(cfg, cells, skipped, tracker, accelerator)
 
+    # Plan before anything runs: precision (from the cluster's GPUs), weights digests, dataset
+    # fingerprints and cache keys make each cell's identity, which says what is already done.
+    resources = ray_backend.start(address, **(ray_init or {}))
+    n_gpus = resources.get("GPU", 0.0)
+    if not n_gpus:
+        console.note("no GPU in the Ray cluster: encoders and heads run on CPU")
+    precision = planned_precision(n_gpus, cfg.resources.extract_gpus)
+    cache = FeatureCache(cfg.cache_root, clean=True)
+    if cache.cleaned:
+        console.note(f"removed {len(cache.cleaned)} scratch director(ies) of extractions that died")
+    memo = DigestMemo(out / "weights_digests.json")
+    # Training-free cells (registration) encode online inside the cell: nothing to extract.
+    plan = plan_extractions(cfg, [c for c in cells if not _online(c)], memo, precision)
+    planned = [_plan_training_free(cfg, c, memo, results.root, n_gpus) if _online(c)
+               else _plan_cell(cfg, c, plan, results.root, precision) for c in cells]
+    by_id = {p.cell_id: p for p in planned}
+    unresolved = {p.cell.prefix for p in planned if p.error}
+    marked, restored = tracker.mark_superseded(set(by_id), _superseded_note(cfg, planned), unresolved)
+    if marked or restored:
+        console.note(f"{marked} earlier run(s) no longer match the config: kept in MLflow, tagged "
+                     f"medscale.superseded" + (f"; {restored} match it again" if restored else ""))
+
     if rerun:
-        n = tracker.delete_cells(c.cell_id for c in cells)
-        for c in cells:
-            results.delete(c.cell_id)
+        n = tracker.delete_cells(by_id)
+        for cid in by_id:
+            results.delete(cid)
         console.note(f"--rerun: deleted {n} earlier run(s); features stay cached")
     finished = tracker.finished_cells()
-    done = [c for c in cells if c.cell_id in finished]
+    done = [p for p in planned if p.cell_id in finished]
+    todo = [p for p in planned if p.cell_id not in finished]
     if done and not resume and not rerun:
-        if len(done) == len(cells):
+        if not todo:
             console.note(f"sweep '{cfg.name}' is already complete ({len(cells)} cells); "
                          "pass --rerun to run it again")
             outcome.already_done = True
-            for c in cells:
-                outcome.cells[c.cell_id] = "FINISHED"
+            for p in planned:
+                outcome.cells[p.cell_id] = "FINISHED"
             return outcome
-        raise ConfigError(
-            f"{out}: an earlier run of sweep '{cfg.name}' finished {len(done)}/{len(cells)} cells; "
-            "pass --resume to run only the missing cells, or --rerun to start over"
-        )
-    for c in done:
-        outcome.cells[c.cell_id] = "FINISHED"
-    todo = [c for c in cells if c.cell_id not in finished]
+        # An interrupted sweep left runs or results of cells it did not finish: going on is a
+        # resume, and says so. Cells that are merely new (the config changed) just run.
+        index = tracker.index()
+        started = [p for p in todo if index.get(p.cell_id) or results.attempted(p.cell_id)]
+        if started:
+            raise ConfigError(
+                f"{out}: an earlier run of sweep '{cfg.name}' finished {len(done)}/{len(cells)} cells and left "
+                f"{len(started)} unfinished; pass --resume to run only the missing cells, or --rerun to start over"
+            )
+        console.note(f"{len(todo)} cell(s) are new (the config changed, or the grid grew); "
+                     f"{len(done)} unchanged cell(s) stay finished")
+    for p in done:
+        outcome.cells[p.cell_id] = "FINISHED"
     if resume:
         console.note(f"--resume: {len(done)} cell(s) already finished, {len(todo)} to go")
 
-    resources = ray_backend.start(address, **(ray_init or {}))
-    has_gpu = resources.get("GPU", 0) > 0
-    if not has_gpu:
-        console.note("no GPU in the Ray cluster: encoders and heads run on CPU")
-
     runner = _Runner(cfg, tracker, outcome, total=len(cells))
-    for c in done:
-        outcome.metrics[c.cell_id] = results.read(c.cell_id) or {}
+    for p in done:
+        outcome.metrics[p.cell_id] = results.read(p.cell_id) or {}
+    for p in planned:
+        runner.params[p.cell_id], runner.extra_tags[p.cell_id] = p.params, p.tags
 
-    cache = FeatureCache(cfg.cache_root)
-    memo = DigestMemo(out / "weights_digests.json")
-    # Training-free cells (registration) encode online inside the cell: nothing to extract.
-    from tasks.protocols import PROTOCOLS
-
-    free = {c.cell_id for c in todo if PROTOCOLS[c.protocol].family == "training_free"}
-    extractions, failures, datasets = extract_all(cfg, [c for c in todo if c.cell_id not in free], cache, memo,
-                                                  resources.get("GPU", 0.0))
+    extractions, failures = extract_all(cfg, [p.cell for p in todo if not p.error and not _online(p.cell)], cache,
+                                        memo, n_gpus, plan)
     outcome.extractions = list(extractions.values())
     with (out / "extractions.jsonl").open("a") as f:
         for ex in extractions.values():
             f.write(json.dumps(describe(ex)) + "\n")
 
     specs = []
-    for c in todo:
-        if c.cell_id in free:
-            spec = _training_free_spec(cfg, c, runner, results, memo, has_gpu)
-            if spec is not None:
-                specs.append(spec)
+    for p in todo:
+        c = p.cell
+        missing = p.error or failures.get(c.extraction) or next(
+            (failures[(c.encoder, c.resolution, d)] for d in cfg.evaluate_on.get(c.dataset, [])
+             if (c.encoder, c.resolution, d) in failures), "")
+        if missing:
+            runner.on_error(p.cell_id, missing)
             continue
         ex = extractions.get(c.extraction)
-        if ex is None:
-            runner.params[c.cell_id] = {"encoder": c.encoder, "resolution": c.resolution, "dataset": c.dataset,
-                                        "protocol": c.protocol, "seed": c.seed, "weights": cfg.weights}
-            runner.on_error(c.cell_id, failures[c.extraction])
-            continue
-        ds_cls = dataset_class(c.dataset)
-        hp = create_protocol(c.protocol, task=ds_cls.task, seed=c.seed, **cfg.protocols.get(c.protocol, {}))
-        hparams = {k: v for k, v in hp.get_params().items() if k not in ("task", "seed")}
-        fingerprint, preprocess = datasets[c.extraction]
-        runner.params[c.cell_id] = _cell_params(cfg, c, ex, ds_cls, hparams, fingerprint, preprocess)
-        dense = None
-        if getattr(ex, "choices", None) is not None:  # a dense dataset: the source rule's choice for this head
+        if ex is not None and getattr(ex, "choices", None) is not None:
+            # A dense dataset: the cached/online rule's choice for this head (a runtime field of the
+            # spec; what determines the features is in its identity already).
             from orchestrator.dense_cells import dense_cell_plan
+            from tasks.protocols import create_protocol
 
-            dense, dparams = dense_cell_plan(cfg, c, ex, hp)
-            runner.params[c.cell_id].update(dparams)
-        existing = results.read(c.cell_id)
-        if existing is not None:  # computed before the driver died: log it, do not recompute
-            runner.on_start(c.cell_id)
-            runner.on_result(c.cell_id, {})
+            hp = create_protocol(c.protocol, task=p.spec["task"], seed=c.seed, **p.spec["hparams"])
+            p.spec["dense"], dparams = dense_cell_plan(cfg, c, ex, hp)
+            p.params.update(dparams)
+        existing = results.read(p.cell_id)
+        if existing is not None and results.read_identity(p.cell_id).get("identity") in (None, p.spec["identity"]["identity"]):
+            # Computed before the driver died: log it, do not recompute.
+            runner.on_start(p.cell_id)
+            runner.on_result(p.cell_id, {})
             continue
-        from tasks.encoders import get_encoder_spec
-
-        cases, ood = None, None
-        if ex.cases:  # a slide dataset: the cell's own split, and its out-of-domain test sets
-            cases, runner.params[c.cell_id]["split_scheme"] = ex.cases[c.seed]
-            ood, missing = _ood_sets(cfg, c, extractions, failures)
-            if missing:
-                runner.on_error(c.cell_id, missing)
-                continue
-        specs.append(cell_spec(c, keys=ex.keys, cache_root=cache.root, results_dir=results.root,
-                               task=ds_cls.task, classes=list(ds_cls.classes),
-                               hparams=cfg.protocols.get(c.protocol, {}),
-                               size=get_encoder_spec(c.encoder).size, cases=cases, ood=ood,
-                               coords_uri=ex.coords_uri, dense=dense))
+        if existing is not None:  # another cell's result under this id (cannot match): recompute
+            results.delete(p.cell_id)
+        specs.append(p.spec)
 
     def cell_resources(spec: dict[str, Any]) -> dict[str, float]:
         res = {"CPU": cfg.resources.cell_cpus}
-        if has_gpu:  # a share of one GPU, by encoder size and resolution (config: resources.cell_gpus)
+        if n_gpus:  # a share of one GPU, by encoder size and resolution (config: resources.cell_gpus)
             res["GPU"] = cfg.resources.cell_gpu_share(spec["size"], spec["resolution"])
             if (spec.get("dense") or {}).get("source") == "online":  # the frozen encoder runs in the trial
                 res["GPU"] = min(1.0, res["GPU"] + cfg.resources.online_encoder_gpus)
@@ -375,9 +481,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
     ray_backend.run_cells(specs, runner, name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                           storage_path=f"{cfg.sweep_root}/tune", resources=cell_resources,
                           max_failures=cfg.max_failures, error_reader=results.read_error)
-    for c in cells:  # a trial Tune never reported on (should not happen): record it, never leave RUNNING
-        if c.cell_id not in outcome.cells:
-            runner.on_error(c.cell_id, "the cell ended without a result or an error from Ray Tune")
+    for p in planned:  # a trial Tune never reported on (should not happen): record it, never leave RUNNING
+        if p.cell_id not in outcome.cells:
+            runner.on_error(p.cell_id, "the cell ended without a result or an error from Ray Tune")
     for cid in skipped:
         outcome.cells[cid] = "SKIPPED"
     console.summary(cfg, outcome)

@@ -1,9 +1,14 @@
 """Every MLflow call medscale makes lives here (MLflow's APIs move between releases).
 
-One experiment per sweep, one run per cell, found again by the `medscale.cell_id` tag. Runs are
-written from the driver only (sqlite allows one writer), through `MlflowClient` with explicit
-run ids: no global "active run", so a retried or resumed cell re-attaches to its run instead of
-creating a duplicate (the failure mode of Ray's MLflowLoggerCallback after a restore).
+One experiment per sweep, one run per cell, found again by the `medscale.cell_id` tag (a readable
+prefix plus the digest of the cell's identity, orchestrator.identity). Runs are written from the
+driver only (sqlite allows one writer), through `MlflowClient` with explicit run ids: no global
+"active run", so a retried or resumed cell re-attaches to its run instead of creating a duplicate
+(the failure mode of Ray's MLflowLoggerCallback after a restore).
+
+The experiment's cell runs are searched once per sweep (`Tracker.index`) and the index is kept up
+to date as runs are created, finished or deleted: finding a cell's run never rescans the
+experiment. Runs of cells the current config no longer plans stay, tagged `medscale.superseded`.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact: noise
 
+import re  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -31,13 +37,18 @@ CELL_TAG = "medscale.cell_id"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 SWEEP_TAG = "medscale.sweep"
 KIND_TAG = "medscale.kind"
+IDENTITY_TAG = "medscale.identity"
+CONFIG_IDENTITY_TAG = "medscale.config_identity"
+SUPERSEDED_TAG = "medscale.superseded"
+SEED_FREE_TAG = "medscale.seed_free"
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunRecord:
     run_id: str
     cell_id: str
     status: str  # RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+    superseded: str = ""  # the SUPERSEDED_TAG's value, "" for a current run
 
 
 def _chunks(items: list, n: int) -> Iterable[list]:
@@ -83,31 +94,47 @@ class Tracker:
                 if exp.tags.get(k) != v:
                     self.client.set_experiment_tag(self.experiment_id, k, v)
         self.experiment = experiment
+        self._index: dict[str, list[RunRecord]] | None = None
 
     # -- reading -------------------------------------------------------------------------------
     def _search(self, filter_string: str = "") -> list[Any]:
         return _search_runs(self.client, self.experiment_id, filter_string)
 
+    def index(self, refresh: bool = False) -> dict[str, list[RunRecord]]:
+        """Cell runs by cell id: searched once (one paged query), then kept up to date by this
+        tracker's own writes. `refresh`: search again (another writer may have been at work)."""
+        if self._index is None or refresh:
+            self._index = {}
+            for r in self._search(f"tags.`{KIND_TAG}` = 'cell'"):
+                cid = r.data.tags.get(CELL_TAG)
+                self._index.setdefault(cid, []).append(
+                    RunRecord(r.info.run_id, cid, r.info.status, r.data.tags.get(SUPERSEDED_TAG, "")))
+        return self._index
+
     def cell_runs(self) -> dict[str, list[RunRecord]]:
-        out: dict[str, list[RunRecord]] = {}
-        for r in self._search(f"tags.`{KIND_TAG}` = 'cell'"):
-            cid = r.data.tags.get(CELL_TAG)
-            out.setdefault(cid, []).append(RunRecord(r.info.run_id, cid, r.info.status))
-        return out
+        return self.index()
 
     def finished_cells(self) -> set[str]:
-        return {c for c, recs in self.cell_runs().items() if any(r.status == "FINISHED" for r in recs)}
+        return {c for c, recs in self.index().items() if any(r.status == "FINISHED" for r in recs)}
+
+    def _set_status(self, run_id: str, status: str) -> None:
+        for recs in (self._index or {}).values():
+            for r in recs:
+                if r.run_id == run_id:
+                    r.status = status
 
     # -- writing -------------------------------------------------------------------------------
     def open_run(self, cell_id: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         """The cell's run: re-attached if one exists (resume, retry), else created. Status RUNNING."""
-        existing = self.cell_runs().get(cell_id, [])
+        existing = self.index().get(cell_id, [])
         if existing:
             keep, *extra = sorted(existing, key=lambda r: r.status != "FINISHED")
             for r in extra:  # a crash between create and tag could leave a twin: keep one
                 self.client.delete_run(r.run_id)
+            self._index[cell_id] = [keep]
             run_id = keep.run_id
             self.client.update_run(run_id, status="RUNNING")
+            keep.status = "RUNNING"
             logged = self.client.get_run(run_id).data.params
             params = {k: v for k, v in params.items() if k not in logged}
         else:
@@ -115,6 +142,7 @@ class Tracker:
                                          tags={CELL_TAG: cell_id, SWEEP_TAG: self.experiment,
                                                KIND_TAG: "cell"})
             run_id = run.info.run_id
+            self._index.setdefault(cell_id, []).append(RunRecord(run_id, cell_id, "RUNNING"))
         plist = [Param(k, str(v)[:6000]) for k, v in params.items()]
         tlist = [RunTag(k, str(v)) for k, v in tags.items()]
         for chunk in _chunks(plist, 100):
@@ -127,9 +155,32 @@ class Tracker:
         """Params known only once the cell ran (its training subset's counts); ones already logged
         are left alone (MLflow params are write-once)."""
         logged = self.client.get_run(run_id).data.params
+        # Names come from data (class names such as "ALN N+"): MLflow takes alphanumerics, _ - . space /.
+        params = {re.sub(r"[^\w\-. /]", "_", k): v for k, v in params.items()}
         plist = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
         for chunk in _chunks(plist, 100):
             self.client.log_batch(run_id, params=chunk)
+
+    def mark_superseded(self, current: set[str], note: str, unknown_prefixes: set[str] = frozenset()) -> tuple[int, int]:
+        """Tag every cell run whose cell the config no longer plans (`note` says which config, as of
+        when); untag a current one marked before (a config changed back). Runs whose prefix is in
+        `unknown_prefixes` (cells whose identity could not be resolved this time, e.g. an unreadable
+        dataset root) are left alone. Returns (marked, restored)."""
+        from orchestrator.identity import prefix_of
+
+        marked = restored = 0
+        for cid, recs in self.index().items():
+            for r in recs:
+                if cid in current:
+                    if r.superseded:
+                        self.client.delete_tag(r.run_id, SUPERSEDED_TAG)
+                        r.superseded = ""
+                        restored += 1
+                elif not r.superseded and prefix_of(cid) not in unknown_prefixes:
+                    self.client.set_tag(r.run_id, SUPERSEDED_TAG, note)
+                    r.superseded = note
+                    marked += 1
+        return marked, restored
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         if tags:
@@ -144,17 +195,19 @@ class Tracker:
             self.client.log_artifacts(run_id, artifact_dir)
         self.client.set_tag(run_id, "medscale.error", "")
         self.client.set_terminated(run_id, status="FINISHED")
+        self._set_status(run_id, "FINISHED")
 
     def fail(self, run_id: str, message: str) -> None:
         self.client.set_tag(run_id, "medscale.error", message[:4000])
         self.client.log_text(run_id, message, "error.txt")
         self.client.set_terminated(run_id, status="FAILED")
+        self._set_status(run_id, "FAILED")
 
     def delete_cells(self, cell_ids: Iterable[str]) -> int:
-        runs = self.cell_runs()
+        runs = self.index()
         n = 0
         for cid in cell_ids:
-            for r in runs.get(cid, []):
+            for r in runs.pop(cid, []):
                 self.client.delete_run(r.run_id)
                 n += 1
         return n
@@ -169,8 +222,17 @@ class Tracker:
         return run.info.run_id
 
 
-def load_points(tracking_uri: str, experiments: list[str] | None = None, split: str = "test") -> pd.DataFrame:
-    """Finished cell runs as analysis points: one row per (run, metric of `split`)."""
+def load_points(tracking_uri: str, experiments: list[str] | None = None, split: str = "test",
+                config_identities: set[str] | None = None) -> pd.DataFrame:
+    """Finished cell runs as analysis points: one row per (run, metric of `split`).
+
+    `config_identities` (from `identity.config_identities(cfg)`): keep only the runs of the cells
+    a config plans as it is now, and of those only the ones no later sweep marked superseded.
+    A seed-free cell (kNN: the protocol ignores the seed) is one value with `seed_free` True,
+    never n copies counted as seeds (`analysis.points.collapse_seed_free`)."""
+    from analysis.points import collapse_seed_free
+    from tasks.protocols import PROTOCOLS
+
     client = MlflowClient(tracking_uri=tracking_uri)
     if experiments:
         exps = [client.get_experiment_by_name(e) for e in experiments]
@@ -182,13 +244,19 @@ def load_points(tracking_uri: str, experiments: list[str] | None = None, split: 
     rows = []
     for exp in exps:
         for r in _search_runs(client, exp.experiment_id, f"tags.`{KIND_TAG}` = 'cell' and attributes.status = 'FINISHED'"):
-            p = r.data.params
+            p, tags = r.data.params, r.data.tags
+            if config_identities is not None and (tags.get(CONFIG_IDENTITY_TAG) not in config_identities
+                                                  or tags.get(SUPERSEDED_TAG)):
+                continue
+            proto = PROTOCOLS.get(p.get("protocol", ""))
+            # Runs logged before `seed_free` existed: the protocol's own declaration decides.
+            seed_free = p.get("seed_free", str(proto is not None and not proto.uses_seed).lower()) == "true"
             base = {"experiment": exp.name, "experiment_id": exp.experiment_id, "run_id": r.info.run_id,
                     "task": p.get("task", ""), "dataset": p.get("dataset"),
                     "protocol": p.get("protocol"), "encoder": p.get("encoder"),
                     "params": int(p.get("params", 0)), "gflops": float(p.get("gflops", "nan")),
                     "resolution": int(p.get("resolution", 0)), "seed": int(p.get("seed", 0)),
-                    "weights": p.get("weights_kind", ""),
+                    "weights": p.get("weights_kind", ""), "seed_free": seed_free,
                     # the data axis: the cell's train size and the training cases it had
                     "train_fraction": float(p.get("train_fraction", 1.0) or 1.0),
                     "train_shots": int(p["train_shots"]) if p.get("train_shots") else 0,
@@ -205,8 +273,9 @@ def load_points(tracking_uri: str, experiments: list[str] | None = None, split: 
                         rows.append({**base, "dataset": f"{base['dataset']}->{ood}", "metric": k[len(prefix):],
                                      "run_id": f"{r.info.run_id}{OOD_SEP}{ood}_{split}", "value": float(v)})
     cols = ["experiment", "experiment_id", "run_id", "task", "dataset", "protocol", "encoder", "params", "gflops",
-            "resolution", "seed", "weights", "train_fraction", "train_shots", "n_train", "metric", "value"]
-    return pd.DataFrame(rows, columns=cols)
+            "resolution", "seed", "weights", "seed_free", "train_fraction", "train_shots", "n_train", "metric",
+            "value"]
+    return collapse_seed_free(pd.DataFrame(rows, columns=cols))
 
 
 PREDICTIONS_ARTIFACT = "predictions.parquet"  # written by orchestrator.cells.run_cell

@@ -2,7 +2,7 @@
 
 One registry (`ENCODERS`), one entry point (`create_encoder`). Each spec carries what the scaling
 analysis needs without loading a model: the published parameter count (backbone, no head) and an
-analytic GFLOPs-per-image function of the input resolution (NOTES.md: inference FLOPs are the
+analytic GFLOPs-per-image function of the input resolution (docs/libraries.md: inference FLOPs are the
 compute axis, since all DINOv3 students are distilled from one 7B teacher).
 """
 
@@ -35,7 +35,7 @@ CONVNEXT_PRETRAIN_RESOLUTION = 224
 
 
 def vit_gflops(params: int, patch_params: int, depth: int, dim: int, patch: int = 16) -> Callable[[int], float]:
-    """FLOPs(r) = 2 P_blocks T + 4 depth d T^2 + 2 P_patch (r/p)^2, T = (r/p)^2 + 5 (NOTES.md).
+    """FLOPs(r) = 2 P_blocks T + 4 depth d T^2 + 2 P_patch (r/p)^2, T = (r/p)^2 + 5 (docs/libraries.md).
 
     Matmul FLOPs (2 per multiply-add) of the backbone: every block weight is used once per token,
     attention scores and their weighted sum cost 2 T^2 d each per block, the patch embedding runs once

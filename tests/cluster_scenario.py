@@ -86,7 +86,7 @@ def kill_when_busy(cluster: Any, workers: list[Any], results: Any, out: dict[str
 def main(args_path: str, report_path: str) -> None:
     args = json.loads(Path(args_path).read_text())
     # Token auth, the same on every node and on the driver: the node processes started below
-    # inherit this environment (NOTES.md: a node without it cannot join).
+    # inherit this environment (docs/libraries.md: a node without it cannot join).
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     os.environ["MLFLOW_TRACKING_URI"] = args["mlflow_uri"]
 

@@ -78,7 +78,9 @@ def test_grid_and_cell_ids(synth_roots, tmp_path):
     cells, _ = plan_cells(cfg)
     assert cfg.n_cells() == len(cells) == 8 * 3
     ids = {c.cell_id for c in cells}
-    assert "nih14__knn__test_vit_tiny16__32px__s0" in ids  # the whole split keeps the old id
+    assert "nih14__linear_probe__test_vit_tiny16__32px__s0" in ids  # the whole split keeps the old id
+    # kNN ignores the seed on the whole split (one seed-free cell), not on a subset drawn by the seed.
+    assert "nih14__knn__test_vit_tiny16__32px__seedfree" in ids
     assert "nih14__knn__test_vit_tiny16__32px__s0__f0.1" in ids
     assert Cell("e", 1, "d", "p", 0, train_shots=4).cell_id.endswith("__k4")
     with pytest.raises(ConfigError, match="one data axis"):

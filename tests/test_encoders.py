@@ -20,7 +20,7 @@ from tasks.preprocess import prepare_image
 
 from .conftest import REPO, TINY
 
-# Backbone parameters (no head) of the real models: DINOv3 model cards via timm (NOTES.md), and
+# Backbone parameters (no head) of the real models: DINOv3 model cards via timm (docs/libraries.md), and
 # timm's ConvNeXt definitions (published with-head counts minus the 1000-class head).
 PUBLISHED_PARAMS = {
     "dinov3_vits16": 21.6e6, "dinov3_vitsp16": 28.7e6, "dinov3_vitb16": 85.6e6, "dinov3_vitl16": 303.1e6,
@@ -28,7 +28,7 @@ PUBLISHED_PARAMS = {
     "dinov3_convnext_small": 50.22e6 - 0.769e6, "dinov3_convnext_base": 88.59e6 - 1.025e6,
     "dinov3_convnext_large": 197.77e6 - 1.537e6,
 }
-# Backbone GFLOPs per image at 224 px (NOTES.md; ConvNeXt: timm's profiled GMACs x 2).
+# Backbone GFLOPs per image at 224 px (docs/libraries.md; ConvNeXt: timm's profiled GMACs x 2).
 PUBLISHED_GFLOPS_224 = {"dinov3_vits16": 9.4, "dinov3_vitb16": 35.9, "dinov3_vitl16": 125.7,
                         "dinov3_vithp16": 344.2, "dinov3_vit7b16": 2725.5, "dinov3_convnext_tiny": 2 * 4.47}
 # Random init of more than this many parameters takes over 10 s on 2 cores (ViT-L: ~15 s, H+ and 7B

@@ -26,7 +26,8 @@ def test_plan_of_the_paper_grid_runs_without_data(tmp_path):
     cfg = load_config(PAPER, {"output": str(tmp_path / "out"), "storage": None,
                               "data": {"nih14": str(tmp_path / "none1"), "rsna_pneumonia": str(tmp_path / "none2")}})
     plan = plan_sweep(cfg)
-    assert len(plan.extractions) == 3 * 6 * 2 and len(plan.cells) == cfg.n_cells() == 360
+    # 360 grid points; kNN ignores the seed: one cell per (encoder, resolution, dataset), not five.
+    assert len(plan.extractions) == 3 * 6 * 2 and cfg.n_cells() == 360 and len(plan.cells) == 36 * 5 + 36
     assert all(e.items is None and e.cache_bytes is None and e.cached == "unknown" for e in plan.extractions)
     assert sum("item counts unknown" in w for w in plan.warnings) == 2
     # 384-1024 px are above DINOv3's 256 px pretraining input: one warning per encoder

@@ -5,7 +5,7 @@ a_i = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i))), slide embedding z = sum_i a
 head g(z) gives the logits; bag-level cross-entropy (BCE-with-logits for binary/multilabel,
 softmax cross-entropy for multiclass, as the linear probe). Only these layers train.
 
-Defaults (NOTES.md "ABMIL", eva's): project to 128, attention hidden 128, AdamW lr 1e-3, 100 epochs,
+Defaults (docs/libraries.md, "Protocol defaults"; eva's): project to 128, attention hidden 128, AdamW lr 1e-3, 100 epochs,
 early stopping with patience 20 on the validation loss; weight decay 1e-5 (Patho-Bench). One bag
 per step (`batch_size` 1, the ABMIL paper's setting); larger batches pad bags and mask the padding.
 

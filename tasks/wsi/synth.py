@@ -5,7 +5,7 @@ small dark-pink dots). Positive slides add a "tumour" patch inside the tissue: d
 nuclei-like dots, a texture even a random-init tiny ViT separates from stroma at 224 px. Flat colour
 and sparse structure keep the zlib-compressed files small (a 4096 x 3072 slide is ~1-2 MB).
 
-Why these TIFF settings (NOTES.md "Files in real formats"): tiled + zlib (JPEG needs imagecodecs),
+Why these TIFF settings (docs/libraries.md, "Whole-slide images"): tiled + zlib (JPEG needs imagecodecs),
 resolution in pixels per centimetre (OpenSlide derives `openslide.mpp-x/y` from it) and
 `subfiletype=1` on every reduced level (without it OpenSlide sees one level).
 """
