@@ -19,7 +19,7 @@ from . import dense_toy
 from .conftest import TINY, sweep_config
 from .test_sweep import _runs
 
-CELL = f"toy_dense__toy_seg__{TINY}__64px__s0"
+CELL = f"toy_dense__toy_seg__{TINY}__64px__s0"  # the readable prefix; the id adds its identity digest
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +41,23 @@ def _cfg(tmp: Path, root: Path, **resources):
 
 
 def _cell_dir(cfg) -> Path:
-    return Path(cfg.sweep_root) / "cells" / CELL
+    dirs = list((Path(cfg.sweep_root) / "cells").glob(f"{CELL}__*"))
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def _by_prefix(outcome) -> dict[str, str]:
+    from orchestrator.identity import prefix_of
+
+    return {prefix_of(c): s for c, s in outcome.cells.items()}
 
 
 def test_dense_sweep_cached_and_online_agree(ray_session, toy_root, tmp_path, monkeypatch, one_torch_thread):
     dense_toy.register(monkeypatch)
     cached = _cfg(tmp_path / "cached", toy_root)
     online = _cfg(tmp_path / "online", toy_root, dense_cache_max_gb=0.0)  # nothing fits: online
-    assert run_sweep(cached).cells == {CELL: "FINISHED"}
-    assert run_sweep(online).cells == {CELL: "FINISHED"}
+    assert _by_prefix(run_sweep(cached)) == {CELL: "FINISHED"}
+    assert _by_prefix(run_sweep(online)) == {CELL: "FINISHED"}
 
     # The rule and its reason are recorded on each run.
     p_cached = _runs(cached)["run"].iloc[0].data.params
@@ -102,7 +110,7 @@ def test_augmenting_head_runs_online_and_layers_are_validated(ray_session, toy_r
     dense_toy.register(monkeypatch)
     raw = _raw(tmp_path, toy_root, {"epochs": 3, "augment": True, "layers": [0, 1]})
     cfg = parse_config(raw)
-    assert run_sweep(cfg).cells == {CELL: "FINISHED"}
+    assert _by_prefix(run_sweep(cfg)) == {CELL: "FINISHED"}
     p = _runs(cfg)["run"].iloc[0].data.params
     assert p["feature_source"] == "online" and "geometric augmentation" in p["feature_source_reason"]
     assert p["feature_layers"] == "0,1"
