@@ -36,8 +36,12 @@ def test_seg2d_sweep_end_to_end(ray_session, roots, tmp_path, one_torch_thread):
     raw["protocols"] = {"seg2d_linear": steps, "seg2d_decoder": {**steps, "width": 32}}
     cfg = parse_config(raw)
     outcome = run_sweep(cfg)
-    cells = {f"{d}__{p}__{TINY}__64px__s0": "FINISHED" for d in roots for p in PROTOCOLS}
-    assert outcome.cells == cells
+    from orchestrator.identity import prefix_of
+
+    # ids: readable prefix + identity digest
+    assert {prefix_of(c): st for c, st in outcome.cells.items()} == {
+        f"{d}__{p}__{TINY}__64px__s0": "FINISHED" for d in roots for p in PROTOCOLS}
+    cells = dict(outcome.cells)
 
     runs = _runs(cfg)
     assert sorted(runs["cell"]) == sorted(cells) and set(runs["status"]) == {"FINISHED"}
