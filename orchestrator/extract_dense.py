@@ -40,6 +40,7 @@ import numpy as np
 from orchestrator import storage
 from orchestrator.cache import CacheKey, FeatureCache
 from orchestrator.extract import EncoderUDF, ExtractResult
+from orchestrator.progress import Progress, files_with_suffix, watch_output
 from tasks.dense import FEATURE_DTYPE, Sample, SourceChoice, choose_source
 from tasks.errors import DatasetError
 
@@ -271,7 +272,8 @@ def extract_dense(job: Any, cache: FeatureCache, cfg: Any, n_gpus: float, datase
         console.extract_line(job, "start", len(rows), 0.0, "cases")
         scratch = cache.scratch_dir()
         try:
-            with _watch_maps(cache.fs, f"{scratch}/{MAPS_DIR}", job.label, len(rows)):
+            bar = Progress(job.label, len(rows), "cases")
+            with watch_output(cache.fs, f"{scratch}/{MAPS_DIR}", bar, files_with_suffix(".npy")):
                 index = ray_backend.run_dense_pipeline(
                     rows, dataset=json.dumps(out.dataset_ref, sort_keys=True), job=job, layers=lk,
                     precision=precision, interpolation=result.interpolation, expected_digest=result.weights_digest,
@@ -290,39 +292,6 @@ def extract_dense(job: Any, cache: FeatureCache, cfg: Any, n_gpus: float, datase
     out.seconds = time.perf_counter() - t0
     console.extract_line(job, "done", out.n_encoded, out.seconds, "cases")
     return out
-
-
-def _watch_maps(fs: Any, maps_dir: str, label: str, total: int):
-    """A progress bar over the cases whose map file has appeared (no Ray API involved)."""
-    import contextlib
-    import threading
-
-    import pyarrow.fs as pafs
-
-    from orchestrator.progress import Progress
-
-    bar, stop = Progress(label, total, "cases"), threading.Event()
-
-    def loop() -> None:
-        while not stop.wait(1.0):
-            try:
-                infos = fs.get_file_info(pafs.FileSelector(maps_dir, allow_not_found=True))
-            except OSError:
-                continue
-            bar.update_to(sum(1 for i in infos if i.path.endswith(".npy")))
-
-    @contextlib.contextmanager
-    def watching():
-        t = threading.Thread(target=loop, name="medscale-dense-progress", daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            t.join()
-            bar.close()
-
-    return watching()
 
 
 def _uri(cache: FeatureCache, path: str) -> str:

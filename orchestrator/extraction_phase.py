@@ -27,7 +27,7 @@ from orchestrator.extract import (
     pool_volumes,
     weights_memo_key,
 )
-from orchestrator.progress import Progress, watch_rows
+from orchestrator.progress import Progress, watch_output
 
 Extraction = tuple[str, int, str]  # (encoder, resolution, dataset)
 
@@ -127,7 +127,7 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
             rows = [dataset.slice_rows(r) for r in rows]
         out_dir = f"{scratch}/slices" if volumes else scratch
         bar = Progress(job.label, None if volumes else len(rows), "slices" if volumes else "images")
-        with watch_rows(cache.fs, out_dir, bar):
+        with watch_output(cache.fs, out_dir, bar):
             run(rows, job, interpolation=info.get("interpolation", "bicubic"), expected_digest=info["digest"],
                 out_dir=out_dir, filesystem=cache.fs, batch_size=res.extract_batch_size, actors=actors,
                 gpus_per_actor=gpus, torch_threads=res.torch_threads)
@@ -180,7 +180,7 @@ def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n
     console.extract_line(job, "start", len(rows), 0.0, "slides")
     scratch = cache.scratch_dir()
     try:
-        with watch_rows(cache.fs, scratch, Progress(job.label, None, "tiles")):
+        with watch_output(cache.fs, scratch, Progress(job.label, None, "tiles")):
             ray_backend.run_slide_pipeline(
                 rows, job, tiling=json.dumps(tiling, sort_keys=True), coords_uri=result.coords_uri,
                 interpolation=result.interpolation, expected_digest=result.weights_digest, out_dir=scratch,

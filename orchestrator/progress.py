@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -114,12 +114,35 @@ class Progress:
             self._bar.close()
 
 
-@contextmanager
-def watch_rows(fs: Any, directory: str, progress: Progress, every: float = 1.0) -> Iterator[None]:
-    """Advance `progress` by the rows of the Parquet files that appear under `directory` while the
-    block runs (the pipeline's output as Ray Data writes it): progress without any Ray API."""
+def parquet_rows(fs: Any, infos: list[Any], seen: dict[str, int]) -> int:
+    """Rows of the Parquet files among `infos` (each file's footer read once; one still being
+    written is read at a later poll)."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
+
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.path.endswith(".parquet") or info.path in seen:
+            continue
+        try:
+            with fs.open_input_file(info.path) as f:
+                seen[info.path] = pq.ParquetFile(f).metadata.num_rows
+        except Exception:  # noqa: BLE001 - still being written: read it at the next poll
+            continue
+    return sum(seen.values())
+
+
+def files_with_suffix(suffix: str) -> Callable[[Any, list[Any], dict[str, int]], int]:
+    """A counter of the files ending in `suffix` (one per item: e.g. a dense map per case)."""
+    return lambda fs, infos, seen: sum(1 for i in infos if i.path.endswith(suffix))
+
+
+@contextmanager
+def watch_output(fs: Any, directory: str, progress: Progress,
+                 count: Callable[[Any, list[Any], dict[str, int]], int] = parquet_rows,
+                 every: float = 1.0) -> Iterator[None]:
+    """Advance `progress` by what appears under `directory` while the block runs (the pipeline's
+    output as Ray Data writes it, counted by `count`): progress without any Ray API."""
+    import pyarrow.fs as pafs
 
     seen: dict[str, int] = {}
     stop = threading.Event()
@@ -129,15 +152,7 @@ def watch_rows(fs: Any, directory: str, progress: Progress, every: float = 1.0) 
             infos = fs.get_file_info(pafs.FileSelector(directory, recursive=True, allow_not_found=True))
         except OSError:
             return
-        for info in infos:
-            if info.type != pafs.FileType.File or not info.path.endswith(".parquet") or info.path in seen:
-                continue
-            try:
-                with fs.open_input_file(info.path) as f:
-                    seen[info.path] = pq.ParquetFile(f).metadata.num_rows
-            except Exception:  # noqa: BLE001 - still being written: read it at the next poll
-                continue
-        progress.update_to(sum(seen.values()))
+        progress.update_to(count(fs, infos, seen))
 
     def loop() -> None:
         while not stop.wait(every):

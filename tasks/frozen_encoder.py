@@ -67,13 +67,17 @@ class FrozenEncoder:
                 "resize": RESIZE_POLICY, "version": PREPROCESS_VERSION}
 
     # -- forward ---------------------------------------------------------------------------------
-    def _features(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def _normalised(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A checked uint8 batch (B, 3, H, W) -> float, normalised with the weights' mean/std, on device."""
         x = torch.as_tensor(x)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a uint8 batch (B, 3, H, W), got {tuple(x.shape)} {x.dtype}")
         self.check_resolution(int(x.shape[2]))
         self.check_resolution(int(x.shape[3]))
-        x = x.to(self.device, non_blocking=True).float() * self._scale + self._shift
+        return x.to(self.device, non_blocking=True).float() * self._scale + self._shift
+
+    def _features(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = self._normalised(x)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             return self.model.forward_features(x)
 
@@ -126,12 +130,7 @@ class FrozenEncoder:
 
     def _intermediates(self, x: np.ndarray | torch.Tensor, layers: list[int]) -> torch.Tensor:
         idx = list(self.check_layers(layers) or ())
-        x = torch.as_tensor(x)
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected a uint8 batch (B, 3, H, W), got {tuple(x.shape)} {x.dtype}")
-        self.check_resolution(int(x.shape[2]))
-        self.check_resolution(int(x.shape[3]))
-        x = x.to(self.device, non_blocking=True).float() * self._scale + self._shift
+        x = self._normalised(x)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             maps = self.model.forward_intermediates(x, indices=idx, norm=True, output_fmt="NCHW",
                                                     intermediates_only=True)

@@ -20,7 +20,7 @@ from .conftest import TINY, sweep_config
 
 
 def _extract(tmp: Path, root: Path, **resources) -> tuple[DenseExtractResult, FeatureCache, object]:
-    from orchestrator.extraction_phase import extract_all
+    from orchestrator.extraction_phase import extract_all, plan_extractions
     from orchestrator.sweep import plan_cells
 
     raw = sweep_config(tmp, {"toy_dense": root}, grid={"resolutions": [64], "protocols": ["toy_seg"]},
@@ -29,7 +29,9 @@ def _extract(tmp: Path, root: Path, **resources) -> tuple[DenseExtractResult, Fe
     cfg = parse_config(raw)
     cells, _ = plan_cells(cfg)
     cache = FeatureCache(cfg.cache_root)
-    results, failures, _ = extract_all(cfg, cells, cache, DigestMemo(tmp / "memo.json"), 0.0)
+    memo = DigestMemo(tmp / "memo.json")
+    plan = plan_extractions(cfg, cells, memo, "fp32")
+    results, failures = extract_all(cfg, cells, cache, memo, 0.0, plan)
     assert not failures
     return results[(TINY, 64, "toy_dense")], cache, cfg
 
