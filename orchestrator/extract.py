@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,17 +362,7 @@ def describe(result: ExtractResult) -> dict[str, Any]:
             "weights_digest": result.weights_digest, "failed": result.failed, "time": time.time()}
 
 
-# -- volumes: (volume, z) items, pooled back to one row per volume ------------------------------
-
-def expand_volume(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """One volume row -> one row per axial slice, from the NIfTI header alone (no pixel read)."""
-    from tasks.datasets.ct_rate import n_slices
-
-    try:
-        return [{**row, "z": z, "error": ""} for z in range(n_slices(str(row["path"])))]
-    except DatasetError as e:  # a broken header: one row carries the error (see decode_batch)
-        return [{**row, "z": -1, "error": str(e)}]
-
+# -- items of a few files (tiles of slides); volumes: slices pooled back to one row per volume -----
 
 def decode_by_file(batch: dict[str, Any], resolution: int, interpolation: str, what: str,
                    read: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -397,18 +388,42 @@ def decode_by_file(batch: dict[str, Any], resolution: int, interpolation: str, w
     return pixels, np.array(errors, dtype=object)
 
 
-def decode_slices(batch: dict[str, Any], resolution: int, interpolation: str) -> dict[str, Any]:
-    """Read, window and resize one batch of slices to uint8 (B, 3, r, r); each volume in the
-    batch is opened once and only its listed slices are read (`dataobj`)."""
-    from tasks.datasets.ct_rate import read_slices
+def decode_volumes(batch: dict[str, Any], resolution: int, interpolation: str,
+                   batch_size: int) -> Iterator[dict[str, Any]]:
+    """Volume rows -> batches of at most `batch_size` of their slices, read, windowed and resized
+    to uint8 (B, 3, r, r). Each volume is read forward once (`iter_slices`: a .nii.gz is
+    decompressed once, not once per batch of its slices) and its slices leave as they are ready,
+    so memory is one batch, never a volume. A volume that cannot be read fails alone: one row
+    carries its error (`pool_volumes` leaves the volume out and names it)."""
+    from tasks.datasets.ct_rate import iter_slices
+    from tasks.preprocess import prepare_image
 
-    def read(path: str, rows: list[int]) -> list[np.ndarray]:
-        i = rows[0]  # scaling and window are the volume's: the same on all its rows
-        return read_slices(path, [int(batch["z"][r]) for r in rows], float(batch["slope"][i]),
-                           float(batch["intercept"][i]), float(batch["lo"][i]), float(batch["hi"][i]))
+    keys = ("case_id", "split", "patient_id", "target")
+    for v in range(len(batch["path"])):
+        path = str(batch["path"][v])
+        pixels = np.zeros((batch_size, 3, resolution, resolution), dtype=np.uint8)
+        n, error = 0, ""
+        try:
+            for _, img in iter_slices(path, float(batch["slope"][v]), float(batch["intercept"][v]),
+                                      float(batch["lo"][v]), float(batch["hi"][v])):
+                pixels[n] = prepare_image(img, resolution, interpolation)
+                n += 1
+                if n == batch_size:
+                    yield _slice_batch(batch, keys, v, pixels, [""] * n)
+                    pixels, n = np.zeros_like(pixels), 0
+        except Exception as e:  # noqa: BLE001 - the volume fails alone (one row carries the error)
+            error = str(e) if isinstance(e, DatasetError) else str(DatasetError(path, f"cannot read slices: {e}"))
+        if error:
+            yield _slice_batch(batch, keys, v, pixels[:1] * 0, [error])
+        elif n:
+            yield _slice_batch(batch, keys, v, pixels[:n], [""] * n)
 
-    out = {k: batch[k] for k in ("case_id", "split", "patient_id", "target")}
-    out["pixels"], out["error"] = decode_by_file(batch, resolution, interpolation, "slices", read)
+
+def _slice_batch(batch: dict[str, Any], keys: tuple[str, ...], v: int, pixels: np.ndarray,
+                 errors: list[str]) -> dict[str, Any]:
+    out = {k: np.repeat(np.asarray(batch[k])[v:v + 1], len(errors), axis=0) for k in keys}
+    out["pixels"] = pixels
+    out["error"] = np.array(errors, dtype=object)
     return out
 
 

@@ -24,7 +24,7 @@ from ray import tune
 from ray.data import ActorPoolStrategy
 
 from orchestrator import console
-from orchestrator.extract import EncoderUDF, ExtractionJob, decode_batch, decode_slices, expand_volume
+from orchestrator.extract import EncoderUDF, ExtractionJob, decode_batch, decode_volumes
 from orchestrator.extract_dense import DenseEncoderUDF, decode_cases
 from orchestrator.extract_slides import decode_tiles, expand_slide
 
@@ -119,17 +119,16 @@ def run_embedding_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, in
 def run_slice_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, interpolation: str,
                        expected_digest: str, out_dir: str, filesystem: Any, batch_size: int,
                        actors: int, gpus_per_actor: float, torch_threads: int | None) -> None:
-    """Volumes -> `flat_map` to (volume, z) items from each header -> slices read lazily in CPU
-    tasks -> encoder actor pool -> slice embeddings as Parquet partitioned by split under
+    """Volumes -> `decode_volumes` in CPU tasks (each volume read once, its slices windowed, resized
+    and batched as they come) -> encoder actor pool -> slice embeddings as Parquet partitioned by split under
     `out_dir` (the caller pools them per volume). Volume rows carry slope/intercept/window."""
+    # One task per volume, which reads it forward once and emits batches of its slices as they are
+    # decoded: batches of (volume, z) items made by a repartition straddle volumes and made every
+    # batch re-open and re-decompress its .nii.gz from the start up to its slices.
     ds = ray.data.from_items(rows).repartition(max(1, min(len(rows), 4096)))
-    ds = ds.flat_map(expand_volume, num_cpus=1)
-    # A volume's slices arrive as one block each; batches of slices (neighbouring z of the same
-    # volume, so a file is opened once per batch) keep decode and encode tasks coarse.
-    ds = ds.repartition(target_num_rows_per_block=batch_size)
     ds = ds.map_batches(
-        decode_slices, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-        fn_kwargs={"resolution": job.resolution, "interpolation": interpolation},
+        decode_volumes, batch_size=1, batch_format="numpy", num_cpus=1,
+        fn_kwargs={"resolution": job.resolution, "interpolation": interpolation, "batch_size": batch_size},
     )
     _encode_and_write(ds, job, expected_digest=expected_digest, out_dir=out_dir, filesystem=filesystem,
                       batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,

@@ -52,4 +52,6 @@ def prepare_image(img: np.ndarray, resolution: int, interpolation: str = "bicubi
         # so a 1024 px film brought to 224 px does not alias.
         pil = Image.fromarray(img).resize((resolution, resolution), _INTERPOLATION[interpolation])
         img = np.asarray(pil)
+    if img.ndim == 2:  # grey: one copy into (3, r, r), not a replicated (r, r, 3) then a transpose
+        return np.ascontiguousarray(np.broadcast_to(img, (3, *img.shape)))
     return np.ascontiguousarray(to_rgb_uint8(img).transpose(2, 0, 1))
