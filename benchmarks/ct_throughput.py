@@ -1,8 +1,8 @@
 """CT slice-pipeline throughput and memory: Ray Data (volume, z) items against the bare encoder.
 
-The pipeline (what a CT-RATE extraction runs): volume rows -> `flat_map` to (volume, z) from each
-NIfTI header -> slices read lazily through nibabel's `dataobj`, HU-windowed and resized on CPU
-workers -> encoder actor pool -> slice embeddings as Parquet -> pooled to one row per volume. The
+The pipeline (what a CT-RATE extraction runs): volume rows -> one decode task per volume, which
+reads its .nii.gz forward once and emits batches of HU-windowed, resized slices as they come (Ray
+Data fuses it into the encoder actor on CPU) -> encoder actor pool -> slice embeddings as Parquet -> pooled to one row per volume. The
 bare baseline embeds the same slices, already decoded and resized in memory, with the encoder
 alone, before and after the pipeline runs (averaged). Same machine, encoder, resolution, batch
 size and torch threads; Ray start-up excluded.
@@ -120,7 +120,7 @@ def main() -> None:
     steady = (n_full - n_short) / (t_full - t_short)
     startup = t_short - n_short / steady
     print(f"pipeline end to end: {n_full} slices of {len(full)} volumes in {t_full:.1f} s = "
-          f"{n_full / t_full:.2f} slices/s (header, lazy slice reads, window, resize, encode, pool, Parquet)")
+          f"{n_full / t_full:.2f} slices/s (one-pass volume reads, window, resize, encode, pool, Parquet)")
     print(f"pipeline start-up: {startup:.1f} s per extraction (from {n_short} slices of {len(short)} volumes "
           f"in {t_short:.1f} s)")
     print(f"pipeline steady state: {steady:.2f} slices/s")
