@@ -243,6 +243,10 @@ def run_cell(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> d
     from tasks.metrics import classification_metrics
     from tasks.protocols import create_protocol
 
+    if spec.get("members"):  # several cells in one trial (3D segmentation: seeds sharing encoded crops)
+        from orchestrator.seg3d_cells import run_group_spec
+
+        return run_group_spec(spec, placement)
     cell_id = spec["cell_id"]
     grouped = getattr(DATASETS.get(spec["dataset"]), "grouped_metrics", None)
     results = ResultStore(spec["results_dir"], identity={**spec.get("identity", {}), "cell_id": cell_id})

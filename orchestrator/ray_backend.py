@@ -202,17 +202,21 @@ class _TuneBridge(tune.Callback):
         self.error_reader = error_reader
 
     @staticmethod
-    def _cell_id(trial: Any) -> str:
-        return trial.config["cell"]["cell_id"]
+    def _cell_ids(trial: Any) -> list[str]:
+        """The cells a trial runs: one, or a group's members (each reported as its own cell)."""
+        cell = trial.config["cell"]
+        return [m["cell_id"] for m in cell["members"]] if cell.get("members") else [cell["cell_id"]]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.listener.on_start(self._cell_id(trial))
+        for cid in self._cell_ids(trial):
+            self.listener.on_start(cid)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.listener.on_result(self._cell_id(trial), dict(trial.last_result or {}))
+        for cid in self._cell_ids(trial):  # each member's result directory decides its own status
+            self.listener.on_result(cid, dict(trial.last_result or {}))
 
-    def _message(self, trial: Any) -> str:
-        message = self.error_reader(self._cell_id(trial))
+    def _message(self, trial: Any, cell_id: str) -> str:
+        message = self.error_reader(cell_id)
         if not message and trial.error_file and os.path.exists(trial.error_file):
             with open(trial.error_file) as f:
                 lines = [ln for ln in f.read().strip().splitlines() if ln.strip()]
@@ -221,10 +225,12 @@ class _TuneBridge(tune.Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # Tune retries the trial (FailureConfig.max_failures) wherever resources are free.
-        self.listener.on_retry(self._cell_id(trial), self._message(trial))
+        for cid in self._cell_ids(trial):
+            self.listener.on_retry(cid, self._message(trial, cid))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.listener.on_error(self._cell_id(trial), self._message(trial))
+        for cid in self._cell_ids(trial):
+            self.listener.on_error(cid, self._message(trial, cid))
 
 
 def _trainable(config: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator.cells import RESULT_FILE, ResultStore
+from orchestrator.cells import PLACEMENT_FILE, RESULT_FILE, RUNNING_FILE, ResultStore
 
 SPLITS = ("train", "val", "test")
 ONLINE_REASON = "seg3d_decoder trains with geometric augmentation, which must pass through the encoder"
@@ -64,6 +64,7 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
     source = OnlineFeatures(encoder, dataset, resolution, heads[0].layers)
     fit_group(heads, source, [i["train"] for i in ids], [i["val"] for i in ids])
     fit_s = time.perf_counter() - t0
+    fit_encoded = source.n_encoded_slices
 
     classes = list(dataset.classes)
     rows: list[list[dict[str, Any]]] = [[] for _ in cells]
@@ -83,6 +84,7 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
                 score = float(np.nanmean([r["dice"] for r in case_rows])) if case_rows else float("nan")
                 if np.isfinite(score):
                     scored[k].append((score, sample, pred))
+    predict_encoded = source.n_encoded_slices - fit_encoded  # each val/test volume once for the group
     out = {}
     cell_ids = [c["cell_id"] for c in cells]
     for k, (cell, head) in enumerate(zip(cells, heads, strict=True)):
@@ -104,7 +106,9 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
                        feature_channels=float(source.channels), fit_s=fit_s, best_step=float(head.best_step_),
                        n_updates=float(head.n_updates_), shared_data_order=float(head.shared_data_order_),
                        data_seed=float(head.data_seed_), group_size=float(head.group_size_),
-                       n_encoded_slices=float(head.n_encoded_slices_), compute_s=time.perf_counter() - t0)
+                       n_encoded_slices=float(head.n_encoded_slices_),
+                       group_encoded_slices_fit=float(fit_encoded), group_encoded_slices_predict=float(predict_encoded),
+                       compute_s=time.perf_counter() - t0)
         buf = io.BytesIO()
         per_case.to_parquet(buf, index=False)
         f["per_case.parquet"] = buf.getvalue()
@@ -118,3 +122,96 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
         results.write(cell["cell_id"], f)
         out[cell["cell_id"]] = metrics
     return out
+
+
+# -- the sweep's side: cells of one group become one trial ----------------------------------------
+
+GROUPED_PROTOCOL = "seg3d_decoder"
+
+
+def _group_key(spec: dict[str, Any]) -> str | None:
+    """What cells must share to train on one stream of crops: everything but the seed (the fold).
+    None for a cell that runs alone: not this protocol, not online, or a training subset (the
+    group draws from each head's whole training split)."""
+    if spec.get("protocol") != GROUPED_PROTOCOL or (spec.get("dense") or {}).get("source") != "online":
+        return None
+    if float(spec.get("train_fraction", 1.0)) != 1.0 or spec.get("train_shots") is not None:
+        return None
+    same = {k: spec.get(k) for k in ("encoder", "resolution", "dataset", "hparams", "config", "keys")}
+    same["dense"] = {k: v for k, v in spec["dense"].items() if k != "reason"}
+    return json.dumps(same, sort_keys=True, default=str)
+
+
+def group_specs(specs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(the trials' specs, {cell_id: params of the group it joined}). Cells of `seg3d_decoder` that
+    differ only in their seed become one spec whose `members` are their own specs (each keeps its
+    identity, result directory and MLflow run); every other spec passes through unchanged."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    out: list[dict[str, Any]] = []
+    for spec in specs:
+        key = _group_key(spec)
+        if key is None:
+            out.append(spec)
+        else:
+            groups.setdefault(key, []).append(spec)
+    params: dict[str, dict[str, Any]] = {}
+    for members in groups.values():
+        if len(members) == 1:
+            out.append(members[0])  # a group of one: the dense runner, same head and source
+            continue
+        members = sorted(members, key=lambda m: int(m["seed"]))
+        ids = [m["cell_id"] for m in members]
+        out.append({**members[0], "cell_id": f"{ids[0]}__group{len(ids)}", "members": members})
+        for m in members:
+            params[m["cell_id"]] = {"shared_data_order": "true", "data_seed": int(members[0]["seed"]),
+                                    "group_size": len(ids), "group_seeds": ",".join(str(x["seed"]) for x in members)}
+    return out, params
+
+
+class _PerCellStore:
+    """A ResultStore per member: each result directory gets its own identity.json and placement."""
+
+    def __init__(self, members: Sequence[dict[str, Any]], placement: dict[str, Any] | None):
+        self.stores = {m["cell_id"]: ResultStore(m["results_dir"], identity={**m.get("identity", {}),
+                                                                            "cell_id": m["cell_id"]})
+                       for m in members}
+        self.placement = placement
+
+    def write(self, cell_id: str, files: dict[str, Any]) -> None:
+        if self.placement:
+            files = {**files, PLACEMENT_FILE: json.dumps({**self.placement, "t_end": time.time()},
+                                                         sort_keys=True).encode()}
+        self.stores[cell_id].write(cell_id, files)
+
+
+def run_group_spec(spec: dict[str, Any], placement: dict[str, Any] | None = None) -> dict[str, float]:
+    """A group trial (see `group_specs`): the encoder built once, `run_seg3d_group` over the
+    members. A failure is written as each member's error, so each run says why it failed."""
+    import traceback
+
+    from orchestrator.extract_dense import open_dataset
+    from tasks.encoders import create_encoder
+    from tasks.errors import WeightsError
+
+    members = spec["members"]
+    store = _PerCellStore(members, placement)
+    for m in members:
+        if placement:
+            store.stores[m["cell_id"]].mark_running(m["cell_id"], placement)
+    try:
+        d = spec["dense"]
+        dataset = open_dataset(d["dataset"])
+        encoder = create_encoder(spec["encoder"], weights=d["weights"])
+        if encoder.weights.digest != d["expected_digest"]:
+            raise WeightsError(f"{encoder.weights.source}: weights digest {encoder.weights.digest[:12]} differs "
+                               f"from the planned {d['expected_digest'][:12]}; rerun to re-plan")
+        cells = [{"cell_id": m["cell_id"], "seed": int(m["seed"]), "hparams": m["hparams"]} for m in members]
+        out = run_seg3d_group(dataset, encoder, int(spec["resolution"]), cells, store)
+    except Exception as e:
+        for m in members:
+            s = store.stores[m["cell_id"]]
+            s.write_error(m["cell_id"], f"{type(e).__name__}: {e}", traceback.format_exc())
+            s.clear_marks(m["cell_id"], RUNNING_FILE)
+        raise
+    return {"group_size": float(len(members)), **{k: v for k, v in next(iter(out.values())).items()
+                                                  if k.startswith("group_encoded")}}

@@ -470,6 +470,14 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
             results.delete(p.cell_id)
         specs.append(p.spec)
 
+    # seg3d_decoder cells differing only in their seed run as one trial on one stream of encoded
+    # crops (orchestrator/seg3d_cells.py); each member keeps its own run and result directory.
+    from orchestrator.seg3d_cells import group_specs
+
+    specs, grouped = group_specs(specs)
+    for cid, gparams in grouped.items():
+        runner.params[cid].update(gparams)
+
     def cell_resources(spec: dict[str, Any]) -> dict[str, float]:
         res = {"CPU": cfg.resources.cell_cpus}
         if n_gpus:  # a share of one GPU, by encoder size and resolution (config: resources.cell_gpus)

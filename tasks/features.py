@@ -70,6 +70,7 @@ class OnlineFeatures:
         self.channels = int(getattr(dataset, "n_modalities", 1)) * max(1, len(self.layers)) * per_layer
         self.grid = self.resolution // encoder.spec.patch_size
         self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.n_encoded_slices = 0  # grey slices through the encoder so far (what a shared group saves)
 
     def case_ids(self, split: str | None = None) -> list[str]:
         idx = self.dataset.index()
@@ -81,6 +82,7 @@ class OnlineFeatures:
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (M, S, H, W[, 3]) -> float32 (S, C, h, w), on the encoder's device."""
         pixels = prepare_slices(images, self.resolution, self.encoder.interpolation)
+        self.n_encoded_slices += int(images.shape[0]) * int(images.shape[1])
         return encode_prepared(self.encoder, pixels, self.layers or None, self.batch_size)
 
     def features(self, case_id: str) -> np.ndarray:

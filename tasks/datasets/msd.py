@@ -327,6 +327,7 @@ def _msd(name: str, task_dir: str, classes: tuple[str, ...], modality: str = "CT
                                          "modality": modality, "n_modalities": n_modalities,
                                          "default_window": window, "__module__": __name__,
                                          "__doc__": f"MSD {task_dir} ({modality}): {', '.join(classes)}."})
+    globals()[task_dir] = cls  # importable by its class path: Ray workers rebuild datasets that way
     return register_dataset(cls)
 
 
