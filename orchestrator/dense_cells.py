@@ -183,10 +183,11 @@ def run_dense_cell(spec: dict[str, Any], results: ResultStore, placement: dict[s
                 # Predictions go to local files now, read one at a time when the result is
                 # published: memory does not grow with the number of test cases.
                 for rel, data in handler.prediction_files(sample, pred).items():
-                    path = Path(tmp) / "predictions" / rel
+                    rel = _under("predictions", rel)  # a handler may name the directory itself (mask3d does)
+                    path = Path(tmp) / rel
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(data)
-                    files[f"predictions/{rel}"] = path
+                    files[rel] = path
                 score = _case_score(case_rows)
                 if np.isfinite(score):
                     item = (sample, pred, score)
@@ -194,7 +195,7 @@ def run_dense_cell(spec: dict[str, Any], results: ResultStore, placement: dict[s
                     _keep(worst, (-score, i, item))
         chosen = sorted({id(x[2]): x[2] for x in best + worst}.values(), key=lambda c: -c[2])
         for rel, data in handler.figures(chosen).items():
-            files[f"figures/{rel}"] = data
+            files[_under("figures", rel)] = data
 
         per_case = pd.DataFrame(rows)
         front = [c for c in ("case_id", "split", "class") if c in per_case.columns]
@@ -225,6 +226,10 @@ def run_dense_cell(spec: dict[str, Any], results: ResultStore, placement: dict[s
         files[RESULT_FILE] = json.dumps(metrics, indent=1, sort_keys=True).encode()
         results.write(spec["cell_id"], files)
     return metrics
+
+
+def _under(folder: str, rel: str) -> str:
+    return rel if rel.startswith(f"{folder}/") else f"{folder}/{rel}"
 
 
 def _keep(heap: list, entry: tuple[float, int, Any]) -> None:

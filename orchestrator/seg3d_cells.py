@@ -45,9 +45,11 @@ def _probe(dataset: Any, case_ids: Sequence[str]) -> dict[str, str]:
 
 
 def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence[dict[str, Any]],
-                    results: ResultStore) -> dict[str, dict[str, float]]:
+                    results: Any, data_order: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
     """cells: [{"cell_id", "seed", "hparams"}] of one (encoder, resolution, dataset). Returns each
-    cell's metrics, as written to its result directory."""
+    cell's metrics, as written to its result directory. `data_order` ({"seed", "seeds"}: the planned
+    group, see `data_order_for`) fixes the crop stream to the planned group's, whichever of its cells
+    run now."""
     from tasks.dense import TARGET_HANDLERS
     from tasks.features import OnlineFeatures
     from tasks.protocols import create_protocol
@@ -62,7 +64,13 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
     ids = [{s: [cid for cid, sp in sp_map.items() if sp == s and cid not in failed] for s in SPLITS}
            for sp_map, _ in splits]
     source = OnlineFeatures(encoder, dataset, resolution, heads[0].layers)
-    fit_group(heads, source, [i["train"] for i in ids], [i["val"] for i in ids])
+    order: dict[str, Any] = {}
+    if data_order:
+        seeds = [int(x) for x in data_order["seeds"]]
+        pool = sorted({cid for s in seeds for cid, sp in dataset.cell_splits(s)[0].items()
+                       if sp == "train" and cid not in failed})
+        order = {"data_seed": int(data_order["seed"]), "pool": pool, "shared": len(seeds) > 1}
+    fit_group(heads, source, [i["train"] for i in ids], [i["val"] for i in ids], **order)
     fit_s = time.perf_counter() - t0
     fit_encoded = source.n_encoded_slices
 
@@ -129,23 +137,32 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
 GROUPED_PROTOCOL = "seg3d_decoder"
 
 
+def data_order_for(cfg: Any, cell: Any) -> dict[str, Any] | None:
+    """The planned group of a `seg3d_decoder` cell: every grid seed of its (encoder, resolution,
+    dataset, hyperparameters, train size) trains on one crop stream, seeded by the smallest seed and
+    drawn from the union of their training cases. Part of the cell's identity (its data order
+    depends on it). None for other cells and for training subsets (they run alone: the group draws
+    from whole training splits)."""
+    if cell.protocol != GROUPED_PROTOCOL or not cell.train_size.is_full:
+        return None
+    seeds = sorted({int(s) for s in cfg.grid.seeds})
+    return {"seed": seeds[0], "seeds": seeds}
+
+
 def _group_key(spec: dict[str, Any]) -> str | None:
     """What cells must share to train on one stream of crops: everything but the seed (the fold).
-    None for a cell that runs alone: not this protocol, not online, or a training subset (the
-    group draws from each head's whole training split)."""
-    if spec.get("protocol") != GROUPED_PROTOCOL or (spec.get("dense") or {}).get("source") != "online":
+    None for a cell that runs alone through the dense runner (no planned group, or not online)."""
+    if not spec.get("data_order") or (spec.get("dense") or {}).get("source") != "online":
         return None
-    if float(spec.get("train_fraction", 1.0)) != 1.0 or spec.get("train_shots") is not None:
-        return None
-    same = {k: spec.get(k) for k in ("encoder", "resolution", "dataset", "hparams", "config", "keys")}
+    same = {k: spec.get(k) for k in ("encoder", "resolution", "dataset", "hparams", "config", "keys", "data_order")}
     same["dense"] = {k: v for k, v in spec["dense"].items() if k != "reason"}
     return json.dumps(same, sort_keys=True, default=str)
 
 
 def group_specs(specs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """(the trials' specs, {cell_id: params of the group it joined}). Cells of `seg3d_decoder` that
-    differ only in their seed become one spec whose `members` are their own specs (each keeps its
-    identity, result directory and MLflow run); every other spec passes through unchanged."""
+    """(the trials' specs, {cell_id: params of the group it joined}). The `seg3d_decoder` cells to
+    run that differ only in their seed become one spec whose `members` are their own specs (each
+    keeps its identity, result directory and MLflow run); every other spec passes through."""
     groups: dict[str, list[dict[str, Any]]] = {}
     out: list[dict[str, Any]] = []
     for spec in specs:
@@ -156,14 +173,14 @@ def group_specs(specs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
             groups.setdefault(key, []).append(spec)
     params: dict[str, dict[str, Any]] = {}
     for members in groups.values():
-        if len(members) == 1:
-            out.append(members[0])  # a group of one: the dense runner, same head and source
-            continue
         members = sorted(members, key=lambda m: int(m["seed"]))
         ids = [m["cell_id"] for m in members]
+        order = members[0]["data_order"]
         out.append({**members[0], "cell_id": f"{ids[0]}__group{len(ids)}", "members": members})
         for m in members:
-            params[m["cell_id"]] = {"shared_data_order": "true", "data_seed": int(members[0]["seed"]),
+            params[m["cell_id"]] = {"shared_data_order": str(len(order["seeds"]) > 1).lower(),
+                                    "data_seed": int(order["seed"]),
+                                    "data_order_seeds": ",".join(str(x) for x in order["seeds"]),
                                     "group_size": len(ids), "group_seeds": ",".join(str(x["seed"]) for x in members)}
     return out, params
 
@@ -206,7 +223,7 @@ def run_group_spec(spec: dict[str, Any], placement: dict[str, Any] | None = None
             raise WeightsError(f"{encoder.weights.source}: weights digest {encoder.weights.digest[:12]} differs "
                                f"from the planned {d['expected_digest'][:12]}; rerun to re-plan")
         cells = [{"cell_id": m["cell_id"], "seed": int(m["seed"]), "hparams": m["hparams"]} for m in members]
-        out = run_seg3d_group(dataset, encoder, int(spec["resolution"]), cells, store)
+        out = run_seg3d_group(dataset, encoder, int(spec["resolution"]), cells, store, spec["data_order"])
     except Exception as e:
         for m in members:
             s = store.stores[m["cell_id"]]

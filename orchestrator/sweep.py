@@ -224,6 +224,8 @@ def _cell_params(cfg: SweepConfig, cell: Cell, ex: ExtractResult, ds_cls: Any, h
 def _plan_cell(cfg: SweepConfig, c: Cell, plan: Plan, results_dir: str, precision: str) -> PlannedCell:
     """The cell's spec (its identity) from the planned extractions; a cell whose extraction (or an
     out-of-domain test set's) could not be planned gets an identity from the config alone."""
+    from orchestrator.identity import identify
+    from orchestrator.seg3d_cells import data_order_for
     from tasks.datasets import dataset_class
     from tasks.encoders import get_encoder_spec
 
@@ -239,13 +241,18 @@ def _plan_cell(cfg: SweepConfig, c: Cell, plan: Plan, results_dir: str, precisio
     if ex is not None and ex.cases:  # a slide dataset: the cell's own split, and its out-of-domain test sets
         cases, scheme = ex.cases[c.seed]
         ood, error = _ood_sets(cfg, c, plan.results, plan.failures)
+    order = data_order_for(cfg, c)  # seg3d: the planned group's crop stream determines the result
     if ex is None or error:
         spec = cell_spec(c, keys={}, **common)
+        if order:
+            spec = identify({**spec, "data_order": order}, c.prefix)
         params = {"encoder": c.encoder, "resolution": c.resolution, "dataset": c.dataset, "protocol": c.protocol,
                   "seed": c.seed, "seed_free": str(c.seed_free).lower(), "weights": cfg.weights,
                   "precision": precision, "result_format": RESULT_FORMAT}
         return PlannedCell(c, spec, params, error or "not planned")
     spec = cell_spec(c, keys=ex.keys, cases=cases, ood=ood, coords_uri=ex.coords_uri, split_scheme=scheme, **common)
+    if order:  # (orchestrator/seg3d_cells.py)
+        spec = identify({**spec, "data_order": order}, c.prefix)
     fingerprint, preprocess = plan.info[c.extraction]
     params = _cell_params(cfg, c, ex, ds_cls, hparams, fingerprint, preprocess)
     if scheme:

@@ -11,10 +11,13 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
+from orchestrator.cells import ResultStore
 from orchestrator.config import parse_config
 from orchestrator.identity import prefix_of
+from orchestrator.seg3d_cells import run_seg3d_group
 from orchestrator.sweep import run_sweep
 from tasks.datasets import dataset_class, get_dataset
+from tasks.encoders import create_encoder
 
 from .conftest import TINY, sweep_config
 from .test_sweep import _runs
@@ -50,12 +53,12 @@ def test_seg3d_sweep_learns_on_every_layout(ray_session, tmp_path, one_torch_thr
         # all background scores Dice 0 on every labelled class of every case
         assert m["test_dice_mean"] > 0.2, (cid, m)
         assert "test_hd95_mean" in m and "test_n_empty_predictions" in m
-    # a group of one (a single seed) runs through the dense cell runner: its NIfTI predictions
-    # lie on the image's affine
+    # each cell (here a group of one: a single seed) writes its test cases' NIfTI predictions
     for name, d in _cell_dirs(cfg).items():
+        m = json.loads((d / "metrics.json").read_text())
         preds = sorted((d / "predictions").glob("*.nii.gz"))
-        assert preds, name
-        assert nib.load(preds[0]).shape[0] > 0
+        assert len(preds) == m["n_test"] > 0, name
+        assert len(nib.load(preds[0]).shape) == 3 and m["shared_data_order"] == 0 and m["group_size"] == 1
 
 
 @pytest.mark.slow
@@ -90,4 +93,22 @@ def test_five_fold_msd_sweep_encodes_each_volume_once(ray_session, tmp_path, one
     for _, row in runs.iterrows():
         p = row["run"].data.params
         assert p["shared_data_order"] == "true" and p["group_size"] == "5" and p["data_seed"] == "0"
-        assert p["group_seeds"] == "0,1,2,3,4" and p["feature_source"] == "online"
+        assert p["group_seeds"] == p["data_order_seeds"] == "0,1,2,3,4" and p["feature_source"] == "online"
+
+
+def test_a_resumed_part_of_a_group_draws_the_same_crops(tmp_path, one_torch_thread):
+    """Resume runs only the missing folds: with the planned group's data order they train exactly
+    as they would have in the whole group."""
+    dataset_class("msd_spleen").synth(tmp_path / "data", n=6, image_size=16, n_slices=4)
+    ds = get_dataset("msd_spleen", tmp_path / "data")
+    enc = create_encoder(TINY, "random", "cpu")
+    hp = {"steps": 3, "batch_size": 2, "crop_slices": 4, "val_every": 0, "base": 8, "lr": 1e-3, "layers": [-2, -1]}
+    order = {"seed": 0, "seeds": [0, 1, 2, 3, 4]}
+    whole = run_seg3d_group(ds, enc, 32, [{"cell_id": f"f{k}", "seed": k, "hparams": hp} for k in range(5)],
+                            ResultStore(str(tmp_path / "whole")), order)
+    part = run_seg3d_group(ds, enc, 32, [{"cell_id": f"f{k}", "seed": k, "hparams": hp} for k in (2, 4)],
+                           ResultStore(str(tmp_path / "part")), order)
+    for k in (2, 4):
+        for m in ("test_dice_mean", "val_dice_mean", "n_updates"):
+            assert part[f"f{k}"][m] == pytest.approx(whole[f"f{k}"][m], nan_ok=True), (k, m)
+        assert part[f"f{k}"]["shared_data_order"] == 1 and part[f"f{k}"]["group_size"] == 2

@@ -94,8 +94,13 @@ class _SampleCache:
 
 
 def fit_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, train_ids_per_head: Sequence[Sequence[str]],
-              val_ids_per_head: Sequence[Sequence[str]] | None = None) -> list[Seg3DDecoder]:
-    """Fit every head on one shared stream of encoded crops (module docstring). Returns the heads."""
+              val_ids_per_head: Sequence[Sequence[str]] | None = None, *, data_seed: int | None = None,
+              pool: Sequence[str] | None = None, shared: bool | None = None) -> list[Seg3DDecoder]:
+    """Fit every head on one shared stream of encoded crops (module docstring). Returns the heads.
+    `data_seed` (default: the smallest head seed) and `pool` (cases crops are drawn from; default:
+    the union of the heads' training cases) fix the crop stream whatever subset of a planned group
+    runs (a resumed sweep runs only the missing folds and must draw the same crops); `shared`
+    (default: more than one head) is what the heads record as `shared_data_order_`."""
     from monai.losses import DiceCELoss
 
     heads = list(heads)
@@ -112,9 +117,9 @@ def fit_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, train_ids_pe
     ds = getattr(source, "dataset", None)
     samples = _SampleCache(source)
     first = samples(sorted(trains[0])[0])
-    data_seed = min(int(h.seed) for h in heads)
+    data_seed = min(int(h.seed) for h in heads) if data_seed is None else int(data_seed)
     rng = np.random.default_rng(data_seed)
-    union = sorted(set().union(*trains))
+    union = sorted(set().union(*trains, map(str, pool or ())))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opts, lr_at = [], []
     for h in heads:
@@ -130,7 +135,8 @@ def fit_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, train_ids_pe
         opts.append(opt)
         lr_at.append(_lr_lambda(h.steps, h.warmup_steps_))
         h.loss_curve_, h.val_curve_, h.n_updates_, h.best_step_ = [], [], 0, 0
-        h.data_seed_, h.group_size_, h.shared_data_order_ = data_seed, len(heads), len(heads) > 1
+        h.data_seed_, h.group_size_ = data_seed, len(heads)
+        h.shared_data_order_ = len(heads) > 1 if shared is None else bool(shared)
         h.best_dice_, h._best_state = -1.0, None
         h.trained_cases_ = set()  # the cases whose crops gave this head gradients (its own training cases)
     n_encoded = 0
