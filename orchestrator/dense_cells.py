@@ -7,7 +7,8 @@ The feature source is the one the rule chose for the cell's extraction (`dense_c
 driver; recorded as params `feature_source` and `feature_source_reason`): `CachedFeatures`
 (memory-mapped fp16 maps, one file per case) or `tasks.features.OnlineFeatures` (the frozen encoder
 built here, beside the head; the cell then asks Ray for `resources.online_encoder_gpus` more of a
-GPU). Online cells do not share encoded batches with other cells: each encodes what it reads.
+GPU). Online cells do not share encoded batches with other cells: each encodes what it reads
+(except seg3d_decoder's seed groups, orchestrator/seg3d_cells.py).
 
 Results (`<sweep>/cells/<cell_id>/`, logged to MLflow as the run's artifacts):
 - `metrics.json`: `val_*` / `test_*` from `handler.aggregate`, counts, timings, `n_failed_cases`;
