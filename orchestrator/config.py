@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -123,6 +123,8 @@ class Resources(_Strict):
     extract_gpus: float = Field(default=1.0, ge=0, description="whole GPUs per encoder actor (0: CPU)")
     extract_actors: int | None = Field(default=None, ge=1, description="default: one per GPU, else 1")
     extract_batch_size: int = Field(default=32, ge=1)
+    precision: Literal["auto", "fp32"] = Field(
+        default="auto", description="encoder precision: auto = bf16 autocast on GPUs, fp32 on CPU; fp32 everywhere")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU encoder threads")
     # Dense features (docs/dense.md): an extraction goes to the cache when its planned fp16 maps fit
     # this budget (and the head does not augment), else the encoder runs inside each trial, and

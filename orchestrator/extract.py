@@ -116,12 +116,15 @@ class EncoderUDF:
             # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1); an encoder on CPU
             # should use the machine's cores unless told otherwise.
             torch.set_num_threads(torch_threads or usable_cpus())
+        if expected_precision == "fp32":
+            self.encoder.autocast = False  # planned full precision (resources.precision: fp32), GPU or not
         precision = encoder_precision(self.encoder)
         if expected_precision and precision != expected_precision:
             # Features of another precision must not be filed under this key (bf16 != fp32).
             raise WeightsError(
                 f"{encoder}: the encoder runs in {precision} on {self.encoder.device}, but the sweep planned "
-                f"{expected_precision} (resources.extract_gpus and the cluster's GPUs decide it); rerun to re-plan."
+                f"{expected_precision} (resources.extract_gpus, resources.precision and the cluster's GPUs decide "
+                "it: a node that offers a GPU Ray cannot use with CUDA?); rerun to re-plan."
             )
         if self.encoder.weights.digest != expected_digest:
             # The weights changed since the cache key was computed: refuse to file features
@@ -176,10 +179,13 @@ def usable_cpus() -> int:
 
 # -- precision -------------------------------------------------------------------------------
 
-def planned_precision(n_gpus: float, extract_gpus: float) -> str:
-    """What the encoder actors of a sweep run in: bf16 autocast when they get a GPU (the cluster
-    has GPUs and resources.extract_gpus > 0), fp32 on CPU. Decided when the sweep is planned,
-    because it is part of every feature cache key and every cell's identity."""
+def planned_precision(n_gpus: float, extract_gpus: float, requested: str = "auto") -> str:
+    """What the encoder actors of a sweep run in: with `requested` "auto" (resources.precision),
+    bf16 autocast when they get a GPU (the cluster has GPUs and resources.extract_gpus > 0), fp32
+    on CPU; "fp32" forces full precision on GPUs too. Decided when the sweep is planned, because it
+    is part of every feature cache key and every cell's identity."""
+    if requested == "fp32":
+        return "fp32"
     return "bf16" if n_gpus > 0 and extract_gpus > 0 else "fp32"
 
 

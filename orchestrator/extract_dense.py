@@ -39,7 +39,7 @@ import numpy as np
 
 from orchestrator import storage
 from orchestrator.cache import CacheKey, FeatureCache
-from orchestrator.extract import EncoderUDF, ExtractResult
+from orchestrator.extract import EncoderUDF, ExtractResult, planned_precision
 from orchestrator.progress import Progress, files_with_suffix, watch_output
 from tasks.dense import FEATURE_DTYPE, Sample, SourceChoice, choose_source
 from tasks.errors import DatasetError
@@ -107,11 +107,6 @@ def channels(encoder: Any, dataset: Any, layers: Sequence[int] | None) -> int:
     return int(getattr(dataset, "n_modalities", 1)) * max(1, len(layers or ())) * encoder.spec.embed_dim
 
 
-def precision_of(n_gpus: float, extract_gpus: float) -> str:
-    """bf16 when the encoder actors run on CUDA (FrozenEncoder autocasts there), fp32 on CPU."""
-    return "bf16" if n_gpus > 0 and extract_gpus > 0 else "fp32"
-
-
 def case_file(case_id: str) -> str:
     """A file name for a case id: readable, filesystem-safe, unique (ids may hold '/' or spaces)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", case_id)[:80]
@@ -157,11 +152,9 @@ class DenseEncoderUDF(EncoderUDF):
 
     def __init__(self, encoder: str, weights: str, expected_digest: str, layers: str, out_uri: str,
                  precision: str, torch_threads: int | None = None, batch_size: int = 32):
-        super().__init__(encoder, weights, "auto", expected_digest, torch_threads)
-        want = "bf16" if self.encoder.device.type == "cuda" else "fp32"
-        if precision != want:  # the key must describe the numbers
-            raise RuntimeError(f"dense extraction planned {precision} features, but the encoder actor runs on "
-                               f"{self.encoder.device} ({want})")
+        # EncoderUDF loads the weights, checks their digest and the planned precision (the key must
+        # describe the numbers).
+        super().__init__(encoder, weights, "auto", expected_digest, torch_threads, expected_precision=precision)
         self.layers = [int(i) for i in layers.split(",")] if layers else None
         self.fs, self.out = storage.split_uri(out_uri)
         self.batch_size = batch_size
@@ -244,7 +237,7 @@ def extract_dense(job: Any, cache: FeatureCache, cfg: Any, n_gpus: float, datase
 
     meta_enc = create_encoder(job.encoder, weights="random", device="meta")
     res = cfg.resources
-    precision = precision_of(n_gpus, res.extract_gpus)
+    precision = planned_precision(n_gpus, res.extract_gpus, res.precision)
     options = json.loads(job.options)
     out = DenseExtractResult(job, {}, result.weights_source, result.weights_digest, interpolation=result.interpolation,
                              precision=precision, dataset_ref=dataset_ref(dataset, options))

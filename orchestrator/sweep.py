@@ -312,7 +312,8 @@ def _plan_training_free(cfg: SweepConfig, c: Cell, memo: DigestMemo, results_dir
     ds_cls = dataset_class(c.dataset)
     hparams = resolved_hparams(c.protocol, ds_cls.task, c.seed, cfg.protocols.get(c.protocol, {}))
     enc = get_encoder_spec(c.encoder)
-    precision = planned_precision(n_gpus, 1)  # the cell's own GPU share, when the cluster has GPUs
+    # the cell's own GPU share, when the cluster has GPUs
+    precision = planned_precision(n_gpus, 1, cfg.resources.precision)
     params = {"encoder": c.encoder, "timm_model": enc.timm_name, "params": enc.params,
               "gflops": float(enc.gflops(c.resolution)), "resolution": c.resolution, "dataset": c.dataset,
               "protocol": c.protocol, "seed": c.seed, "weights": cfg.weights, "task": ds_cls.task,
@@ -387,7 +388,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
     n_gpus = resources.get("GPU", 0.0)
     if not n_gpus:
         console.note("no GPU in the Ray cluster: encoders and heads run on CPU")
-    precision = planned_precision(n_gpus, cfg.resources.extract_gpus)
+    precision = planned_precision(n_gpus, cfg.resources.extract_gpus, cfg.resources.precision)
     cache = FeatureCache(cfg.cache_root, clean=True)
     if cache.cleaned:
         console.note(f"removed {len(cache.cleaned)} scratch director(ies) of extractions that died")

@@ -51,6 +51,8 @@ def sweep_raw(name: str, args: dict[str, Any], resolutions: list[int], seeds: li
         "storage": f"file://{args['work']}/shared",
         "protocols": {"linear_probe": {"epochs": epochs}},
         "resources": {"cell_cpus": 1, "cell_gpus": GPU_TABLE, "extract_gpus": 1, "extract_actors": actors,
+                      # fake GPUs (no CUDA behind them): the actors compute in fp32, planned so
+                      "precision": "fp32",
                       "extract_batch_size": 64, "torch_threads": 1},
         "max_failures": 2,
     }
