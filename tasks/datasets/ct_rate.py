@@ -29,6 +29,7 @@ import hashlib
 import os
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,19 @@ def window_lut(dtype: np.dtype, slope: float, intercept: float, lo: float, hi: f
     return window(raw * slope + intercept, lo, hi)
 
 
+@contextmanager
+def _nifti_errors(path: str) -> Iterator[None]:
+    """A volume file's read errors as a DatasetError naming the file (the readers share it)."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except FileNotFoundError:
+        raise DatasetError(path, "volume file is missing") from None
+    except Exception as e:  # noqa: BLE001 - nibabel/gzip/zlib raise many types for a broken file
+        raise DatasetError(path, f"cannot read NIfTI: {type(e).__name__}: {e}") from e
+
+
 def iter_slices(path: str, slope: float, intercept: float, lo: float, hi: float,
                 slab: int = 8) -> Iterator[tuple[int, np.ndarray]]:
     """(z, uint8 slice (rows = y)) for every axial slice, in order, reading the file forward ONCE:
@@ -91,7 +105,7 @@ def iter_slices(path: str, slope: float, intercept: float, lo: float, hi: float,
         raise DatasetError(path, f"cannot read NIfTI header: {type(e).__name__}: {e}") from e
     if len(img.shape) != 3 or min(img.shape) < 1:
         raise DatasetError(path, f"expected a 3D volume, got shape {img.shape}")
-    try:
+    with _nifti_errors(path):
         # Unscaled integer data (CT-RATE's: its scaling lives in the metadata CSV) takes the lookup
         # table; a header scl_slope/scl_inter makes nibabel return floats, which take the float path.
         lut: np.ndarray | None = None
@@ -105,12 +119,6 @@ def iter_slices(path: str, slope: float, intercept: float, lo: float, hi: float,
                 out = window(raw.astype(np.float32) * slope + intercept, lo, hi)
             for k in range(len(out)):
                 yield z0 + k, out[k]
-    except DatasetError:
-        raise
-    except FileNotFoundError:
-        raise DatasetError(path, "volume file is missing") from None
-    except Exception as e:  # noqa: BLE001 - nibabel/gzip/zlib raise many types for a broken file
-        raise DatasetError(path, f"cannot read NIfTI: {type(e).__name__}: {e}") from e
 
 
 def _slabs(path: str, img: Any, slab: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -162,7 +170,7 @@ def read_slices(path: str, zs: list[int], slope: float, intercept: float, lo: fl
     `iter_slices` (one pass, slabs of slices)."""
     import nibabel as nib
 
-    try:
+    with _nifti_errors(path):
         img = nib.load(path, keep_file_open=True)
         if len(img.shape) != 3:
             raise DatasetError(path, f"expected a 3D volume, got shape {img.shape}")
@@ -171,12 +179,6 @@ def read_slices(path: str, zs: list[int], slope: float, intercept: float, lo: fl
             raw = np.asarray(img.dataobj[:, :, z], dtype=np.float32)
             out[z] = window(raw.T * slope + intercept, lo, hi)
         return [out[z] for z in zs]
-    except DatasetError:
-        raise
-    except FileNotFoundError:
-        raise DatasetError(path, "volume file is missing") from None
-    except Exception as e:  # noqa: BLE001 - nibabel/gzip/zlib raise many types for a broken file
-        raise DatasetError(path, f"cannot read NIfTI: {type(e).__name__}: {e}") from e
 
 
 def n_slices(path: str) -> int:
