@@ -10,7 +10,7 @@ the analysis (orientation, margins, plots, tables, reference checks) follows.
 Margins are in the metric's own units on its natural scale (``scale``: "fraction" metrics are
 multiplied by 100 when a points file or table says ``unit=percent``). Why these values: 0.005 is
 half a point of AUC/accuracy/Dice, below what a reader of the paper's tables calls a difference;
-VOI (nats) and surface distances (px or mm) live on other scales, where 0.05 nats and half a
+VOI (bits, log2) and surface distances (px or mm) live on other scales, where 0.05 bits and half a
 pixel/mm are the smallest differences the paper's baselines are ranked by; a folding share of
 0.001 (0.1% of voxels) is the resolution registration papers report it at.
 """
@@ -25,7 +25,7 @@ class MetricInfo:
     higher: bool = True  # higher is better
     margin: float = 0.005  # verdict margin in the metric's units (fraction scale for "fraction")
     label: str = ""  # axis/table label; the name when empty
-    unit: str = ""  # printed unit of the values ("" for fractions, "mm", "nats", ...)
+    unit: str = ""  # printed unit of the values ("" for fractions, "mm", "bits", ...)
     scale: str = "fraction"  # "fraction": the margin scales with unit=percent; "absolute": it does not
     overlap: bool = False  # an overlap score: ~0 means the prediction misses (or is empty)
 
@@ -36,15 +36,16 @@ METRICS: dict[str, MetricInfo] = {
     "precision": MetricInfo(label="precision"), "recall": MetricInfo(label="recall"),
     "f1_macro": MetricInfo(label="F1 (macro)"), "f1_weighted": MetricInfo(label="F1 (weighted)"),
     "dice": MetricInfo(label="Dice", overlap=True), "iou": MetricInfo(label="IoU", overlap=True),
+    "mdice": MetricInfo(label="mean Dice", overlap=True), "miou": MetricInfo(label="mIoU", overlap=True),
     "binary_iou": MetricInfo(label="binary IoU", overlap=True),
     "instrument_iou": MetricInfo(label="instrument IoU", overlap=True),
     "hd": MetricInfo(**{**_DIST.__dict__, "label": "HD"}), "hd95": MetricInfo(**{**_DIST.__dict__, "label": "HD95"}),
     "asd": MetricInfo(**{**_DIST.__dict__, "label": "ASD", "margin": 0.1}),
     "assd": MetricInfo(**{**_DIST.__dict__, "label": "ASSD", "margin": 0.1}),
     "tre": MetricInfo(higher=False, margin=0.1, label="TRE", unit="mm", scale="absolute"),
-    "voi": MetricInfo(higher=False, margin=0.05, label="VOI", unit="nats", scale="absolute"),
-    "voi_split": MetricInfo(higher=False, margin=0.05, label="VOI split", unit="nats", scale="absolute"),
-    "voi_merge": MetricInfo(higher=False, margin=0.05, label="VOI merge", unit="nats", scale="absolute"),
+    "voi": MetricInfo(higher=False, margin=0.05, label="VOI", unit="bits", scale="absolute"),
+    "voi_split": MetricInfo(higher=False, margin=0.05, label="VOI split", unit="bits", scale="absolute"),
+    "voi_merge": MetricInfo(higher=False, margin=0.05, label="VOI merge", unit="bits", scale="absolute"),
     "arand": MetricInfo(higher=False, label="ARAND"),
     "cremi": MetricInfo(higher=False, margin=0.05, label="CREMI score", scale="absolute"),
     "folding": MetricInfo(higher=False, margin=0.001, label="folding share"),

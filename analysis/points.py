@@ -26,8 +26,8 @@ POINT_COLUMNS = ["dataset", "protocol", "metric", "encoder", "params", "gflops",
 OPTIONAL_COLUMNS = ["experiment", "run_id", "weights", "unit", "seed_free"]
 # `unit` says the scale of a metric's values (percent values get a x100 margin); `seed_free` marks
 # cells whose protocol ignores the seed (kNN, registration): their seeds are one value.
-UNITS = ("", "fraction", "percent", "mm", "px", "nats")
-UNIT_NAMES = "fraction, percent, mm, px, nats or empty"
+UNITS = ("", "fraction", "percent", "mm", "px", "bits", "nats")
+UNIT_NAMES = "fraction, percent, mm, px, bits, nats or empty"
 TEXT_COLUMNS = ["dataset", "protocol", "metric", "encoder"]
 
 # Headline metrics in the order the paper reports them; anything else follows alphabetically.
@@ -57,15 +57,21 @@ def metric_order(metrics) -> list[str]:
 
 
 def headline_metric(metrics) -> str:
-    """The metric a summary leads with: AUC, else accuracy, else an overlap score (Dice first), else
+    """The metric a summary leads with: AUC, else accuracy, else an overlap score (Dice, then mean Dice
+    over classes, then mean IoU, before any per-class score), else
     VOI (instance segmentation), else the first in `metric_order`."""
     ordered = metric_order(metrics)
     for pick in ("auc", "acc"):
         if pick in ordered:
             return pick
     overlap = [m for m in ordered if is_overlap(m)]
+    # A summary overlap before a per-class one: a multi-class segmentation logs `mdice` beside
+    # `dice_<class>`, and the first class alphabetically is not the task's score.
+    for pick in ("dice", "mdice", "miou", "iou"):
+        if pick in overlap:
+            return pick
     if overlap:
-        return "dice" if "dice" in overlap else overlap[0]
+        return overlap[0]
     return "voi" if "voi" in ordered else (ordered[0] if ordered else "")
 
 

@@ -59,10 +59,20 @@ def _fmt(v: float | None, spec: str) -> str:
     return format(v, spec) if isinstance(v, (int, float)) and v == v else "-"
 
 
-def cell_line(i: int, total: int, cell_id: str, status: str, headline: float | None,
+def headline(metrics: dict[str, float]) -> tuple[str, float | None]:
+    """The test metric a cell's line leads with, chosen as the report chooses it (AUC, else accuracy,
+    else Dice or another overlap, else VOI), so a segmentation cell shows its Dice, not `test_auc=-`."""
+    from analysis.points import headline_metric
+
+    name = headline_metric([k[len("test_"):] for k in metrics if k.startswith("test_")]) or "auc"
+    return f"test_{name}", metrics.get(f"test_{name}")
+
+
+def cell_line(i: int, total: int, cell_id: str, status: str, metrics: dict[str, float],
               seconds: float | None, error: str | None) -> None:
     w = len(str(total))
-    line = f"[{i:>{w}}/{total}] {status:<8} {cell_id}  test_auc={_fmt(headline, '.4f')}  {_fmt(seconds, '.1f')}s"
+    name, value = headline(metrics)
+    line = f"[{i:>{w}}/{total}] {status:<8} {cell_id}  {name}={_fmt(value, '.4f')}  {_fmt(seconds, '.1f')}s"
     if error:
         line += f"\n          reason: {error.splitlines()[0][:300]}"
     _p(line)
@@ -73,7 +83,8 @@ def summary(cfg: SweepConfig, outcome: SweepOutcome) -> None:
     rows: list[dict[str, Any]] = []
     for cid, status in sorted(outcome.cells.items()):
         m = outcome.metrics.get(cid, {})
-        rows.append({"cell": cid, "status": status, "test_auc": m.get("test_auc"),
+        name, value = headline(m)
+        rows.append({"cell": cid, "status": status, "metric": name if value is not None else "", "value": value,
                      "compute_s": m.get("compute_s"),
                      "reason": outcome.errors.get(cid) or outcome.skipped.get(cid, "")})
     with (out / "summary.csv").open("w", newline="") as f:
@@ -82,13 +93,14 @@ def summary(cfg: SweepConfig, outcome: SweepOutcome) -> None:
         w.writerows(rows)
     width = max((len(r["cell"]) for r in rows), default=10)
     _p()
-    _p(f"{'cell':<{width}}  {'status':<8}  {'test_auc':>8}  {'time':>7}")
-    _p("-" * (width + 31))
+    mw = max((len(r["metric"]) for r in rows), default=6)
+    _p(f"{'cell':<{width}}  {'status':<8}  {'metric':<{mw}}  {'value':>8}  {'time':>7}")
+    _p("-" * (width + mw + 33))
     for r in rows:
-        _p(f"{r['cell']:<{width}}  {r['status']:<8}  {_fmt(r['test_auc'], '8.4f'):>8}  "
+        _p(f"{r['cell']:<{width}}  {r['status']:<8}  {r['metric']:<{mw}}  {_fmt(r['value'], '8.4f'):>8}  "
            f"{_fmt(r['compute_s'], '6.1f'):>6}s")
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("FINISHED", "FAILED", "SKIPPED")}
-    _p("-" * (width + 31))
+    _p("-" * (width + mw + 33))
     _p(f"{counts['FINISHED']} finished, {counts['FAILED']} failed, {counts['SKIPPED']} skipped; "
        f"images encoded this run: {outcome.n_encoded}")
     for cid, err in outcome.errors.items():

@@ -30,8 +30,6 @@ from orchestrator.identity import RESULT_FORMAT, config_part, resolved_hparams, 
 from orchestrator.tracking import Tracker
 from tasks.errors import ConfigError, MedscaleError
 
-HEADLINE = "test_auc"
-
 
 @dataclass
 class SweepOutcome:
@@ -193,7 +191,7 @@ class _Runner:
         self.outcome.cells[cell_id] = status
         self.outcome.metrics[cell_id] = metrics
         n = sum(1 for s in self.outcome.cells.values() if s != "SKIPPED")
-        console.cell_line(n, self.total, cell_id, status, metrics.get(HEADLINE),
+        console.cell_line(n, self.total, cell_id, status, metrics,
                           metrics.get("compute_s"), self.outcome.errors.get(cell_id))
 
 

@@ -70,3 +70,15 @@ def test_sweep_console_is_medscales_and_ray_goes_to_the_log(synth_roots, tmp_pat
     exp = client.get_experiment_by_name("quiet")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs" in out
+
+
+def test_each_cell_line_leads_with_its_own_task_metric():
+    """A segmentation cell's line shows its mean Dice, not `test_auc=-`; the choice is the report's."""
+    from orchestrator.console import headline
+
+    assert headline({"test_auc": 0.7, "val_auc": 0.9, "test_acc": 0.5}) == ("test_auc", 0.7)
+    seg2d = {"test_dice_kidney": 0.3, "test_mdice": 0.6, "test_miou": 0.5, "test_iou_instrument": 0.4}
+    assert headline(seg2d) == ("test_mdice", 0.6)
+    assert headline({"test_dice": 0.8, "test_hd95": 3.0}) == ("test_dice", 0.8)
+    assert headline({"test_voi": 1.2, "test_arand": 0.1}) == ("test_voi", 1.2)
+    assert headline({}) == ("test_auc", None)  # a failed cell: no metrics, printed as "-"
