@@ -18,7 +18,10 @@ class: recall 0, precision 0), as scikit-learn's `zero_division=0`.
 
 Aggregates (the runner adds `test_`): per class `dice_<class>` and `iou_<class>` = mean over cases
 (NaN skipped); `mdice`, `miou`, `precision`, `recall` = means over classes of those class means;
-per group `dice_<group>`, `iou_<group>` (EndoVis18's `iou_instrument` is Table 7's binary IoU).
+per group `dice_<group>`, `iou_<group>` (EndoVis18's `iou_instrument` is Table 7's binary IoU);
+`iou_challenge`: the EndoVis challenges' per-frame IoU as ISINet evaluates it (arXiv 2007.05533):
+per case the mean IoU over the classes in its ground truth, then the mean over the cases that have
+any (a case with an empty ground truth is left out; an empty prediction scores 0 on its classes).
 Class names are lower-cased with runs of other characters as `_`.
 """
 
@@ -162,6 +165,9 @@ class Mask2DHandler:
             for m in ("dice", "iou"):
                 v = sub[m].to_numpy(dtype=float)
                 out[f"{m}_{slug(group)}"] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+        cls_rows = df[(df["kind"] == "class") & (df["gt_pixels"] > 0)]
+        per_case = cls_rows.groupby("case_id")["iou"].mean()
+        out["iou_challenge"] = float(per_case.mean()) if len(per_case) else float("nan")
         out["n_cases"] = float(df["case_id"].nunique())
         return out
 

@@ -118,6 +118,7 @@ def test_seg2d_config_is_the_papers_grid():
     g = cfg.grid
     assert g.encoders == ["dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16"]
     assert min(g.resolutions) == 224 and max(g.resolutions) == 1024
-    assert sorted(g.datasets) == ["edd2020", "endovis18"] and sorted(g.protocols) == ["seg2d_decoder", "seg2d_linear"]
+    assert sorted(g.datasets) == ["edd2020", "endovis18", "endovis18_types"]
+    assert sorted(g.protocols) == ["seg2d_decoder", "seg2d_linear"]
     assert g.seeds == [0, 1, 2]
-    assert cfg.n_cells() == 3 * len(g.resolutions) * 2 * 2 * 3
+    assert cfg.n_cells() == 3 * len(g.resolutions) * 3 * 2 * 3

@@ -14,6 +14,7 @@ from tasks.datasets.ct_rate import CTRATE
 from tasks.datasets.edd2020 import EDD2020
 from tasks.datasets.em import AC3AC4, CREMI, CREMIA, CREMIB, CREMIC
 from tasks.datasets.endovis18 import EndoVis18
+from tasks.datasets.endovis18_types import EndoVis18Types
 from tasks.datasets.kvasir_capsule import KvasirCapsule
 from tasks.datasets.msd import MSD_DATASETS, MSDDataset
 from tasks.datasets.nih14 import NIH14
@@ -22,10 +23,10 @@ from tasks.datasets.rsna import RSNAPneumonia
 from tasks.errors import ConfigError
 
 # Every dataset module is imported here: importing registers its class (@register_dataset).
-__all__ = ["AC3AC4", "ACDC", "BCNB", "CAMUS", "CREMI", "CREMIA", "CREMIB", "CREMIC", "CTRATE", "DATASETS", "EDD2020",
-           "HECKTOR22", "MSD_DATASETS", "AutoLaparo", "AutoPET2", "Camelyon16", "Camelyon17", "EndoVis18",
-           "ImageDataset", "KvasirCapsule", "MSDDataset", "NIH14", "Problem", "RSNAPneumonia", "dataset_class",
-           "get_dataset", "list_datasets", "register_dataset"]
+__all__ = ["AC3AC4", "ACDC", "BCNB", "CAMUS", "CREMI", "CREMIA", "CREMIB", "CREMIC", "CTRATE", "DATASETS",
+           "EDD2020", "HECKTOR22", "MSD_DATASETS", "AutoLaparo", "AutoPET2", "Camelyon16", "Camelyon17",
+           "EndoVis18", "EndoVis18Types", "ImageDataset", "KvasirCapsule", "MSDDataset", "NIH14", "Problem",
+           "RSNAPneumonia", "dataset_class", "get_dataset", "list_datasets", "register_dataset"]
 
 
 def list_datasets() -> list[str]:

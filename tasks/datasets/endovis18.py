@@ -31,8 +31,9 @@ instrument-clasper, instrument-wrist (the parts of every robotic tool), suction-
 ultrasound-probe: the seven ISINet instrument types (bipolar / prograsp forceps, large needle
 driver, monopolar curved scissors, clip applier, suction instrument, ultrasound probe) are all of
 these. Clamps (clips left in tissue), thread and needles are not instruments.
-Instrument-type IoU (ISINet's instrument-type annotations) is not implemented: their layout could
-not be verified here.
+Instrument-type IoU (ISINet's instrument-type annotations, `seq_N/instrument_labels_2017/`) is the
+dataset `endovis18_types` (tasks/datasets/endovis18_types.py): the same frames and split, the
+instrument types as target and classes.
 """
 
 from __future__ import annotations
@@ -277,8 +278,6 @@ class EndoVis18(DenseDataset):
         identical shafts: a robotic one (instrument-shaft, with a bright clasper at its tip) and a
         suction instrument (plain tip). Far from the tip the two shafts look the same in any one
         16-px patch: telling them apart needs the context of the tip a few patches away."""
-        from PIL import Image
-
         root = fresh_root(root)
         rng = np.random.default_rng(seed)
         w = int(image_size)
@@ -297,11 +296,27 @@ class EndoVis18(DenseDataset):
                 (sd / "labels").mkdir()
                 (sd / "labels.json").write_text(json.dumps(label_json, indent=1))
                 for f in range(per[seqs.index(s)]):
-                    img, lab = _synth_frame(rng, h, w, yy, xx)
-                    Image.fromarray(img).save(sd / "left_frames" / f"frame{f:03d}.png", compress_level=1)
-                    col = np.array([CLASS_COLORS[NAMES[k]] for k in range(len(NAMES))], dtype=np.uint8)[lab]
-                    Image.fromarray(col).save(sd / "labels" / f"frame{f:03d}.png", compress_level=1)
+                    cls._write_synth_frame(rng, sd, f"frame{f:03d}", yy, xx)
         return root
+
+    @classmethod
+    def _write_synth_frame(cls, rng: np.random.Generator, seq_dir: Path, stem: str, yy: np.ndarray,
+                           xx: np.ndarray) -> None:
+        """One synthetic frame and its scene label (subclasses add their own annotations)."""
+        img, lab = _synth_frame(rng, *yy.shape, yy, xx)
+        save_png(img, seq_dir / "left_frames" / f"{stem}.png")
+        save_png(scene_colours(lab), seq_dir / "labels" / f"{stem}.png")
+
+
+def save_png(arr: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(arr).save(path, compress_level=1)
+
+
+def scene_colours(lab: np.ndarray) -> np.ndarray:
+    """A scene label map (values = positions in NAMES) as the release's colour-coded RGB label."""
+    return np.array([CLASS_COLORS[n] for n in NAMES], dtype=np.uint8)[lab]
 
 
 def _bar(yy: np.ndarray, xx: np.ndarray, p0: np.ndarray, p1: np.ndarray, half_width: float) -> tuple[np.ndarray, np.ndarray]:
