@@ -211,7 +211,7 @@ def test_sweep_finishes_with_type_metrics_above_background(ray_session, tmp_path
     for t in present:
         assert np.isfinite(m[f"test_iou_{slug(t)}"]) and np.isfinite(m[f"test_dice_{slug(t)}"]), t
     # all-background scores 0 on every present type, so 0 mean IoU and 0 instrument IoU
-    assert m["test_miou"] > 0.05 and m["test_iou_instrument"] > 0.2 and m["test_iou_challenge"] > 0.05, m
+    assert m["test_miou"] > 0.05 and m["test_iou_instrument"] > 0.2 and m["test_iou_challenge"] > 0.1, m
     ds = get_dataset("endovis18_types", root)
     _check_parity(ds, test, {k[5:]: v for k, v in m.items() if k.startswith("test_")},
                   lambda cid: np.asarray(Image.open(res / "predictions" / f"{cid}.png")))

@@ -266,7 +266,7 @@ def _synth_types_frame(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
         p0 = np.array([-4.0 * s if side == 0 else w + 4.0 * s, rng.uniform(0.2, 0.8) * h])
         ang = rng.uniform(-0.5, 0.5) + (0 if side == 0 else np.pi)
         p1 = p0 + rng.uniform(55, 75) * s * np.array([np.cos(ang), np.sin(ang)])
-        bar, _ = _bar(yy, xx, p0, p1, 7.0 * s)  # thick: a type must fill part of a 16-px patch
+        bar, _ = _bar(yy, xx, p0, p1, 10.0 * s)  # thick: a type must fill part of a 16-px patch
         img[bar] = TYPE_COLORS[t] + 6 * rng.standard_normal((int(bar.sum()), 3))
         scene[bar] = NAMES.index(t if t in ("suction-instrument", "ultrasound-probe") else "instrument-shaft")
         owner[bar] = i  # a later instrument covers an earlier one: its mask owns the overlap
