@@ -70,7 +70,7 @@ def dense_cell_plan(cfg: Any, cell: Any, ex: DenseExtractResult, head: Any) -> t
              "key": asdict(key) if key is not None else None, "layers": lk, "dataset": ex.dataset_ref,
              "protocol_cls": class_path(head), "family": head.family, "handler_cls": class_path(handler) if handler is not None else "",
              "target_kind": dataset.target_kind, "weights": cfg.weights, "expected_digest": ex.weights_digest,
-             "precision": ex.precision if key is not None else "bf16 on CUDA, fp32 on CPU (online)"}
+             "precision": ex.precision}
     params = {"feature_kind": "dense", "pooling": "none (dense maps)", "feature_source": choice.kind,
               "feature_source_reason": choice.reason, "feature_layers": lk or "last",
               "feature_planned_gb": round(choice.planned_bytes / 1e9, 4), "feature_precision": dense["precision"],
@@ -103,14 +103,14 @@ def build_source(spec: dict[str, Any], dataset: Any, splits: dict[str, str]) -> 
         failed = {c: source.failed.get(c, "no cached features (not in the dataset when the entry was made)")
                   for c in splits if c not in source.files}
         return source, failed
+    from orchestrator.extract import check_planned
     from tasks.encoders import create_encoder
-    from tasks.errors import WeightsError
     from tasks.features import OnlineFeatures
 
-    encoder = create_encoder(spec["encoder"], weights=d["weights"])
-    if encoder.weights.digest != d["expected_digest"]:
-        raise WeightsError(f"{encoder.weights.source}: weights digest {encoder.weights.digest[:12]} differs from "
-                           f"the planned {d['expected_digest'][:12]}; rerun to re-plan")
+    # The encoder runs in the planned precision (the extraction's, which is in the cell's keys), so
+    # an online cell and a cached one of the same plan compute the same kind of numbers.
+    encoder = check_planned(create_encoder(spec["encoder"], weights=d["weights"]), d["expected_digest"],
+                            d.get("precision"))
     layers = [int(i) for i in d["layers"].split(",")] if d["layers"] else None
     # Keep encoded cases between epochs while they fit in ~2 GB (float32); beyond, re-encode.
     per_case = max(1, d["planned_bytes"] * 2 // max(1, len(splits)))

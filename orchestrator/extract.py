@@ -116,24 +116,7 @@ class EncoderUDF:
             # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1); an encoder on CPU
             # should use the machine's cores unless told otherwise.
             torch.set_num_threads(torch_threads or usable_cpus())
-        if expected_precision == "fp32":
-            self.encoder.autocast = False  # planned full precision (resources.precision: fp32), GPU or not
-        precision = encoder_precision(self.encoder)
-        if expected_precision and precision != expected_precision:
-            # Features of another precision must not be filed under this key (bf16 != fp32).
-            raise WeightsError(
-                f"{encoder}: the encoder runs in {precision} on {self.encoder.device}, but the sweep planned "
-                f"{expected_precision} (resources.extract_gpus, resources.precision and the cluster's GPUs decide "
-                "it: a node that offers a GPU Ray cannot use with CUDA?); rerun to re-plan."
-            )
-        if self.encoder.weights.digest != expected_digest:
-            # The weights changed since the cache key was computed: refuse to file features
-            # under a key that does not describe them.
-            raise WeightsError(
-                f"{self.encoder.weights.source}: weights digest {self.encoder.weights.digest[:12]} "
-                f"differs from the planned {expected_digest[:12]}; were the weights replaced "
-                "during the sweep? Rerun to re-plan."
-            )
+        check_planned(self.encoder, expected_digest, expected_precision)
         self.pooling = pooling
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
@@ -192,6 +175,29 @@ def planned_precision(n_gpus: float, extract_gpus: float, requested: str = "auto
 def encoder_precision(encoder: Any) -> str:
     """The precision a loaded FrozenEncoder computes in (bf16 autocast on CUDA, else fp32)."""
     return "bf16" if getattr(encoder, "autocast", False) else "fp32"
+
+
+def check_planned(encoder: Any, expected_digest: str, precision: str | None) -> Any:
+    """Hold a loaded FrozenEncoder to what the sweep planned: full precision when `precision` is
+    "fp32" (autocast off, GPU or not), and refuse an encoder whose precision or weights digest
+    differ from the plan, since the plan is in the cache keys and the cells' identities. Used by
+    the extraction actors and by every cell that encodes online (dense, seg3d, registration)."""
+    if precision == "fp32":
+        encoder.autocast = False
+    actual = encoder_precision(encoder)
+    if precision and actual != precision:
+        # Features of another precision must not be filed under this key (bf16 != fp32).
+        raise WeightsError(
+            f"{encoder.spec.name}: the encoder runs in {actual} on {encoder.device}, but the sweep planned "
+            f"{precision} (resources.extract_gpus, resources.precision and the cluster's GPUs decide it: a node "
+            "that offers a GPU Ray cannot use with CUDA?); rerun to re-plan.")
+    if expected_digest and encoder.weights.digest != expected_digest:
+        # The weights changed since the keys were computed: refuse to file or report features
+        # under an identity that does not describe them.
+        raise WeightsError(
+            f"{encoder.weights.source}: weights digest {encoder.weights.digest[:12]} differs from the planned "
+            f"{expected_digest[:12]}; were the weights replaced during the sweep? Rerun to re-plan.")
+    return encoder
 
 
 # -- weights identity ------------------------------------------------------------------------

@@ -130,6 +130,7 @@ def run_registration_cell(spec: dict[str, Any], results: ResultStore,
                           placement: dict[str, Any] | None) -> dict[str, float]:
     import torch
 
+    from orchestrator.extract import check_planned
     from tasks.datasets import get_dataset
     from tasks.encoders import create_encoder
     from tasks.features import OnlineFeatures
@@ -144,10 +145,8 @@ def run_registration_cell(spec: dict[str, Any], results: ResultStore,
     pairs = ds.pairs("test")
     source: Any = _SamplesOnly(ds)
     if uses_encoder:  # online: each test frame is encoded once, inside the cell (nothing is reused)
-        encoder = create_encoder(spec["encoder"], weights=spec["weights"], device="auto")
-        if spec.get("weights_digest") and encoder.weights.digest != spec["weights_digest"]:
-            raise RuntimeError(f"{spec['encoder']}: weights digest {encoder.weights.digest[:12]} differs from "
-                               f"the one planned ({spec['weights_digest'][:12]}): the weights changed mid-sweep")
+        encoder = check_planned(create_encoder(spec["encoder"], weights=spec["weights"], device="auto"),
+                                spec.get("weights_digest", ""), spec.get("precision"))
         source = OnlineFeatures(encoder, ds, spec["resolution"], keep=2)
     if not pairs:
         raise ValueError(f"{spec['cell_id']}: {spec['dataset']} has no test pairs")

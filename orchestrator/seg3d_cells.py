@@ -206,9 +206,9 @@ def run_group_spec(spec: dict[str, Any], placement: dict[str, Any] | None = None
     members. A failure is written as each member's error, so each run says why it failed."""
     import traceback
 
+    from orchestrator.extract import check_planned
     from orchestrator.extract_dense import open_dataset
     from tasks.encoders import create_encoder
-    from tasks.errors import WeightsError
 
     members = spec["members"]
     store = _PerCellStore(members, placement)
@@ -218,10 +218,8 @@ def run_group_spec(spec: dict[str, Any], placement: dict[str, Any] | None = None
     try:
         d = spec["dense"]
         dataset = open_dataset(d["dataset"])
-        encoder = create_encoder(spec["encoder"], weights=d["weights"])
-        if encoder.weights.digest != d["expected_digest"]:
-            raise WeightsError(f"{encoder.weights.source}: weights digest {encoder.weights.digest[:12]} differs "
-                               f"from the planned {d['expected_digest'][:12]}; rerun to re-plan")
+        encoder = check_planned(create_encoder(spec["encoder"], weights=d["weights"]), d["expected_digest"],
+                                d.get("precision"))
         cells = [{"cell_id": m["cell_id"], "seed": int(m["seed"]), "hparams": m["hparams"]} for m in members]
         out = run_seg3d_group(dataset, encoder, int(spec["resolution"]), cells, store, spec["data_order"])
     except Exception as e:

@@ -112,6 +112,23 @@ def test_precision_is_planned_from_the_cluster_and_checked_by_the_encoder(one_to
         EncoderUDF(TINY, "random", "cls", digest, 1, expected_precision="bf16")
 
 
+def test_online_cells_hold_their_encoder_to_the_planned_precision_and_weights(one_torch_thread):
+    """Cells that encode inside the trial (dense online, seg3d, registration) go through the same
+    check as the extraction actors: a planned fp32 turns a GPU's bf16 autocast off, and an encoder
+    that would compute in another precision or with other weights is refused."""
+    from orchestrator.extract import check_planned, encoder_precision
+    from tasks.encoders import create_encoder
+    from tasks.errors import WeightsError
+
+    enc = create_encoder(TINY, "random", device="cpu")
+    enc.autocast = True  # what a CUDA device turns on
+    assert check_planned(enc, enc.weights.digest, "fp32") is enc and encoder_precision(enc) == "fp32"
+    with pytest.raises(WeightsError, match="runs in fp32 .* planned bf16"):
+        check_planned(enc, enc.weights.digest, "bf16")
+    with pytest.raises(WeightsError, match="differs from the planned 000000000000"):
+        check_planned(enc, "0" * 64, "fp32")
+
+
 # -- weights memo ----------------------------------------------------------------------------------
 def _write_weights(path: Path, seed: int) -> Path:
     import torch

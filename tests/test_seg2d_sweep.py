@@ -52,6 +52,7 @@ def test_seg2d_sweep_end_to_end(ray_session, roots, tmp_path, one_torch_thread):
         test = pc[pc["split"] == "test"]
         params = runs.set_index("cell").loc[cell, "run"].data.params
         assert params["feature_source"] in ("cached", "online") and params["feature_source_reason"]
+        assert params["feature_precision"] == "fp32"  # planned (no GPU) and held by cached and online cells
         if cell.startswith("endovis18"):
             # Table 7: binary instrument IoU, scene-class IoU and Dice
             for k in ("test_iou_instrument", "test_miou", "test_mdice", "test_iou_instrument_shaft",
