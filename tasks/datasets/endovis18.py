@@ -153,18 +153,22 @@ class EndoVis18(DenseDataset):
             raise DatasetError(str(p), f"cannot parse labels.json (a list of name/color/classid): {e}") from e
         return out
 
-    def _load(self, report: Report) -> pd.DataFrame | None:
+    def _distinct_sequences(self, report: Report) -> list[tuple[int, Path]]:
+        """(number, folder) of each sequence once; a sequence found in two releases is reported."""
         seqs = self._sequences()
         if not seqs:
             report.add(self.root, f"no seq_N folders under any of {', '.join(RELEASES)}")
-            return None
         seen: dict[int, Path] = {}
-        rows = []
         for n, s in seqs:
             if n in seen:
                 report.add(s, f"sequence {n} is also in {seen[n]}")
-                continue
-            seen[n] = s
+            else:
+                seen[n] = s
+        return list(seen.items())
+
+    def _load(self, report: Report) -> pd.DataFrame | None:
+        rows = []
+        for n, s in self._distinct_sequences(report):
             if self._labels_json(s) is None:
                 report.add(s / "labels.json", "missing labels.json (class names and colours)")
             frames, labels = s / "left_frames", s / "labels"

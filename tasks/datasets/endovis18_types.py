@@ -155,17 +155,8 @@ class EndoVis18Types(EndoVis18):
         return self._listing[seq_dir]
 
     def _load(self, report: Report) -> pd.DataFrame | None:
-        seqs = self._sequences()
-        if not seqs:
-            report.add(self.root, "no seq_N folders under any of the EndoVis18 release folders")
-            return None
-        seen: dict[int, Path] = {}
         rows = []
-        for n, s in seqs:
-            if n in seen:
-                report.add(s, f"sequence {n} is also in {seen[n]}")
-                continue
-            seen[n] = s
+        for n, s in self._distinct_sequences(report):
             frames, inst = s / "left_frames", s / INSTANCE_DIR
             if not frames.is_dir():
                 report.add(frames, "missing left_frames folder")
