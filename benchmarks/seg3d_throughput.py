@@ -4,8 +4,8 @@ The pipeline is what a seg3d cell runs to score a volume (`tasks.protocols.seg3d
 predict_group`): NIfTI read in canonical orientation and windowed -> MONAI sliding windows of
 `crop_slices` whole slices (overlap 0.25 along z) -> each window's slices resized to the encoder's
 input and encoded -> the head. The head here is a 1x1x1 convolution, so what is measured is the
-encoding path, not a decoder. Throughput counts the slices ENCODED (windows overlap, so a volume's
-slices are encoded ~1.25 times; the rate of distinct slices is printed too). The bare baseline
+encoding path, not a decoder. Throughput counts the slices ENCODED (windows overlap along z; a
+slice two windows share is encoded once and its maps carried over, so encoded = distinct slices). The bare baseline
 encodes the same slices (every distinct slice of every volume), already decoded and resized in
 memory, with `FrozenEncoder.dense` in batches of the same size, before and after the pipeline
 (averaged). Same machine, encoder, resolution and torch threads.

@@ -64,14 +64,37 @@ def test_group_prediction_encodes_each_window_once_and_equals_single_heads(splee
     src = _source(spleen, heads[0])
     fit_group(heads, src, train)
     cid = spleen.index()["case_id"][0]
-    src.calls = 0
+    src.calls, slices_before = 0, src.slices
     together = predict_group(heads, src, cid)
     windows = src.calls
-    # 5 slices, windows of 3, 25% overlap: MONAI steps int(3 * 0.75) = 2 -> windows at 0 and 2, for all heads
-    assert windows == 2
+    # 5 slices, windows of 3, 25% overlap: MONAI steps int(3 * 0.75) = 2 -> windows at 0 and 2, for all
+    # heads; slice 2 is in both windows and is encoded once (its maps carried to the second window)
+    assert windows == 2 and src.slices - slices_before == 5
     for h, p in zip(heads, together, strict=True):
         assert p.shape == (5, 16, 16) and p.dtype == np.int64
         np.testing.assert_array_equal(p, h.predict(src, cid))
+
+
+def test_carried_window_maps_give_the_whole_volume_prediction(spleen, one_torch_thread):
+    """With a pointwise head, overlapping windows (maps of shared slices carried over, not
+    re-encoded) must give exactly what the head gives on the whole volume encoded at once."""
+    import torch
+
+    from tasks.dense import upsample_logits
+
+    head = create_protocol("seg3d_decoder", **{**HP, "crop_slices": 2, "overlap": 0.5, "layers": None})
+    src = _source(spleen, head)
+    torch.manual_seed(0)
+    head.net_ = torch.nn.Conv3d(src.channels, len(spleen.classes) + 1, 1)
+    head.device_ = "cpu"
+    cid = spleen.index()["case_id"][1]
+    got = predict_group([head], src, cid)[0]
+    assert src.slices == 5  # windows at z 0, 1, 2, 3: each slice encoded once, not twice
+    img = spleen.read_sample(cid).images
+    with torch.no_grad():
+        f = src.encode(img).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, S, h, w), all slices in one call
+        want = upsample_logits(head.net_(f), img.shape[1:4])[0].argmax(0).numpy()
+    np.testing.assert_array_equal(got, want)
 
 
 def test_heads_with_different_data_streams_refuse_to_share(spleen):

@@ -22,7 +22,8 @@ MONAI `DiceCELoss`; AdamW (lr 1e-4, the paper's) with cosine annealing, after a 
 of `warmup` x steps (None: the dataset's default, 0 for MSD, 0.05 for AutoPET-II/HECKTOR);
 validation Dice every `val_every` steps keeps the best weights. Inference: MONAI
 `sliding_window_inference` over the whole volume, windows of `crop_slices` slices (full plane),
-`overlap` along z; each window's slices are encoded when the window is predicted.
+`overlap` along z; each slice is encoded once, when the first window that holds it is predicted
+(the maps of slices shared with the next window are carried over, not encoded again).
 """
 
 from __future__ import annotations

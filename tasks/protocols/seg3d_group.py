@@ -199,8 +199,8 @@ def _validate(heads: list[Seg3DDecoder], source: FeatureSource, vals: list[list[
 
 def predict_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, case_id: str) -> list[np.ndarray]:
     """Label maps (S, H, W) of one case for every head: MONAI sliding_window_inference over the
-    whole volume (windows of crop_slices whole slices, `overlap` along z), each window encoded
-    once for all heads. Logits are blended at the volume's own size."""
+    whole volume (windows of crop_slices whole slices, `overlap` along z), each slice encoded
+    once for all heads and all the windows it is in. Logits are blended at the volume's own size."""
     from monai.inferers import sliding_window_inference
 
     heads = list(heads)
@@ -210,11 +210,22 @@ def predict_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, case_id:
     x = torch.from_numpy(sample.images.astype(np.float32))[None]  # (1, M, S, H, W)
     dev = torch.device(ref.device_)
 
-    def predictor(win: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # Windows overlap along z: the slices a window shares with the previous one are not encoded
+    # again (their maps are carried over, by z), so each slice is encoded once per volume and no
+    # more than one window's maps are held.
+    carry: dict[int, torch.Tensor] = {}
+
+    def predictor(win: torch.Tensor, coords: list) -> tuple[torch.Tensor, ...]:
+        nonlocal carry
         out = []
         for b in range(win.shape[0]):
-            pixels = win[b].round().clamp(0, 255).to(torch.uint8).numpy()
-            feats = _volume(source, pixels, dev)
+            pixels = win[b].round().clamp(0, 255).to(torch.uint8).numpy()  # (M, d, H, W)
+            zs = range(coords[b][2].start, coords[b][2].start + pixels.shape[1])
+            new = [i for i, z in enumerate(zs) if z not in carry]
+            enc = iter(torch.as_tensor(source.encode(pixels[:, new])) if new else ())  # type: ignore[attr-defined]
+            maps = [carry[z] if z in carry else next(enc) for z in zs]
+            carry = dict(zip(zs, maps, strict=True))
+            feats = torch.stack(maps).to(device=dev, dtype=torch.float32).permute(1, 0, 2, 3).unsqueeze(0)
             with torch.no_grad():
                 out.append([upsample_logits(hd.net_.eval()(feats.to(hd.device_)), pixels.shape[1:]).cpu()
                             for hd in heads])
@@ -222,6 +233,7 @@ def predict_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, case_id:
 
     with torch.no_grad():
         res = sliding_window_inference(x, roi_size=(min(ref.crop_slices, s), -1, -1), sw_batch_size=1,
-                                       predictor=predictor, overlap=(ref.overlap, 0.0, 0.0), mode="constant")
+                                       predictor=predictor, overlap=(ref.overlap, 0.0, 0.0), mode="constant",
+                                       with_coord=True)
     res = res if isinstance(res, tuple) else (res,)
     return [r[0].argmax(dim=0).numpy().astype(np.int64) for r in res]
