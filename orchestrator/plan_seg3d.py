@@ -5,9 +5,12 @@ fold and seed of it shares the encoded crops (tasks/protocols/seg3d_group.py) --
 encoded are:
 
     training   steps x batch_size x crop_slices x modalities
-    validation (steps / val_every) rounds x validation cases x slices x modalities x (1 + overlap)
+    validation (steps / val_every) rounds x validation cases x slices x modalities
                (MSD: the union over folds, 80% of cases; one encoding serves all its heads)
-    test       test cases x slices x modalities x (1 + overlap) (MSD: every case, once; PET: 20%)
+    test       test cases x slices x modalities (MSD: every case, once; PET: 20%)
+
+(sliding windows overlap along z, but a slice two windows share is encoded once: predict_group
+carries its maps to the next window).
 
 GPU-hours = slices x encoder GFLOPs(resolution) / effective throughput. The decoder is left out
 (tens of GFLOPs per crop against the encoder's hundreds to thousands per slice). Case counts and
@@ -60,7 +63,7 @@ def planned_gpu_hours(encoders: Sequence[str], resolutions: Sequence[int], datas
                 rounds = p["steps"] // p["val_every"] if p["val_every"] else 1
                 train = p["steps"] * p["batch_size"] * p["crop_slices"] * m
                 val, test = CASE_SHARES["cv" if ds.startswith("msd_") else "split"]
-                infer = (rounds * val + test) * n * s * m * (1 + p["overlap"])
+                infer = (rounds * val + test) * n * s * m
                 slices = train + infer
                 rows.append({"encoder": enc, "resolution": int(res), "dataset": ds, "heads": n_seeds,
                              "slices_encoded": int(slices), "gflops_per_slice": g,
