@@ -5,9 +5,10 @@ Predictions follow tasks.protocols.dense_base: int (H, W) label maps (multiclass
 value k = classes[k - 1]) or bool (C, H, W) masks (multilabel; channel k = classes[k]).
 
 Per-case rows (one per case and class, plus one per group, e.g. EndoVis18's "instrument" = the
-union of its instrument classes, declared by the dataset in `Sample.meta["groups"]`):
-case_id, class, kind (class | group), dice, iou, precision, recall, gt_pixels, pred_pixels,
-height, width. Metrics are computed at the case's original size.
+union of its instrument classes, declared by the dataset in `Sample.meta["groups"]`, plus one
+`frame` row, class "challenge", holding the case's challenge IoU below in `iou`):
+case_id, class, kind (class | group | frame), dice, iou, precision, recall, gt_pixels,
+pred_pixels, height, width. Metrics are computed at the case's original size.
 
 Empty convention: where a class is absent from both the ground truth and the prediction of a
 case (empty union), dice, iou, precision and recall are NaN: the case says nothing about that
@@ -39,6 +40,7 @@ from tasks.dense import Sample, register_target_handler
 
 METRICS = ("dice", "iou", "precision", "recall")
 ROW_COLUMNS = ("case_id", "class", "kind", *METRICS, "gt_pixels", "pred_pixels", "height", "width")
+CHALLENGE = "challenge"  # the class name of each case's `frame` row (its challenge IoU)
 OVERLAY_ALPHA = 0.5
 FIGURE_MAX_SIDE = 512  # overlay panels are shrunk to this (a 1280x1024 frame x 3 panels stays small)
 
@@ -143,6 +145,14 @@ class Mask2DHandler:
                 rows.append({"case_id": sample.case_id, "class": group, "kind": "group",
                              **overlap(np.isin(prediction, vals), np.isin(sample.target, vals)),
                              "height": h, "width": w})
+        # The frame's challenge IoU as its own row, so `medscale analyze` resamples it over cases
+        # like any other metric (analysis.casemetrics reads `iou` of class "challenge").
+        in_gt = [r["iou"] for r in rows[:len(classes)] if r["gt_pixels"] > 0]
+        nan = float("nan")
+        rows.append({"case_id": sample.case_id, "class": CHALLENGE, "kind": "frame", "dice": nan,
+                     "iou": float(np.mean(in_gt)) if in_gt else nan, "precision": nan, "recall": nan,
+                     "gt_pixels": sum(r["gt_pixels"] for r in rows[:len(classes)]),
+                     "pred_pixels": sum(r["pred_pixels"] for r in rows[:len(classes)]), "height": h, "width": w})
         return [{c: r[c] for c in ROW_COLUMNS} for r in rows]
 
     def aggregate(self, rows: Any, classes: Sequence[str]) -> dict[str, float]:
@@ -165,9 +175,8 @@ class Mask2DHandler:
             for m in ("dice", "iou"):
                 v = sub[m].to_numpy(dtype=float)
                 out[f"{m}_{slug(group)}"] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-        cls_rows = df[(df["kind"] == "class") & (df["gt_pixels"] > 0)]
-        per_case = cls_rows.groupby("case_id")["iou"].mean()
-        out["iou_challenge"] = float(per_case.mean()) if len(per_case) else float("nan")
+        frame = df.loc[df["kind"] == "frame", "iou"].to_numpy(dtype=float)
+        out[f"iou_{CHALLENGE}"] = float(np.nanmean(frame)) if np.isfinite(frame).any() else float("nan")
         out["n_cases"] = float(df["case_id"].nunique())
         return out
 

@@ -7,6 +7,7 @@ import io
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -65,10 +66,17 @@ def test_parity_multiclass_png(endovis_root, tmp_path, one_torch_thread):
         saved = np.asarray(Image.open(tmp_path / list(files)[0]))
         np.testing.assert_array_equal(saved, pred)
         rows = h.case_metrics(s, pred, ds.classes)
+        in_gt = []
         for r in rows:
+            if r["kind"] == "frame":  # the challenge IoU: mean over the classes in the ground truth
+                want = np.mean(in_gt) if in_gt else np.nan
+                assert r["class"] == "challenge" and r["iou"] == pytest.approx(want, abs=1e-12, nan_ok=True)
+                continue
             if r["kind"] == "class":
                 k = ds.classes.index(r["class"]) + 1
                 p, g = saved == k, s.target == k
+                if g.any():
+                    in_gt.append(_medpy_sklearn(p, g)[1])
             else:
                 vals = s.meta["groups"][r["class"]]
                 p, g = np.isin(saved, vals), np.isin(s.target, vals)
@@ -92,6 +100,8 @@ def test_parity_multilabel_pngs(edd_root, tmp_path, one_torch_thread):
         files = h.prediction_files(s, pred)
         assert sorted(files) == sorted(f"{cid}_{c}.png" for c in ds.classes)
         for r in h.case_metrics(s, pred, ds.classes):
+            if r["kind"] == "frame":  # the challenge IoU row (checked in the multiclass test)
+                continue
             k = ds.classes.index(r["class"])
             (tmp_path / f"{cid}_{r['class']}.png").write_bytes(files[f"{cid}_{r['class']}.png"])
             saved = np.asarray(Image.open(tmp_path / f"{cid}_{r['class']}.png")) == 255
@@ -161,3 +171,24 @@ def test_best_and_worst_overlays(endovis_root):
     assert cases[2][0].meta["stem"] in names[0] and cases[0][0].meta["stem"] in names[1]
     im = Image.open(io.BytesIO(figs[names[0]]))
     assert im.size == (80 * 3, 64)  # image | ground truth | prediction, at the frame's size
+
+
+def test_challenge_iou_is_a_per_case_value_analyze_can_resample():
+    """iou_challenge has per-case values in the per-case table (its `frame` rows), and the
+    analysis' case mean over them is the logged aggregate."""
+    from analysis.casemetrics import case_mean, case_values
+
+    h = TARGET_HANDLERS["mask2d"]
+    classes = ["a", "b"]
+    gt = [np.array([[1, 1], [2, 0]]), np.array([[0, 0], [0, 0]]), np.array([[2, 2], [0, 0]])]
+    pred = [np.array([[1, 0], [2, 2]]), np.array([[1, 0], [0, 0]]), np.array([[2, 0], [0, 0]])]
+    rows = [r for i, (g, p) in enumerate(zip(gt, pred, strict=True))
+            for r in h.case_metrics(Sample(case_id=f"c{i}", images=np.zeros((1, 1, 2, 2), np.uint8), target=g),
+                                    p, classes)]
+    table = pd.DataFrame(rows)
+    v = case_values(table, "iou_challenge")
+    # c0: mean(iou a = 1/2, iou b = 1/2); c1: nothing in the ground truth -> NaN; c2: iou b = 1/2
+    assert list(v.columns) == ["challenge"] and v["challenge"].tolist()[0::2] == [0.5, 0.5]
+    assert np.isnan(v.loc["c1", "challenge"])
+    logged = h.aggregate(table, classes)["iou_challenge"]
+    assert case_mean(v.to_numpy(), None, np.ones((1, 3))) == pytest.approx([logged])

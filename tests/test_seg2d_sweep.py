@@ -71,7 +71,8 @@ def test_seg2d_sweep_end_to_end(ray_session, roots, tmp_path, one_torch_thread):
             for k in ("test_mdice", "test_miou", "test_precision", "test_recall", "test_dice_be"):
                 assert np.isfinite(m[k]), k
             assert m["test_mdice"] > 0.0
-            assert set(test["class"]) == {"BE", "suspicious", "HGD", "cancer", "polyp"}
+            assert set(test["class"]) == {"BE", "suspicious", "HGD", "cancer", "polyp", "challenge"}
+            assert m["test_iou_challenge"] == pytest.approx(test.loc[test["kind"] == "frame", "iou"].mean())
             cid = sorted(test["case_id"].unique())[0]
             img = Image.open(roots["edd2020"] / "originalImages" / f"{cid}.jpg")
             pred = Image.open(res / "predictions" / f"{cid}_polyp.png")
