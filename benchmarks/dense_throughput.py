@@ -71,7 +71,7 @@ def _child(kind: str, spec_file: str) -> None:
     """Run one cell in this (fresh) process and print its peak RSS."""
     import torch
 
-    from orchestrator.cells import ResultStore
+    from orchestrator.results import ResultStore
 
     spec = json.loads(Path(spec_file).read_text())
     torch.set_num_threads(spec.pop("threads"))

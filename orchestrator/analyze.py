@@ -22,7 +22,7 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
     current = None  # config digests of the cells the config plans now (None: every finished run)
     if config:
         from orchestrator.config import load_config
-        from orchestrator.identity import config_identities
+        from orchestrator.grid import config_identities
 
         cfg = load_config(config)
         tracking_uri = tracking_uri or cfg.resolved_tracking_uri

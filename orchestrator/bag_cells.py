@@ -31,16 +31,8 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.cache import CacheKey, FeatureCache
-from orchestrator.cells import (
-    EVAL_SPLITS,
-    PLACEMENT_FILE,
-    RESULT_FILE,
-    SUBSET_FILE,
-    ResultStore,
-    _predictions,
-    cell_train_subset,
-    subset_record,
-)
+from orchestrator.cells import EVAL_SPLITS, _predictions, cell_train_subset, subset_record
+from orchestrator.results import PLACEMENT_FILE, RESULT_FILE, SUBSET_FILE, ResultStore
 
 HEATMAPS = 3  # attention heatmaps drawn per cell: its highest-scoring test slides
 

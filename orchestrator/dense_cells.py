@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.cache import CacheKey, FeatureCache
-from orchestrator.cells import PLACEMENT_FILE, RESULT_FILE, SUBSET_FILE, ResultStore, subset_record
+from orchestrator.cells import subset_record
+from orchestrator.results import PLACEMENT_FILE, RESULT_FILE, SUBSET_FILE, ResultStore
 from orchestrator.extract_dense import (
     CachedFeatures,
     DenseExtractResult,

@@ -1,5 +1,6 @@
-"""Dense features: the rule that picks a source per extraction, the Ray Data pipeline's worker-side
-steps, and `CachedFeatures`, the reader of a dense cache entry. This module never imports Ray.
+"""Dense features: the Ray Data pipeline's worker-side steps, what a head asks for, and
+`CachedFeatures`, the reader of a dense cache entry. This module never imports Ray; the driver that
+applies the cached/online rule per extraction and runs the pipeline is orchestrator/extract_runs.py.
 
 Pipeline (run by `ray_backend.run_dense_pipeline`): one row per case (2D image or whole volume)
 -> `decode_cases` on CPU workers (`Dataset.read_sample` -> `tasks.features.prepare_slices`: every
@@ -32,15 +33,14 @@ import io
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from orchestrator import storage
 from orchestrator.cache import CacheKey, FeatureCache
-from orchestrator.extract import EncoderUDF, ExtractResult, planned_precision
-from orchestrator.progress import Progress, files_with_suffix, watch_output
+from orchestrator.extract import EncoderUDF, ExtractResult
 from tasks.dense import FEATURE_DTYPE, Sample, SourceChoice, choose_source
 from tasks.errors import DatasetError
 
@@ -199,7 +199,7 @@ class DenseEncoderUDF(EncoderUDF):
         return maps
 
 
-# -- planning, extracting, committing -------------------------------------------------------------
+# -- planning and committing (the driver that extracts: orchestrator/extract_runs.py) --------------
 
 @dataclass
 class DenseExtractResult(ExtractResult):
@@ -223,76 +223,6 @@ def source_for(ex: DenseExtractResult, layers: str, augment: bool, budget_gb: fl
 def planned_slices(dataset: Any) -> int:
     """Slices the encoder sees over the whole dataset (headers only for volumes)."""
     return int(sum(dataset.n_slices(str(c)) for c in dataset.index()["case_id"]))
-
-
-def extract_dense(job: Any, cache: FeatureCache, cfg: Any, n_gpus: float, dataset: Any, result: ExtractResult,
-                  requests: set[tuple[tuple[int, ...] | None, bool]], t0: float) -> DenseExtractResult:
-    """Apply the rule to each (layers, augment) the extraction's cells ask for, and fill the cache for
-    the layer sets it sends to the cache. `result` carries the weights identity and pooled keys."""
-    import time
-
-    from orchestrator import console, ray_backend
-    from orchestrator.extraction_phase import _pool_size, _report_failed
-    from tasks.encoders import create_encoder
-
-    meta_enc = create_encoder(job.encoder, weights="random", device="meta")
-    res = cfg.resources
-    precision = planned_precision(n_gpus, res.extract_gpus, res.precision)
-    options = json.loads(job.options)
-    out = DenseExtractResult(job, {}, result.weights_source, result.weights_digest, interpolation=result.interpolation,
-                             precision=precision, dataset_ref=dataset_ref(dataset, options))
-    grid = job.resolution // meta_enc.spec.patch_size
-    n_slices = planned_slices(dataset)
-    base_key = replace(result.keys["test"], split=DENSE_SPLIT, pooling="patch", feature_kind="dense",
-                       precision=precision)
-    for layers, _augment in sorted(requests, key=lambda r: (str(r[0]), r[1])):
-        lk = layers_key(meta_enc, layers)
-        if lk in out.choices:
-            continue
-        choice = choose_source(n_slices, grid, channels(meta_enc, dataset, layers), res.dense_cache_max_gb, False)
-        out.choices[lk] = choice
-        if choice.kind != "cached" or all(a for ly, a in requests if layers_key(meta_enc, ly) == lk):
-            continue  # online, or every cell of these layers augments: nothing to cache
-        key = replace(base_key, layers=lk)
-        out.dense_keys[lk] = key
-        if cache.is_complete(key):
-            out.cached_splits.append(f"{DENSE_SPLIT}[{lk or 'last'}]")
-            out.failed.update(cache.meta(key).get("failed", {}))
-            console.extract_line(job, "cached", 0, 0.0)
-            continue
-        rows = [{"case_id": str(c)} for c in dataset.index()["case_id"]]
-        out.actors, out.gpus_per_actor = _pool_size(cfg, n_gpus)
-        console.extract_line(job, "start", len(rows), 0.0, "cases")
-        scratch = cache.scratch_dir()
-        try:
-            bar = Progress(job.label, len(rows), "cases")
-            with watch_output(cache.fs, f"{scratch}/{MAPS_DIR}", bar, files_with_suffix(".npy")):
-                index = ray_backend.run_dense_pipeline(
-                    rows, dataset=json.dumps(out.dataset_ref, sort_keys=True), job=job, layers=lk,
-                    precision=precision, interpolation=result.interpolation, expected_digest=result.weights_digest,
-                    out_uri=_uri(cache, scratch), batch_size=res.extract_batch_size,
-                    cases_per_batch=max(1, res.extract_batch_size * len(rows) // max(1, n_slices)),
-                    actors=out.actors, gpus_per_actor=out.gpus_per_actor, torch_threads=res.torch_threads)
-            n, failed = commit_dense(cache, key, scratch, index, {
-                "weights_source": result.weights_source, "planned_bytes": choice.planned_bytes,
-                "source_reason": choice.reason})
-            _report_failed(failed, "case")
-            out.n_encoded += n
-            out.failed.update(failed)
-        finally:
-            storage.delete_dir(cache.fs, scratch)
-    out.keys = {DENSE_SPLIT: base_key}
-    out.seconds = time.perf_counter() - t0
-    console.extract_line(job, "done", out.n_encoded, out.seconds, "cases")
-    return out
-
-
-def _uri(cache: FeatureCache, path: str) -> str:
-    """A scratch path as a URI workers can open (a local path stays a path)."""
-    if "://" not in cache.root:
-        return path
-    scheme = cache.root.split("://", 1)[0]
-    return f"{scheme}://{path}"
 
 
 def commit_dense(cache: FeatureCache, key: CacheKey, scratch: str, rows: list[dict[str, Any]],

@@ -87,7 +87,7 @@ def expand_slide(row: dict[str, Any], tiling: str, coords_uri: str) -> list[dict
 def decode_tiles(batch: dict[str, Any], resolution: int, interpolation: str) -> dict[str, Any]:
     """Read one batch of tiles to uint8 (B, 3, r, r), opening each slide once. A slide whose read
     fails marks its rows with the error (their pixels stay zero and are never encoded)."""
-    from orchestrator.extract import decode_by_file
+    from orchestrator.decode import decode_by_file
     from tasks.wsi.tiling import read_tiles
 
     def read(path: str, rows: list[int]) -> np.ndarray:

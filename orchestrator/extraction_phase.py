@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator import console
 from orchestrator.cache import FeatureCache
-from orchestrator.cells import Cell
+from orchestrator.grid import Cell
 from orchestrator.config import SweepConfig
 from orchestrator.extract import (
     SPLITS,
@@ -27,6 +27,7 @@ from orchestrator.extract import (
     pool_volumes,
     weights_memo_key,
 )
+from orchestrator.extract_runs import extract_bags, extract_dense, pool_size, report_failed
 from orchestrator.progress import Progress, watch_output
 
 Extraction = tuple[str, int, str]  # (encoder, resolution, dataset)
@@ -99,10 +100,8 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
     job, keys = result.job, result.keys
     info = {"digest": result.weights_digest, "source": result.weights_source, "interpolation": result.interpolation}
     if getattr(dataset, "kind", "image") == "slide":
-        return _extract_slides(job, cache, cfg, n_gpus, dataset, result, t0)
-    if dense is not None:  # dense maps (one file per case), the cached/online rule: extract_dense
-        from orchestrator.extract_dense import extract_dense
-
+        return extract_bags(job, cache, cfg, n_gpus, dataset, result, t0)
+    if dense is not None:  # dense maps (one file per case), the cached/online rule: extract_runs
         return extract_dense(job, cache, cfg, n_gpus, dataset, result, dense, t0)
     missing = [s for s in SPLITS if not cache.is_complete(keys[s])]
     result.cached_splits = [s for s in SPLITS if s not in missing]
@@ -116,7 +115,7 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
     if empty:
         raise ValueError(f"{job.root}: split(s) {empty} of {job.dataset} have no cases")
     res = cfg.resources
-    actors, gpus = _pool_size(cfg, n_gpus)
+    actors, gpus = pool_size(cfg, n_gpus)
     result.actors, result.gpus_per_actor = actors, gpus
     console.extract_line(job, "start", len(rows), 0.0)
     scratch = cache.scratch_dir()
@@ -139,65 +138,11 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
             cache.fs.delete_dir(f"{scratch}/slices")
             meta["slice_pooling"] = dataset.slice_pooling
         result.n_encoded, result.failed = commit_splits(cache, scratch, keys, missing, meta, failed)
-        _report_failed(result.failed, "volume" if volumes else "case")
+        report_failed(result.failed, "volume" if volumes else "case")
     finally:
         cache.release(scratch)
     result.seconds = time.perf_counter() - t0
     console.extract_line(job, "done", result.n_encoded, result.seconds)
-    return result
-
-
-def _report_failed(failed: dict[str, str], what: str, show: int = 20) -> None:
-    """Each item that failed alone, by name (the first `show`; all are in the cache metadata)."""
-    for case, msg in sorted(failed.items())[:show]:
-        console.note(f"  {what} {case} FAILED (left out of the features): {msg}")
-    if len(failed) > show:
-        console.note(f"  ... and {len(failed) - show} more failed {what}s (see the cells' failed_cases.csv)")
-
-
-def _pool_size(cfg: SweepConfig, n_gpus: float) -> tuple[int, float]:
-    res = cfg.resources
-    gpus = res.extract_gpus if n_gpus > 0 else 0.0
-    return res.extract_actors or (max(1, int(n_gpus // gpus)) if gpus else 1), gpus
-
-
-def _extract_slides(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n_gpus: float, dataset: Any,
-                    result: ExtractResult, t0: float) -> ExtractResult:
-    """One bag entry for all slides of the dataset (cells assign the splits; plan_one did); slides
-    that fail are dropped from it and named in its metadata, as `result.failed`."""
-    from orchestrator import ray_backend
-    from orchestrator.extract_slides import SLIDES, finish_bags
-
-    key = result.keys[SLIDES]
-    tiling = dataset.tiling.key()
-    if cache.is_complete(key):
-        result.cached_splits = [SLIDES]
-        result.failed = cache.meta(key).get("failed", {})
-        console.extract_line(job, "cached", 0, 0.0)
-        return result
-    rows = [{"case_id": str(r.case_id), "path": str(r.path)} for r in dataset.index().itertuples(index=False)]
-    result.actors, result.gpus_per_actor = _pool_size(cfg, n_gpus)
-    console.extract_line(job, "start", len(rows), 0.0, "slides")
-    scratch = cache.scratch_dir()
-    try:
-        with watch_output(cache.fs, scratch, Progress(job.label, None, "tiles")):
-            ray_backend.run_slide_pipeline(
-                rows, job, tiling=json.dumps(tiling, sort_keys=True), coords_uri=result.coords_uri,
-                interpolation=result.interpolation, expected_digest=result.weights_digest, out_dir=scratch,
-                filesystem=cache.fs, batch_size=cfg.resources.extract_batch_size, actors=result.actors,
-                gpus_per_actor=result.gpus_per_actor, torch_threads=cfg.resources.torch_threads)
-        n_tiles, failed = finish_bags(cache.fs, scratch)
-        _report_failed(failed, "slide")
-        if not n_tiles:
-            raise ValueError(f"{job.root}: no slide of {job.dataset} could be tiled and embedded; "
-                             f"first error: {next(iter(failed.values()), 'none recorded')}")
-        cache.commit(key, scratch, {"weights_source": result.weights_source, "tiling": tiling, "n_tiles": n_tiles,
-                                    "failed": failed, "n_slides": len(n_tiles)})
-        result.n_encoded, result.failed = sum(n_tiles.values()), failed
-    finally:
-        cache.release(scratch)
-    result.seconds = time.perf_counter() - t0
-    console.extract_line(job, "done", result.n_encoded, result.seconds, "tiles")
     return result
 
 

@@ -115,22 +115,3 @@ def resolved_pooling(encoder: str, pooling: str) -> str:
     from tasks.encoders import create_encoder
 
     return create_encoder(encoder, weights="random", device="meta").resolve_pooling(pooling)
-
-
-def config_identities(cfg: Any) -> dict[str, str]:
-    """{config digest: cell prefix} of every cell the config plans, computed from the config alone
-    (what `medscale analyze --config` keeps)."""
-    from orchestrator.sweep import plan_cells
-    from tasks.datasets import dataset_class
-
-    cells, _ = plan_cells(cfg)
-    out = {}
-    for c in cells:
-        task = dataset_class(c.dataset).task
-        spec = {"encoder": c.encoder, "resolution": c.resolution, "dataset": c.dataset, "protocol": c.protocol,
-                "seed": c.seed, "seed_free": c.seed_free, "train_fraction": c.train_fraction,
-                "train_shots": c.train_shots,
-                "hparams": resolved_hparams(c.protocol, task, c.seed, cfg.protocols.get(c.protocol, {})),
-                "config": config_part(cfg, c.dataset, resolved_pooling(c.encoder, cfg.pooling))}
-        out[cell_identity(spec).config_digest] = c.prefix
-    return out

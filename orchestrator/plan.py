@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cells import Cell
+from orchestrator.grid import Cell
 from orchestrator.config import SweepConfig
 from orchestrator.plan_format import format_markdown, format_plan, human_bytes, write_plan
 from orchestrator.throughput import get_accelerator, items_per_second
@@ -338,7 +338,7 @@ def build_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], gat
 
 
 def plan_sweep(cfg: SweepConfig, accelerator: str = "H100") -> Plan:
-    from orchestrator.sweep import plan_cells
+    from orchestrator.grid import plan_cells
 
     cells, skipped = plan_cells(cfg)
     return build_plan(cfg, cells, skipped, gather(cfg, cells), accelerator)

@@ -24,7 +24,8 @@ from ray import tune
 from ray.data import ActorPoolStrategy
 
 from orchestrator import console
-from orchestrator.extract import EncoderUDF, ExtractionJob, decode_batch, decode_volumes
+from orchestrator.decode import decode_batch, decode_volumes
+from orchestrator.extract import EncoderUDF, ExtractionJob
 from orchestrator.extract_dense import DenseEncoderUDF, decode_cases
 from orchestrator.extract_slides import decode_tiles, expand_slide
 

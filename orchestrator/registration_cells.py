@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from orchestrator.cells import PLACEMENT_FILE, RESULT_FILE, ResultStore
+from orchestrator.results import PLACEMENT_FILE, RESULT_FILE, ResultStore
 
 FIGURES = 3
 

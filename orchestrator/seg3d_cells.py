@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator.cells import PLACEMENT_FILE, RESULT_FILE, RUNNING_FILE, ResultStore
+from orchestrator.results import PLACEMENT_FILE, RESULT_FILE, RUNNING_FILE, ResultStore
 
 SPLITS = ("train", "val", "test")
 ONLINE_REASON = "seg3d_decoder trains with geometric augmentation, which must pass through the encoder"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import subprocess
 import time
@@ -22,11 +21,13 @@ from typing import Any
 
 from orchestrator import __version__, console
 from orchestrator.cache import FeatureCache
-from orchestrator.cells import SUBSET_FILE, Cell, ResultStore, cell_spec
+from orchestrator.cells import cell_spec
 from orchestrator.config import SweepConfig
 from orchestrator.extract import DigestMemo, ExtractResult, describe, planned_precision
 from orchestrator.extraction_phase import Plan
+from orchestrator.grid import Cell, plan_cells
 from orchestrator.identity import RESULT_FORMAT, config_part, resolved_hparams, resolved_pooling
+from orchestrator.results import SUBSET_FILE, ResultStore
 from orchestrator.tracking import Tracker
 from tasks.errors import ConfigError, MedscaleError
 
@@ -57,53 +58,6 @@ def git_commit() -> str:
         return f"{sha}{'+dirty' if dirty else ''}" if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def split_uses_seed(cfg: SweepConfig, dataset: str) -> bool:
-    """Whether a grid seed chooses the dataset's split (a CV fold): then even a protocol that
-    ignores the seed gives a different result per seed. Slide datasets with `cv_folds`, and dense
-    datasets that override `cell_splits`, do; image datasets split once (`split_seed`)."""
-    from tasks.datasets import dataset_class
-
-    cls = dataset_class(dataset)
-    if hasattr(cls, "cell_cases"):
-        try:
-            return bool(getattr(cls(".", **cfg.options_for(dataset)), "cv_folds", 0))
-        except Exception:  # noqa: BLE001 - cannot tell: per seed is always right
-            return True
-    try:
-        from tasks.datasets.dense_base import DenseDataset
-    except ImportError:  # pragma: no cover - older contract
-        return False
-    return isinstance(cls, type) and issubclass(cls, DenseDataset) and cls.cell_splits is not DenseDataset.cell_splits
-
-
-def plan_cells(cfg: SweepConfig) -> tuple[list[Cell], dict[str, str]]:
-    """The grid's cells, minus those that make no sense (returned by cell prefix, with the reason).
-    A protocol that does not use the seed (`uses_seed` False), on a dataset whose split the seed
-    does not choose, is one cell per (encoder, resolution, dataset), `seed_free`, run with the
-    grid's first seed: five identical kNN runs would pose as five seeds."""
-    from tasks.datasets import dataset_class
-    from tasks.protocols import PROTOCOLS
-
-    cells, skipped = [], {}
-    g = cfg.grid
-    seeded = {ds: split_uses_seed(cfg, ds) for ds in g.datasets}
-    for enc, res, ds, proto, size in itertools.product(g.encoders, g.resolutions, g.datasets, g.protocols,
-                                                       g.train_sizes):
-        training_free = PROTOCOLS[proto].family == "training_free"
-        if training_free and size != g.train_sizes[0]:
-            continue  # nothing is trained or drawn: one cell, on the first seed and training-set size
-        # A training subset smaller than the split is drawn with the cell's seed: then the seed counts.
-        free = training_free or (not PROTOCOLS[proto].uses_seed and not seeded[ds] and size.is_full)
-        reason = PROTOCOLS[proto].accepts(dataset_class(ds))
-        for seed in g.seeds[:1] if free else g.seeds:
-            cell = Cell(enc, res, ds, proto, seed, size.fraction, size.shots, free)
-            if reason:
-                skipped[cell.prefix] = reason
-            else:
-                cells.append(cell)
-    return cells, skipped
 
 
 @dataclass

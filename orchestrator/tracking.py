@@ -226,7 +226,7 @@ def load_points(tracking_uri: str, experiments: list[str] | None = None, split: 
                 config_identities: set[str] | None = None) -> pd.DataFrame:
     """Finished cell runs as analysis points: one row per (run, metric of `split`).
 
-    `config_identities` (from `identity.config_identities(cfg)`): keep only the runs of the cells
+    `config_identities` (from `grid.config_identities(cfg)`): keep only the runs of the cells
     a config plans as it is now, and of those only the ones no later sweep marked superseded.
     A seed-free cell (kNN: the protocol ignores the seed) is one value with `seed_free` True,
     never n copies counted as seeds (`analysis.points.collapse_seed_free`)."""

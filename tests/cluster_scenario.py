@@ -97,7 +97,7 @@ def main(args_path: str, report_path: str) -> None:
     from ray.cluster_utils import Cluster
 
     from orchestrator import ray_backend
-    from orchestrator.cells import ResultStore
+    from orchestrator.results import ResultStore
     from orchestrator.config import parse_config
     from orchestrator.sweep import run_sweep
 

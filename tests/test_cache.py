@@ -104,7 +104,7 @@ def test_two_writers_of_one_key_write_it_once(tmp_path):
 
 def test_cache_and_results_through_a_uri(tmp_path):
     """The same code paths with a filesystem URI instead of a path (s3:// and gs:// go the same way)."""
-    from orchestrator.cells import ResultStore
+    from orchestrator.results import ResultStore
 
     cache = FeatureCache(f"file://{tmp_path}/c")
     staged, emb = _stage(cache)

@@ -17,9 +17,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cache import CacheKey, FeatureCache
-from orchestrator.cells import Cell, cell_spec
+from orchestrator.cells import cell_spec
+from orchestrator.grid import Cell, config_identities, split_uses_seed
 from orchestrator.config import load_config, parse_config
-from orchestrator.identity import cell_identity, config_identities, prefix_of
+from orchestrator.identity import cell_identity, prefix_of
 from orchestrator.sweep import plan_cells, run_sweep
 from orchestrator.tracking import (
     CELL_TAG,
@@ -89,8 +90,6 @@ def test_paper_config_plans_one_knn_cell_per_encoder_resolution_dataset():
 
 
 def test_a_seed_that_picks_a_fold_keeps_seed_free_protocols_per_seed(tmp_path):
-    from orchestrator.sweep import split_uses_seed
-
     raw = sweep_config(tmp_path, {"camelyon16": tmp_path, "nih14": tmp_path},
                        grid={"protocols": ["abmil"], "seeds": [0, 1]},
                        dataset_options={"camelyon16": {"cv_folds": 5}})
@@ -353,7 +352,7 @@ def test_config_changes_run_only_the_changed_cells_and_resume_after_a_kill(ray_s
     client = MlflowClient(cfg.resolved_tracking_uri)
     runs = {c: rs[0] for c, rs in _current(cfg).items()}
     lost, unlogged = sorted(c for c in runs if "linear_probe" in c)[0], sorted(c for c in runs if "knn" in c)[0]
-    from orchestrator.cells import ResultStore
+    from orchestrator.results import ResultStore
 
     ResultStore(f"{cfg.sweep_root}/cells").delete(lost)
     for c in (lost, unlogged):

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from orchestrator.cells import ResultStore
+from orchestrator.results import ResultStore
 from orchestrator.seg3d_cells import run_seg3d_group
 from tasks.datasets import dataset_class, get_dataset
 from tasks.encoders import create_encoder

@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from orchestrator.cells import ResultStore
+from orchestrator.results import ResultStore
 from orchestrator.config import parse_config
 from orchestrator.identity import prefix_of
 from orchestrator.seg3d_cells import run_seg3d_group

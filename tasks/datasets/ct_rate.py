@@ -37,25 +37,11 @@ import numpy as np
 import pandas as pd
 
 from tasks.datasets.base import ImageDataset, LayoutFile, Report, carve_val, make_index, register_dataset
+from tasks.datasets.ct_rate_layout import D, LABEL_FILES, LABELS, META_FILES, volume_path
 from tasks.errors import ConfigError, DatasetError
 
-LABELS = ("Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
-          "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema",
-          "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
-          "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
-          "Interlobular septal thickening")
-D = "dataset"
-LABEL_FILES = {"train": f"{D}/multi_abnormality_labels/train_predicted_labels.csv",
-               "valid": f"{D}/multi_abnormality_labels/valid_predicted_labels.csv"}
-META_FILES = {"train": f"{D}/metadata/train_metadata.csv", "valid": f"{D}/metadata/validation_metadata.csv"}
 META_COLUMNS = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleIntercept", "RescaleSlope")
 POOLINGS = ("mean", "max")
-
-
-def volume_path(root: Path, name: str) -> Path:
-    """train_12_a_1.nii.gz -> root/dataset/train/train_12/train_12_a/train_12_a_1.nii.gz"""
-    split, pid, scan = name.split("_")[:3]
-    return root / D / split / f"{split}_{pid}" / f"{split}_{pid}_{scan}" / name
 
 
 def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:

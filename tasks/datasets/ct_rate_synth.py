@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.datasets.base import fresh_root
-from tasks.datasets.ct_rate import LABEL_FILES, LABELS, META_FILES, volume_path
+from tasks.datasets.ct_rate_layout import LABEL_FILES, LABELS, META_FILES, volume_path
 
 PREVALENCE = 0.3
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tasks.datasets import synthetic as syn
+import tasks.datasets.synthetic as syn
 from tasks.datasets.base import (
     ImageDataset,
     LayoutFile,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.datasets import synthetic as syn
+import tasks.datasets.synthetic as syn
 from tasks.datasets.base import ImageDataset, LayoutFile, Report, fresh_root, make_index, register_dataset
 
 LABELS, CLASSINFO, IMAGES = "stage_2_train_labels.csv", "stage_2_detailed_class_info.csv", "stage_2_train_images"

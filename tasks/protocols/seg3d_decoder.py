@@ -173,12 +173,3 @@ class Seg3DDecoder(DenseHead):
         from tasks.protocols.seg3d_group import predict_group
 
         return predict_group([self], source, case_id)[0]
-
-
-def same_data_params(heads: Sequence[Seg3DDecoder]) -> None:
-    """ValueError unless every head draws the same data stream (then one encoded crop serves all)."""
-    ref = heads[0]
-    for h in heads[1:]:
-        diff = [p for p in Seg3DDecoder.DATA_PARAMS if getattr(h, p) != getattr(ref, p)]
-        if diff:
-            raise ValueError(f"heads differ in {diff}: they cannot share encoded crops")

@@ -17,13 +17,25 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tasks.dense import FeatureSource, Sample, upsample_logits
-from tasks.protocols.seg3d_decoder import Seg3DDecoder, same_data_params
+
+if TYPE_CHECKING:  # the decoder delegates its fit and predict here: a runtime import would be a cycle
+    from tasks.protocols.seg3d_decoder import Seg3DDecoder
+
+
+def same_data_params(heads: Sequence[Seg3DDecoder]) -> None:
+    """ValueError unless every head draws the same data stream (then one encoded crop serves all)."""
+    ref = heads[0]
+    for h in heads[1:]:
+        diff = [p for p in ref.DATA_PARAMS if getattr(h, p) != getattr(ref, p)]
+        if diff:
+            raise ValueError(f"heads differ in {diff}: they cannot share encoded crops")
 
 
 def draw_crop(sample: Sample, n_slices: int, rng: np.random.Generator, fg_ratio: float,
