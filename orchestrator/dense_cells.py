@@ -36,7 +36,6 @@ import pandas as pd
 
 from orchestrator.cache import CacheKey, FeatureCache
 from orchestrator.cells import subset_record
-from orchestrator.results import PLACEMENT_FILE, RESULT_FILE, SUBSET_FILE, ResultStore
 from orchestrator.extract_dense import (
     CachedFeatures,
     DenseExtractResult,
@@ -48,6 +47,7 @@ from orchestrator.extract_dense import (
     open_dataset,
     source_for,
 )
+from orchestrator.results import PLACEMENT_FILE, RESULT_FILE, SUBSET_FILE, ResultStore
 
 FIGURE_CASES = 2  # best and worst test cases drawn per cell
 SPLITS = ("train", "val", "test")

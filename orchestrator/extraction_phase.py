@@ -13,7 +13,6 @@ from typing import Any
 
 from orchestrator import console
 from orchestrator.cache import FeatureCache
-from orchestrator.grid import Cell
 from orchestrator.config import SweepConfig
 from orchestrator.extract import (
     SPLITS,
@@ -28,6 +27,7 @@ from orchestrator.extract import (
     weights_memo_key,
 )
 from orchestrator.extract_runs import extract_bags, extract_dense, pool_size, report_failed
+from orchestrator.grid import Cell
 from orchestrator.progress import Progress, watch_output
 
 Extraction = tuple[str, int, str]  # (encoder, resolution, dataset)

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.grid import Cell
 from orchestrator.config import SweepConfig
+from orchestrator.grid import Cell
 from orchestrator.plan_format import format_markdown, format_plan, human_bytes, write_plan
 from orchestrator.throughput import get_accelerator, items_per_second
 

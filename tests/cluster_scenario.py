@@ -97,8 +97,8 @@ def main(args_path: str, report_path: str) -> None:
     from ray.cluster_utils import Cluster
 
     from orchestrator import ray_backend
-    from orchestrator.results import ResultStore
     from orchestrator.config import parse_config
+    from orchestrator.results import ResultStore
     from orchestrator.sweep import run_sweep
 
     report: dict[str, Any] = {"work": args["work"]}

@@ -10,8 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from analysis.curves import CurveKey
 from analysis.data_axis import DataCurve, cases_to_reach, labels_saved
-from orchestrator.grid import Cell
 from orchestrator.config import parse_config
+from orchestrator.grid import Cell
 from orchestrator.sweep import plan_cells, run_sweep
 from tasks.errors import ConfigError
 from tasks.subsets import TrainSize, subset_ids, train_subset

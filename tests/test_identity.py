@@ -18,8 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.cache import CacheKey, FeatureCache
 from orchestrator.cells import cell_spec
-from orchestrator.grid import Cell, config_identities, split_uses_seed
 from orchestrator.config import load_config, parse_config
+from orchestrator.grid import Cell, config_identities, split_uses_seed
 from orchestrator.identity import cell_identity, prefix_of
 from orchestrator.sweep import plan_cells, run_sweep
 from orchestrator.tracking import (

@@ -11,9 +11,9 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from orchestrator.results import ResultStore
 from orchestrator.config import parse_config
 from orchestrator.identity import prefix_of
+from orchestrator.results import ResultStore
 from orchestrator.seg3d_cells import run_seg3d_group
 from orchestrator.sweep import run_sweep
 from tasks.datasets import dataset_class, get_dataset

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.datasets.base import ImageDataset, LayoutFile, Report, carve_val, make_index, register_dataset
-from tasks.datasets.ct_rate_layout import D, LABEL_FILES, LABELS, META_FILES, volume_path
+from tasks.datasets.ct_rate_layout import LABEL_FILES, LABELS, META_FILES, D, volume_path
 from tasks.errors import ConfigError, DatasetError
 
 META_COLUMNS = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleIntercept", "RescaleSlope")
