@@ -147,12 +147,13 @@ class Mask2DHandler:
                              "height": h, "width": w})
         # The frame's challenge IoU as its own row, so `medscale analyze` resamples it over cases
         # like any other metric (analysis.casemetrics reads `iou` of class "challenge").
-        in_gt = [r["iou"] for r in rows[:len(classes)] if r["gt_pixels"] > 0]
+        per_class = rows[:len(classes)]
+        in_gt = [r["iou"] for r in per_class if r["gt_pixels"] > 0]
         nan = float("nan")
         rows.append({"case_id": sample.case_id, "class": CHALLENGE, "kind": "frame", "dice": nan,
                      "iou": float(np.mean(in_gt)) if in_gt else nan, "precision": nan, "recall": nan,
-                     "gt_pixels": sum(r["gt_pixels"] for r in rows[:len(classes)]),
-                     "pred_pixels": sum(r["pred_pixels"] for r in rows[:len(classes)]), "height": h, "width": w})
+                     "gt_pixels": sum(r["gt_pixels"] for r in per_class),
+                     "pred_pixels": sum(r["pred_pixels"] for r in per_class), "height": h, "width": w})
         return [{c: r[c] for c in ROW_COLUMNS} for r in rows]
 
     def aggregate(self, rows: Any, classes: Sequence[str]) -> dict[str, float]:

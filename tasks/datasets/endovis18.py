@@ -331,18 +331,26 @@ def _bar(yy: np.ndarray, xx: np.ndarray, p0: np.ndarray, p1: np.ndarray, half_wi
     return dist <= half_width, t
 
 
-def _synth_frame(rng: np.random.Generator, h: int, w: int, yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def synth_tissue(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic frame's background: (float RGB image, scene label map) of textured tissue and a
+    kidney, a reddish ellipse (local appearance suffices); the instruments are drawn on top."""
+    h, w = yy.shape
     s = w / 160.0  # sizes scale with the frame
     img = np.empty((h, w, 3), dtype=np.float32)
     img[:] = (150, 70, 60)
     img += 12 * rng.standard_normal((h, w, 1)) + 6 * rng.standard_normal((h, w, 3))
     lab = np.zeros((h, w), dtype=np.int64)
-    # kidney: a reddish ellipse (local appearance suffices)
     cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.25, 0.75) * w
     ry, rx = rng.uniform(14, 24) * s, rng.uniform(18, 30) * s
     kid = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
     img[kid] = (200, 40, 30) + 8 * rng.standard_normal((int(kid.sum()), 3))
     lab[kid] = NAMES.index("kidney-parenchyma")
+    return img, lab
+
+
+def _synth_frame(rng: np.random.Generator, h: int, w: int, yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = w / 160.0
+    img, lab = synth_tissue(rng, yy, xx)
     # two instruments entering from the left and right borders, shafts alike, tips differ
     for side, kind in zip(rng.permutation(2), ("robotic", "suction"), strict=True):
         x0 = -4.0 * s if side == 0 else w + 4.0 * s

@@ -71,6 +71,7 @@ from tasks.datasets.endovis18 import (
     _bar,
     save_png,
     scene_colours,
+    synth_tissue,
 )
 from tasks.dense import Sample
 from tasks.errors import DatasetError
@@ -243,14 +244,7 @@ def _synth_types_frame(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
     """(image, scene label map, instance owner map (-1 none), instance types)."""
     h, w = yy.shape
     s = w / 160.0
-    img = np.empty((h, w, 3), dtype=np.float32)
-    img[:] = (150, 70, 60)
-    img += 12 * rng.standard_normal((h, w, 1)) + 6 * rng.standard_normal((h, w, 3))
-    scene = np.zeros((h, w), dtype=np.int64)
-    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.25, 0.75) * w
-    kid = ((yy - cy) / (rng.uniform(14, 24) * s)) ** 2 + ((xx - cx) / (rng.uniform(18, 30) * s)) ** 2 <= 1
-    img[kid] = (200, 40, 30) + 8 * rng.standard_normal((int(kid.sum()), 3))
-    scene[kid] = NAMES.index("kidney-parenchyma")
+    img, scene = synth_tissue(rng, yy, xx)
     owner = np.full((h, w), -1, dtype=np.int64)
     types = [TYPES[int(i)] for i in rng.choice(len(TYPES), size=2, replace=False)]
     for i, (side, t) in enumerate(zip(rng.permutation(2), types, strict=True)):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -65,8 +65,12 @@ def draw_crop(sample: Sample, n_slices: int, rng: np.random.Generator, fg_ratio:
 
 def _volume(source: FeatureSource, images: np.ndarray, device: torch.device) -> torch.Tensor:
     """Encoded slices (D, C, h, w) as a decoder input (1, C, D, h, w) on `device`."""
-    f = source.encode(images)  # type: ignore[attr-defined]
-    return torch.as_tensor(f).to(device=device, dtype=torch.float32).permute(1, 0, 2, 3).unsqueeze(0)
+    return _decoder_input(source.encode(images), device)  # type: ignore[attr-defined]
+
+
+def _decoder_input(maps: Any, device: torch.device) -> torch.Tensor:
+    """Slice maps (D, C, h, w) as a decoder input (1, C, D, h, w), float32 on `device`."""
+    return torch.as_tensor(maps).to(device=device, dtype=torch.float32).permute(1, 0, 2, 3).unsqueeze(0)
 
 
 def _classes(source: FeatureSource) -> tuple[str, ...]:
@@ -237,7 +241,7 @@ def predict_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, case_id:
             enc = iter(torch.as_tensor(source.encode(pixels[:, new])) if new else ())  # type: ignore[attr-defined]
             maps = [carry[z] if z in carry else next(enc) for z in zs]
             carry = dict(zip(zs, maps, strict=True))
-            feats = torch.stack(maps).to(device=dev, dtype=torch.float32).permute(1, 0, 2, 3).unsqueeze(0)
+            feats = _decoder_input(torch.stack(maps), dev)
             with torch.no_grad():
                 out.append([upsample_logits(hd.net_.eval()(feats.to(hd.device_)), pixels.shape[1:]).cpu()
                             for hd in heads])
