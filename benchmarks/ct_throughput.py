@@ -62,8 +62,9 @@ def main() -> None:
     import pyarrow.fs as pafs
 
     from orchestrator import ray_backend
-    from orchestrator.extract import DigestMemo, ExtractionJob, index_rows, pool_volumes
-    from orchestrator.extraction_phase import weights_info
+    from orchestrator.extraction.images import index_rows, pool_volumes
+    from orchestrator.extraction.jobs import ExtractionJob
+    from orchestrator.extraction.weights import DigestMemo, weights_info
     from tasks.datasets import get_dataset
     from tasks.datasets.ct_rate_synth import write_synthetic
 
@@ -98,12 +99,13 @@ def main() -> None:
     def extract(index, tag: str) -> tuple[int, float, int]:
         # The pipeline as extract_one runs it for a volume dataset (slice rows, Ray Data, pooling),
         # called directly so a run may hold any number of volumes, whatever their splits.
+        from orchestrator.extraction import pipelines
         splits = sorted(set(index["split"]))
         rows = [ds.slice_rows(r) for r in index_rows(index, splits)]
         out = str(work / f"out-{tag}")
         with PeakRSS() as rss:
             t0 = time.perf_counter()
-            ray_backend.run_slice_pipeline(
+            pipelines.run_slice_pipeline(
                 rows, job, interpolation=info.get("interpolation", "bicubic"), expected_digest=info["digest"],
                 out_dir=f"{out}/slices", filesystem=fs, batch_size=args.batch_size, actors=1,
                 gpus_per_actor=0.0, torch_threads=args.threads)

@@ -1,7 +1,7 @@
 """Dense-feature pipeline throughput, and the memory of cells that read dense maps and slide bags.
 
-1. Throughput. The pipeline (what a dense extraction runs, `ray_backend.run_dense_pipeline` +
-   `extract_dense.commit_dense`): case rows -> `read_sample` + resize on CPU workers -> encoder
+1. Throughput. The pipeline (what a dense extraction runs, `pipelines.run_dense_pipeline` +
+   `extraction.dense.commit_dense`): case rows -> `read_sample` + resize on CPU workers -> encoder
    actor pool -> one fp16 `(S, C, h, w)` `.npy` file per case + `index.parquet`, committed into the
    cache. The bare baseline runs the encoder's `dense` forward alone on the same images, already
    decoded and resized in memory, before and after the pipeline (averaged). Same machine, encoder,
@@ -9,14 +9,14 @@
    ct_throughput.py: a short run measures the fixed start-up cost, the full run the rest; the
    rate is the marginal one. Last line of this part: `ratio=<pipeline / bare images/s>` (target
    >= 0.85 for dinov3_vits16 at 224 px).
-2. Decoder-cell memory. A dense cell (`dense_cells.run_dense_cell`, cached source) on N and on 4N
+2. Decoder-cell memory. A dense cell (`cells.dense.run_dense_cell`, cached source) on N and on 4N
    cases, each in a fresh process; its peak RSS (the process's high-water mark, VmHWM) should stay
    within +10% (maps memory-mapped one case at a time). The entry's maps are written directly
    (random fp16 in commit_dense's layout: this part measures reading, not encoding) with 4 blocks
    of ViT-S (a decoder with skips: 4 x 384 channels, 0.6 MB a case at 224 px), so a cell that held
    its cases would show it. The head is the test suite's 1x1-conv head (tests/dense_toy.py), which
    reads one case per step.
-3. ABMIL-cell memory. An ABMIL cell (`bag_cells.run_bag_cell`) on S and 4S slides of synthetic
+3. ABMIL-cell memory. An ABMIL cell (`cells.bags.run_bag_cell`) on S and 4S slides of synthetic
    fp16 bags (`--tiles` tiles of 768 features, cls+mean of ViT-S, written in the bag entry layout)
    in fresh processes; peak RSS within +10% (bags read one slide at a time).
 
@@ -44,7 +44,7 @@ SKIP_LAYERS = "2,5,8,11"
 
 
 def _key(info, job, layers: str, dataset: str, fingerprint: str):
-    from orchestrator.cache import CacheKey
+    from orchestrator.store.cache import CacheKey
     from tasks.preprocess import PREPROCESS_VERSION
 
     return CacheKey(job.encoder, "random", info["digest"], job.resolution, "patch", PREPROCESS_VERSION, dataset,
@@ -53,12 +53,12 @@ def _key(info, job, layers: str, dataset: str, fingerprint: str):
 
 def _extract(cache, ds, ids, job, info, layers: str, batch: int, threads: int) -> float:
     """The dense pipeline on `ids`, committed into `cache`; returns the seconds it took."""
-    from orchestrator import ray_backend
-    from orchestrator.extract_dense import commit_dense, dataset_ref
+    from orchestrator.extraction import pipelines
+    from orchestrator.extraction.dense import commit_dense, dataset_ref
 
     scratch = cache.scratch_dir()
     t0 = time.perf_counter()
-    rows = ray_backend.run_dense_pipeline(
+    rows = pipelines.run_dense_pipeline(
         [{"case_id": c} for c in ids], dataset=json.dumps(dataset_ref(ds)), job=job, layers=layers, precision="fp32",
         interpolation=info.get("interpolation", "bicubic"), expected_digest=info["digest"], out_uri=scratch,
         batch_size=batch, cases_per_batch=batch, actors=1, gpus_per_actor=0.0, torch_threads=threads)
@@ -71,18 +71,18 @@ def _child(kind: str, spec_file: str) -> None:
     """Run one cell in this (fresh) process and print its peak RSS."""
     import torch
 
-    from orchestrator.results import ResultStore
+    from orchestrator.store.results import ResultStore
 
     spec = json.loads(Path(spec_file).read_text())
     torch.set_num_threads(spec.pop("threads"))
     results = ResultStore(spec["results_dir"])
     t0 = time.perf_counter()
     if kind == "dense":
-        from orchestrator.dense_cells import run_dense_cell
+        from orchestrator.cells.dense import run_dense_cell
 
         m = run_dense_cell(spec, results, None)
     else:
-        from orchestrator.bag_cells import run_bag_cell
+        from orchestrator.cells.bags import run_bag_cell
 
         m = run_bag_cell(spec, results, None)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its
@@ -106,9 +106,9 @@ def throughput(args, work: Path) -> None:
     import numpy as np
 
     from orchestrator import ray_backend
-    from orchestrator.cache import FeatureCache
-    from orchestrator.extract import DigestMemo, ExtractionJob
-    from orchestrator.extraction_phase import weights_info
+    from orchestrator.extraction.jobs import ExtractionJob
+    from orchestrator.extraction.weights import DigestMemo, weights_info
+    from orchestrator.store.cache import FeatureCache
     from tasks.features import prepare_slices
     from tests.dense_toy import ToyDense
 
@@ -155,10 +155,11 @@ def decoder_memory(args, work: Path) -> None:
 
     import numpy as np
 
-    from orchestrator.cache import FeatureCache
-    from orchestrator.extract import ExtractionJob
-    from orchestrator.extract_dense import case_file, class_path, commit_dense, dataset_ref
-    from orchestrator.storage import write_bytes
+    from orchestrator.extraction.dense import class_path, commit_dense, dataset_ref
+    from orchestrator.extraction.jobs import ExtractionJob
+    from orchestrator.store.cache import FeatureCache
+    from orchestrator.store.dense_maps import case_file
+    from orchestrator.store.storage import write_bytes
     from tests.dense_toy import ToyDense, ToyHandler, ToyHead
 
     cache = FeatureCache(str(work / "cache"))
@@ -200,7 +201,7 @@ def abmil_memory(args, work: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orchestrator.cache import CacheKey, FeatureCache
+    from orchestrator.store.cache import CacheKey, FeatureCache
 
     cache = FeatureCache(str(work / "bagcache"))
     rng = np.random.default_rng(0)

@@ -58,10 +58,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from orchestrator import ray_backend
-    from orchestrator.cache import FeatureCache
-    from orchestrator.config import parse_config
-    from orchestrator.extract import DigestMemo, ExtractionJob
-    from orchestrator.extraction_phase import extract_one, weights_info
+    from orchestrator.extraction.jobs import ExtractionJob
+    from orchestrator.extraction.phase import extract_one
+    from orchestrator.extraction.weights import DigestMemo, weights_info
+    from orchestrator.grid.config import parse_config
+    from orchestrator.store.cache import FeatureCache
     from tasks.datasets import dataset_class, get_dataset
 
     work = Path(tempfile.mkdtemp(prefix="medscale-bench-"))

@@ -34,9 +34,10 @@ def plant_features(cfg, dim: int) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from orchestrator.cache import FeatureCache
-    from orchestrator.extract import DigestMemo, ExtractionJob, cache_keys, embeddings_table
-    from orchestrator.extraction_phase import weights_info
+    from orchestrator.extraction.images import embeddings_table
+    from orchestrator.extraction.jobs import ExtractionJob, cache_keys
+    from orchestrator.extraction.weights import DigestMemo, weights_info
+    from orchestrator.store.cache import FeatureCache
     from tasks.datasets import get_dataset
     from tasks.preprocess import PREPROCESS_VERSION
 
@@ -69,8 +70,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from orchestrator import ray_backend
-    from orchestrator.config import parse_config
-    from orchestrator.sweep import run_sweep
+    from orchestrator.grid.config import parse_config
+    from orchestrator.sweep.driver import run_sweep
     from tasks.datasets import dataset_class
 
     work = Path(tempfile.mkdtemp(prefix="medscale-overhead-"))

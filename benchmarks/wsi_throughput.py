@@ -47,9 +47,9 @@ def main() -> None:
     import pyarrow.fs as pafs
 
     from orchestrator import ray_backend
-    from orchestrator.extract import DigestMemo, ExtractionJob
-    from orchestrator.extract_slides import finish_bags
-    from orchestrator.extraction_phase import weights_info
+    from orchestrator.extraction.jobs import ExtractionJob
+    from orchestrator.extraction.slides import finish_bags
+    from orchestrator.extraction.weights import DigestMemo, weights_info
     from tasks.preprocess import prepare_image
     from tasks.wsi.synth import synth_slide
     from tasks.wsi.tiling import TilingParams, read_coordinate_tiles, tile_slide
@@ -81,11 +81,12 @@ def main() -> None:
     fs = pafs.LocalFileSystem()
 
     def extract(slides: list[Path], tag: str) -> tuple[int, float, int]:
+        from orchestrator.extraction import pipelines
         rows = [{"case_id": f"{p.stem}-{i}", "path": str(p)} for i, p in enumerate(slides)]
         out = str(work / f"bags-{tag}")
         with PeakRSS() as rss:
             t0 = time.perf_counter()
-            ray_backend.run_slide_pipeline(
+            pipelines.run_slide_pipeline(
                 rows, job, tiling=json.dumps(params.key()), coords_uri=str(work / f"coords-{tag}"),
                 interpolation=info.get("interpolation", "bicubic"), expected_digest=info["digest"], out_dir=out,
                 filesystem=fs, batch_size=args.batch_size, actors=1, gpus_per_actor=0.0, torch_threads=args.threads)

@@ -21,8 +21,8 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
         raise ConfigError(f"--n-boot {n_boot}: use 0 (no intervals) or at least 100 replicates")
     current = None  # config digests of the cells the config plans now (None: every finished run)
     if config:
-        from orchestrator.config import load_config
-        from orchestrator.grid import config_identities
+        from orchestrator.grid.cells import config_identities
+        from orchestrator.grid.config import load_config
 
         cfg = load_config(config)
         tracking_uri = tracking_uri or cfg.resolved_tracking_uri

@@ -55,8 +55,9 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from orchestrator.config import load_config
-    from orchestrator.plan import format_plan, plan_sweep, write_plan
+    from orchestrator.grid.config import load_config
+    from orchestrator.plan.build import plan_sweep
+    from orchestrator.plan.format import format_plan, write_plan
 
     cfg = load_config(args.config)
     plan = plan_sweep(cfg, accelerator=args.accelerator)
@@ -66,9 +67,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from orchestrator.config import load_config
-    from orchestrator.progress import quiet_ray_output
-    from orchestrator.sweep import run_sweep
+    from orchestrator.console.progress import quiet_ray_output
+    from orchestrator.grid.config import load_config
+    from orchestrator.sweep.driver import run_sweep
 
     if args.dry_run:
         return _cmd_plan(args)
@@ -99,7 +100,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_runs(args: argparse.Namespace) -> int:
     """Where a sweep's runs are: the tracking store, how to start the UI, the runs table's URL."""
     from orchestrator import console
-    from orchestrator.config import load_config
+    from orchestrator.grid.config import load_config
 
     console.mlflow_hint(load_config(args.config))
     return 0
@@ -176,7 +177,7 @@ def add_sweep_args(s: argparse.ArgumentParser, config_flag: bool = False) -> Non
 
 
 def _accelerator_arg(p: argparse.ArgumentParser) -> None:
-    from orchestrator.throughput import ACCELERATORS
+    from orchestrator.plan.throughput import ACCELERATORS
 
     p.add_argument("--accelerator", default="H100", choices=list(ACCELERATORS),
                    help="accelerator class the plan's device-hours are for (default H100)")

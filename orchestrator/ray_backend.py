@@ -4,11 +4,14 @@
 - `start`: join a cluster (`--address`, RAY_ADDRESS, or one `ray start` runs on this machine, as
   under `ray submit`), else start a private local one.
 - `run_remote`: one function as a Ray task (loading weights to digest them, off the driver).
-- `run_embedding_pipeline`: Ray Data, rows -> CPU decode tasks -> encoder actor pool -> Parquet;
-  `run_slice_pipeline` (CT volumes) and `run_slide_pipeline` (whole slides) expand items first;
-  `run_dense_pipeline`: cases -> Samples decoded on CPU -> encoder pool -> one fp16 map file a case.
+- `run_dataset`: Ray Data, rows -> the caller's steps (CPU tasks, an actor pool) -> Parquet or rows
+  (orchestrator/extraction/pipelines.py builds the extraction pipelines from it).
 - `run_cells`: a Ray Tune grid, one trial per cell, per-cell resources and retries; a callback
   hands trial events to a plain listener (the MLflow side never sees Ray objects).
+- `is_system_error`, `error_text`: what Ray's wrapped exceptions mean to a user.
+
+This module imports no medscale code: the decode functions, encoder classes and the cell runner
+come in as arguments, so the domain code never depends on Ray's API and Ray's never on the domain.
 """
 
 from __future__ import annotations
@@ -17,27 +20,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ray
 from ray import tune
 from ray.data import ActorPoolStrategy
-
-from orchestrator import console
-from orchestrator.decode import decode_batch, decode_volumes
-from orchestrator.extract import EncoderUDF, ExtractionJob
-from orchestrator.extract_dense import DenseEncoderUDF, decode_cases
-from orchestrator.extract_slides import decode_tiles, expand_slide
-
-# Half a CPU per CT volume-decoding task. A volume's decode is a long generator (read forward once,
-# window, resize) that is light next to encoding its slices, so two may share a core; and a
-# reservation unlike the encoder actor's (1 CPU) keeps Ray Data from fusing it into the actor,
-# where on a CPU node it runs serially with the encoder instead of beside it (on GPU nodes the
-# actors' GPU reservation prevents fusion anyway). Quiet 2-core VM, alternating runs of
-# ct_throughput: fused 0.953, 1.019; unfused 1.056, 1.098. The other pipelines stay fused on CPU:
-# unfusing dense_throughput's per-case decode cost more than it gained (0.73, 0.84, 0.80 against
-# 0.78-0.91 fused): each extra decode worker pays its imports against a few cheap batches.
-SLICE_DECODE_CPUS = 0.5
 
 
 def resolve_address(address: str | None = None) -> str:
@@ -70,11 +58,9 @@ def start(address: str | None = None, *, num_cpus: int | None = None,
                                   "logging_level": logging.WARNING, "configure_logging": True}
         if address == "local":
             kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory)
-        else:
-            console.note(f"joining the Ray cluster at {address}")
         ray.init(**kwargs)
         ctx = ray.data.DataContext.get_current()
-        # medscale draws its own progress (orchestrator/progress.py); Ray Data's bars and its
+        # medscale draws its own progress (orchestrator/console/progress.py); Ray Data's bars and its
         # progress INFO lines would interleave with it.
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -97,6 +83,25 @@ def is_system_error(e: BaseException) -> bool:
     return False
 
 
+def error_text(e: BaseException) -> str:
+    """The message a user needs from an exception Ray raised for a task or actor: the innermost
+    one (which names the file at fault)."""
+    # Ray wraps worker exceptions; the user needs the innermost message (which names the file).
+    # Ray Data's UserCodeException drops the UDF's exception object and keeps only its traceback
+    # text in the outer RayTaskError: take the dataset error's line from there.
+    err: BaseException | None = e
+    while err is not None:
+        lines = [ln for ln in str(err).splitlines() if ln.startswith("tasks.errors.DatasetError: ")]
+        if lines:
+            return lines[-1].removeprefix("tasks.errors.")
+        err = getattr(err, "cause", None) or err.__cause__
+    cause = getattr(e, "cause", None) or e.__cause__
+    while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    err = cause or e
+    return f"{type(err).__name__}: {err}".strip()
+
+
 def stop() -> None:
     if ray.is_initialized():
         ray.shutdown()
@@ -110,92 +115,45 @@ def run_remote(fn: Callable[..., Any], *args: Any, num_cpus: float = 1, num_gpus
     return ray.get(ray.remote(fn).options(**opts).remote(*args))
 
 
-def run_embedding_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, interpolation: str,
-                           expected_digest: str, out_dir: str, filesystem: Any, batch_size: int,
-                           actors: int, gpus_per_actor: float, torch_threads: int | None) -> None:
-    """Embed `rows` and write Parquet partitioned by split under `out_dir`."""
-    n_blocks = max(1, min(len(rows) // batch_size, 4096))
-    ds = ray.data.from_items(rows).repartition(n_blocks)
-    ds = ds.map_batches(
-        decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-        fn_kwargs={"dataset": job.dataset, "root": job.root, "resolution": job.resolution,
-                   "interpolation": interpolation, "val_fraction": job.val_fraction,
-                   "split_seed": job.split_seed, "options": job.options},
-    )
-    _encode_and_write(ds, job, expected_digest=expected_digest, out_dir=out_dir, filesystem=filesystem,
-                      batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
-                      torch_threads=torch_threads)
+@dataclass(frozen=True)
+class Step:
+    """One Ray Data step over batches of rows. `fn` is a function of a batch, or, with `actors`
+    > 0, a class whose instances (one per actor, built with `kwargs`) are called on batches;
+    `flat`: a function of one row returning many (`flat_map`); `rows_per_block`: repartition to
+    blocks of that many rows after the step. The steps' code is the caller's: this module knows
+    Ray, not what is decoded or encoded."""
+
+    fn: Any
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    batch_size: int | None = None
+    num_cpus: float = 1
+    actors: int = 0
+    num_gpus: float = 0
+    flat: bool = False
+    rows_per_block: int | None = None
 
 
-def run_slice_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, interpolation: str,
-                       expected_digest: str, out_dir: str, filesystem: Any, batch_size: int,
-                       actors: int, gpus_per_actor: float, torch_threads: int | None) -> None:
-    """Volumes -> `decode_volumes` in CPU tasks (each volume read once, its slices windowed, resized
-    and batched as they come) -> encoder actor pool -> slice embeddings as Parquet partitioned by split under
-    `out_dir` (the caller pools them per volume). Volume rows carry slope/intercept/window."""
-    # One task per volume, which reads it forward once and emits batches of its slices as they are
-    # decoded: batches of (volume, z) items made by a repartition straddle volumes and made every
-    # batch re-open and re-decompress its .nii.gz from the start up to its slices.
-    ds = ray.data.from_items(rows).repartition(max(1, min(len(rows), 4096)))
-    ds = ds.map_batches(
-        decode_volumes, batch_size=1, batch_format="numpy", num_cpus=SLICE_DECODE_CPUS,
-        fn_kwargs={"resolution": job.resolution, "interpolation": interpolation, "batch_size": batch_size},
-    )
-    _encode_and_write(ds, job, expected_digest=expected_digest, out_dir=out_dir, filesystem=filesystem,
-                      batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
-                      torch_threads=torch_threads)
-
-
-def run_slide_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, tiling: str, coords_uri: str,
-                       interpolation: str, expected_digest: str, out_dir: str, filesystem: Any, batch_size: int,
-                       actors: int, gpus_per_actor: float, torch_threads: int | None) -> None:
-    """Slides -> `flat_map` to tile coordinates (tiled once per slide, kept under `coords_uri`) ->
-    batches of neighbouring tiles -> lazy tile reads in CPU tasks -> encoder actor pool -> Parquet
-    partitioned by `case_id` under `out_dir` (one directory = one slide's bag). Memory is a few
-    batches per worker whatever the slide count: nothing holds a slide or a dataset whole."""
-    ds = ray.data.from_items(rows).repartition(max(1, min(len(rows), 4096)))
-    ds = ds.flat_map(expand_slide, fn_kwargs={"tiling": tiling, "coords_uri": coords_uri}, num_cpus=1)
-    ds = ds.repartition(target_num_rows_per_block=batch_size)
-    ds = ds.map_batches(decode_tiles, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"resolution": job.resolution, "interpolation": interpolation})
-    _encode_and_write(ds, job, expected_digest=expected_digest, out_dir=out_dir, filesystem=filesystem,
-                      batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
-                      torch_threads=torch_threads, partition_cols=["case_id"])
-
-
-def run_dense_pipeline(rows: list[dict[str, Any]], *, dataset: str, job: ExtractionJob, layers: str, precision: str,
-                       interpolation: str, expected_digest: str, out_uri: str, batch_size: int, cases_per_batch: int,
-                       actors: int, gpus_per_actor: float, torch_threads: int | None) -> list[dict[str, Any]]:
-    """Dense maps of `rows` (one per case): `decode_cases` on CPU tasks (`dataset`: the JSON that
-    rebuilds the dataset there) -> `DenseEncoderUDF` in the actor pool, which writes one fp16 `.npy`
-    file per case under `out_uri` -> the small index rows (case_id, file, n_slices, channels, grid,
-    error), gathered on the driver. `cases_per_batch` keeps a batch near `batch_size` slices."""
-    n_blocks = max(1, min(len(rows) // cases_per_batch, 4096))
-    ds = ray.data.from_items(rows).repartition(n_blocks)
-    ds = ds.map_batches(decode_cases, batch_size=cases_per_batch, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"dataset": dataset, "resolution": job.resolution, "interpolation": interpolation})
-    ds = ds.map_batches(
-        DenseEncoderUDF, batch_size=cases_per_batch, batch_format="numpy",
-        fn_constructor_kwargs={"encoder": job.encoder, "weights": job.weights, "expected_digest": expected_digest,
-                               "layers": layers, "out_uri": out_uri, "precision": precision,
-                               "torch_threads": torch_threads, "batch_size": batch_size},
-        compute=ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None, num_cpus=1,
-    )
-    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in ds.iter_rows()]
-
-
-def _encode_and_write(ds: Any, job: ExtractionJob, *, expected_digest: str, out_dir: str, filesystem: Any,
-                      batch_size: int, actors: int, gpus_per_actor: float, torch_threads: int | None,
-                      partition_cols: list[str] | None = None) -> None:
-    """Decoded uint8 batches -> encoder actor pool -> Parquet partitioned by split (or by slide)."""
-    ds = ds.map_batches(
-        EncoderUDF, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"encoder": job.encoder, "weights": job.weights, "pooling": job.pooling,
-                               "expected_digest": expected_digest, "torch_threads": torch_threads,
-                               "expected_precision": job.precision},
-        compute=ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None, num_cpus=1,
-    )
+def run_dataset(rows: list[dict[str, Any]], steps: list[Step], *, blocks: int, out_dir: str | None = None,
+                filesystem: Any = None, partition_cols: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows -> `blocks` blocks -> each step in turn -> Parquet partitioned by `partition_cols` under
+    `out_dir`, or, without `out_dir`, the output rows gathered on the driver (small index rows)."""
+    ds = ray.data.from_items(rows).repartition(max(1, min(blocks, 4096)))
+    for st in steps:
+        if st.flat:
+            ds = ds.flat_map(st.fn, fn_kwargs=st.kwargs, num_cpus=st.num_cpus)
+        elif st.actors:
+            ds = ds.map_batches(st.fn, batch_size=st.batch_size, batch_format="numpy",
+                                fn_constructor_kwargs=st.kwargs, compute=ActorPoolStrategy(size=st.actors),
+                                num_gpus=st.num_gpus or None, num_cpus=st.num_cpus)
+        else:
+            ds = ds.map_batches(st.fn, batch_size=st.batch_size, batch_format="numpy", num_cpus=st.num_cpus,
+                                fn_kwargs=st.kwargs)
+        if st.rows_per_block:
+            ds = ds.repartition(target_num_rows_per_block=st.rows_per_block)
+    if out_dir is None:
+        return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in ds.iter_rows()]
     ds.write_parquet(out_dir, filesystem=filesystem, partition_cols=partition_cols or ["split"])
+    return []
 
 
 class CellListener(Protocol):
@@ -244,9 +202,7 @@ class _TuneBridge(tune.Callback):
             self.listener.on_error(cid, self._message(trial, cid))
 
 
-def _trainable(config: dict[str, Any]) -> None:
-    from orchestrator.cells import run_cell
-
+def _trainable(config: dict[str, Any], run_cell: Callable[..., dict[str, float]]) -> None:
     # Where the cell runs and what Ray granted it: recorded with its results (and so in MLflow),
     # the evidence that cells spread over nodes with the GPU share their table asks for.
     ctx = ray.get_runtime_context()
@@ -257,7 +213,8 @@ def _trainable(config: dict[str, Any]) -> None:
     tune.report({**metrics, "node_id": placement["node_id"], "t_start": t_start, "t_end": time.time()})
 
 
-def run_cells(cells: list[dict[str, Any]], listener: CellListener, *, name: str, storage_path: str,
+def run_cells(cells: list[dict[str, Any]], listener: CellListener, run_cell: Callable[..., dict[str, float]], *,
+              name: str, storage_path: str,
               resources: Callable[[dict[str, Any]], dict[str, float]], max_failures: int,
               error_reader: Callable[[str], str | None]) -> None:
     """Run every cell as a Tune trial. Failures end as errored trials, never as an exception here."""
@@ -270,7 +227,9 @@ def run_cells(cells: list[dict[str, Any]], listener: CellListener, *, name: str,
         return tune.PlacementGroupFactory([resources(config["cell"])])
 
     tuner = tune.Tuner(
-        tune.with_resources(_trainable, pgf),
+        # The runner travels as a parameter (a function pickles by reference to its module), so
+        # this module imports no cell code.
+        tune.with_resources(tune.with_parameters(_trainable, run_cell=run_cell), pgf),
         param_space={"cell": tune.grid_search(cells)},
         tune_config=tune.TuneConfig(
             reuse_actors=True,

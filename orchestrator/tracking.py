@@ -1,7 +1,7 @@
 """Every MLflow call medscale makes lives here (MLflow's APIs move between releases).
 
 One experiment per sweep, one run per cell, found again by the `medscale.cell_id` tag (a readable
-prefix plus the digest of the cell's identity, orchestrator.identity). Runs are written from the
+prefix plus the digest of the cell's identity, orchestrator.grid.identity). Runs are written from the
 driver only (sqlite allows one writer), through `MlflowClient` with explicit run ids: no global
 "active run", so a retried or resumed cell re-attaches to its run instead of creating a duplicate
 (the failure mode of Ray's MLflowLoggerCallback after a restore).
@@ -166,7 +166,7 @@ class Tracker:
         when); untag a current one marked before (a config changed back). Runs whose prefix is in
         `unknown_prefixes` (cells whose identity could not be resolved this time, e.g. an unreadable
         dataset root) are left alone. Returns (marked, restored)."""
-        from orchestrator.identity import prefix_of
+        from orchestrator.grid.identity import prefix_of
 
         marked = restored = 0
         for cid, recs in self.index().items():
@@ -279,7 +279,7 @@ def load_points(tracking_uri: str, experiments: list[str] | None = None, split: 
 
 
 PREDICTIONS_ARTIFACT = "predictions.parquet"  # written by orchestrator.cells.run_cell
-PER_CASE_ARTIFACT = "per_case.parquet"  # dense cells (orchestrator.dense_cells): per-case metrics
+PER_CASE_ARTIFACT = "per_case.parquet"  # dense cells (orchestrator.cells.dense): per-case metrics
 OOD_SEP = "#"  # run ids of out-of-domain points: "<MLflow run id>#<dataset>_test"
 
 

@@ -97,9 +97,9 @@ def main(args_path: str, report_path: str) -> None:
     from ray.cluster_utils import Cluster
 
     from orchestrator import ray_backend
-    from orchestrator.config import parse_config
-    from orchestrator.results import ResultStore
-    from orchestrator.sweep import run_sweep
+    from orchestrator.grid.config import parse_config
+    from orchestrator.store.results import ResultStore
+    from orchestrator.sweep.driver import run_sweep
 
     report: dict[str, Any] = {"work": args["work"]}
     t0 = time.time()

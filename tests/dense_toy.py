@@ -3,7 +3,7 @@ rule, dense cell runner, sweep) is tested end to end without the real segmentati
 
 Nothing registers at import: tests put these in DATASETS / PROTOCOLS / TARGET_HANDLERS with
 `register(monkeypatch)` in the driver. Ray workers never need the registries: the dense pipeline
-and cells carry each class as "module:QualName" (orchestrator.extract_dense.class_path).
+and cells carry each class as "module:QualName" (orchestrator.extraction.dense.class_path).
 
 Layout (`toy_dense`): images/<case>.png (RGB, non-square), masks/<case>.png (0 background, 1 blob),
 splits.csv (case_id, split). Signal: a bright rectangle on dark noise; its mask is the blob. One

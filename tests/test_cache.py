@@ -10,8 +10,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.cache import CacheKey, FeatureCache
-from orchestrator.extract import embeddings_table
+from orchestrator.extraction.images import embeddings_table
+from orchestrator.store.cache import CacheKey, FeatureCache
 
 KEY = CacheKey("test_vit_tiny16", "random", "ab" * 32, 32, "cls+mean", "1", "nih14", "f" * 64, "train")
 
@@ -104,7 +104,7 @@ def test_two_writers_of_one_key_write_it_once(tmp_path):
 
 def test_cache_and_results_through_a_uri(tmp_path):
     """The same code paths with a filesystem URI instead of a path (s3:// and gs:// go the same way)."""
-    from orchestrator.results import ResultStore
+    from orchestrator.store.results import ResultStore
 
     cache = FeatureCache(f"file://{tmp_path}/c")
     staged, emb = _stage(cache)
@@ -122,7 +122,7 @@ def test_cache_and_results_through_a_uri(tmp_path):
 
 
 def test_rows_that_failed_to_decode_are_named_and_never_read(tmp_path):
-    from orchestrator.extract import commit_splits
+    from orchestrator.extraction.images import commit_splits
 
     cache = FeatureCache(str(tmp_path / "c"))
     scratch = cache.scratch_dir()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import load_config, parse_config
+from orchestrator.grid.config import load_config, parse_config
 from tasks.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from analysis.curves import CurveKey
 from analysis.data_axis import DataCurve, cases_to_reach, labels_saved
-from orchestrator.config import parse_config
-from orchestrator.grid import Cell
-from orchestrator.sweep import plan_cells, run_sweep
+from orchestrator.grid.cells import Cell, plan_cells
+from orchestrator.grid.config import parse_config
+from orchestrator.sweep.driver import run_sweep
 from tasks.errors import ConfigError
 from tasks.subsets import TrainSize, subset_ids, train_subset
 

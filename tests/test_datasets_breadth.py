@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.config import parse_config
-from orchestrator.sweep import run_sweep
+from orchestrator.grid.config import parse_config
+from orchestrator.sweep.driver import run_sweep
 from orchestrator.tracking import CELL_TAG
 from tasks.datasets import dataset_class, get_dataset
 from tasks.datasets.autolaparo import FPS, frame_number, parse_ref, read_frames

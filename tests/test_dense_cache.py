@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.cache import FeatureCache
-from orchestrator.config import parse_config
-from orchestrator.extract import DigestMemo
-from orchestrator.extract_dense import CachedFeatures, DenseExtractResult, source_for
+from orchestrator.extraction.dense import DenseExtractResult, source_for
+from orchestrator.extraction.weights import DigestMemo
+from orchestrator.grid.config import parse_config
+from orchestrator.store.cache import FeatureCache
+from orchestrator.store.dense_maps import CachedFeatures
 from tasks.dense import FAMILIES, SourceChoice, choose_source, planned_bytes
 
 from . import dense_toy
@@ -20,8 +21,8 @@ from .conftest import TINY, sweep_config
 
 
 def _extract(tmp: Path, root: Path, **resources) -> tuple[DenseExtractResult, FeatureCache, object]:
-    from orchestrator.extraction_phase import extract_all, plan_extractions
-    from orchestrator.sweep import plan_cells
+    from orchestrator.extraction.phase import extract_all, plan_extractions
+    from orchestrator.grid.cells import plan_cells
 
     raw = sweep_config(tmp, {"toy_dense": root}, grid={"resolutions": [64], "protocols": ["toy_seg"]},
                        resources={"extract_batch_size": 3, **resources})
@@ -84,7 +85,9 @@ def test_every_protocol_family_has_a_runner_and_honours_its_contract(monkeypatch
     """Over every registered protocol: its family is known, cells.run_cell finds its runner, and
     the family's contract holds on tiny data (feature: fit(X, Y)/predict_proba; bag: bags;
     dense: fit(source, train, val)/predict at the case's size)."""
-    from orchestrator.cells import FAMILY_RUNNERS, _family_runner
+    from orchestrator.cells.features import run_feature_cell
+    from orchestrator.cells.run import RUNNERS
+    from orchestrator.cells.spec import head_family
     from tasks.encoders import create_encoder
     from tasks.features import OnlineFeatures
     from tasks.protocols import PROTOCOLS
@@ -97,14 +100,8 @@ def test_every_protocol_family_has_a_runner_and_honours_its_contract(monkeypatch
     for name, cls in sorted(PROTOCOLS.items()):
         assert cls.family in FAMILIES, name
         seen.add(cls.family)
-        spec = {"cell_id": name, "protocol": name, "cases": None, "dense": None}
-        if cls.family == "training_free" and not FAMILY_RUNNERS["training_free"]:
-            with pytest.raises(NotImplementedError, match="no cell runner for head family 'training_free'"):
-                _family_runner(spec)
-            continue
-        runner = _family_runner({**spec, "dense": {"family": cls.family}} if cls.family in ("dense", "training_free")
-                                else spec)
-        assert (runner is None) == (cls.family == "feature"), name
+        runner = RUNNERS[head_family(name, "image")]
+        assert (runner is run_feature_cell) == (cls.family == "feature"), name
         prefer = dense_toy.ToyDense.task if cls.family == "dense" else "binary"
         task = prefer if prefer in cls.supports else sorted(cls.supports)[0]
         small = {k: v for k, v in (("epochs", 2), ("max_steps", 20), ("val_every", 10))

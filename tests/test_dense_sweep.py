@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from orchestrator.config import parse_config
-from orchestrator.sweep import run_sweep
+from orchestrator.grid.config import parse_config
+from orchestrator.sweep.driver import run_sweep
 
 from . import dense_toy
 from .conftest import TINY, sweep_config
@@ -47,7 +47,7 @@ def _cell_dir(cfg) -> Path:
 
 
 def _by_prefix(outcome) -> dict[str, str]:
-    from orchestrator.identity import prefix_of
+    from orchestrator.grid.identity import prefix_of
 
     return {prefix_of(c): s for c, s in outcome.cells.items()}
 
@@ -159,8 +159,8 @@ def test_seg2d_sweep_on_endovis18_and_edd2020(ray_session, tmp_path, one_torch_t
 def test_em_sweep_caches_one_map_per_volume(ray_session, tmp_path, one_torch_thread):
     """Volumes through the same pipeline: a case's S slices are one fp16 (S, C, h, w) file, and
     the EM head (target kind instances) finishes from the cache."""
-    from orchestrator.cache import CacheKey, FeatureCache
-    from orchestrator.extract_dense import CachedFeatures
+    from orchestrator.store.cache import CacheKey, FeatureCache
+    from orchestrator.store.dense_maps import CachedFeatures
     from tasks.datasets import dataset_class, get_dataset
 
     root = dataset_class("ac3ac4").synth(tmp_path / "ac", image_size=32, seed=1)

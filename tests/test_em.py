@@ -223,7 +223,7 @@ def test_head_learns_on_synthetic_ac3ac4_and_never_looks_at_test(tmp_path, one_t
 # -- config and analysis ---------------------------------------------------------------------------
 
 def test_em_config_loads():
-    from orchestrator.config import load_config
+    from orchestrator.grid.config import load_config
 
     cfg = load_config(REPO / "configs" / "em.yaml")
     assert cfg.grid.datasets == ["cremi_a", "cremi_b", "cremi_c", "ac3ac4"]

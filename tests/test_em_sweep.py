@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from skimage.metrics import variation_of_information
 
-from orchestrator.config import parse_config
-from orchestrator.sweep import run_sweep
+from orchestrator.grid.config import parse_config
+from orchestrator.sweep.driver import run_sweep
 from tasks.datasets import dataset_class, get_dataset
 from tasks.protocols.em_affinity import DEFAULT_SCORING
 
@@ -28,7 +28,7 @@ def test_em_sweep_cremi_and_ac3ac4(ray_session, tmp_path, one_torch_thread):
                        resources={"extract_batch_size": 32})
     raw["protocols"] = {"em_affinity": {"epochs": 8, "thresholds": [0.3, 0.5, 0.7]}}
     cfg = parse_config(raw)
-    from orchestrator.identity import prefix_of
+    from orchestrator.grid.identity import prefix_of
 
     cells = run_sweep(cfg).cells  # ids: readable prefix + identity digest
     assert {prefix_of(c): st for c, st in cells.items()} == {

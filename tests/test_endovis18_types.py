@@ -190,8 +190,8 @@ def test_per_type_iou_equals_sklearn_from_saved_png(tmp_path):
 
 
 def test_sweep_finishes_with_type_metrics_above_background(ray_session, tmp_path, one_torch_thread):
-    from orchestrator.config import parse_config
-    from orchestrator.sweep import run_sweep
+    from orchestrator.grid.config import parse_config
+    from orchestrator.sweep.driver import run_sweep
 
     root = dataset_class("endovis18_types").synth(tmp_path / "ev", n=30, image_size=80)
     raw = sweep_config(tmp_path, {"endovis18_types": root}, grid={"resolutions": [64], "protocols": ["seg2d_linear"]},

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.cache import FeatureCache
-from orchestrator.config import parse_config
-from orchestrator.extract import DigestMemo, ExtractionJob
-from orchestrator.extraction_phase import extract_one
+from orchestrator.extraction.jobs import ExtractionJob
+from orchestrator.extraction.phase import extract_one
+from orchestrator.extraction.weights import DigestMemo
+from orchestrator.grid.config import parse_config
+from orchestrator.store.cache import FeatureCache
 from tasks.datasets import get_dataset
 from tasks.encoders import create_encoder
 from tasks.preprocess import prepare_image
@@ -73,10 +74,11 @@ KILL_SCRIPT = """
 import sys
 from pathlib import Path
 from orchestrator import ray_backend
-from orchestrator.cache import FeatureCache
-from orchestrator.config import parse_config
-from orchestrator.extract import DigestMemo, ExtractionJob
-from orchestrator.extraction_phase import extract_one
+from orchestrator.store.cache import FeatureCache
+from orchestrator.grid.config import parse_config
+from orchestrator.extraction.jobs import ExtractionJob
+from orchestrator.extraction.weights import DigestMemo
+from orchestrator.extraction.phase import extract_one
 from tasks.datasets import get_dataset
 root, out = sys.argv[1], Path(sys.argv[2])
 ray_backend.start("local", num_cpus=2, object_store_memory=200 * 1024**2)

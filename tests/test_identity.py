@@ -16,12 +16,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.cache import CacheKey, FeatureCache
-from orchestrator.cells import cell_spec
-from orchestrator.config import load_config, parse_config
-from orchestrator.grid import Cell, config_identities, split_uses_seed
-from orchestrator.identity import cell_identity, prefix_of
-from orchestrator.sweep import plan_cells, run_sweep
+from orchestrator.cells.spec import cell_spec
+from orchestrator.grid.cells import Cell, config_identities, plan_cells, split_uses_seed
+from orchestrator.grid.config import load_config, parse_config
+from orchestrator.grid.identity import cell_identity, prefix_of
+from orchestrator.store.cache import CacheKey, FeatureCache
+from orchestrator.sweep.driver import run_sweep
 from orchestrator.tracking import (
     CELL_TAG,
     CONFIG_IDENTITY_TAG,
@@ -99,7 +99,8 @@ def test_a_seed_that_picks_a_fold_keeps_seed_free_protocols_per_seed(tmp_path):
 
 # -- precision -------------------------------------------------------------------------------------
 def test_precision_is_planned_from_the_cluster_and_checked_by_the_encoder(one_torch_thread):
-    from orchestrator.extract import EncoderUDF, planned_precision
+    from orchestrator.extraction.images import EncoderUDF
+    from orchestrator.extraction.weights import planned_precision
     from tasks.encoders import create_encoder
     from tasks.errors import WeightsError
 
@@ -115,7 +116,7 @@ def test_online_cells_hold_their_encoder_to_the_planned_precision_and_weights(on
     """Cells that encode inside the trial (dense online, seg3d, registration) go through the same
     check as the extraction actors: a planned fp32 turns a GPU's bf16 autocast off, and an encoder
     that would compute in another precision or with other weights is refused."""
-    from orchestrator.extract import check_planned, encoder_precision
+    from orchestrator.extraction.weights import check_planned, encoder_precision
     from tasks.encoders import create_encoder
     from tasks.errors import WeightsError
 
@@ -155,7 +156,7 @@ def _fake_snapshot(cache: Path, repo: str, revision: str, payload: bytes) -> Non
 
 
 def test_weights_memo_key_is_the_resolved_source(tmp_path, monkeypatch):
-    from orchestrator.extract import weights_memo_key
+    from orchestrator.extraction.weights import weights_memo_key
     from tasks.encoders import get_encoder_spec
 
     enc = "dinov3_vits16"
@@ -182,8 +183,7 @@ def test_weights_memo_key_is_the_resolved_source(tmp_path, monkeypatch):
 
 
 def test_a_stale_memo_is_replanned_never_trusted(ray_session, tmp_path):
-    from orchestrator.extract import DigestMemo
-    from orchestrator.extraction_phase import weights_info
+    from orchestrator.extraction.weights import DigestMemo, weights_info
     from tasks.encoders import create_encoder
 
     wdir = tmp_path / "weights"  # `file:<dir>` holding <encoder>.safetensors
@@ -203,10 +203,10 @@ def test_a_stale_memo_is_replanned_never_trusted(ray_session, tmp_path):
 
 # -- scratch clean-up ------------------------------------------------------------------------------
 def test_a_killed_extractions_scratch_is_removed_when_the_cache_is_next_opened(tmp_path):
-    from orchestrator.scratch import LEASE_SUFFIX
+    from orchestrator.store.scratch import LEASE_SUFFIX
 
     root = tmp_path / "cache"
-    code = ("import sys, time; from orchestrator.cache import FeatureCache; "
+    code = ("import sys, time; from orchestrator.store.cache import FeatureCache; "
             "d = FeatureCache(sys.argv[1]).scratch_dir(); open(d + '/part.parquet', 'wb').write(b'x'); "
             "print(d, flush=True); time.sleep(600)")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -352,7 +352,7 @@ def test_config_changes_run_only_the_changed_cells_and_resume_after_a_kill(ray_s
     client = MlflowClient(cfg.resolved_tracking_uri)
     runs = {c: rs[0] for c, rs in _current(cfg).items()}
     lost, unlogged = sorted(c for c in runs if "linear_probe" in c)[0], sorted(c for c in runs if "knn" in c)[0]
-    from orchestrator.results import ResultStore
+    from orchestrator.store.results import ResultStore
 
     ResultStore(f"{cfg.sweep_root}/cells").delete(lost)
     for c in (lost, unlogged):

@@ -1,11 +1,12 @@
-"""The import graph of `orchestrator/` and `tasks/` has no cycle (docs/contracts.md, "Module layering").
+"""The import graph of `orchestrator/`, `tasks/` and `analysis/` has no cycle, and neither has the
+graph of their folders (docs/contracts.md, "Layout").
 
 Read with `ast`, nothing imported: a module is a .py file under those packages (a package's
 `__init__.py` is the package), and A -> B for every `import B`, `from B import x` and
 `from pkg import B` in A, at top level or inside a function: a lazy import that closes a cycle is
 still a cycle (it only moves the failure to whichever module a process happens to import first).
-Imports under `if TYPE_CHECKING:` do not run and do not count; neither do `importlib` paths
-(`cells.FAMILY_RUNNERS`), which are the registries' way of naming a module without importing it.
+The runtime graph leaves out imports under `if TYPE_CHECKING:`; the full graph counts them too,
+since a type two modules need belongs below both. `importlib` paths are not edges.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("orchestrator", "tasks")
+PACKAGES = ("orchestrator", "tasks", "analysis")
 
 Edge = tuple[str, str]
 
@@ -55,12 +56,14 @@ def _inside_functions(tree: ast.AST) -> set[int]:
     return inner
 
 
-def import_edges(modules: dict[str, Path], root: Path = ROOT) -> dict[Edge, list[str]]:
-    """(importer, imported) -> where: ["path:line (top|lazy)", ...], runtime imports only."""
+def import_edges(modules: dict[str, Path], root: Path = ROOT, type_only: bool = False) -> dict[Edge, list[str]]:
+    """(importer, imported) -> where: ["path:line (top|lazy)", ...]; runtime imports only unless
+    `type_only` (then `if TYPE_CHECKING:` imports count too)."""
     edges: dict[Edge, list[str]] = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
-        skip, lazy = _type_checking_only(tree), _inside_functions(tree)
+        skip = set() if type_only else _type_checking_only(tree)
+        lazy = _inside_functions(tree)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         for node in ast.walk(tree):
             if id(node) in skip:
@@ -139,14 +142,72 @@ def describe(components: list[list[str]], edges: dict[Edge, list[str]]) -> str:
     return "\n".join(lines)
 
 
+def folder_of(module: str) -> str:
+    """The concept a module belongs to: its package folder (`orchestrator.cells.dense` ->
+    `orchestrator.cells.run`); a module at the top of a package is its own node (`orchestrator.cli`)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 else module
+
+
+def folder_edges(edges: dict[Edge, list[str]], modules: dict[str, Path]) -> dict[Edge, list[str]]:
+    out: dict[Edge, list[str]] = {}
+    for (a, b), where in edges.items():
+        fa = a if modules[a].name == "__init__.py" and a.count(".") == 1 else folder_of(a)
+        fb = b if modules[b].name == "__init__.py" and b.count(".") == 1 else folder_of(b)
+        if fa != fb and not fb.startswith(fa + ".") and not fa.startswith(fb + "."):
+            out.setdefault((fa, fb), []).extend(where)
+    return out
+
+
 def test_the_runtime_import_graph_has_no_cycle():
     modules = module_files(ROOT)
     edges = import_edges(modules)
-    # The graph is the real one: lazy imports are in it (cells runs a seg3d group through one).
-    assert ("orchestrator.cells", "orchestrator.seg3d_cells") in edges
-    assert ("orchestrator.sweep", "orchestrator.cells") in edges and len(modules) > 60
+    # The graph is the real one: lazy imports are in it (a Tune trial's runner imports every family).
+    assert ("orchestrator.cells.run", "orchestrator.cells.seg3d") in edges
+    assert ("orchestrator.sweep.driver", "orchestrator.cells.run") in edges and len(modules) > 90
     found = cycles(edges)
     assert not found, "import cycles (break them by moving code down a layer):\n" + describe(found, edges)
+
+
+def test_no_cycle_even_counting_type_only_imports():
+    modules = module_files(ROOT)
+    edges = import_edges(modules, type_only=True)
+    found = cycles(edges)
+    assert not found, "cycles through TYPE_CHECKING imports (move the type below both):\n" + describe(found, edges)
+
+
+def test_folders_form_layers():
+    """No cycle among the folders (store, grid, extraction, cells, plan, sweep, console, the top
+    modules, tasks' packages, analysis), type-only imports included: each concept depends only on
+    the ones below it (docs/contracts.md draws the layers)."""
+    modules = module_files(ROOT)
+    edges = folder_edges(import_edges(modules, type_only=True), modules)
+    assert ("orchestrator.sweep.driver", "orchestrator.cells.run") in edges
+    found = cycles(edges)
+    assert not found, "folder cycles:\n" + describe(found, edges)
+
+
+def test_ray_backend_imports_no_medscale_code():
+    """ray_backend takes decode functions, encoder classes and the cell runner as arguments."""
+    modules = module_files(ROOT)
+    edges = import_edges(modules, type_only=True)
+    assert not [b for (a, b) in edges if a == "orchestrator.ray_backend"]
+
+
+def test_orchestrator_layout_limits():
+    """At most 8 modules at the top of orchestrator/, none over 400 lines anywhere, and one class
+    per name across orchestrator/ (a newcomer never meets two different `Plan`s)."""
+    top = [p for p in (ROOT / "orchestrator").glob("*.py")]
+    assert len(top) <= 8, sorted(p.name for p in top)
+    long = {str(p.relative_to(ROOT)): n for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+    classes: dict[str, list[str]] = {}
+    for p in (ROOT / "orchestrator").rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ClassDef):
+                classes.setdefault(node.name, []).append(str(p.relative_to(ROOT)))
+    assert not {k: v for k, v in classes.items() if len(v) > 1}
 
 
 def test_the_checker_sees_lazy_cycles_and_skips_type_checking_imports(tmp_path):
@@ -173,8 +234,9 @@ def test_the_checker_sees_lazy_cycles_and_skips_type_checking_imports(tmp_path):
 @pytest.mark.parametrize("statement", [
     "import orchestrator.cli",
     "import tasks.datasets, tasks.protocols",
-    "import orchestrator.cells; orchestrator.cells.run_cell",  # what a Tune trial imports first
-    "import orchestrator.sweep",
+    "import orchestrator.cells.run; orchestrator.cells.run.run_cell",  # what a Tune trial imports first
+    "import orchestrator.sweep.driver",
+    "import analysis.report",
 ])
 def test_entry_points_import_in_a_fresh_process(statement):
     r = subprocess.run([sys.executable, "-c", statement], cwd=ROOT, capture_output=True, text=True, timeout=300)

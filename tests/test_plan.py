@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from orchestrator.config import parse_config
-from orchestrator.sweep import plan_cells
+from orchestrator.grid.cells import plan_cells
+from orchestrator.grid.config import parse_config
 from tasks.datasets import DATASETS
 from tasks.datasets.nih14 import NIH14
 

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.cache import FeatureCache
-from orchestrator.config import load_config, parse_config
-from orchestrator.plan import build_plan, format_plan, gather, plan_sweep
-from orchestrator.sweep import plan_cells, run_sweep
-from orchestrator.throughput import MEASURED, items_per_second
+from orchestrator.grid.cells import plan_cells
+from orchestrator.grid.config import load_config, parse_config
+from orchestrator.plan.build import build_plan, gather, plan_sweep
+from orchestrator.plan.format import format_plan
+from orchestrator.plan.throughput import MEASURED, items_per_second
+from orchestrator.store.cache import FeatureCache
+from orchestrator.sweep.driver import run_sweep
 from tasks.encoders import ENCODERS
 
 from .conftest import REPO, sweep_config

@@ -117,8 +117,8 @@ def test_acdc_check_names_every_problem(tmp_path):
 
 
 def test_registration_config_loads():
-    from orchestrator.config import load_config
-    from orchestrator.sweep import plan_cells
+    from orchestrator.grid.cells import plan_cells
+    from orchestrator.grid.config import load_config
 
     cfg = load_config(REPO / "configs" / "registration.yaml")
     assert cfg.grid.datasets == ["camus", "acdc"]

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.config import parse_config
-from orchestrator.registration_cells import read_nifti_back
-from orchestrator.sweep import run_sweep
+from orchestrator.cells.registration import read_nifti_back
+from orchestrator.grid.config import parse_config
+from orchestrator.sweep.driver import run_sweep
 from tasks.datasets import get_dataset
 
 from .conftest import TINY, sweep_config
@@ -35,7 +35,7 @@ def reg_roots(tmp_path_factory) -> dict[str, Path]:
 def test_registration_sweep_cells_finish_and_beat_identity(ray_session, reg_roots, tmp_path, one_torch_thread):
     from medpy.metric import binary
 
-    from orchestrator.identity import prefix_of
+    from orchestrator.grid.identity import prefix_of
 
     raw = sweep_config(tmp_path, reg_roots, grid={"resolutions": [128], "seeds": [0, 1],
                                                   "protocols": ["convexadam_reg", "mind_convexadam"]},

@@ -112,7 +112,7 @@ def test_hyperparameters_are_checked():
 
 
 def test_seg2d_config_is_the_papers_grid():
-    from orchestrator.config import load_config
+    from orchestrator.grid.config import load_config
 
     cfg = load_config(REPO / "configs" / "seg2d.yaml")
     g = cfg.grid

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from orchestrator.config import parse_config
-from orchestrator.sweep import run_sweep
+from orchestrator.grid.config import parse_config
+from orchestrator.sweep.driver import run_sweep
 from tasks.datasets import dataset_class
 
 from .conftest import TINY, sweep_config
@@ -36,7 +36,7 @@ def test_seg2d_sweep_end_to_end(ray_session, roots, tmp_path, one_torch_thread):
     raw["protocols"] = {"seg2d_linear": steps, "seg2d_decoder": {**steps, "width": 32}}
     cfg = parse_config(raw)
     outcome = run_sweep(cfg)
-    from orchestrator.identity import prefix_of
+    from orchestrator.grid.identity import prefix_of
 
     # ids: readable prefix + identity digest
     assert {prefix_of(c): st for c, st in outcome.cells.items()} == {

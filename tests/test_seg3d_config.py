@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.plan_seg3d import format_plan, plan_for_config, plan_text, planned_gpu_hours
+from orchestrator.grid.config import load_config
+from orchestrator.plan.seg3d import format_plan, plan_for_config, plan_text, planned_gpu_hours
 from tests.conftest import REPO
 
 

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from orchestrator.results import ResultStore
-from orchestrator.seg3d_cells import run_seg3d_group
+from orchestrator.cells.seg3d import run_seg3d_group
+from orchestrator.store.results import ResultStore
 from tasks.datasets import dataset_class, get_dataset
 from tasks.encoders import create_encoder
 

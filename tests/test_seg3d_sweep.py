@@ -11,11 +11,11 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from orchestrator.config import parse_config
-from orchestrator.identity import prefix_of
-from orchestrator.results import ResultStore
-from orchestrator.seg3d_cells import run_seg3d_group
-from orchestrator.sweep import run_sweep
+from orchestrator.cells.seg3d import run_seg3d_group
+from orchestrator.grid.config import parse_config
+from orchestrator.grid.identity import prefix_of
+from orchestrator.store.results import ResultStore
+from orchestrator.sweep.driver import run_sweep
 from tasks.datasets import dataset_class, get_dataset
 from tasks.encoders import create_encoder
 

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from orchestrator.decode import decode_volumes
+from orchestrator.extraction.decode import decode_volumes
 from tasks.datasets.ct_rate import iter_slices, read_slices, window_lut
 from tasks.errors import DatasetError
 from tasks.preprocess import prepare_image, to_rgb_uint8

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import parse_config
-from orchestrator.sweep import run_sweep
+from orchestrator.grid.config import parse_config
+from orchestrator.sweep.driver import run_sweep
 from orchestrator.tracking import CELL_TAG
 from tasks.encoders import get_encoder_spec
 

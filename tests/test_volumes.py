@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.cache import FeatureCache
-from orchestrator.config import parse_config
-from orchestrator.extract import DigestMemo, ExtractionJob
-from orchestrator.extraction_phase import extract_one
+from orchestrator.extraction.jobs import ExtractionJob
+from orchestrator.extraction.phase import extract_one
+from orchestrator.extraction.weights import DigestMemo
+from orchestrator.grid.config import parse_config
+from orchestrator.store.cache import FeatureCache
 from tasks.datasets import dataset_class, get_dataset
 from tasks.datasets.ct_rate import n_slices, read_slices
 from tasks.encoders import create_encoder
@@ -69,7 +70,7 @@ def test_pool_volumes_streams_slices_into_one_row_per_volume(tmp_path, pooling):
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from orchestrator.extract import embeddings_table, pool_volumes
+    from orchestrator.extraction.images import embeddings_table, pool_volumes
 
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((9, 5)).astype(np.float32)

@@ -287,7 +287,7 @@ def test_slide_coordinates_are_tiled_once_then_read_back(slides, tmp_path, monke
     import pandas as pd
     import pyarrow.fs as pafs
 
-    from orchestrator.extract_slides import slide_coordinates
+    from orchestrator.extraction.slides import slide_coordinates
 
     fs, root, path = pafs.LocalFileSystem(), str(tmp_path / "coords"), str(slides["pos"].path)
     first = slide_coordinates(fs, root, "pos", path, TilingParams().key())

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from orchestrator.cache import FeatureCache
 from orchestrator.cli import main
-from orchestrator.config import parse_config
-from orchestrator.extract_slides import coords_root
-from orchestrator.sweep import run_sweep
+from orchestrator.extraction.slides import coords_root
+from orchestrator.grid.config import parse_config
+from orchestrator.store.cache import FeatureCache
+from orchestrator.sweep.driver import run_sweep
 from tasks.datasets import get_dataset
 from tasks.encoders import create_encoder
 from tasks.wsi.synth import synth_slide

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,11 +25,24 @@ from tqdm.auto import tqdm
 
 from tasks.dense import FeatureSource, Sample, upsample_logits
 
-if TYPE_CHECKING:  # the decoder delegates its fit and predict here: a runtime import would be a cycle
-    from tasks.protocols.seg3d_decoder import Seg3DDecoder
+
+class GroupedHead(Protocol):
+    """What the group trainer needs of a head (`Seg3DDecoder` is one). A structural type, so this
+    module, which the decoder delegates its fit and predict to, never imports the decoder back."""
+
+    seed: int
+    steps: int
+    lr: float
+    warmup: float
+    weight_decay: float
+    device_: Any
+    net_: Any
+
+    def validate(self) -> Any: ...
+    def build(self, source: FeatureSource, n_modalities: int, n_classes: int, patch: int) -> torch.nn.Module: ...
 
 
-def same_data_params(heads: Sequence[Seg3DDecoder]) -> None:
+def same_data_params(heads: Sequence[GroupedHead]) -> None:
     """ValueError unless every head draws the same data stream (then one encoded crop serves all)."""
     ref = heads[0]
     for h in heads[1:]:
@@ -109,9 +122,9 @@ class _SampleCache:
         return self._d[cid]
 
 
-def fit_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, train_ids_per_head: Sequence[Sequence[str]],
+def fit_group(heads: Sequence[GroupedHead], source: FeatureSource, train_ids_per_head: Sequence[Sequence[str]],
               val_ids_per_head: Sequence[Sequence[str]] | None = None, *, data_seed: int | None = None,
-              pool: Sequence[str] | None = None, shared: bool | None = None) -> list[Seg3DDecoder]:
+              pool: Sequence[str] | None = None, shared: bool | None = None) -> list[GroupedHead]:
     """Fit every head on one shared stream of encoded crops (module docstring). Returns the heads.
     `data_seed` (default: the smallest head seed) and `pool` (cases crops are drawn from; default:
     the union of the heads' training cases) fix the crop stream whatever subset of a planned group
@@ -191,7 +204,7 @@ def fit_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, train_ids_pe
     return heads
 
 
-def _validate(heads: list[Seg3DDecoder], source: FeatureSource, vals: list[list[str]], step: int) -> None:
+def _validate(heads: list[GroupedHead], source: FeatureSource, vals: list[list[str]], step: int) -> None:
     """Mean foreground Dice of each head on its own validation cases; keeps its best weights (the
     last ones when it has no validation cases)."""
     union = sorted(set().union(*map(set, vals)))
@@ -213,7 +226,7 @@ def _validate(heads: list[Seg3DDecoder], source: FeatureSource, vals: list[list[
             h._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in h.net_.state_dict().items()})
 
 
-def predict_group(heads: Sequence[Seg3DDecoder], source: FeatureSource, case_id: str) -> list[np.ndarray]:
+def predict_group(heads: Sequence[GroupedHead], source: FeatureSource, case_id: str) -> list[np.ndarray]:
     """Label maps (S, H, W) of one case for every head: MONAI sliding_window_inference over the
     whole volume (windows of crop_slices whole slices, `overlap` along z), each slice encoded
     once for all heads and all the windows it is in. Logits are blended at the volume's own size."""

@@ -3,8 +3,8 @@
 A cell writes its results to `<sweep storage>/cells/<cell_id>/` before it returns, so a result
 survives a driver (or a node) that dies before logging it, and `--resume` never recomputes it.
 Results go through pyarrow filesystems (`ResultStore`): the driver reads what a trial wrote on any
-node. This module sits below every cell runner (cells, bag_cells, dense_cells, seg3d_cells,
-registration_cells) and the sweep driver; it imports nothing of theirs.
+node. This module sits below every cell runner (cells, cells.bags, cells.dense, cells.seg3d,
+cells.registration) and the sweep driver; it imports nothing of theirs.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from orchestrator import storage
+from orchestrator.store import storage
 
 RESULT_FILE = "metrics.json"  # written last: a result directory without it is not a result
 PLACEMENT_FILE = "placement.json"  # where the cell ran (node, resources), when run by Ray
 ERROR_FILE = "error.json"
 RUNNING_FILE = "running.json"  # .<cell_id>.running.json: where an attempt runs now (or ran, if it died)
-IDENTITY_FILE = "identity.json"  # the cell's identity digests (orchestrator.identity), beside its metrics
+IDENTITY_FILE = "identity.json"  # the cell's identity digests (orchestrator.grid.identity), beside its metrics
 SUBSET_FILE = "train_subset.json"  # the cell's train size and what its subset holds (run params)
 
 

@@ -1,21 +1,22 @@
-"""What a sweep prints: a banner, one line per extraction and per finished cell, a summary."""
+"""What a sweep prints: a banner, notes, one line per finished cell (the summary table is
+sweep/summary.py's, the extraction lines extraction/jobs.py's), and how to open MLflow."""
 
 from __future__ import annotations
 
-import csv
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from orchestrator.progress import stream
+from orchestrator.console.progress import stream
 
 if TYPE_CHECKING:
-    from orchestrator.config import SweepConfig
-    from orchestrator.extract import ExtractionJob
-    from orchestrator.sweep import SweepOutcome
+    from orchestrator.grid.config import SweepConfig
 
 
-def _p(line: str = "") -> None:
-    # progress.stream(): the terminal, also while Ray's own output is sent to the log file.
-    print(line, file=stream(), flush=True)
+def line(text: str = "") -> None:
+    """One line on the terminal (progress.stream(): also while Ray's own output goes to the log)."""
+    print(text, file=stream(), flush=True)
+
+
+_p = line
 
 
 def note(line: str) -> None:
@@ -44,18 +45,8 @@ def banner(cfg: SweepConfig, n_cells: int, skipped: dict[str, str]) -> None:
         note(f"skipped {cid}: {why}")
 
 
-def extract_line(job: ExtractionJob, what: str, n: int, seconds: float, unit: str = "images") -> None:
-    """`unit`: what `n` counts (images; volumes then slices; slides then tiles)."""
-    if what == "cached":
-        _p(f"   {job.label}: all splits cached, nothing to encode")
-    elif what == "start":
-        _p(f"   {job.label}: encoding {n} {unit} (pooling {job.pooling}, weights {job.weights})")
-    else:
-        rate = n / seconds if seconds > 0 else float("nan")
-        _p(f"   {job.label}: {n} {unit} in {seconds:.1f} s ({rate:.1f} {unit}/s, Ray start-up included)")
-
-
-def _fmt(v: float | None, spec: str) -> str:
+def fmt(v: float | None, spec: str) -> str:
+    """`v` formatted, or "-" for a missing or NaN value."""
     return format(v, spec) if isinstance(v, (int, float)) and v == v else "-"
 
 
@@ -72,42 +63,10 @@ def cell_line(i: int, total: int, cell_id: str, status: str, metrics: dict[str, 
               seconds: float | None, error: str | None) -> None:
     w = len(str(total))
     name, value = headline(metrics)
-    line = f"[{i:>{w}}/{total}] {status:<8} {cell_id}  {name}={_fmt(value, '.4f')}  {_fmt(seconds, '.1f')}s"
+    line = f"[{i:>{w}}/{total}] {status:<8} {cell_id}  {name}={fmt(value, '.4f')}  {fmt(seconds, '.1f')}s"
     if error:
         line += f"\n          reason: {error.splitlines()[0][:300]}"
     _p(line)
-
-
-def summary(cfg: SweepConfig, outcome: SweepOutcome) -> None:
-    out = cfg.output_path
-    rows: list[dict[str, Any]] = []
-    for cid, status in sorted(outcome.cells.items()):
-        m = outcome.metrics.get(cid, {})
-        name, value = headline(m)
-        rows.append({"cell": cid, "status": status, "metric": name if value is not None else "", "value": value,
-                     "compute_s": m.get("compute_s"),
-                     "reason": outcome.errors.get(cid) or outcome.skipped.get(cid, "")})
-    with (out / "summary.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["cell"])
-        w.writeheader()
-        w.writerows(rows)
-    width = max((len(r["cell"]) for r in rows), default=10)
-    _p()
-    mw = max((len(r["metric"]) for r in rows), default=6)
-    _p(f"{'cell':<{width}}  {'status':<8}  {'metric':<{mw}}  {'value':>8}  {'time':>7}")
-    _p("-" * (width + mw + 33))
-    for r in rows:
-        _p(f"{r['cell']:<{width}}  {r['status']:<8}  {r['metric']:<{mw}}  {_fmt(r['value'], '8.4f'):>8}  "
-           f"{_fmt(r['compute_s'], '6.1f'):>6}s")
-    counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("FINISHED", "FAILED", "SKIPPED")}
-    _p("-" * (width + mw + 33))
-    _p(f"{counts['FINISHED']} finished, {counts['FAILED']} failed, {counts['SKIPPED']} skipped; "
-       f"images encoded this run: {outcome.n_encoded}")
-    for cid, err in outcome.errors.items():
-        _p(f"FAILED {cid}: {err.splitlines()[0][:300]}")
-    _p(f"results:  {out / 'summary.csv'}   per-cell files: {cfg.sweep_root}/cells")
-    mlflow_hint(cfg)
-    stream().flush()
 
 
 def _mlflow_cmd() -> str:

@@ -15,6 +15,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.grid.checks import (
+    check_dataset_options,
+    check_evaluate_on,
+    check_known,
+    check_layers,
+    format_errors,
+)
 from tasks.errors import ConfigError
 
 # GPU share of one cell (a head trained on cached features) by encoder size class. Heads are light;
@@ -22,6 +29,7 @@ from tasks.errors import ConfigError
 # instead map to resolution bands {lowest resolution: share}: pooled features do not grow with the
 # input, but dense-feature protocols (tokens ~ (r/16)^2) do, so big inputs may need a bigger share.
 DEFAULT_CELL_GPUS = {"tiny": 0.05, "small": 0.1, "base": 0.1, "large": 0.2, "huge": 0.25, "giant": 0.5}
+
 
 # Where shared storage may live: pyarrow filesystems (the feature cache, cell results, Tune).
 STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
@@ -47,21 +55,21 @@ class Grid(_Strict):
     def _known_encoders(cls, v: list[str]) -> list[str]:
         from tasks.encoders import list_encoders
 
-        return _known(v, list_encoders(), "encoder")
+        return check_known(v, list_encoders(), "encoder")
 
     @field_validator("datasets")
     @classmethod
     def _known_datasets(cls, v: list[str]) -> list[str]:
         from tasks.datasets import list_datasets
 
-        return _known(v, list_datasets(), "dataset")
+        return check_known(v, list_datasets(), "dataset")
 
     @field_validator("protocols")
     @classmethod
     def _known_protocols(cls, v: list[str]) -> list[str]:
         from tasks.protocols import list_protocols
 
-        return _known(v, list_protocols(), "protocol")
+        return check_known(v, list_protocols(), "protocol")
 
     @field_validator("train_fractions")
     @classmethod
@@ -102,15 +110,6 @@ class Grid(_Strict):
         if bad:
             raise ValueError(f"resolutions must be positive, got {bad}")
         return v
-
-
-def _known(values: list[str], known: list[str], what: str) -> list[str]:
-    for v in values:
-        if v not in known:
-            raise ValueError(f"unknown {what} {v!r}; known: {', '.join(sorted(known))}")
-    if len(set(values)) != len(values):
-        raise ValueError(f"duplicate {what} names in {values}")
-    return values
 
 
 class Resources(_Strict):
@@ -235,12 +234,12 @@ class SweepConfig(_Strict):
         missing = [d for d in self.grid.datasets if d not in self.data]
         if missing:
             raise ValueError(f"data: no root given for dataset(s) {missing}")
-        _check_evaluate_on(self)
+        check_evaluate_on(self)
         ood = {d for v in self.evaluate_on.values() for d in v}
         for name, opts in self.dataset_options.items():
             if name not in self.grid.datasets and name not in ood:
                 raise ValueError(f"dataset_options.{name}: options for a dataset not in grid.datasets or evaluate_on")
-            _check_dataset_options(name, opts)
+            check_dataset_options(name, opts)
         for enc in self.grid.encoders:
             p = get_encoder_spec(enc).patch_size
             for i, r in enumerate(self.grid.resolutions):
@@ -273,7 +272,7 @@ class SweepConfig(_Strict):
             except ConfigError:  # e.g. a default task the head does not take: checked per cell
                 continue
             if layers is not None:
-                _check_layers(name, layers, self.grid.encoders)
+                check_layers(name, layers, self.grid.encoders)
         return self
 
     # -- derived -------------------------------------------------------------------------------
@@ -332,80 +331,13 @@ class SweepConfig(_Strict):
                                           g.train_sizes)))
 
 
-def _check_layers(protocol: str, layers: Any, encoders: list[str]) -> None:
-    """A dense head's `layers` (encoder blocks whose maps it reads) must exist in every grid encoder."""
-    from tasks.encoders import create_encoder
-
-    layers = list(layers) if isinstance(layers, tuple) else layers
-    if not isinstance(layers, list) or not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
-        raise ValueError(f"protocols.{protocol}.layers: a list of block indices (e.g. [2, 5, 8, 11] or [-1]), "
-                         f"got {layers!r}")
-    for enc in encoders:
-        try:
-            create_encoder(enc, device="meta").check_layers(layers)
-        except ConfigError as e:
-            raise ValueError(f"protocols.{protocol}.layers: {e}") from None
-
-
-def _check_dataset_options(name: str, opts: dict[str, Any]) -> None:
-    """Options are the dataset class's own keyword arguments; build one (lazily, nothing is read)
-    so its own validation speaks."""
-    import inspect
-
-    from tasks.datasets import dataset_class
-
-    cls = dataset_class(name)
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "root", "val_fraction", "seed")]
-    unknown = sorted(set(opts) - set(valid))
-    if unknown:
-        raise ValueError(f"dataset_options.{name}: unknown option(s) {unknown}; "
-                         f"valid: {', '.join(valid) or 'none'}")
-    try:
-        cls(".", **opts)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise ValueError(f"dataset_options.{name}: {e}") from None
-
-
-def _check_evaluate_on(cfg: SweepConfig) -> None:
-    from tasks.datasets import dataset_class, list_datasets
-
-    for train, targets in cfg.evaluate_on.items():
-        if train not in cfg.grid.datasets:
-            raise ValueError(f"evaluate_on.{train}: not in grid.datasets (models must be trained on it)")
-        tcls = dataset_class(train)
-        if getattr(tcls, "kind", "image") != "slide":
-            raise ValueError(f"evaluate_on.{train}: out-of-domain test sets are implemented for whole-slide "
-                             "datasets only")
-        for d in targets:
-            _known([d], list_datasets(), "dataset")
-            dcls = dataset_class(d)
-            if d == train or getattr(dcls, "kind", "image") != "slide":
-                raise ValueError(f"evaluate_on.{train}: {d} must be another whole-slide dataset")
-            if dcls.task != tcls.task or len(dcls.classes) != len(tcls.classes):
-                raise ValueError(f"evaluate_on.{train}: {d} ({dcls.task}, {len(dcls.classes)} classes) does not "
-                                 f"match {train} ({tcls.task}, {len(tcls.classes)} classes)")
-            if d not in cfg.data:
-                raise ValueError(f"evaluate_on.{train}: no root given for {d} under data:")
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid sweep config"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (typo?)"
-        lines.append(f"  {path}: {msg}")
-    return "\n".join(lines)
-
-
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> SweepConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a sweep config must be a YAML mapping, got {type(raw).__name__}")
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(format_errors(e, source)) from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:

@@ -25,7 +25,7 @@ import uuid
 
 import pyarrow.fs as pafs
 
-from orchestrator import storage
+from orchestrator.store import storage
 
 LEASE_SUFFIX = ".lease.json"
 HEARTBEAT_S = 60.0

@@ -1,7 +1,7 @@
 """The grid: its points (`Cell`) and which of them a sweep config plans (`plan_cells`).
 
 Below the cell runners and the sweep driver: it needs only the config, the identity rules
-(orchestrator.identity) and the task registries, so the planner, the report (`medscale analyze
+(orchestrator.grid.identity) and the task registries, so the planner, the report (`medscale analyze
 --config`: `config_identities`) and the runners share one definition of the grid.
 """
 
@@ -11,17 +11,23 @@ import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from orchestrator.identity import cell_identity, cell_prefix, config_part, resolved_hparams, resolved_pooling
+from orchestrator.grid.identity import (
+    cell_identity,
+    cell_prefix,
+    config_part,
+    resolved_hparams,
+    resolved_pooling,
+)
 from tasks.subsets import TrainSize
 
 if TYPE_CHECKING:
-    from orchestrator.config import SweepConfig
+    from orchestrator.grid.config import SweepConfig
 
 
 @dataclass(frozen=True)
 class Cell:
     """A point of the grid. Its id (`cell_id` in a spec) is `prefix` plus a digest of everything that
-    determines its result (orchestrator.identity); `seed_free`: the protocol ignores the seed, so one
+    determines its result (orchestrator.grid.identity); `seed_free`: the protocol ignores the seed, so one
     cell stands for every seed of the grid."""
 
     encoder: str

@@ -3,7 +3,7 @@ fast). A machine without the data learns it once per dataset, not as one FAILED 
 
 from __future__ import annotations
 
-from orchestrator.config import SweepConfig
+from orchestrator.grid.config import SweepConfig
 from tasks.errors import ConfigError
 
 

@@ -1,8 +1,8 @@
 """Dense features: the Ray Data pipeline's worker-side steps, what a head asks for, and
 `CachedFeatures`, the reader of a dense cache entry. This module never imports Ray; the driver that
-applies the cached/online rule per extraction and runs the pipeline is orchestrator/extract_runs.py.
+applies the cached/online rule per extraction and runs the pipeline is orchestrator/extraction/runs.py.
 
-Pipeline (run by `ray_backend.run_dense_pipeline`): one row per case (2D image or whole volume)
+Pipeline (run by `pipelines.run_dense_pipeline`): one row per case (2D image or whole volume)
 -> `decode_cases` on CPU workers (`Dataset.read_sample` -> `tasks.features.prepare_slices`: every
 slice of every modality at r x r, uint8) -> `DenseEncoderUDF` in the encoder actor pool (the
 frozen encoder's `dense` maps of the configured layers, bf16 on CUDA, written as ONE fp16
@@ -27,30 +27,25 @@ holds every case, and each cell takes its split from `dataset.cell_splits(seed)`
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from orchestrator import storage
-from orchestrator.cache import CacheKey, FeatureCache
-from orchestrator.extract import EncoderUDF, ExtractResult
-from tasks.dense import FEATURE_DTYPE, Sample, SourceChoice, choose_source
+from orchestrator.extraction.images import EncoderUDF
+from orchestrator.extraction.jobs import ExtractResult
+from orchestrator.store import storage
+from orchestrator.store.cache import CacheKey, FeatureCache
+from orchestrator.store.dense_maps import INDEX_FILE, case_file
+from tasks.dense import FEATURE_DTYPE, SourceChoice, choose_source
 from tasks.errors import DatasetError
 
-DENSE_SPLIT = "cases"  # the key's split field: every case of the dataset, whatever a cell's split
-INDEX_FILE = "index.parquet"
-MAPS_DIR = "maps"
 DENSE_TARGETS = ("mask2d", "mask3d", "instances", "pairs")
 
-
-# -- identities that travel to workers ------------------------------------------------------------
 
 def class_path(obj: Any) -> str:
     """'module:QualName' of a class (or of an instance's class): workers import it by path, so a
@@ -82,8 +77,6 @@ def is_dense(dataset_cls: Any) -> bool:
     return getattr(dataset_cls, "target_kind", "labels") in DENSE_TARGETS
 
 
-# -- what a head asks for -------------------------------------------------------------------------
-
 def head_layers(head: Any) -> tuple[int, ...] | None:
     """The encoder blocks a dense head wants: its `layers` hyperparameter (None or absent = the last
     block; a list of block indices, negative from the end, for decoders with skips)."""
@@ -106,14 +99,6 @@ def layers_key(encoder: Any, layers: Sequence[int] | None) -> str:
 def channels(encoder: Any, dataset: Any, layers: Sequence[int] | None) -> int:
     return int(getattr(dataset, "n_modalities", 1)) * max(1, len(layers or ())) * encoder.spec.embed_dim
 
-
-def case_file(case_id: str) -> str:
-    """A file name for a case id: readable, filesystem-safe, unique (ids may hold '/' or spaces)."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", case_id)[:80]
-    return f"{MAPS_DIR}/{safe}-{hashlib.sha1(case_id.encode()).hexdigest()[:10]}.npy"
-
-
-# -- worker-side callables ------------------------------------------------------------------------
 
 def decode_cases(batch: dict[str, Any], dataset: str, resolution: int, interpolation: str) -> dict[str, Any]:
     """Read each case's Sample and bring every slice to the encoder's input: uint8 (M, S, 3, r, r)
@@ -199,8 +184,6 @@ class DenseEncoderUDF(EncoderUDF):
         return maps
 
 
-# -- planning and committing (the driver that extracts: orchestrator/extract_runs.py) --------------
-
 @dataclass
 class DenseExtractResult(ExtractResult):
     """An extraction of a dense dataset: per requested layers, the source the rule chose (and the
@@ -244,58 +227,6 @@ def commit_dense(cache: FeatureCache, key: CacheKey, scratch: str, rows: list[di
                                 "n_slices": int(good["n_slices"].sum()), "channels": int(good["channels"].iloc[0]),
                                 "grid": int(good["grid"].iloc[0])})
     return len(good), failed
-
-
-# -- reading ----------------------------------------------------------------------------------------
-
-class CachedFeatures:
-    """tasks.dense.FeatureSource over a dense cache entry: `features(case_id)` is the case's fp16
-    (S, C, h, w) map, memory-mapped from its own file (np.load mmap_mode="r": pages are read when
-    a head touches them and the OS may drop them again, so a dataset never sits in RAM). On an
-    object store a case is read whole, one at a time. `sample(case_id)` reads the case's Sample
-    (targets and geometry) from the dataset.
-
-    splits: case_id -> split of the cell (dataset.cell_splits); default: the index's split."""
-
-    kind = "cached"
-
-    def __init__(self, cache: FeatureCache, key: CacheKey, dataset: Any, splits: dict[str, str] | None = None):
-        import pandas as pd
-
-        if not cache.is_complete(key):
-            raise FileNotFoundError(f"no complete dense cache entry at {cache.entry_path(key)}")
-        self.cache, self.key, self.dataset = cache, key, dataset
-        self.entry = cache.entry_path(key)
-        meta = cache.meta(key)
-        self.failed: dict[str, str] = dict(meta.get("failed", {}))
-        index = pd.read_parquet(io.BytesIO(storage.read_bytes(cache.fs, f"{self.entry}/{INDEX_FILE}")))
-        self.files = dict(zip(index["case_id"].astype(str), index["file"].astype(str), strict=True))
-        self.channels = int(meta["channels"])
-        self.grid = int(meta["grid"])
-        self.layers = tuple(int(i) for i in key.layers.split(",")) if key.layers else ()
-        self._splits = splits
-
-    def case_ids(self, split: str | None = None) -> list[str]:
-        if self._splits is None:
-            idx = self.dataset.index()
-            splits = dict(zip(idx["case_id"].astype(str), idx["split"].astype(str), strict=True))
-        else:
-            splits = self._splits
-        return [c for c in self.files if split is None or splits.get(c) == split]
-
-    def features(self, case_id: str) -> np.ndarray:
-        try:
-            f = self.files[case_id]
-        except KeyError:
-            why = self.failed.get(case_id, "not in the dataset when the entry was made")
-            raise KeyError(f"{case_id!r} has no cached features ({why})") from None
-        path = f"{self.entry}/{f}"
-        if storage.is_local(self.cache.fs):
-            return np.load(path, mmap_mode="r")
-        return np.load(io.BytesIO(storage.read_bytes(self.cache.fs, path)))
-
-    def sample(self, case_id: str) -> Sample:
-        return self.dataset.read_sample(case_id)
 
 
 def dense_requests(cfg: Any, cells: Sequence[Any]) -> dict[tuple[str, int, str], set[tuple[tuple[int, ...] | None, bool]]]:

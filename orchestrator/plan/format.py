@@ -1,4 +1,4 @@
-"""The plan (orchestrator/plan.py) as a console table, as Markdown, and as plan.json / plan.md."""
+"""The plan (orchestrator/plan/build.py) as a console table, as Markdown, and as plan.json / plan.md."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from orchestrator.plan import Plan
+    from orchestrator.plan.model import Plan
 
 
 def human_bytes(n: float | None) -> str:
@@ -71,7 +71,7 @@ def format_markdown(plan: Plan) -> str:
     out += [f"| {c.cell_id} | {c.gpu_share:g} | {human_bytes(c.memory_bytes)} | {human_bytes(c.gpu_memory_bytes)} | "
             f"{_n(c.n_train)} |" for c in plan.cells]
     out += ["", "## Totals", ""] + [f"- {k}: {v}" for k, v in t.items()]
-    out += ["", f"Throughput: measured where orchestrator/throughput.py has a figure, else GFLOPs at "
+    out += ["", f"Throughput: measured where orchestrator/plan/throughput.py has a figure, else GFLOPs at "
             f"{plan.utilisation:.0%} of {plan.accelerator}'s peak (estimated)."]
     if plan.warnings:
         out += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]

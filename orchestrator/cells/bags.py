@@ -2,7 +2,7 @@
 early-stop on the val slides, score val and test. Plain Python, like `cells.run_cell`.
 
 Bags are stored in fp16 and read one slide at a time while training and scoring
-(`extract_slides.SlideBags`, a lazy mapping; ABMIL accepts a lazy sequence of bags), so a cell's
+(`extraction.slides.SlideBags`, a lazy mapping; ABMIL accepts a lazy sequence of bags), so a cell's
 memory does not grow with the number of slides.
 
 The bag entry holds every slide of the dataset; the cell's spec says which slide is in which split
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator.cache import CacheKey, FeatureCache
-from orchestrator.cells import EVAL_SPLITS, _predictions, cell_train_subset, subset_record
-from orchestrator.results import PLACEMENT_FILE, RESULT_FILE, SUBSET_FILE, ResultStore
+from orchestrator.cells.spec import EVAL_SPLITS, cell_train_subset, predictions_frame, subset_record
+from orchestrator.store.cache import CacheKey, FeatureCache
+from orchestrator.store.results import PLACEMENT_FILE, RESULT_FILE, SUBSET_FILE, ResultStore
 
 HEATMAPS = 3  # attention heatmaps drawn per cell: its highest-scoring test slides
 
@@ -71,7 +71,7 @@ def _score(protocol: Any, cases: pd.DataFrame, bags: dict, split: str, spec: dic
         attn.append(pd.DataFrame({"case_id": cid, "split": label, "x": xy[:, 0], "y": xy[:, 1],
                                   "attention": protocol.attention(bag).astype(np.float32)}))
     return ({f"{label}_{k}": float(v) for k, v in agg.items()},
-            _predictions(label, ids, patients, Y, scores, spec["classes"]), table, attn)
+            predictions_frame(label, ids, patients, Y, scores, spec["classes"]), table, attn)
 
 
 def _lost(cases: pd.DataFrame, bags: dict, failed: dict[str, str], dataset: str) -> pd.DataFrame:
@@ -81,7 +81,7 @@ def _lost(cases: pd.DataFrame, bags: dict, failed: dict[str, str], dataset: str)
 
 
 def run_bag_cell(spec: dict[str, Any], results: ResultStore, placement: dict[str, Any] | None) -> dict[str, float]:
-    from orchestrator.extract_slides import SLIDES
+    from orchestrator.store.bags import SLIDES
     from tasks.protocols import create_protocol
 
     t0 = time.perf_counter()
@@ -154,7 +154,7 @@ def _heatmaps(spec: dict[str, Any], cases: pd.DataFrame, test_pred: pd.DataFrame
     is not reachable from this node) is named in heatmaps_error.txt; the cell's results stand."""
     import sys
 
-    from orchestrator import storage
+    from orchestrator.store import storage
     from tasks.wsi.heatmap import render_heatmap, slide_attention
     from tasks.wsi.tiling import load_coordinates
 

@@ -2,7 +2,7 @@
 
 Run by Ray Data's CPU tasks (`ray_backend`): `decode_batch` (images), `decode_volumes` (CT
 volumes, each read forward once, its slices batched as they come) and `decode_by_file` (items of
-a few files, as slide tiles: extract_slides.decode_tiles). An item that cannot be read fails alone:
+a few files, as slide tiles: extraction.slides.decode_tiles). An item that cannot be read fails alone:
 its row carries the error (file and problem), its pixels stay zero and are never encoded.
 Pure functions of the tasks package: nothing of the cache, the cells or Ray is imported here.
 """

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from orchestrator.results import PLACEMENT_FILE, RESULT_FILE, ResultStore
+from orchestrator.store.results import PLACEMENT_FILE, RESULT_FILE, ResultStore
 
 FIGURES = 3
 
@@ -44,7 +44,7 @@ def registration_spec(cell: Any, cfg: Any, results_dir: str, weights: dict[str, 
 
     from tasks.encoders import get_encoder_spec
 
-    return {**asdict(cell), "cell_id": cell.cell_id, "family": "training_free", "results_dir": results_dir,
+    return {**asdict(cell), "cell_id": cell.cell_id, "family": "training_free", "runner": "training_free", "results_dir": results_dir,
             "task": task, "classes": classes, "hparams": cfg.protocols.get(cell.protocol, {}),
             "size": get_encoder_spec(cell.encoder).size, "root": str(cfg.data_root(cell.dataset)),
             "dataset_options": cfg.options_for(cell.dataset), "val_fraction": cfg.val_fraction,
@@ -130,7 +130,7 @@ def run_registration_cell(spec: dict[str, Any], results: ResultStore,
                           placement: dict[str, Any] | None) -> dict[str, float]:
     import torch
 
-    from orchestrator.extract import check_planned
+    from orchestrator.extraction.weights import check_planned
     from tasks.datasets import get_dataset
     from tasks.encoders import create_encoder
     from tasks.features import OnlineFeatures

@@ -4,7 +4,7 @@ Per extraction (encoder, resolution, dataset): items counted from the dataset's 
 volumes and their slices, slides; "unknown" where the root or index is missing, so a plan runs
 without data), GFLOPs per item, the feature cache it writes and whether it is cached already. Per
 cell: the GPU share it asks for and the memory its features (or bags) take. Totals: device-hours on
-an accelerator class (orchestrator/throughput.py: measured where known, else estimated from
+an accelerator class (orchestrator/plan/throughput.py: measured where known, else estimated from
 GFLOPs), cache bytes, cells and runs. Warnings: a cache larger than the storage's free space, a cell
 whose features exceed its GPU share's memory, a resolution above the encoder's pretraining one.
 
@@ -16,84 +16,25 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import SweepConfig
-from orchestrator.grid import Cell
-from orchestrator.plan_format import format_markdown, format_plan, human_bytes, write_plan
-from orchestrator.throughput import get_accelerator, items_per_second
+from orchestrator.grid.cells import Cell
+from orchestrator.grid.config import SweepConfig
+from orchestrator.plan.format import format_markdown, format_plan, human_bytes, write_plan
+from orchestrator.plan.model import (
+    DENSE_FAMILIES,
+    FILE_OVERHEAD,
+    HEADER_SAMPLE,
+    MARKER_BYTES,
+    ROW_OVERHEAD,
+    CellPlan,
+    Counts,
+    ExtractionPlan,
+    Plan,
+)
+from orchestrator.plan.throughput import get_accelerator, items_per_second
 
-# Bytes a pooled cache entry takes beyond its float32 vectors, fitted to entries the pipeline wrote
-# (tests/test_plan_cost.py keeps the estimate within 10%). Per row: the id strings as they are, two
-# bytes per target class (int8 + list levels) and ROW_OVERHEAD (offsets, levels of the embedding
-# list, the empty error string). Per Parquet file: FILE_OVERHEAD (footer, page headers); the
-# pipeline writes one file per Ray block (rows / extract_batch_size) and split. Per entry: MARKER.
-ROW_OVERHEAD = 90
-FILE_OVERHEAD = 2_600
-MARKER_BYTES = 930
-DENSE_FAMILIES = ("dense", "training_free")
-HEADER_SAMPLE = 500  # volume headers read for a slice count before sampling
-
-
-@dataclass
-class Counts:
-    """What an index says about a dataset (None: not known without reading more)."""
-
-    kind: str  # image | volume | slide
-    cases: dict[str, int]  # per split (slides: "all")
-    slices: int | None = None  # volumes: slices the encoder sees (headers), else None
-    train: tuple[list[str], list[list[int]]] | None = None  # train rows: patients, targets
-    tiles: int | None = None  # slides: from a cached entry's metadata only
-    note: str = ""
-    id_bytes: float = 24.0  # mean len(case_id) + len(patient_id): what a cache row stores besides floats
-    n_classes: int = 1
-
-
-@dataclass
-class ExtractionPlan:
-    encoder: str
-    resolution: int
-    dataset: str
-    item: str  # what one encoder pass sees: image | slice | tile
-    feature: str  # pooled | dense | bags
-    items: int | None
-    cases: int | None
-    gflops_per_item: float
-    cache_bytes: int | None
-    cached: str  # yes | no | unknown
-    items_per_s: float | None
-    throughput: str  # measured | estimated
-    device_hours: float | None
-    note: str = ""
-
-
-@dataclass
-class CellPlan:
-    cell_id: str
-    gpu_share: float
-    memory_bytes: int | None
-    gpu_memory_bytes: int
-    n_train: int | None  # training cases after the cell's subset (data axis)
-
-
-@dataclass
-class Plan:
-    sweep: str
-    accelerator: str
-    utilisation: float
-    extractions: list[ExtractionPlan]
-    cells: list[CellPlan]
-    skipped: dict[str, str]
-    totals: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=False, default=str)
-
-
-# -- gathering (reads indexes, cache markers, free space) ---------------------------------------
 
 def count_items(cfg: SweepConfig, name: str) -> Counts | str:
     """The dataset's counts from its index, or why they are unknown."""
@@ -141,8 +82,9 @@ def count_items(cfg: SweepConfig, name: str) -> Counts | str:
 def cache_state(cfg: SweepConfig, encoder: str, resolution: int, name: str) -> tuple[str, dict[str, Any]]:
     """("yes" | "no" | "unknown", metadata of a complete entry). Needs the weights digest from the
     sweep's memo (known after a first run) and the dataset fingerprint; unknown without them."""
-    from orchestrator.cache import FeatureCache
-    from orchestrator.extract import SPLITS, DigestMemo, ExtractionJob, cache_keys, weights_memo_key
+    from orchestrator.extraction.jobs import SPLITS, ExtractionJob, cache_keys
+    from orchestrator.extraction.weights import DigestMemo, weights_memo_key
+    from orchestrator.store.cache import FeatureCache
     from tasks.datasets import get_dataset
     from tasks.encoders import create_encoder
     from tasks.preprocess import PREPROCESS_VERSION
@@ -164,7 +106,7 @@ def cache_state(cfg: SweepConfig, encoder: str, resolution: int, name: str) -> t
     if getattr(ds, "kind", "image") == "slide":
         from dataclasses import replace
 
-        from orchestrator.extract_slides import SLIDES
+        from orchestrator.store.bags import SLIDES
 
         key = replace(keys["test"], split=SLIDES)
         return ("yes", cache.meta(key)) if cache.is_complete(key) else ("no", {})
@@ -194,14 +136,12 @@ def gather(cfg: SweepConfig, cells: list[Cell]) -> dict[str, Any]:
     return {"extractions": extractions, "counts": counts, "cached": cached, "free_bytes": free_bytes(cfg)}
 
 
-# -- the plan (pure) -----------------------------------------------------------------------------
-
 def pooled_bytes(rows_per_split: dict[str, int], dim: int, id_bytes: float = 24.0, n_classes: int = 1,
                  batch_size: int = 32) -> int:
     """Pooled cache entries (one per split) of `dim`-wide vectors on disk; `id_bytes`: mean length
     of case_id + patient_id."""
     n = sum(rows_per_split.values())
-    blocks = max(1, min(n // batch_size, 4096))  # as ray_backend.run_embedding_pipeline cuts them
+    blocks = max(1, min(n // batch_size, 4096))  # as pipelines.run_embedding_pipeline cuts them
     files = sum(min(blocks, k) for k in rows_per_split.values())
     per_row = dim * 4 + ROW_OVERHEAD + id_bytes + 2 * n_classes
     return int(n * per_row + files * FILE_OVERHEAD + len(rows_per_split) * MARKER_BYTES)
@@ -338,7 +278,7 @@ def build_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], gat
 
 
 def plan_sweep(cfg: SweepConfig, accelerator: str = "H100") -> Plan:
-    from orchestrator.grid import plan_cells
+    from orchestrator.grid.cells import plan_cells
 
     cells, skipped = plan_cells(cfg)
     return build_plan(cfg, cells, skipped, gather(cfg, cells), accelerator)

@@ -8,7 +8,7 @@ driver; recorded as params `feature_source` and `feature_source_reason`): `Cache
 (memory-mapped fp16 maps, one file per case) or `tasks.features.OnlineFeatures` (the frozen encoder
 built here, beside the head; the cell then asks Ray for `resources.online_encoder_gpus` more of a
 GPU). Online cells do not share encoded batches with other cells: each encodes what it reads
-(except seg3d_decoder's seed groups, orchestrator/seg3d_cells.py).
+(except seg3d_decoder's seed groups, orchestrator/cells/seg3d.py).
 
 Results (`<sweep>/cells/<cell_id>/`, logged to MLflow as the run's artifacts):
 - `metrics.json`: `val_*` / `test_*` from `handler.aggregate`, counts, timings, `n_failed_cases`;
@@ -34,10 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator.cache import CacheKey, FeatureCache
-from orchestrator.cells import subset_record
-from orchestrator.extract_dense import (
-    CachedFeatures,
+from orchestrator.cells.spec import subset_record
+from orchestrator.extraction.dense import (
     DenseExtractResult,
     class_path,
     head_augments,
@@ -47,7 +45,9 @@ from orchestrator.extract_dense import (
     open_dataset,
     source_for,
 )
-from orchestrator.results import PLACEMENT_FILE, RESULT_FILE, SUBSET_FILE, ResultStore
+from orchestrator.store.cache import CacheKey, FeatureCache
+from orchestrator.store.dense_maps import CachedFeatures
+from orchestrator.store.results import PLACEMENT_FILE, RESULT_FILE, SUBSET_FILE, ResultStore
 
 FIGURE_CASES = 2  # best and worst test cases drawn per cell
 SPLITS = ("train", "val", "test")
@@ -104,7 +104,7 @@ def build_source(spec: dict[str, Any], dataset: Any, splits: dict[str, str]) -> 
         failed = {c: source.failed.get(c, "no cached features (not in the dataset when the entry was made)")
                   for c in splits if c not in source.files}
         return source, failed
-    from orchestrator.extract import check_planned
+    from orchestrator.extraction.weights import check_planned
     from tasks.encoders import create_encoder
     from tasks.features import OnlineFeatures
 

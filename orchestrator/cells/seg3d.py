@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator.results import PLACEMENT_FILE, RESULT_FILE, RUNNING_FILE, ResultStore
+from orchestrator.store.results import PLACEMENT_FILE, RESULT_FILE, RUNNING_FILE, ResultStore
 
 SPLITS = ("train", "val", "test")
 ONLINE_REASON = "seg3d_decoder trains with geometric augmentation, which must pass through the encoder"
@@ -206,8 +206,8 @@ def run_group_spec(spec: dict[str, Any], placement: dict[str, Any] | None = None
     members. A failure is written as each member's error, so each run says why it failed."""
     import traceback
 
-    from orchestrator.extract import check_planned
-    from orchestrator.extract_dense import open_dataset
+    from orchestrator.extraction.dense import open_dataset
+    from orchestrator.extraction.weights import check_planned
     from tasks.encoders import create_encoder
 
     members = spec["members"]

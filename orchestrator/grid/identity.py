@@ -35,8 +35,9 @@ RESULT_FORMAT = 1
 # Where things live or how much of a GPU a cell asks for: never part of what a cell computes.
 # `dense`: the feature source the cached/online rule picks when extracting (cached fp16 maps or the
 # encoder in the trial); the layers (hyperparameters), weights, precision and data are in the identity.
+# `runner`: the head family that runs the cell, derived from the protocol and the dataset's kind.
 RUNTIME_FIELDS = frozenset({"cell_id", "cache_root", "results_dir", "coords_uri", "size", "identity", "root",
-                            "gpu_share", "dense"})
+                            "gpu_share", "dense", "runner"})
 # The config-level ingredients (no data, no weights read): see `config_part`.
 CONFIG_FIELDS = ("encoder", "resolution", "dataset", "protocol", "seed", "seed_free", "train_fraction", "train_shots",
                  "hparams", "config")

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from orchestrator import storage
-from orchestrator.scratch import Leases, clean_stale
+from orchestrator.store import storage
+from orchestrator.store.scratch import Leases, clean_stale
 
 MARKER = "_medscale.json"
 CACHE_FORMAT = 2  # 2: feature kind, layers and precision joined the key
@@ -62,7 +62,7 @@ class CacheKey:
 class FeatureCache:
     def __init__(self, root: str, clean: bool = False):
         """`clean`: first remove the scratch directories of writers that died (a killed
-        extraction's); a live writer's, on any node, stays (see orchestrator.scratch). The sweep
+        extraction's); a live writer's, on any node, stays (see orchestrator.store.scratch). The sweep
         driver opens the cache this way; cells, which only read, do not."""
         self.root = root
         self.fs, self.base = storage.split_uri(root)
@@ -131,8 +131,8 @@ class FeatureCache:
 
     def read_bags(self, key: CacheKey) -> Any:
         """A slide entry's bags, a lazy mapping read per slide: case_id -> (tile x, y (n, 2); embeddings
-        (n, D) float32, stored fp16); see extract_slides.SlideBags."""
-        from orchestrator.extract_slides import read_bags
+        (n, D) float32, stored fp16); see extraction.slides.SlideBags."""
+        from orchestrator.store.bags import read_bags
 
         if not self.is_complete(key):
             raise FileNotFoundError(f"no complete cache entry at {self.entry_path(key)}")

@@ -12,66 +12,22 @@ from dataclasses import replace
 from typing import Any
 
 from orchestrator import console
-from orchestrator.cache import FeatureCache
-from orchestrator.config import SweepConfig
-from orchestrator.extract import (
-    SPLITS,
-    DigestMemo,
-    ExtractionJob,
-    ExtractResult,
-    cache_keys,
-    commit_splits,
-    compute_weights_info,
-    index_rows,
-    pool_volumes,
-    weights_memo_key,
-)
-from orchestrator.extract_runs import extract_bags, extract_dense, pool_size, report_failed
-from orchestrator.grid import Cell
-from orchestrator.progress import Progress, watch_output
+from orchestrator.console.progress import Progress, watch_output
+from orchestrator.extraction.images import commit_splits, index_rows, pool_volumes
+from orchestrator.extraction.jobs import SPLITS, ExtractionJob, ExtractResult, cache_keys, extract_line
+from orchestrator.extraction.runs import extract_bags, extract_dense, pool_size, report_failed
+from orchestrator.extraction.weights import DigestMemo, weights_info, weights_memo_key
+from orchestrator.grid.cells import Cell
+from orchestrator.grid.config import SweepConfig
+from orchestrator.store.cache import FeatureCache
 
 Extraction = tuple[str, int, str]  # (encoder, resolution, dataset)
-
-# Rough host-memory need of loading an encoder to digest its weights (fp32 params x 2.5).
-_BYTES_PER_PARAM = 10
-
-
-def weights_info(encoder: str, weights: str, memo: DigestMemo) -> dict[str, str]:
-    """Kind, source and digest of the weights, from the memo when its key (the resolved source:
-    file path + size + mtime, hub snapshot revision) still matches, else by loading them once."""
-    from orchestrator import ray_backend
-    from tasks.encoders import get_encoder_spec
-
-    key = weights_memo_key(encoder, weights)
-    info = memo.get(key)
-    if info is None:
-        mem = get_encoder_spec(encoder).params * _BYTES_PER_PARAM
-        info = ray_backend.run_remote(compute_weights_info, encoder, weights, memory=mem)
-        memo.put(key, info)
-    return info
-
-
-def _error_text(e: BaseException) -> str:
-    # Ray wraps worker exceptions; the user needs the innermost message (which names the file).
-    # Ray Data's UserCodeException drops the UDF's exception object and keeps only its traceback
-    # text in the outer RayTaskError: take the dataset error's line from there.
-    err: BaseException | None = e
-    while err is not None:
-        lines = [ln for ln in str(err).splitlines() if ln.startswith("tasks.errors.DatasetError: ")]
-        if lines:
-            return lines[-1].removeprefix("tasks.errors.")
-        err = getattr(err, "cause", None) or err.__cause__
-    cause = getattr(e, "cause", None) or e.__cause__
-    while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    err = cause or e
-    return f"{type(err).__name__}: {err}".strip()
-
 
 def plan_one(job: ExtractionJob, memo: DigestMemo, cfg: SweepConfig, dataset: Any, fingerprint: str) -> ExtractResult:
     """The extraction's cache keys (weights digest, precision, pooling, fingerprint, ...) without
     encoding anything; slide datasets: also every grid seed's split of the slides."""
-    from orchestrator.extract_slides import SLIDES, coords_root
+    from orchestrator.extraction.slides import coords_root
+    from orchestrator.store.bags import SLIDES
     from tasks.preprocess import PREPROCESS_VERSION
 
     info = weights_info(job.encoder, job.weights, memo)
@@ -93,7 +49,7 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
                 n_gpus: float, dataset: Any, fingerprint: str, dense: set | None = None,
                 planned: ExtractResult | None = None) -> ExtractResult:
     """Encode what the cache lacks of one extraction (`planned`: its keys, from plan_one)."""
-    from orchestrator import ray_backend
+    from orchestrator.extraction import pipelines
 
     t0 = time.perf_counter()
     result = planned or plan_one(job, memo, cfg, dataset, fingerprint)
@@ -101,14 +57,14 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
     info = {"digest": result.weights_digest, "source": result.weights_source, "interpolation": result.interpolation}
     if getattr(dataset, "kind", "image") == "slide":
         return extract_bags(job, cache, cfg, n_gpus, dataset, result, t0)
-    if dense is not None:  # dense maps (one file per case), the cached/online rule: extract_runs
+    if dense is not None:  # dense maps (one file per case), the cached/online rule: extraction.runs
         return extract_dense(job, cache, cfg, n_gpus, dataset, result, dense, t0)
     missing = [s for s in SPLITS if not cache.is_complete(keys[s])]
     result.cached_splits = [s for s in SPLITS if s not in missing]
     for s in result.cached_splits:
         result.failed.update(cache.meta(keys[s]).get("failed", {}))
     if not missing:
-        console.extract_line(job, "cached", 0, 0.0)
+        extract_line(job, "cached", 0, 0.0)
         return result
     rows = index_rows(dataset.index(), missing)
     empty = [s for s in missing if not any(r["split"] == s for r in rows)]
@@ -117,10 +73,10 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
     res = cfg.resources
     actors, gpus = pool_size(cfg, n_gpus)
     result.actors, result.gpus_per_actor = actors, gpus
-    console.extract_line(job, "start", len(rows), 0.0)
+    extract_line(job, "start", len(rows), 0.0)
     scratch = cache.scratch_dir()
     volumes = getattr(dataset, "kind", "image") == "volume"
-    run = ray_backend.run_slice_pipeline if volumes else ray_backend.run_embedding_pipeline
+    run = pipelines.run_slice_pipeline if volumes else pipelines.run_embedding_pipeline
     try:
         if volumes:  # slice rows need each volume's scaling and the HU window (driver-side dataset)
             rows = [dataset.slice_rows(r) for r in rows]
@@ -142,7 +98,7 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
     finally:
         cache.release(scratch)
     result.seconds = time.perf_counter() - t0
-    console.extract_line(job, "done", result.n_encoded, result.seconds)
+    extract_line(job, "done", result.n_encoded, result.seconds)
     return result
 
 
@@ -159,11 +115,11 @@ def _extract_with_retries(job: ExtractionJob, cache: FeatureCache, memo: DigestM
         except Exception as e:
             if attempt == cfg.max_failures or not ray_backend.is_system_error(e):
                 raise
-            console.note(f"  {job.label}: Ray lost a worker or node ({_error_text(e)}); retrying")
+            console.note(f"  {job.label}: Ray lost a worker or node ({ray_backend.error_text(e)}); retrying")
     raise AssertionError("unreachable")
 
 
-class Plan:
+class PlannedExtractions:
     """Every extraction a sweep's cells need, resolved to cache keys before anything is encoded
     (the keys are part of each cell's identity), with the failures met on the way."""
 
@@ -181,14 +137,15 @@ def needed_extractions(cfg: SweepConfig, cells: list[Cell]) -> list[Extraction]:
     return sorted(needed, key=lambda e: (e[2], e[0], e[1]))
 
 
-def plan_extractions(cfg: SweepConfig, cells: list[Cell], memo: DigestMemo, precision: str) -> Plan:
+def plan_extractions(cfg: SweepConfig, cells: list[Cell], memo: DigestMemo, precision: str) -> PlannedExtractions:
     """Resolve every extraction the cells need: the dataset (its fingerprint), the weights (their
     digest, from the memo when its source still matches), pooling and precision, into cache keys.
     A failure (bad dataset root, missing weights) is kept per extraction; its cells fail alone."""
+    from orchestrator import ray_backend
     from tasks.datasets import get_dataset
     from tasks.encoders import create_encoder
 
-    plan = Plan()
+    plan = PlannedExtractions()
     for enc, res, ds_name in needed_extractions(cfg, cells):
         try:
             if ds_name not in plan.datasets:
@@ -210,15 +167,16 @@ def plan_extractions(cfg: SweepConfig, cells: list[Cell], memo: DigestMemo, prec
             plan.info[(enc, res, ds_name)] = (fingerprint, {**meta_enc.preprocess_info(), "pooling": pooling,
                                                             "precision": precision})
         except Exception as e:  # noqa: BLE001 - one extraction fails alone; its cells carry the reason
-            plan.failures[(enc, res, ds_name)] = _error_text(e)
+            plan.failures[(enc, res, ds_name)] = ray_backend.error_text(e)
     return plan
 
 
 def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: DigestMemo, n_gpus: float,
-                plan: Plan) -> tuple[dict[Extraction, ExtractResult], dict[Extraction, str]]:
+                plan: PlannedExtractions) -> tuple[dict[Extraction, ExtractResult], dict[Extraction, str]]:
     """Encode what the cache lacks for the extractions these cells need (planned in `plan`).
     Returns (results, failure messages, planning failures included) per extraction."""
-    from orchestrator.extract_dense import dense_requests
+    from orchestrator import ray_backend
+    from orchestrator.extraction.dense import dense_requests
 
     dense = dense_requests(cfg, cells)  # dense datasets: (layers, augment) per extraction
     needed = needed_extractions(cfg, cells)
@@ -236,7 +194,7 @@ def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: 
             results[ext] = _extract_with_retries(planned.job, cache, memo, cfg, n_gpus, dataset, fingerprint,
                                                  dense.get(ext), planned)
         except Exception as e:  # noqa: BLE001 - one extraction fails alone; its cells carry the reason
-            failures[ext] = _error_text(e)
+            failures[ext] = ray_backend.error_text(e)
             if "differs from the planned" in failures[ext]:
                 memo.drop(plan.memo_keys.get(ext))  # the weights changed under the memo: re-plan next time
             console.note(f"  FAILED: {failures[ext]}")

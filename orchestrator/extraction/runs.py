@@ -1,9 +1,9 @@
 """Driver side of one extraction whose pipeline is not one row per image: whole slides (one bag
 entry for all slides) and dense maps (the cached/online rule, then one fp16 file per case).
 
-Called by the sweep's extraction phase (orchestrator/extraction_phase.py), it runs the pipelines
-through `ray_backend` and commits the entries. Layering: extraction_phase -> this module ->
-ray_backend -> the worker-side modules (decode, extract, extract_slides, extract_dense) -> cache;
+Called by the sweep's extraction phase (orchestrator/extraction/phase.py), it runs the pipelines
+through `ray_backend` and commits the entries. Layering: extraction.phase -> this module ->
+ray_backend -> the worker-side modules (decode, extract, extraction.slides, extract_dense) -> cache;
 nothing below imports it.
 """
 
@@ -14,14 +14,16 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import console, storage
-from orchestrator.cache import FeatureCache
-from orchestrator.extract import ExtractionJob, ExtractResult, planned_precision
-from orchestrator.progress import Progress, files_with_suffix, watch_output
+from orchestrator import console
+from orchestrator.console.progress import Progress, files_with_suffix, watch_output
+from orchestrator.extraction.jobs import ExtractionJob, ExtractResult, extract_line
+from orchestrator.extraction.weights import planned_precision
+from orchestrator.store import storage
+from orchestrator.store.cache import FeatureCache
 
 if TYPE_CHECKING:
-    from orchestrator.config import SweepConfig
-    from orchestrator.extract_dense import DenseExtractResult
+    from orchestrator.extraction.dense import DenseExtractResult
+    from orchestrator.grid.config import SweepConfig
 
 
 def report_failed(failed: dict[str, str], what: str, show: int = 20) -> None:
@@ -42,23 +44,24 @@ def extract_bags(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n_gp
                  result: ExtractResult, t0: float) -> ExtractResult:
     """One bag entry for all slides of the dataset (cells assign the splits; plan_one did); slides
     that fail are dropped from it and named in its metadata, as `result.failed`."""
-    from orchestrator import ray_backend
-    from orchestrator.extract_slides import SLIDES, finish_bags
+    from orchestrator.extraction import pipelines
+    from orchestrator.extraction.slides import finish_bags
+    from orchestrator.store.bags import SLIDES
 
     key = result.keys[SLIDES]
     tiling = dataset.tiling.key()
     if cache.is_complete(key):
         result.cached_splits = [SLIDES]
         result.failed = cache.meta(key).get("failed", {})
-        console.extract_line(job, "cached", 0, 0.0)
+        extract_line(job, "cached", 0, 0.0)
         return result
     rows = [{"case_id": str(r.case_id), "path": str(r.path)} for r in dataset.index().itertuples(index=False)]
     result.actors, result.gpus_per_actor = pool_size(cfg, n_gpus)
-    console.extract_line(job, "start", len(rows), 0.0, "slides")
+    extract_line(job, "start", len(rows), 0.0, "slides")
     scratch = cache.scratch_dir()
     try:
         with watch_output(cache.fs, scratch, Progress(job.label, None, "tiles")):
-            ray_backend.run_slide_pipeline(
+            pipelines.run_slide_pipeline(
                 rows, job, tiling=json.dumps(tiling, sort_keys=True), coords_uri=result.coords_uri,
                 interpolation=result.interpolation, expected_digest=result.weights_digest, out_dir=scratch,
                 filesystem=cache.fs, batch_size=cfg.resources.extract_batch_size, actors=result.actors,
@@ -74,7 +77,7 @@ def extract_bags(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n_gp
     finally:
         cache.release(scratch)
     result.seconds = time.perf_counter() - t0
-    console.extract_line(job, "done", result.n_encoded, result.seconds, "tiles")
+    extract_line(job, "done", result.n_encoded, result.seconds, "tiles")
     return result
 
 
@@ -82,10 +85,8 @@ def extract_dense(job: Any, cache: FeatureCache, cfg: Any, n_gpus: float, datase
                   requests: set[tuple[tuple[int, ...] | None, bool]], t0: float) -> DenseExtractResult:
     """Apply the rule to each (layers, augment) the extraction's cells ask for, and fill the cache for
     the layer sets it sends to the cache. `result` carries the weights identity and pooled keys."""
-    from orchestrator import ray_backend
-    from orchestrator.extract_dense import (
-        DENSE_SPLIT,
-        MAPS_DIR,
+    from orchestrator.extraction import pipelines
+    from orchestrator.extraction.dense import (
         DenseExtractResult,
         channels,
         commit_dense,
@@ -93,6 +94,7 @@ def extract_dense(job: Any, cache: FeatureCache, cfg: Any, n_gpus: float, datase
         layers_key,
         planned_slices,
     )
+    from orchestrator.store.dense_maps import DENSE_SPLIT, MAPS_DIR
     from tasks.dense import choose_source
     from tasks.encoders import create_encoder
 
@@ -119,16 +121,16 @@ def extract_dense(job: Any, cache: FeatureCache, cfg: Any, n_gpus: float, datase
         if cache.is_complete(key):
             out.cached_splits.append(f"{DENSE_SPLIT}[{lk or 'last'}]")
             out.failed.update(cache.meta(key).get("failed", {}))
-            console.extract_line(job, "cached", 0, 0.0)
+            extract_line(job, "cached", 0, 0.0)
             continue
         rows = [{"case_id": str(c)} for c in dataset.index()["case_id"]]
         out.actors, out.gpus_per_actor = pool_size(cfg, n_gpus)
-        console.extract_line(job, "start", len(rows), 0.0, "cases")
+        extract_line(job, "start", len(rows), 0.0, "cases")
         scratch = cache.scratch_dir()
         try:
             bar = Progress(job.label, len(rows), "cases")
             with watch_output(cache.fs, f"{scratch}/{MAPS_DIR}", bar, files_with_suffix(".npy")):
-                index = ray_backend.run_dense_pipeline(
+                index = pipelines.run_dense_pipeline(
                     rows, dataset=json.dumps(out.dataset_ref, sort_keys=True), job=job, layers=lk,
                     precision=precision, interpolation=result.interpolation, expected_digest=result.weights_digest,
                     out_uri=_uri(cache, scratch), batch_size=res.extract_batch_size,
@@ -144,7 +146,7 @@ def extract_dense(job: Any, cache: FeatureCache, cfg: Any, n_gpus: float, datase
             storage.delete_dir(cache.fs, scratch)
     out.keys = {DENSE_SPLIT: base_key}
     out.seconds = time.perf_counter() - t0
-    console.extract_line(job, "done", out.n_encoded, out.seconds, "cases")
+    extract_line(job, "done", out.n_encoded, out.seconds, "cases")
     return out
 
 

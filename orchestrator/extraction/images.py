@@ -1,0 +1,156 @@
+"""Embed a dataset once per (encoder, weights, resolution, pooling) into the feature cache.
+
+The pipeline (run by `pipelines.run_embedding_pipeline`): index rows -> `decode.decode_batch` on
+CPU workers (read, decode, resize to uint8) -> `EncoderUDF` in an actor pool (GPU when present) ->
+Parquet partitioned by split in a scratch directory -> one cache entry per split, committed
+atomically. This module holds the logic and the worker-side callables; it never imports Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from orchestrator.extraction.weights import check_planned, usable_cpus
+from orchestrator.store.cache import CacheKey, FeatureCache
+
+
+class EncoderUDF:
+    """Holds one frozen encoder per actor; turns pixel batches into an Arrow table of embeddings."""
+
+    def __init__(self, encoder: str, weights: str, pooling: str, expected_digest: str,
+                 torch_threads: int | None = None, expected_precision: str | None = None):
+        import torch
+
+        from tasks.encoders import create_encoder
+
+        self.encoder = create_encoder(encoder, weights=weights)
+        if self.encoder.device.type == "cpu":
+            # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1); an encoder on CPU
+            # should use the machine's cores unless told otherwise.
+            torch.set_num_threads(torch_threads or usable_cpus())
+        check_planned(self.encoder, expected_digest, expected_precision)
+        self.pooling = pooling
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        # Rows that failed upstream carry their error and keep a zero embedding (never encoded).
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        if ok.all():
+            emb = self.encoder.embed(batch["pixels"], pooling=self.pooling)
+        else:
+            emb = np.zeros((len(ok), self.encoder.embedding_dim(self.pooling)), np.float32)
+            if ok.any():
+                emb[ok] = self.encoder.embed(batch["pixels"][ok], pooling=self.pooling)
+        return self.table(batch, emb)
+
+    def table(self, batch: dict[str, Any], emb: np.ndarray) -> pa.Table:
+        """The rows written for a batch: one per image (slides' tiles: `slides.TileEncoderUDF`)."""
+        return embeddings_table(batch, emb)
+
+
+def embeddings_table(batch: dict[str, Any], emb: np.ndarray) -> pa.Table:
+    """(case_id, split, patient_id, target, embedding[, error]): `error` when the batch has one
+    (pipeline output; "" for a good row); cache readers drop rows whose error is set."""
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    targets = [[int(v) for v in t] for t in batch["target"]]
+    cols = {
+        "case_id": pa.array([str(c) for c in batch["case_id"]]),
+        "split": pa.array([str(s) for s in batch["split"]]),
+        "patient_id": pa.array([str(p) for p in batch["patient_id"]]),
+        "target": pa.array(targets, pa.list_(pa.int8())),
+        # Fixed-size list: opens in polars as Array(Float32, D), in numpy as one reshape.
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1]),
+    }
+    if "error" in batch:
+        cols["error"] = pa.array([str(e) for e in batch["error"]])
+    return pa.table(cols)
+
+
+def index_rows(index: Any, splits: list[str]) -> list[dict[str, Any]]:
+    """Rows of the dataset index the pipeline needs, for the splits not yet cached."""
+    sub = index[index["split"].isin(splits)]
+    return [
+        {"case_id": str(r.case_id), "path": str(r.path), "split": str(r.split),
+         "patient_id": str(r.patient_id), "target": [int(v) for v in r.target]}
+        for r in sub.itertuples(index=False)
+    ]
+
+
+def failed_rows(fs: Any, part: str) -> dict[str, str]:
+    """{case_id: error} of the rows in a pipeline output directory that failed to decode."""
+    import pyarrow.dataset as pads
+
+    ds = pads.dataset(part, filesystem=fs, format="parquet")
+    if "error" not in ds.schema.names:
+        return {}
+    t = ds.to_table(columns=["case_id", "error"], filter=pads.field("error") != "")
+    return dict(zip(t.column("case_id").to_pylist(), t.column("error").to_pylist(), strict=True))
+
+
+def commit_splits(cache: FeatureCache, scratch: str, keys: dict[str, CacheKey], splits: list[str],
+                  meta: dict[str, Any], failed: dict[str, dict[str, str]] | None = None) -> tuple[int, dict[str, str]]:
+    """Move `scratch/split=<s>` directories into their cache entries. Returns (good rows committed,
+    {case_id: error} of the cases left out). Failed image rows stay in the files (zero embedding,
+    error set; `FeatureCache.read_table` drops them); `failed` gives, per split, cases already
+    left out of the files (volumes dropped by `pool_volumes`). The entry's metadata names them."""
+    import pyarrow.dataset as pads
+
+    counts: dict[str, tuple[int, dict[str, str]]] = {}
+    for split in splits:
+        part = f"{scratch}/split={split}"
+        ds = pads.dataset(part, filesystem=cache.fs, format="parquet")
+        bad = failed.get(split, {}) if failed is not None else failed_rows(cache.fs, part)
+        n = ds.count_rows() - (0 if failed is not None else len(bad))
+        if n == 0:  # nothing to train or score on: fail the extraction, with the first reason
+            raise ValueError(f"every case of the {split} split failed to decode; first: "
+                             f"{next(iter(bad.values()), 'none recorded')}")
+        counts[split] = (n, bad)
+    all_failed: dict[str, str] = {}
+    for split, (n, bad) in counts.items():
+        cache.commit(keys[split], f"{scratch}/split={split}", {**meta, "n_rows": n, "split": split, "failed": bad})
+        all_failed.update(bad)
+    cache.release(scratch)
+    return sum(n for n, _ in counts.values()), all_failed
+
+
+def pool_volumes(fs: Any, slice_dir: str, out_dir: str, splits: list[str],
+                 pooling: str) -> dict[str, dict[str, str]]:
+    """Slice embeddings (Parquet under `slice_dir/split=<s>`) -> one row per volume under
+    `out_dir/split=<s>`, the schema of an image entry, so protocols and cells see no difference.
+    Streams record batches; memory is one accumulator per volume (the size of the output).
+    A volume with any failed slice is left out; returns {split: {case_id: error}} of those."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    failed_by_split: dict[str, dict[str, str]] = {}
+    for split in splits:
+        failed = failed_by_split.setdefault(split, {})
+        acc: dict[str, list[Any]] = {}  # case_id -> [pooled (D,), count, patient_id, target]
+        src = pads.dataset(f"{slice_dir}/split={split}", filesystem=fs, format="parquet")
+        for rb in src.to_batches(columns=["case_id", "patient_id", "target", "embedding", "error"], batch_size=4096):
+            emb = rb.column("embedding")
+            X = emb.values.to_numpy(zero_copy_only=False).reshape(len(rb), -1).astype(np.float64)
+            ids, pids, tgts, errs = (rb.column(c).to_pylist() for c in ("case_id", "patient_id", "target", "error"))
+            for i, cid in enumerate(ids):
+                if errs[i]:
+                    failed.setdefault(cid, errs[i])
+                    continue
+                a = acc.get(cid)
+                if a is None:
+                    acc[cid] = [X[i].copy(), 1, pids[i], tgts[i]]
+                else:
+                    a[0] = a[0] + X[i] if pooling == "mean" else np.maximum(a[0], X[i])
+                    a[1] += 1
+        cids = sorted(c for c in acc if c not in failed)
+        fs.create_dir(f"{out_dir}/split={split}", recursive=True)
+        if not cids:
+            continue
+        pooled = np.stack([acc[c][0] / (acc[c][1] if pooling == "mean" else 1) for c in cids]).astype(np.float32)
+        batch = {"case_id": cids, "split": [split] * len(cids), "patient_id": [acc[c][2] for c in cids],
+                 "target": [acc[c][3] for c in cids]}
+        table = embeddings_table(batch, pooled).drop_columns(["split"])  # split lives in the path
+        fs.create_dir(f"{out_dir}/split={split}", recursive=True)
+        pq.write_table(table, f"{out_dir}/split={split}/volumes.parquet", filesystem=fs)
+    return failed_by_split
