@@ -27,7 +27,7 @@ from orchestrator.grid.cells import plan_cells
 from orchestrator.grid.config import SweepConfig
 from orchestrator.store.cache import FeatureCache
 from orchestrator.store.results import ResultStore
-from orchestrator.sweep.driver import preflight
+from orchestrator.sweep import preflight
 from orchestrator.sweep.listener import CellRecorder, SweepOutcome
 from orchestrator.sweep.planning import (
     PlannedCell,
