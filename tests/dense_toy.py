@@ -177,10 +177,10 @@ class ToyHandler:
 
 def register(monkeypatch) -> None:
     """Known to this process (the driver) for the test's duration."""
-    from tasks import dense
+    from tasks import targets
     from tasks.datasets import DATASETS
     from tasks.protocols import PROTOCOLS
 
     monkeypatch.setitem(DATASETS, ToyDense.name, ToyDense)
     monkeypatch.setitem(PROTOCOLS, ToyHead.name, ToyHead)
-    monkeypatch.setitem(dense.TARGET_HANDLERS, "mask2d", ToyHandler())  # restored after the test
+    monkeypatch.setitem(targets.TARGET_HANDLERS, "mask2d", ToyHandler())  # restored after the test

@@ -13,11 +13,11 @@ import pytest
 from skimage.metrics import adapted_rand_error, variation_of_information
 
 from tasks.datasets import dataset_class, get_dataset
-from tasks.dense import TARGET_HANDLERS
-from tasks.em_outputs import InstancePrediction, agglomerate, evaluate, seg_to_affinities
 from tasks.errors import ConfigError
 from tasks.protocols import create_protocol, protocols_for
 from tasks.protocols.em_affinity import DEFAULT_SCORING, DEFAULT_THRESHOLDS
+from tasks.targets import TARGET_HANDLERS
+from tasks.targets.instances import InstancePrediction, agglomerate, evaluate, seg_to_affinities
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "test_vit_tiny16"

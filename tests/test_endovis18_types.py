@@ -17,9 +17,9 @@ from PIL import Image
 
 from tasks.datasets import dataset_class, get_dataset
 from tasks.datasets.endovis18_types import INSTANCE_DIR, TYPES
-from tasks.dense import TARGET_HANDLERS
 from tasks.errors import DatasetError
-from tasks.seg2d_outputs import slug
+from tasks.targets import TARGET_HANDLERS
+from tasks.targets.mask2d import slug
 
 from .conftest import TINY, sweep_config
 

@@ -9,7 +9,7 @@ import pytest
 
 from tasks.dense import Pair, Sample
 from tasks.protocols import create_protocol
-from tasks.registration import (
+from tasks.targets.pairs import (
     aggregate,
     contraction_field,
     folding_share,

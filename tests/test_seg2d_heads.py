@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from tasks.datasets import dataset_class, get_dataset
-from tasks.dense import TARGET_HANDLERS
 from tasks.encoders import create_encoder
 from tasks.errors import ConfigError
 from tasks.features import OnlineFeatures
 from tasks.protocols import create_protocol
+from tasks.targets import TARGET_HANDLERS
 
 TINY = "test_vit_tiny16"
 REPO = Path(__file__).resolve().parents[1]

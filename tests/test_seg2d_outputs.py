@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 
 from tasks.datasets import dataset_class, get_dataset
-from tasks.dense import TARGET_HANDLERS, Sample
+from tasks.dense import Sample
 from tasks.encoders import create_encoder
 from tasks.features import OnlineFeatures
 from tasks.protocols import create_protocol
-from tasks.seg2d_outputs import case_score, overlap
+from tasks.targets import TARGET_HANDLERS
+from tasks.targets.mask2d import case_score, overlap
 
 TINY = "test_vit_tiny16"
 

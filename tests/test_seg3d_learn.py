@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from tasks.datasets import DATASETS, dataset_class, get_dataset
-from tasks.dense import TARGET_HANDLERS, choose_source
+from tasks.dense import choose_source
 from tasks.encoders import create_encoder
 from tasks.errors import ConfigError
 from tasks.features import OnlineFeatures
 from tasks.protocols import PROTOCOLS, create_protocol, protocols_for
+from tasks.targets import TARGET_HANDLERS
 
 
 def test_registered_for_mask3d_volumes_only():

@@ -10,7 +10,7 @@ import pytest
 from medpy.metric.binary import dc, hd95
 
 from tasks.datasets import dataset_class, get_dataset
-from tasks.dense import TARGET_HANDLERS
+from tasks.targets import TARGET_HANDLERS
 
 
 def _oblique_case(root):

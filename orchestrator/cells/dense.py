@@ -56,8 +56,8 @@ SPLITS = ("train", "val", "test")
 def dense_cell_plan(cfg: Any, cell: Any, ex: DenseExtractResult, head: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the spec's `dense` entry, the run's params) of a dense cell: which source the rule chose
     for its head's layers and augmentation, and why. Runs on the driver."""
-    from tasks.dense import TARGET_HANDLERS
     from tasks.encoders import create_encoder
+    from tasks.targets import TARGET_HANDLERS
 
     enc = create_encoder(cell.encoder, weights="random", device="meta")
     layers = head_layers(head)
@@ -152,7 +152,7 @@ def run_dense_cell(spec: dict[str, Any], results: ResultStore, placement: dict[s
     d = spec["dense"]
     if not d["handler_cls"]:
         raise ValueError(f"{spec['cell_id']}: no target handler is registered for {d['target_kind']} targets "
-                         "(tasks.dense.register_target_handler)")
+                         "(tasks.targets.register_target_handler)")
     dataset = open_dataset(d["dataset"])
     splits, scheme = dataset.cell_splits(spec["seed"])
     source, failed = build_source(spec, dataset, splits)

@@ -135,7 +135,7 @@ def run_registration_cell(spec: dict[str, Any], results: ResultStore,
     from tasks.encoders import create_encoder
     from tasks.features import OnlineFeatures
     from tasks.protocols import create_protocol
-    from tasks.registration import aggregate, folding_share, pair_rows
+    from tasks.targets.pairs import aggregate, folding_share, pair_rows
 
     t0 = time.perf_counter()
     protocol = create_protocol(spec["protocol"], task=spec["task"], seed=spec["seed"], **spec["hparams"])

@@ -50,10 +50,10 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
     cell's metrics, as written to its result directory. `data_order` ({"seed", "seeds"}: the planned
     group, see `data_order_for`) fixes the crop stream to the planned group's, whichever of its cells
     run now."""
-    from tasks.dense import TARGET_HANDLERS
     from tasks.features import OnlineFeatures
     from tasks.protocols import create_protocol
     from tasks.protocols.seg3d_group import fit_group, predict_group
+    from tasks.targets import TARGET_HANDLERS
 
     t0 = time.perf_counter()
     handler = TARGET_HANDLERS[dataset.target_kind]

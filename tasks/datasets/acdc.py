@@ -208,11 +208,11 @@ class ACDC(DenseDataset):
         """`n` patients (`n_test` of them under testing/) in the ACDC layout, (x, y, z) volumes of
         image_size^2 x `slices` at (2.0, 2.0, 6.0) mm. ED is drawn (LV cavity in a myocardial
         ring, RV crescent beside it, textured background); ES = ED warped by a known in-plane
-        contraction (`tasks.registration.contraction_field`), saved as `synth_truth/<patient>.npy`
+        contraction (`tasks.targets.pairs.contraction_field`), saved as `synth_truth/<patient>.npy`
         ((z, y, x) components and order, original grid)."""
         import nibabel as nib
 
-        from tasks.registration import contraction_field, warp_image, warp_labels
+        from tasks.targets.pairs import contraction_field, warp_image, warp_labels
 
         root = fresh_root(root)
         (root / "synth_truth").mkdir()

@@ -187,11 +187,11 @@ class CAMUS(DenseDataset):
               release: str = "nifti") -> Path:
         """`n` patients x 2 views in the `release` layout ('nifti' with split files, or 'legacy'). ED
         frames are drawn (cone, speckle, dark LV cavity in a bright myocardium, LA below); ES = ED
-        warped by a known smooth contraction about the LV centre (`tasks.registration.
+        warped by a known smooth contraction about the LV centre (`tasks.targets.pairs.
         contraction_field`), saved as `synth_truth/<patient>_<view>.npy` (voxels, ES grid)."""
         import SimpleITK as sitk
 
-        from tasks.registration import contraction_field, warp_image, warp_labels
+        from tasks.targets.pairs import contraction_field, warp_image, warp_labels
 
         if release not in ("nifti", "legacy"):
             raise ValueError(f"release must be 'nifti' or 'legacy', got {release!r}")

@@ -20,7 +20,7 @@ drawn by the dataset's split seed; val = `val_fraction` of the other frames, def
 split seed + s). `index()` alone gives fold 0's split.
 
 Metrics (Table 8 of the paper): Dice per class and their mean (`mdice`), mIoU, precision, recall
-(means over classes of the per-class means over frames; tasks/seg2d_outputs.py).
+(means over classes of the per-class means over frames; tasks/targets/mask2d.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import tasks.seg2d_outputs  # noqa: F401 - registers the mask2d target handler
 from tasks.datasets.base import (
     ImageDataset,
     Problem,

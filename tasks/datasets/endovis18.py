@@ -47,7 +47,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import tasks.seg2d_outputs  # noqa: F401 - registers the mask2d target handler
 from tasks.datasets.base import (
     ImageDataset,
     Problem,

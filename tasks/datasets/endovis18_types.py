@@ -34,7 +34,7 @@ use this 9-id numbering rather than the 2018 renumbering 1-7. A file with id 4 o
 error naming it, so a download numbered the other way fails loudly (every real 2018 sequence has
 monopolar curved scissors, id 4 in the other numbering) instead of being read with wrong names.
 
-Metrics (ISINet's, computed by tasks/seg2d_outputs.py as for the scene classes): per type
+Metrics (ISINet's, computed by tasks/targets/mask2d.py as for the scene classes): per type
 `iou_<type>` = mean over cases of the case's IoU, over the cases where the type is in the ground
 truth or the prediction (ISINet's per-class IoU), `miou` = mean over the types that have such a
 case (ISINet's "mean class IoU"; a type absent from every case and never predicted is left out,

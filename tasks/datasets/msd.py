@@ -14,7 +14,7 @@ are ignored. Only `training` cases have labels; `imagesTs` is not used.
 Geometry: volumes are brought to the closest canonical orientation (RAS, nibabel
 `as_closest_canonical`) and handed to heads as (z, y, x): axial slices along the first axis, the
 spacing per array axis in mm. The Sample keeps the file's own affine plus the reorientation, so a
-prediction is written back on the file's grid (tasks/seg3d_outputs.py).
+prediction is written back on the file's grid (tasks/targets/mask3d.py).
 
 Intensity for the encoder (part of the fingerprint): CT is windowed (`ct_window`, HU; an abdominal
 soft-tissue window by default, a lung window for Task06) and MRI is scaled per volume and modality
@@ -37,7 +37,6 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-import tasks.seg3d_outputs  # noqa: F401 - registers the mask3d target handler beside its datasets
 from tasks.datasets.base import LayoutFile, Report, carve_val, fresh_root, make_index, register_dataset
 from tasks.datasets.dense_base import DenseDataset
 from tasks.dense import Sample

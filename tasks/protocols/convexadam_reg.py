@@ -37,7 +37,7 @@ from scipy import ndimage
 from tasks.dense import FeatureSource, Pair, Sample
 from tasks.protocols.base import register_protocol
 from tasks.protocols.dense_base import Registration, TrainingFreeHead
-from tasks.registration import warp_image, warp_labels
+from tasks.targets.pairs import warp_image, warp_labels
 
 with warnings.catch_warnings():  # the package runs warnings.filterwarnings("ignore") on import: keep it local
     from convexAdam.convex_adam_utils import MINDSSC, correlate, coupled_convex, inverse_consistency

@@ -33,10 +33,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tasks.dense import FeatureSource, as_tensor_features
-from tasks.em_outputs import InstancePrediction, agglomerate, pca_rgb, seg_to_affinities, waterz_metrics
 from tasks.errors import ConfigError
 from tasks.protocols.base import register_protocol
 from tasks.protocols.dense_base import DenseHead
+from tasks.targets.instances import (
+    InstancePrediction,
+    agglomerate,
+    pca_rgb,
+    seg_to_affinities,
+    waterz_metrics,
+)
 
 DEFAULT_SCORING = "OneMinus<HistogramQuantileAffinity<RegionGraphType, 50, ScoreValue, 256, false>>"
 DEFAULT_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from torch import nn
 
-import tasks.seg3d_outputs  # noqa: F401 - registers the mask3d target handler
 from tasks.dense import FeatureSource
 from tasks.protocols.base import register_protocol
 from tasks.protocols.dense_base import DenseHead

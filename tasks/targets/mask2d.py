@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.dense import Sample, register_target_handler
+from tasks.dense import Sample
+from tasks.targets.base import register_target_handler
 
 METRICS = ("dice", "iou", "precision", "recall")
 ROW_COLUMNS = ("case_id", "class", "kind", *METRICS, "gt_pixels", "pred_pixels", "height", "width")

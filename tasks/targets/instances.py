@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.dense import Sample, register_target_handler
+from tasks.dense import Sample
+from tasks.targets.base import register_target_handler
 
 METRICS = ("voi_split", "voi_merge", "voi", "arand")
 _LIBC = ctypes.CDLL(None)
