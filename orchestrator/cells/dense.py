@@ -168,33 +168,9 @@ def run_dense_cell(spec: dict[str, Any], results: ResultStore, placement: dict[s
 
     handler = load_class(d["handler_cls"])()
     classes = list(dataset.classes)
-    rows: list[dict[str, Any]] = []
-    best: list[tuple[float, int, Any]] = []  # min-heaps of (score, tie, (sample, pred, score))
-    worst: list[tuple[float, int, Any]] = []
     files: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="medscale-dense-") as tmp:
-        for split in ("val", "test"):
-            for i, cid in enumerate(ids[split]):
-                pred = head.predict(source, cid)
-                sample = source.sample(cid)
-                case_rows = [{**r, "case_id": cid, "split": split}
-                             for r in handler.case_metrics(sample, pred, classes)]
-                rows += case_rows
-                if split != "test":
-                    continue
-                # Predictions go to local files now, read one at a time when the result is
-                # published: memory does not grow with the number of test cases.
-                for rel, data in handler.prediction_files(sample, pred).items():
-                    rel = _under("predictions", rel)  # a handler may name the directory itself (mask3d does)
-                    path = Path(tmp) / rel
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(data)
-                    files[rel] = path
-                score = _case_score(case_rows)
-                if np.isfinite(score):
-                    item = (sample, pred, score)
-                    _keep(best, (score, i, item))
-                    _keep(worst, (-score, i, item))
+        rows, best, worst = _score_cases(head, source, handler, classes, ids, Path(tmp), files)
         chosen = sorted({id(x[2]): x[2] for x in best + worst}.values(), key=lambda c: -c[2])
         for rel, data in handler.figures(chosen).items():
             files[_under("figures", rel)] = data
@@ -240,3 +216,34 @@ def _keep(heap: list, entry: tuple[float, int, Any]) -> None:
         heapq.heappush(heap, entry)
     elif entry[0] > heap[0][0]:
         heapq.heapreplace(heap, entry)
+
+
+def _score_cases(head: Any, source: Any, handler: Any, classes: list[str], ids: dict[str, list[str]], tmp: Path,
+                 files: dict[str, Any]) -> tuple[list[dict[str, Any]], list, list]:
+    """Predict every val and test case: per-case metric rows, the test predictions as files under
+    `tmp` (added to `files`), and heaps of the best and worst test cases for the figures."""
+    rows: list[dict[str, Any]] = []
+    best: list[tuple[float, int, Any]] = []  # min-heaps of (score, tie, (sample, pred, score))
+    worst: list[tuple[float, int, Any]] = []
+    for split in ("val", "test"):
+        for i, cid in enumerate(ids[split]):
+            pred = head.predict(source, cid)
+            sample = source.sample(cid)
+            case_rows = [{**r, "case_id": cid, "split": split} for r in handler.case_metrics(sample, pred, classes)]
+            rows += case_rows
+            if split != "test":
+                continue
+            # Predictions go to local files now, read one at a time when the result is
+            # published: memory does not grow with the number of test cases.
+            for rel, data in handler.prediction_files(sample, pred).items():
+                rel = _under("predictions", rel)  # a handler may name the directory itself (mask3d does)
+                path = tmp / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+                files[rel] = path
+            score = _case_score(case_rows)
+            if np.isfinite(score):
+                item = (sample, pred, score)
+                _keep(best, (score, i, item))
+                _keep(worst, (-score, i, item))
+    return rows, best, worst

@@ -52,7 +52,7 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
     run now."""
     from tasks.features import OnlineFeatures
     from tasks.protocols import create_protocol
-    from tasks.protocols.seg3d_group import fit_group, predict_group
+    from tasks.protocols.seg3d_group import fit_group
     from tasks.targets import TARGET_HANDLERS
 
     t0 = time.perf_counter()
@@ -75,23 +75,7 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
     fit_encoded = source.n_encoded_slices
 
     classes = list(dataset.classes)
-    rows: list[list[dict[str, Any]]] = [[] for _ in cells]
-    files: list[dict[str, bytes]] = [{} for _ in cells]
-    scored: list[list[tuple[float, Any, np.ndarray]]] = [[] for _ in cells]
-    need = sorted({cid for i in ids for s in ("val", "test") for cid in i[s]})
-    for cid in need:  # each case's windows are encoded once for every cell that scores it
-        who = [k for k, i in enumerate(ids) if cid in i["val"] or cid in i["test"]]
-        preds = predict_group([heads[k] for k in who], source, cid)
-        sample = source.sample(cid)
-        for k, pred in zip(who, preds, strict=True):
-            split = "val" if cid in ids[k]["val"] else "test"
-            case_rows = [{**r, "case_id": cid, "split": split} for r in handler.case_metrics(sample, pred, classes)]
-            rows[k] += case_rows
-            if split == "test":
-                files[k].update(handler.prediction_files(sample, pred))
-                score = float(np.nanmean([r["dice"] for r in case_rows])) if case_rows else float("nan")
-                if np.isfinite(score):
-                    scored[k].append((score, sample, pred))
+    rows, files, scored = _score_group(heads, source, handler, classes, ids)
     predict_encoded = source.n_encoded_slices - fit_encoded  # each val/test volume once for the group
     out = {}
     cell_ids = [c["cell_id"] for c in cells]
@@ -130,6 +114,32 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
         results.write(cell["cell_id"], f)
         out[cell["cell_id"]] = metrics
     return out
+
+
+def _score_group(heads: list[Any], source: Any, handler: Any, classes: list[str], ids: list[dict[str, list[str]]]
+                 ) -> tuple[list[list[dict[str, Any]]], list[dict[str, bytes]], list[list[tuple[float, Any, np.ndarray]]]]:
+    """Per cell of the group: its val/test per-case rows, its test prediction files, and its scored
+    test cases (for the best/worst figures). Each case is encoded once for every cell that scores it."""
+    from tasks.protocols.seg3d_group import predict_group
+
+    rows: list[list[dict[str, Any]]] = [[] for _ in heads]
+    files: list[dict[str, bytes]] = [{} for _ in heads]
+    scored: list[list[tuple[float, Any, np.ndarray]]] = [[] for _ in heads]
+    need = sorted({cid for i in ids for s in ("val", "test") for cid in i[s]})
+    for cid in need:
+        who = [k for k, i in enumerate(ids) if cid in i["val"] or cid in i["test"]]
+        preds = predict_group([heads[k] for k in who], source, cid)
+        sample = source.sample(cid)
+        for k, pred in zip(who, preds, strict=True):
+            split = "val" if cid in ids[k]["val"] else "test"
+            case_rows = [{**r, "case_id": cid, "split": split} for r in handler.case_metrics(sample, pred, classes)]
+            rows[k] += case_rows
+            if split == "test":
+                files[k].update(handler.prediction_files(sample, pred))
+                score = float(np.nanmean([r["dice"] for r in case_rows])) if case_rows else float("nan")
+                if np.isfinite(score):
+                    scored[k].append((score, sample, pred))
+    return rows, files, scored
 
 
 # -- the sweep's side: cells of one group become one trial ----------------------------------------

@@ -163,82 +163,114 @@ def _dim(encoder: str, pooling: str) -> int:
     return create_encoder(encoder, weights="random", device="meta").embedding_dim(pooling)
 
 
+Extraction = tuple[str, int, str]  # (encoder, resolution, dataset)
+
+
 def build_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], gathered: dict[str, Any],
                accelerator: str = "H100") -> Plan:
-    from tasks.dense import planned_bytes
+    """The plan of a sweep from what `gather` read (item counts, cache state, free space): pure."""
     from tasks.encoders import get_encoder_spec
-    from tasks.subsets import train_subset
 
     acc = get_accelerator(accelerator)
-    warnings: list[str] = []
+    warnings = [f"{name}: item counts unknown ({c})" for name, c in gathered["counts"].items() if isinstance(c, str)]
     exps: list[ExtractionPlan] = []
-    row_bytes: dict[tuple[str, int, str], tuple[int | None, int | None]] = {}  # per extraction: (rows, bytes/row)
-    for name, c in gathered["counts"].items():
-        if isinstance(c, str):
-            warnings.append(f"{name}: item counts unknown ({c})")
+    row_bytes: dict[Extraction, tuple[int | None, int | None]] = {}  # per extraction: (rows, bytes/row)
     above: dict[str, set[int]] = {}
-    for enc, res, ds in gathered["extractions"]:
-        spec = get_encoder_spec(enc)
-        counts = gathered["counts"][ds]
-        cached, meta = gathered["cached"].get((enc, res, ds), ("unknown", {}))
-        pooling = spec.default_pooling if cfg.pooling == "auto" else cfg.pooling
-        dim = _dim(enc, pooling)
-        known = not isinstance(counts, str)
-        kind = counts.kind if known else "image"
-        n_cases = sum(counts.cases.values()) if known else None
-        families = _families(cfg, cells, (enc, res, ds))
-        note = counts.note if known else ""
-        if kind == "slide":
-            tiles = meta.get("n_tiles")
-            items = int(sum(tiles.values())) if isinstance(tiles, dict) else None
-            item, feature = "tile", "bags"
-            nbytes = pooled_bytes({"all": items}, dim, batch_size=cfg.resources.extract_batch_size) if items else None
-            note = f"{_n_or(n_cases)} slides; tiles are counted once tiled (a cached entry)" if items is None else ""
-            row_bytes[(enc, res, ds)] = (items, dim * 4)
-        elif families & set(DENSE_FAMILIES):
-            item, feature = "slice", "dense"
-            items = counts.slices if known else None
-            from tasks.datasets import dataset_class
-
-            # channels = modalities x layers x width (tasks.dense.FeatureSource); layers from a
-            # protocol's `layers` hyperparameter where it has one, else the last block
-            layers = max([len(cfg.protocols.get(c.protocol, {}).get("layers", [0]) or [0]) for c in cells
-                          if c.extraction == (enc, res, ds)] or [1])
-            channels = getattr(dataset_class(ds), "n_modalities", 1) * layers * spec.embed_dim
-            nbytes = planned_bytes(items, res // spec.patch_size, channels) if items is not None else None
-            row_bytes[(enc, res, ds)] = (None, None)
-        else:
-            item, feature = ("slice" if kind == "volume" else "image"), "pooled"
-            items = (counts.slices if kind == "volume" else n_cases) if known else None
-            nbytes = (pooled_bytes(counts.cases, dim, counts.id_bytes, counts.n_classes,
-                                   cfg.resources.extract_batch_size) if known else None)
-            row_bytes[(enc, res, ds)] = (n_cases, dim * 4)
-        gf = float(spec.gflops(res))
-        rate, source = items_per_second(acc.name, enc, res, gf)
-        hours = items / rate / 3600 if items is not None else None
-        exps.append(ExtractionPlan(enc, res, ds, item, feature, items, n_cases, gf, nbytes, cached, rate, source,
-                                   hours, note))
-        if spec.pretrain_resolution and res > spec.pretrain_resolution:
-            above.setdefault(enc, set()).add(res)
-
+    for ext in gathered["extractions"]:
+        plan, row_bytes[ext] = _plan_extraction(cfg, cells, gathered, acc.name, ext)
+        exps.append(plan)
+        pretrain = get_encoder_spec(ext[0]).pretrain_resolution
+        if pretrain and ext[1] > pretrain:
+            above.setdefault(ext[0], set()).add(ext[1])
     for enc, rs in above.items():
         warnings.append(f"{enc} at {', '.join(str(r) for r in sorted(rs))} px: above its pretraining resolution "
                         f"({get_encoder_spec(enc).pretrain_resolution} px)")
+    cell_plans = _plan_cells(cfg, cells, gathered, row_bytes, acc, warnings)
+    new = [e for e in exps if e.cached != "yes"]
+    new_bytes = sum(e.cache_bytes or 0 for e in new)
+    free = gathered.get("free_bytes")
+    warnings += _storage_warnings(cfg, new, new_bytes, free)
+    totals = {
+        "cells": len(cells), "skipped_cells": len(skipped), "runs": len(cells), "extractions": len(exps),
+        "extractions_cached": sum(e.cached == "yes" for e in exps),
+        "items_to_encode": sum(e.items or 0 for e in new),
+        "device_hours": sum(e.device_hours or 0.0 for e in new),
+        "device_hours_all": sum(e.device_hours or 0.0 for e in exps),
+        "estimated": any(e.throughput == "estimated" for e in new),
+        "incomplete": any(e.device_hours is None for e in new),
+        "cache_bytes": sum(e.cache_bytes or 0 for e in exps), "cache_bytes_new": new_bytes,
+        "free_bytes": free,
+    }
+    return Plan(cfg.name, acc.name, acc.utilisation, exps, cell_plans, dict(skipped), totals, warnings)
+
+
+def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, Any], accelerator: str,
+                     ext: Extraction) -> tuple[ExtractionPlan, tuple[int | None, int | None]]:
+    """One extraction's row of the plan (items, cache bytes, hours) and its cells' (rows, bytes/row)."""
+    from tasks.datasets import dataset_class
+    from tasks.dense import planned_bytes
+    from tasks.encoders import get_encoder_spec
+
+    enc, res, ds = ext
+    spec = get_encoder_spec(enc)
+    counts = gathered["counts"][ds]
+    cached, meta = gathered["cached"].get(ext, ("unknown", {}))
+    dim = _dim(enc, spec.default_pooling if cfg.pooling == "auto" else cfg.pooling)
+    known = not isinstance(counts, str)
+    kind = counts.kind if known else "image"
+    n_cases = sum(counts.cases.values()) if known else None
+    note = counts.note if known else ""
+    if kind == "slide":
+        tiles = meta.get("n_tiles")
+        items = int(sum(tiles.values())) if isinstance(tiles, dict) else None
+        item, feature = "tile", "bags"
+        nbytes = pooled_bytes({"all": items}, dim, batch_size=cfg.resources.extract_batch_size) if items else None
+        note = f"{_n_or(n_cases)} slides; tiles are counted once tiled (a cached entry)" if items is None else ""
+        rows: tuple[int | None, int | None] = (items, dim * 4)
+    elif _families(cfg, cells, ext) & set(DENSE_FAMILIES):
+        item, feature = "slice", "dense"
+        items = counts.slices if known else None
+        # channels = modalities x layers x width (tasks.dense.FeatureSource); layers from a
+        # protocol's `layers` hyperparameter where it has one, else the last block
+        layers = max([len(cfg.protocols.get(c.protocol, {}).get("layers", [0]) or [0]) for c in cells
+                      if c.extraction == ext] or [1])
+        channels = getattr(dataset_class(ds), "n_modalities", 1) * layers * spec.embed_dim
+        nbytes = planned_bytes(items, res // spec.patch_size, channels) if items is not None else None
+        rows = (None, None)
+    else:
+        item, feature = ("slice" if kind == "volume" else "image"), "pooled"
+        items = (counts.slices if kind == "volume" else n_cases) if known else None
+        nbytes = (pooled_bytes(counts.cases, dim, counts.id_bytes, counts.n_classes,
+                               cfg.resources.extract_batch_size) if known else None)
+        rows = (n_cases, dim * 4)
+    gf = float(spec.gflops(res))
+    rate, source = items_per_second(accelerator, enc, res, gf)
+    hours = items / rate / 3600 if items is not None else None
+    return ExtractionPlan(enc, res, ds, item, feature, items, n_cases, gf, nbytes, cached, rate, source, hours,
+                          note), rows
+
+
+def _plan_cells(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, Any],
+                row_bytes: dict[Extraction, tuple[int | None, int | None]], acc: Any,
+                warnings: list[str]) -> list[CellPlan]:
+    """Each cell's GPU share, feature memory and train size; a warning per (dataset, protocol,
+    encoder, resolution) whose features exceed the cell's share of the GPU."""
+    import numpy as np
+
+    from tasks.datasets import dataset_class
+    from tasks.encoders import get_encoder_spec
+    from tasks.subsets import train_subset
+
     cell_plans = []
     gpu_mem = int(acc.memory_gb * 1e9)
     too_big: dict[str, list[str]] = {}
     for c in cells:
-        spec = get_encoder_spec(c.encoder)
-        share = cfg.resources.cell_gpu_share(spec.size, c.resolution)
+        share = cfg.resources.cell_gpu_share(get_encoder_spec(c.encoder).size, c.resolution)
         rows, per_row = row_bytes.get(c.extraction, (None, None))
         counts = gathered["counts"].get(c.dataset)
         n_train = None
         if not isinstance(counts, str) and counts is not None and counts.train is not None:
             pats, tgts = counts.train
-            import numpy as np
-
-            from tasks.datasets import dataset_class
-
             ds_cls = dataset_class(c.dataset)
             n_train = train_subset(pats, np.array(tgts, dtype=np.int64).reshape(len(pats), -1), c.train_size,
                                    seed=c.seed, classes=list(ds_cls.classes), task=ds_cls.task).n_cases
@@ -247,34 +279,22 @@ def build_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], gat
         if mem is not None and mem > share * gpu_mem:
             too_big.setdefault(f"{c.dataset}/{c.protocol}/{c.encoder}@{c.resolution}px", []).append(c.cell_id)
     for what, ids in too_big.items():
-        mem = next(p.memory_bytes for p in cell_plans if p.cell_id == ids[0])
-        share = next(p.gpu_share for p in cell_plans if p.cell_id == ids[0])
-        warnings.append(f"{what}: features {human_bytes(mem)} exceed the cell's GPU share ({share:g} x {acc.memory_gb:g} GB "
-                        f"on {acc.name}) in {len(ids)} cell(s); raise resources.cell_gpus")
+        first = next(p for p in cell_plans if p.cell_id == ids[0])
+        warnings.append(f"{what}: features {human_bytes(first.memory_bytes)} exceed the cell's GPU share "
+                        f"({first.gpu_share:g} x {acc.memory_gb:g} GB on {acc.name}) in {len(ids)} cell(s); "
+                        "raise resources.cell_gpus")
+    return cell_plans
 
-    new = [e for e in exps if e.cached != "yes"]
-    new_bytes = sum(e.cache_bytes or 0 for e in new)
+
+def _storage_warnings(cfg: SweepConfig, new: list[ExtractionPlan], new_bytes: int, free: int | None) -> list[str]:
     dense_new = sum(e.cache_bytes or 0 for e in new if e.feature == "dense")
-    free = gathered.get("free_bytes")
     if free is not None and dense_new > free:
-        warnings.append(f"the dense cache to write ({human_bytes(dense_new)}) is larger than the storage's free space "
-                        f"({human_bytes(free)}) at {cfg.cache_root}")
-    elif free is not None and new_bytes > free:
-        warnings.append(f"the feature cache to write ({human_bytes(new_bytes)}) is larger than the storage's free space "
-                        f"({human_bytes(free)}) at {cfg.cache_root}")
-    unknown_time = [e for e in new if e.device_hours is None]
-    totals = {
-        "cells": len(cells), "skipped_cells": len(skipped), "runs": len(cells), "extractions": len(exps),
-        "extractions_cached": sum(e.cached == "yes" for e in exps),
-        "items_to_encode": sum(e.items or 0 for e in new),
-        "device_hours": sum(e.device_hours or 0.0 for e in new),
-        "device_hours_all": sum(e.device_hours or 0.0 for e in exps),
-        "estimated": any(e.throughput == "estimated" for e in new),
-        "incomplete": bool(unknown_time),
-        "cache_bytes": sum(e.cache_bytes or 0 for e in exps), "cache_bytes_new": new_bytes,
-        "free_bytes": free,
-    }
-    return Plan(cfg.name, acc.name, acc.utilisation, exps, cell_plans, dict(skipped), totals, warnings)
+        return [f"the dense cache to write ({human_bytes(dense_new)}) is larger than the storage's free space "
+                f"({human_bytes(free)}) at {cfg.cache_root}"]
+    if free is not None and new_bytes > free:
+        return [f"the feature cache to write ({human_bytes(new_bytes)}) is larger than the storage's free space "
+                f"({human_bytes(free)}) at {cfg.cache_root}"]
+    return []
 
 
 def plan_sweep(cfg: SweepConfig, accelerator: str = "H100") -> Plan:
