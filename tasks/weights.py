@@ -87,8 +87,9 @@ def state_dict_digest(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         t = state[name].detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        t = t.contiguous().cpu()
-        # View as bytes: works for bf16 too, which numpy cannot represent.
+        # Flattened, then viewed as bytes: works for bf16 (numpy has none) and for 0-d tensors
+        # (BatchNorm's num_batches_tracked); the same bytes as before for every other tensor.
+        t = t.contiguous().cpu().reshape(-1)
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

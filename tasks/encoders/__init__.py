@@ -50,12 +50,15 @@ def build_encoder(spec: EncoderSpec, weights: str = "random", device: str | torc
         with torch.device("meta"):
             model = spec.build()
         return FrozenEncoder(spec, model, WeightsInfo("none", "meta-device", ""), dev)
+    # Hub weights are fetched before anything is built: a missing or gated file fails fast,
+    # without first drawing a random ViT-L on the CPU.
+    hub = hub_state_dict(spec) if kind == "hub" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)  # `random` is deterministic; other sources overwrite it all
         model = spec.build()
     source = f"random(seed={RANDOM_SEED})"
-    if kind == "hub":
-        state, source = hub_state_dict(spec)
+    if hub is not None:
+        state, source = hub
         fit_state_dict(model, state, source, spec.filter_checkpoint)
     elif kind == "file":
         file = resolve_file(path, spec.name)
