@@ -214,24 +214,31 @@ def _slices(cells: pd.DataFrame) -> list[tuple[str, str, np.ndarray, np.ndarray]
     """(axis, fixed, row positions in x order, x) of every curve with >= 2 distinct x."""
     res, params = cells["resolution"].to_numpy(np.int64), cells["params"].to_numpy(float)
     gflops, enc = cells["gflops"].to_numpy(float), cells["encoder"].to_numpy(str)
+    # Several encoder families (analysis.families): parameter and GFLOPs curves per family.
+    fam = cells["family"].to_numpy(str) if "family" in cells.columns else np.full(len(cells), "")
+    families = list(dict.fromkeys(fam)) if len(set(fam)) > 1 else [None]
     out = []
 
     def add(axis: str, fixed: str, rows: np.ndarray, x: np.ndarray) -> None:
         order = np.argsort(x[rows], kind="stable")
         out.append((axis, fixed, rows[order], x[rows][order]))
-    for r in [*sorted(set(res[res > 0])), *([0] if (res == 0).any() else [])]:
-        add("params", resolution_label(r), np.flatnonzero(res == r), params)
+    for f in families:
+        in_f = np.ones(len(cells), bool) if f is None else fam == f
+        for r in [*sorted(set(res[res > 0])), *([0] if (res == 0).any() else [])]:
+            label = resolution_label(r) if f is None else f"{resolution_label(r)}, {f}"
+            add("params", label, np.flatnonzero((res == r) & in_f), params)
     for e in dict.fromkeys(enc[np.argsort(params, kind="stable")]):
         add("resolution", str(e), np.flatnonzero((enc == e) & (res > 0)), res.astype(float))
     # a curve needs two distinct x; repeated x (two encoders of one size) would make it no function
     out = [s for s in out if s[3].size >= 2 and np.unique(s[3]).size == s[3].size]
-    rows = np.flatnonzero(np.isfinite(gflops))
-    # Across all cells, unless those are exactly one curve already (one resolution, or one encoder):
-    # the same points judged twice would count twice in the correction and in the verdict tally.
-    if not any(set(rows) == set(s[2]) for s in out):
-        add("gflops", "all cells", rows, gflops)
-        if out[-1][3].size < 2 or np.unique(out[-1][3]).size != out[-1][3].size:
-            out.pop()
+    for f in families:
+        rows = np.flatnonzero(np.isfinite(gflops) & (np.ones(len(cells), bool) if f is None else fam == f))
+        # Across all cells (of the family), unless those are exactly one curve already (one resolution,
+        # or one encoder): the same points judged twice would count twice in the correction and tally.
+        if rows.size and not any(set(rows) == set(s[2]) for s in out):
+            add("gflops", "all cells" if f is None else f"all {f} cells", rows, gflops)
+            if out[-1][3].size < 2 or np.unique(out[-1][3]).size != out[-1][3].size:
+                out.pop()
     return out
 
 

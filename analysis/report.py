@@ -14,6 +14,7 @@ import pandas as pd
 
 import analysis.verdict as verdict_module
 from analysis.document import Document
+from analysis.families import family_section, matched_compute
 from analysis.figures import CAPTIONS, Plot, all_figures
 from analysis.plots import metric_label
 from analysis.points import check_points, headline_metric, is_performance_metric, metric_order, weights_kinds
@@ -46,8 +47,10 @@ def analyze_points(df: pd.DataFrame, out_dir: Path, title: str, *, predictions: 
     out_dir.mkdir(parents=True, exist_ok=True)
     study = build_study(df, predictions=predictions, n_boot=n_boot, seed=seed, reference=reference,
                         every_metric=every_metric, correction=correction)
-    paths = {"summary": out_dir / "summary.csv", "verdicts": out_dir / "verdicts.csv", "fits": out_dir / "fits.csv"}
+    paths = {"summary": out_dir / "summary.csv", "verdicts": out_dir / "verdicts.csv", "fits": out_dir / "fits.csv",
+             "families": out_dir / "families.csv"}
     study.agg.to_csv(paths["summary"], index=False)
+    matched_compute(study.agg[study.agg["metric"].map(is_performance_metric)]).to_csv(paths["families"], index=False)
     verdict_frame(study).to_csv(paths["verdicts"], index=False)
     fits_frame(study).to_csv(paths["fits"], index=False)
     figures = all_figures(study, out_dir / "plots")
@@ -297,6 +300,7 @@ def build_document(study: Study, figures: list[Plot], out_dir: Path, title: str)
     _caveats(doc, study)
     _verdicts(doc, study)
     _results(doc, study)
+    family_section(doc, matched_compute(study.agg[study.agg["metric"].map(is_performance_metric)]))
     _fits(doc, study)
     doc.heading("Rules")
     doc.para("Quoted from `analysis/verdict.py`:")
@@ -308,5 +312,6 @@ def build_document(study: Study, figures: list[Plot], out_dir: Path, title: str)
                  "`verdicts.csv`: one row per curve: verdict, reason, every effect with its interval, "
                  "probabilities, peak, p-values, margin.",
                  "`fits.csv`: every fitted form of every curve.",
+                 "`families.csv`: each encoder family's best cell at matched compute (empty with one family).",
                  "`plots/`: " + "; ".join(f"`{k}`: {v}" for k, v in CAPTIONS.items()) + "."])
     return doc

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.curves import GROUP_KEY, Curve, CurveKey, Group, cell_intervals, group_curves, judge, make_group
+from analysis.families import with_family
 from analysis.fits import fit_rows
 from analysis.metric_table import is_overlap
 from analysis.points import aggregate, is_performance_metric, metric_order, plotted_metrics
@@ -88,7 +89,7 @@ def build_study(df: pd.DataFrame, *, predictions: dict[str, pd.DataFrame] | None
     """Aggregate `df`, make each group's replicates, slice curves and judge them all at once."""
     d = df.copy()
     d["weights"] = d["weights"].fillna("").astype(str) if "weights" in d.columns else ""
-    agg = aggregate(d)
+    agg = with_family(aggregate(d), d)  # curves per family; the matched-compute table
     agg["ci_method"] = np.where(agg["n"] >= 2, "t over seeds", "none")
     perf = agg[agg["metric"].map(is_performance_metric)]
     every = reference if every_metric is None else every_metric

@@ -17,11 +17,23 @@ EXIT_ERROR = 2  # the sweep could not run: a bad config, a refused restart (--re
 def _cmd_encoders(args: argparse.Namespace) -> int:
     from tasks.encoders import encoder_table
 
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     rows = encoder_table()
-    print(f"{'name':<24} {'timm model':<34} {'params':>10} {'GFLOPs@224':>11} {'GFLOPs@512':>11}")
+    print(f"{'name':<22} {'family':<10} {'library':<12} {'model':<30} {'patch':>5} {'params':>9} "
+          f"{'GFLOPs@224':>10} {'GFLOPs@512':>10}  {'pooling (auto)':<17} {'pretrain':>8}  preprocessing | licence")
     for r in rows:
-        print(f"{r['name']:<24} {r['timm_model']:<34} {r['params'] / 1e6:>9.1f}M "
-              f"{r['gflops_224']:>11.1f} {r['gflops_512']:>11.1f}")
+        params = "-" if r["params"] is None else f"{r['params'] / 1e6:.1f}M"
+        licence = r["licence"] + (", gated" if r["gated"] and "gated" not in r["licence"] else "")
+        print(f"{r['name']:<22} {r['family']:<10} {r['library']:<12} {r['timm_model'][:30]:<30} {r['patch']:>5} "
+              f"{params:>9} {num(r['gflops_224'], '.1f'):>10} {num(r['gflops_512'], '.1f'):>10}  {r['pooling']:<17} "
+              f"{num(r['pretrain_resolution'], 'd'):>8}  {r['preprocessing']} | {licence}")
+    for r in rows:
+        if r["unavailable"]:
+            print(f"\n{r['name']}: unavailable: {r['unavailable']}")
+    print("\nparams and GFLOPs are computed from each architecture on the meta device; "
+          "GFLOPs@512: '-' where 512 is not a multiple of the patch size")
     return 0
 
 

@@ -253,7 +253,7 @@ def load_points(tracking_uri: str, experiments: list[str] | None = None, split: 
             seed_free = p.get("seed_free", str(proto is not None and not proto.uses_seed).lower()) == "true"
             base = {"experiment": exp.name, "experiment_id": exp.experiment_id, "run_id": r.info.run_id,
                     "task": p.get("task", ""), "dataset": p.get("dataset"),
-                    "protocol": p.get("protocol"), "encoder": p.get("encoder"),
+                    "protocol": p.get("protocol"), "encoder": p.get("encoder"), "family": p.get("family", ""),
                     "params": int(p.get("params", 0)), "gflops": float(p.get("gflops", "nan")),
                     "resolution": int(p.get("resolution", 0)), "seed": int(p.get("seed", 0)),
                     "weights": p.get("weights_kind", ""), "seed_free": seed_free,
@@ -272,7 +272,7 @@ def load_points(tracking_uri: str, experiments: list[str] | None = None, split: 
                     if k.startswith(prefix):
                         rows.append({**base, "dataset": f"{base['dataset']}->{ood}", "metric": k[len(prefix):],
                                      "run_id": f"{r.info.run_id}{OOD_SEP}{ood}_{split}", "value": float(v)})
-    cols = ["experiment", "experiment_id", "run_id", "task", "dataset", "protocol", "encoder", "params", "gflops",
+    cols = ["experiment", "experiment_id", "run_id", "task", "dataset", "protocol", "encoder", "family", "params", "gflops",
             "resolution", "seed", "weights", "seed_free", "train_fraction", "train_shots", "n_train", "metric",
             "value"]
     return collapse_seed_free(pd.DataFrame(rows, columns=cols))

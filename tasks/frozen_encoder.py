@@ -1,7 +1,10 @@
 """A frozen backbone: uint8 pixels in, pooled embeddings or dense patch-feature grids out.
 
 Input is always a uint8 batch (B, 3, H, W): the cache and the decode workers stay compact, and the
-normalisation that belongs to the weights (the model's pretrained mean/std) happens here, once.
+normalisation that belongs to the weights (the spec's `Preprocessing`: mean/std, and for a CT model
+the HU range the uint8 values stand for) happens here, once. Every family goes through the same
+methods: the spec's `ops` say how its library's model gives tokens, its own pooled embedding and
+intermediate maps, so protocols and dense heads never see which library built the encoder.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from tasks.errors import ConfigError
 from tasks.preprocess import PREPROCESS_VERSION, RESIZE_POLICY
 
 if TYPE_CHECKING:
-    from tasks.encoders import EncoderSpec
+    from tasks.encoders.spec import EncoderSpec
     from tasks.weights import WeightsInfo
 
-POOLINGS = ("cls", "mean", "cls+mean")
+POOLINGS = ("head", "cls", "mean", "cls+mean")
 
 
 class FrozenEncoder:
@@ -27,14 +30,11 @@ class FrozenEncoder:
         self.spec, self.weights, self.device = spec, weights, device
         model.eval().requires_grad_(False)
         self.model = model if device.type == "meta" else model.to(device)
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        self.mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
-        self.interpolation = str(cfg.get("interpolation", "bicubic"))
-        # uint8 -> normalised in one affine step: (x / 255 - mean) / std = x * scale + shift.
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        self._scale = (1.0 / (255.0 * std)).to(device)
-        self._shift = (-torch.tensor(self.mean).view(1, 3, 1, 1) / std).to(device)
+        pp = spec.preprocess
+        self.mean, self.std, self.interpolation = pp.mean, pp.std, pp.interpolation
+        # uint8 -> normalised in one affine step (Preprocessing.affine).
+        scale, shift = pp.affine()
+        self._scale, self._shift = scale.to(device), shift.to(device)
         # bf16 autocast on CUDA: ~2x throughput, features are stored as float32 anyway.
         self.autocast = device.type == "cuda"
 
@@ -43,10 +43,11 @@ class FrozenEncoder:
 
     # -- checks ----------------------------------------------------------------------------------
     def check_resolution(self, resolution: int) -> int:
-        p = self.spec.patch_size
+        p = self.spec.input_multiple
         if resolution <= 0 or resolution % p:
             lo, hi = max(p, resolution - resolution % p), resolution - resolution % p + p
-            raise ConfigError(f"resolution {resolution} is not a multiple of {p} (the patch size of "
+            what = "patch size" if self.spec.arch == "vit" else "output stride"
+            raise ConfigError(f"resolution {resolution} is not a multiple of {p} (the {what} of "
                               f"{self.spec.name}); use {lo} or {hi}")
         return resolution
 
@@ -58,13 +59,11 @@ class FrozenEncoder:
         return pooling
 
     def embedding_dim(self, pooling: str) -> int:
-        pooling = self.resolve_pooling(pooling)
-        return 2 * self.spec.embed_dim if pooling == "cls+mean" else self.spec.embed_dim
+        return self.spec.pooling_dims[self.resolve_pooling(pooling)]
 
     def preprocess_info(self) -> dict[str, Any]:
         """What turns a file into the encoder's input; recorded with every result."""
-        return {"interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
-                "resize": RESIZE_POLICY, "version": PREPROCESS_VERSION}
+        return {**self.spec.preprocess.info(), "resize": RESIZE_POLICY, "version": PREPROCESS_VERSION}
 
     # -- forward ---------------------------------------------------------------------------------
     def _normalised(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -79,19 +78,19 @@ class FrozenEncoder:
     def _features(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = self._normalised(x)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            return self.model.forward_features(x)
+            return self.spec.ops.tokens(self.model, x)
 
     def embed(self, x: np.ndarray | torch.Tensor, pooling: str = "auto") -> np.ndarray:
-        """Global embeddings, float32 (B, D'), with explicit pooling (never timm's silent default)."""
+        """Global embeddings, float32 (B, D'), with explicit pooling (never a library's silent default):
+        `head` the model's own pooled embedding, `cls` the CLS token, `mean` the mean patch token
+        (convnets: their global pool), `cls+mean` both concatenated."""
         pooling = self.resolve_pooling(pooling)
         feats = self._features(x)
-        with torch.inference_mode():
-            if self.spec.family == "convnext":
-                # Global average pool + the model's final LayerNorm: DINOv3 ConvNeXt's embedding.
-                out = self.model.forward_head(feats, pre_logits=True)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            if self.spec.arch == "convnet" or pooling == "head":
+                out = self.spec.ops.head(self.model, feats)
             else:
-                n_prefix = self.model.num_prefix_tokens
-                cls, patches = feats[:, 0], feats[:, n_prefix:].mean(dim=1)
+                cls, patches = feats[:, 0], feats[:, self.spec.prefix_tokens:].mean(dim=1)
                 out = {"cls": cls, "mean": patches, "cls+mean": torch.cat([cls, patches], dim=1)}[pooling]
             return out.float().cpu().numpy()
 
@@ -106,9 +105,9 @@ class FrozenEncoder:
             return self._intermediates(x, list(layers))
         feats = self._features(x)
         with torch.inference_mode():
-            if self.spec.family == "convnext":
+            if self.spec.arch == "convnet":
                 return feats.float()
-            patches = feats[:, self.model.num_prefix_tokens:]
+            patches = feats[:, self.spec.prefix_tokens:]
             b, n, d = patches.shape
             p = self.spec.patch_size
             return patches.float().transpose(1, 2).reshape(b, d, h // p, w // p).contiguous()
@@ -117,7 +116,7 @@ class FrozenEncoder:
         """Block indices for `dense` (negative counts from the end), validated; None = last block."""
         if layers is None:
             return None
-        if self.spec.family != "vit":
+        if self.spec.arch != "vit":
             raise ConfigError(f"{self.spec.name}: intermediate layers are available for ViT encoders only")
         depth = self.spec.depth
         out = []
@@ -132,6 +131,5 @@ class FrozenEncoder:
         idx = list(self.check_layers(layers) or ())
         x = self._normalised(x)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            maps = self.model.forward_intermediates(x, indices=idx, norm=True, output_fmt="NCHW",
-                                                    intermediates_only=True)
+            maps = self.spec.ops.intermediates(self.model, x, idx)
         return torch.cat([m.float() for m in maps], dim=1).contiguous()

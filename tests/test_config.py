@@ -142,3 +142,23 @@ def test_wsi_config_and_out_of_domain_test_sets():
         mutate(bad)
         with pytest.raises(ConfigError, match=re.escape(fragment)):
             parse_config(bad, "wsi.yaml")
+
+
+def test_weights_may_map_encoders_to_sources():
+    raw = _base()
+    raw["grid"]["encoders"] = ["dinov3_vits16", "meddinov3_vitb16", "rad_dino"]
+    raw["grid"]["resolutions"] = [224]  # a multiple of 16 and of 14
+    raw["weights"] = {"default": "random", "meddinov3_vitb16": "file:/ckpt/model.pth"}
+    cfg = parse_config(raw, "demo.yaml")
+    assert cfg.weights_of("meddinov3_vitb16") == "file:/ckpt/model.pth"
+    assert cfg.weights_of("rad_dino") == cfg.weights_of("dinov3_vits16") == "random"
+    raw["weights"] = {"meddinov3_vitb16": "file:/ckpt/model.pth"}
+    with pytest.raises(ConfigError, match="weights: no entry for dinov3_vits16 and no `default`"):
+        parse_config(raw, "demo.yaml")
+    raw["weights"] = {"meddinov3_vitb16": "hf"}
+    with pytest.raises(ConfigError, match="weights.meddinov3_vitb16: weights 'hf': use 'hub'"):
+        parse_config(raw, "demo.yaml")
+    raw["grid"]["resolutions"] = [256]
+    raw["weights"] = "random"
+    with pytest.raises(ConfigError, match=r"256 is not a multiple of 14 \(patch size of rad_dino\); use 252 or 266"):
+        parse_config(raw, "demo.yaml")

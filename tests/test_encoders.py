@@ -28,6 +28,14 @@ PUBLISHED_PARAMS = {
     "dinov3_convnext_small": 50.22e6 - 0.769e6, "dinov3_convnext_base": 88.59e6 - 1.025e6,
     "dinov3_convnext_large": 197.77e6 - 1.537e6,
 }
+# The parameter counts the registry used to have typed in (timm, no head); now computed on the meta
+# device, they must come out the same.
+HAND_TYPED_PARAMS = {
+    "dinov3_vits16": 21_586_944, "dinov3_vitsp16": 28_683_264, "dinov3_vitb16": 85_641_216,
+    "dinov3_vitl16": 303_079_424, "dinov3_vithp16": 840_509_440, "dinov3_vit7b16": 6_716_030_976,
+    "dinov3_convnext_tiny": 27_820_128, "dinov3_convnext_small": 49_454_688,
+    "dinov3_convnext_base": 87_566_464, "dinov3_convnext_large": 196_230_336, TINY: 149_504,
+}
 # Backbone GFLOPs per image at 224 px (docs/libraries.md; ConvNeXt: timm's profiled GMACs x 2).
 PUBLISHED_GFLOPS_224 = {"dinov3_vits16": 9.4, "dinov3_vitb16": 35.9, "dinov3_vitl16": 125.7,
                         "dinov3_vithp16": 344.2, "dinov3_vit7b16": 2725.5, "dinov3_convnext_tiny": 2 * 4.47}
@@ -40,8 +48,12 @@ def _pixels(b: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (b, 3, h, w), dtype=np.uint8)
 
 
-def test_registry_covers_every_dinov3_backbone():
-    assert set(PUBLISHED_PARAMS) | {TINY} == set(list_encoders())
+FAMILY_ENCODERS = {"resnet50_trunc", "uni", "uni2_h", "biomedclip", "conch", "rad_dino", "medsiglip_448",
+                   "meddinov3_vitb16"}
+
+
+def test_registry_covers_every_dinov3_backbone_and_the_other_families():
+    assert set(PUBLISHED_PARAMS) | {TINY} | FAMILY_ENCODERS == set(list_encoders())
     with pytest.raises(ConfigError, match="unknown encoder 'vit_giant'; known: dinov3_vits16"):
         get_encoder_spec("vit_giant")
 
@@ -70,7 +82,7 @@ def test_analytic_gflops_match_the_published_numbers(name):
     spec = get_encoder_spec(name)
     assert spec.gflops(224) == pytest.approx(PUBLISHED_GFLOPS_224[name], rel=0.01)
     # Compute grows with resolution, faster than the pixel count for ViTs (attention is quadratic).
-    assert spec.gflops(512) > (512 / 224) ** 2 * spec.gflops(224) * (0.99 if spec.family == "convnext" else 1.0)
+    assert spec.gflops(512) > (512 / 224) ** 2 * spec.gflops(224) * (0.99 if spec.arch == "convnet" else 1.0)
 
 
 @pytest.mark.parametrize("resolution", [32, 48])

@@ -70,7 +70,7 @@ def dense_cell_plan(cfg: Any, cell: Any, ex: DenseExtractResult, head: Any) -> t
     dense = {"source": choice.kind, "reason": choice.reason, "planned_bytes": choice.planned_bytes,
              "key": asdict(key) if key is not None else None, "layers": lk, "dataset": ex.dataset_ref,
              "protocol_cls": class_path(head), "family": head.family, "handler_cls": class_path(handler) if handler is not None else "",
-             "target_kind": dataset.target_kind, "weights": cfg.weights, "expected_digest": ex.weights_digest,
+             "target_kind": dataset.target_kind, "weights": cfg.weights_of(cell.encoder), "expected_digest": ex.weights_digest,
              "precision": ex.precision}
     params = {"feature_kind": "dense", "pooling": "none (dense maps)", "feature_source": choice.kind,
               "feature_source_reason": choice.reason, "feature_layers": lk or "last",

@@ -48,7 +48,7 @@ def registration_spec(cell: Any, cfg: Any, results_dir: str, weights: dict[str, 
             "task": task, "classes": classes, "hparams": cfg.protocols.get(cell.protocol, {}),
             "size": get_encoder_spec(cell.encoder).size, "root": str(cfg.data_root(cell.dataset)),
             "dataset_options": cfg.options_for(cell.dataset), "val_fraction": cfg.val_fraction,
-            "split_seed": cfg.split_seed, "weights": cfg.weights, "weights_digest": weights.get("digest", ""),
+            "split_seed": cfg.split_seed, "weights": cfg.weights_of(cell.encoder), "weights_digest": weights.get("digest", ""),
             "gpu_share": gpu_share}
 
 

@@ -35,7 +35,7 @@ def banner(cfg: SweepConfig, n_cells: int, skipped: dict[str, str]) -> None:
        f"({len(g.encoders)} encoders x {len(g.resolutions)} resolutions x {len(g.datasets)} datasets x "
        f"{len(g.protocols)} protocols x {len(g.seeds)} seeds"
        f"{f' x {len(g.train_sizes)} train sizes' if len(g.train_sizes) > 1 else ''})")
-    if cfg.weights == "random":
+    if cfg.weights == "random" or isinstance(cfg.weights, dict) and "random" in cfg.weights.values():
         _p("== WEIGHTS: random  -- encoders are RANDOMLY INITIALISED; results say nothing about pretrained models")
     else:
         _p(f"== weights: {cfg.weights}")

@@ -159,10 +159,10 @@ def plan_extractions(cfg: SweepConfig, cells: list[Cell], memo: DigestMemo, prec
             dataset, fingerprint = plan.datasets[ds_name]
             meta_enc = create_encoder(enc, weights="random", device="meta")
             pooling = meta_enc.resolve_pooling(cfg.pooling)
-            job = ExtractionJob(enc, cfg.weights, res, pooling, ds_name, str(cfg.data_root(ds_name)),
+            job = ExtractionJob(enc, cfg.weights_of(enc), res, pooling, ds_name, str(cfg.data_root(ds_name)),
                                 cfg.val_fraction, cfg.split_seed,
                                 json.dumps(cfg.options_for(ds_name), sort_keys=True), precision)
-            plan.memo_keys[(enc, res, ds_name)] = weights_memo_key(enc, cfg.weights)
+            plan.memo_keys[(enc, res, ds_name)] = weights_memo_key(enc, cfg.weights_of(enc))
             plan.results[(enc, res, ds_name)] = plan_one(job, memo, cfg, dataset, fingerprint)
             plan.info[(enc, res, ds_name)] = (fingerprint, {**meta_enc.preprocess_info(), "pooling": pooling,
                                                             "precision": precision})

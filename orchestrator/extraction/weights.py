@@ -58,7 +58,6 @@ def check_planned(encoder: Any, expected_digest: str, precision: str | None) -> 
     return encoder
 
 
-HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm loads from a hub snapshot, in order
 
 
 def hf_cache_dir() -> str:
@@ -82,11 +81,12 @@ def hub_snapshot(encoder: str) -> dict[str, Any] | None:
 
     from tasks.encoders import get_encoder_spec
 
-    repo = get_encoder_spec(encoder).hf_hub_id
+    spec = get_encoder_spec(encoder)
+    repo = spec.hf_hub_id
     if repo is None:
         return None
     cache = hf_cache_dir()
-    for name in HUB_FILES:
+    for name in spec.hub_files:  # the files its family's loader reads, in its order
         path = try_to_load_from_cache(repo, name, cache_dir=cache)
         if isinstance(path, str) and Path(path).is_file():
             st = Path(path).stat()  # the blob behind the snapshot's symlink

@@ -121,6 +121,6 @@ def config_identities(cfg: SweepConfig) -> dict[str, str]:
                 "seed": c.seed, "seed_free": c.seed_free, "train_fraction": c.train_fraction,
                 "train_shots": c.train_shots,
                 "hparams": resolved_hparams(c.protocol, task, c.seed, cfg.protocols.get(c.protocol, {})),
-                "config": config_part(cfg, c.dataset, resolved_pooling(c.encoder, cfg.pooling))}
+                "config": config_part(cfg, c.encoder, c.dataset, resolved_pooling(c.encoder, cfg.pooling))}
         out[cell_identity(spec).config_digest] = c.prefix
     return out

@@ -22,7 +22,7 @@ from orchestrator.grid.checks import (
     check_layers,
     format_errors,
 )
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, MedscaleError
 
 # GPU share of one cell (a head trained on cached features) by encoder size class. Heads are light;
 # the share grows with the feature width because kNN keeps the train bank on the GPU. A size may
@@ -176,7 +176,7 @@ class Resources(_Strict):
 class SweepConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     grid: Grid
-    weights: str = "random"
+    weights: str | dict[str, str] = "random"  # or per encoder: {default: hub, <encoder>: file:...}
     pooling: str = "auto"
     data: dict[str, str]
     output: str = Field(description="local directory of the driver: summary, logs, default mlflow.db")
@@ -196,10 +196,25 @@ class SweepConfig(_Strict):
 
     @field_validator("weights")
     @classmethod
-    def _weights(cls, v: str) -> str:
+    def _weights(cls, v: str | dict[str, str]) -> str | dict[str, str]:
+        if isinstance(v, dict):
+            from tasks.errors import WeightsError
+            from tasks.weights import check_weights_mapping
+
+            try:
+                check_weights_mapping(v)
+            except WeightsError as e:  # a ValueError is what pydantic reports under `weights`
+                raise ValueError(str(e)) from None
+            return v
         if v in ("random", "hub") or (v.startswith("file:") and len(v) > 5):
             return v
         raise ValueError(f"weights must be 'hub', 'random' or 'file:<path>', got {v!r}")
+
+    def weights_of(self, encoder: str) -> str:
+        """The weights spec of one encoder (`weights` itself, or its entry / `default` in a mapping)."""
+        from tasks.weights import weights_for
+
+        return weights_for(encoder, self.weights)
 
     @field_validator("output")
     @classmethod
@@ -241,6 +256,10 @@ class SweepConfig(_Strict):
                 raise ValueError(f"dataset_options.{name}: options for a dataset not in grid.datasets or evaluate_on")
             check_dataset_options(name, opts)
         for enc in self.grid.encoders:
+            try:
+                self.weights_of(enc)  # a mapping without this encoder and without `default`
+            except MedscaleError as e:
+                raise ValueError(str(e)) from None
             p = get_encoder_spec(enc).patch_size
             for i, r in enumerate(self.grid.resolutions):
                 if r % p:

@@ -92,11 +92,12 @@ def prefix_of(cell_id: str) -> str:
     return head if sep and len(tail) == ID_DIGITS and all(c in "0123456789abcdef" for c in tail) else cell_id
 
 
-def config_part(cfg: Any, dataset: str, pooling: str) -> dict[str, Any]:
+def config_part(cfg: Any, encoder: str, dataset: str, pooling: str) -> dict[str, Any]:
     """What the sweep config says about a cell beyond its grid coordinates and hyperparameters:
-    the weights as written (their content enters through the cache keys), the resolved pooling,
-    the dataset's reading options, how val is carved, and the out-of-domain test sets."""
-    return {"weights": cfg.weights, "pooling": pooling, "dataset_options": cfg.options_for(dataset),
+    the encoder's weights as written (their content enters through the cache keys; with a mapping,
+    this encoder's entry only, so another encoder's weights never change this cell), the resolved
+    pooling, the dataset's reading options, how val is carved, and the out-of-domain test sets."""
+    return {"weights": cfg.weights_of(encoder), "pooling": pooling, "dataset_options": cfg.options_for(dataset),
             "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed,
             "evaluate_on": list(cfg.evaluate_on.get(dataset, []))}
 

@@ -90,14 +90,14 @@ def cache_state(cfg: SweepConfig, encoder: str, resolution: int, name: str) -> t
     from tasks.preprocess import PREPROCESS_VERSION
 
     memo_path = cfg.output_path / "weights_digests.json"
-    info = DigestMemo(memo_path).get(weights_memo_key(encoder, cfg.weights)) if memo_path.exists() else None
+    info = DigestMemo(memo_path).get(weights_memo_key(encoder, cfg.weights_of(encoder))) if memo_path.exists() else None
     root = cfg.data_root(name)
     if info is None or not root.is_dir() or "://" not in cfg.cache_root and not Path(cfg.cache_root).is_dir():
         return "unknown", {}
     try:
         ds = get_dataset(name, str(root), val_fraction=cfg.val_fraction, seed=cfg.split_seed, **cfg.options_for(name))
         pooling = create_encoder(encoder, weights="random", device="meta").resolve_pooling(cfg.pooling)
-        job = ExtractionJob(encoder, cfg.weights, resolution, pooling, name, str(root), cfg.val_fraction,
+        job = ExtractionJob(encoder, cfg.weights_of(encoder), resolution, pooling, name, str(root), cfg.val_fraction,
                             cfg.split_seed, json.dumps(cfg.options_for(name), sort_keys=True))
         keys = cache_keys(job, info, ds.fingerprint(), PREPROCESS_VERSION)
         cache = FeatureCache(cfg.cache_root)

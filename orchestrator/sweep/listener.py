@@ -46,7 +46,7 @@ class CellRecorder:
         return self.run_ids[cell_id]
 
     def tags(self, cell_id: str) -> dict[str, str]:
-        kind = self.params[cell_id].get("weights_kind", self.cfg.weights)
+        kind = self.params[cell_id].get("weights_kind") or str(self.params[cell_id].get("weights", ""))
         tags = {"medscale.weights": kind, **self.extra_tags.get(cell_id, {})}
         if kind == "random":
             tags["mlflow.note.content"] = "RANDOM-INIT encoder weights (weights: random): not a pretrained result."

@@ -69,11 +69,13 @@ def cell_params(cfg: SweepConfig, cell: Cell, ex: ExtractResult, ds_cls: Any, hp
     return {
         "precision": next(iter(ex.keys.values())).precision, "seed_free": str(cell.seed_free).lower(),
         "result_format": RESULT_FORMAT,
-        "encoder": cell.encoder, "timm_model": spec.timm_name, "params": spec.params,
+        "encoder": cell.encoder, "family": spec.family, "encoder_library": spec.library,
+        "timm_model": spec.timm_name, "params": spec.params,
         "gflops": float(spec.gflops(cell.resolution)), "resolution": cell.resolution,
         "dataset": cell.dataset, "protocol": cell.protocol, "seed": cell.seed, "pooling": ex.job.pooling,
         "train_fraction": cell.train_fraction, "train_shots": cell.train_shots if cell.train_shots is not None else "",
-        "weights": cfg.weights, "weights_kind": next(iter(ex.keys.values())).weights_kind, "weights_source": ex.weights_source,
+        "weights": cfg.weights_of(cell.encoder), "weights_kind": next(iter(ex.keys.values())).weights_kind,
+        "weights_source": ex.weights_source,
         "weights_digest": ex.weights_digest, "dataset_fingerprint": fingerprint, "task": ds_cls.task,
         "n_classes": len(ds_cls.classes), "sweep": cfg.name, "medscale_version": __version__,
         "git_commit": git_commit(),
@@ -98,7 +100,7 @@ def plan_cell(cfg: SweepConfig, c: Cell, plan: PlannedExtractions, results_dir: 
     ex = plan.results.get(c.extraction)
     pooling = ex.job.pooling if ex else resolved_pooling(c.encoder, cfg.pooling)
     common = {"task": ds_cls.task, "classes": list(ds_cls.classes), "hparams": hparams,
-              "config": config_part(cfg, c.dataset, pooling), "size": get_encoder_spec(c.encoder).size,
+              "config": config_part(cfg, c.encoder, c.dataset, pooling), "size": get_encoder_spec(c.encoder).size,
               "cache_root": cfg.cache_root, "results_dir": results_dir,
               "runner": head_family(c.protocol, getattr(ds_cls, "kind", "image"))}
     error = plan.failures.get(c.extraction, "")
@@ -112,7 +114,7 @@ def plan_cell(cfg: SweepConfig, c: Cell, plan: PlannedExtractions, results_dir: 
         if order:
             spec = identify({**spec, "data_order": order}, c.prefix)
         params = {"encoder": c.encoder, "resolution": c.resolution, "dataset": c.dataset, "protocol": c.protocol,
-                  "seed": c.seed, "seed_free": str(c.seed_free).lower(), "weights": cfg.weights,
+                  "seed": c.seed, "seed_free": str(c.seed_free).lower(), "weights": cfg.weights_of(c.encoder),
                   "precision": precision, "result_format": RESULT_FORMAT}
         return PlannedCell(c, spec, params, error or "not planned")
     spec = cell_spec(c, keys=ex.keys, cases=cases, ood=ood, coords_uri=ex.coords_uri, split_scheme=scheme, **common)
@@ -181,21 +183,21 @@ def plan_training_free(cfg: SweepConfig, c: Cell, memo: DigestMemo, results_dir:
     enc = get_encoder_spec(c.encoder)
     # the cell's own GPU share, when the cluster has GPUs
     precision = planned_precision(n_gpus, 1, cfg.resources.precision)
-    params = {"encoder": c.encoder, "timm_model": enc.timm_name, "params": enc.params,
+    params = {"encoder": c.encoder, "family": enc.family, "timm_model": enc.timm_name, "params": enc.params,
               "gflops": float(enc.gflops(c.resolution)), "resolution": c.resolution, "dataset": c.dataset,
-              "protocol": c.protocol, "seed": c.seed, "weights": cfg.weights, "task": ds_cls.task,
+              "protocol": c.protocol, "seed": c.seed, "weights": cfg.weights_of(c.encoder), "task": ds_cls.task,
               "n_classes": len(ds_cls.classes), "sweep": cfg.name, "medscale_version": __version__,
               "git_commit": git_commit(), "feature_source": "online", "layers": "last", "precision": precision,
               "seed_free": str(c.seed_free).lower(), "result_format": RESULT_FORMAT,
               **{f"hp_{k}": v for k, v in hparams.items()},
               **{f"dataset_{k}": v for k, v in cfg.options_for(c.dataset).items()}}
     extra = {"hparams": hparams, "precision": precision,
-             "config": config_part(cfg, c.dataset, resolved_pooling(c.encoder, cfg.pooling))}
+             "config": config_part(cfg, c.encoder, c.dataset, resolved_pooling(c.encoder, cfg.pooling))}
     try:
         ds = get_dataset(c.dataset, str(cfg.data_root(c.dataset)), val_fraction=cfg.val_fraction,
                          seed=cfg.split_seed, **cfg.options_for(c.dataset))
         params["dataset_fingerprint"] = ds.fingerprint()
-        info = weights_info(c.encoder, cfg.weights, memo)
+        info = weights_info(c.encoder, cfg.weights_of(c.encoder), memo)
         params.update(weights_kind=info.get("kind", ""), weights_source=info["source"],
                       weights_digest=info["digest"],
                       **{f"preprocess_{k}": v for k, v in create_encoder(c.encoder, weights="random", device="meta")

@@ -1,0 +1,117 @@
+"""Encoder families in the analysis: which family each point belongs to, and the "families at
+matched compute" table that answers "does the domain model beat a bigger generalist here?".
+
+A point's family is the `family` run param the sweep logged (a points CSV may carry a `family`
+column); where it is missing (runs of an older release, a CSV without it) the encoder registry
+says, and an encoder this checkout does not know is a family of its own. Scaling curves along the
+parameter and GFLOPs axes are drawn per family (`analysis.curves`): a ResNet50 and a ViT-L on one
+parameter axis would be a comparison of designs, not of scale.
+
+Matched compute: for each (dataset, protocol, metric, weights) with two or more families, a window
+[g, 2g] GFLOPs per image is chosen, the one holding a cell of the most families (ties: the largest
+g, the most capable comparison), and each family's best cell inside it is listed and ranked. The
+generalist (DINOv3) row of reference is its best cell at any compute: a domain model that beats it
+beats every bigger generalist the sweep ran.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pandas as pd
+
+from analysis.metric_table import higher_is_better
+
+GENERALIST = "dinov3"
+FAMILY_COLUMNS = ["dataset", "protocol", "metric", "weights", "window", "family", "encoder", "resolution", "params",
+                  "gflops", "mean", "ci_lo", "ci_hi", "rank", "vs_best_generalist"]
+
+
+@functools.lru_cache(maxsize=512)
+def family_of(encoder: str) -> str:
+    from tasks.encoders import ENCODERS
+
+    spec = ENCODERS.get(encoder)
+    return spec.family if spec is not None else encoder
+
+
+def with_family(agg: pd.DataFrame, points: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`agg` with a `family` column: the points' logged family per encoder, else the registry's."""
+    logged: dict[str, str] = {}
+    if points is not None and "family" in points.columns:
+        known = points[points["family"].fillna("").astype(str).str.strip() != ""]
+        logged = dict(zip(known["encoder"].astype(str), known["family"].astype(str), strict=True))
+    out = agg.copy()
+    out["family"] = [logged.get(str(e)) or family_of(str(e)) for e in out["encoder"]]
+    return out
+
+
+def _best(cells: pd.DataFrame, higher: bool) -> pd.Series:
+    return cells.loc[cells["mean"].idxmax() if higher else cells["mean"].idxmin()]
+
+
+def _window(cells: pd.DataFrame) -> tuple[float, float] | None:
+    """[g, 2g] holding cells of the most families (ties: largest g); None if < 2 families fit."""
+    g = cells["gflops"].to_numpy(float)
+    fam = cells["family"].to_numpy(str)
+    best, best_n = None, 1
+    for lo in sorted(set(g[np.isfinite(g)])):
+        n = len(set(fam[(g >= lo) & (g <= 2 * lo)]))
+        if n >= best_n and n >= 2:
+            best, best_n = (lo, 2 * lo), n
+    return best
+
+
+def matched_compute(agg: pd.DataFrame) -> pd.DataFrame:
+    """One row per family per (dataset, protocol, metric, weights) with >= 2 families (FAMILY_COLUMNS)."""
+    rows = []
+    if "family" not in agg.columns or agg.empty:
+        return pd.DataFrame(columns=FAMILY_COLUMNS)
+    for key, cells in agg.groupby(["dataset", "protocol", "metric", "weights"], sort=True):
+        cells = cells[np.isfinite(cells["gflops"].astype(float)) & np.isfinite(cells["mean"].astype(float))]
+        if cells["family"].nunique() < 2:
+            continue
+        window = _window(cells)
+        if window is None:
+            continue
+        higher = higher_is_better(str(key[2]))
+        inside = cells[(cells["gflops"] >= window[0]) & (cells["gflops"] <= window[1])]
+        generalist = cells[cells["family"] == GENERALIST]
+        ref = _best(generalist, higher) if not generalist.empty else None
+        picks = [_best(c, higher) for _, c in inside.groupby("family", sort=True)]
+        picks.sort(key=lambda r: -r["mean"] if higher else r["mean"])
+        for rank, r in enumerate(picks, 1):
+            vs = ""
+            if ref is not None and r["family"] != GENERALIST:
+                diff = (r["mean"] - ref["mean"]) * (1 if higher else -1)
+                vs = (f"{'beats' if diff > 0 else 'trails'} {ref['encoder']} @ {int(ref['resolution'])} px "
+                      f"({ref['gflops']:.0f} GFLOPs) by {abs(r['mean'] - ref['mean']):.4g}")
+            rows.append([*map(str, key), f"{window[0]:.1f}-{window[1]:.1f} GFLOPs", r["family"], r["encoder"],
+                         int(r["resolution"]), int(r["params"]), float(r["gflops"]), float(r["mean"]),
+                         float(r.get("ci_lo", np.nan)), float(r.get("ci_hi", np.nan)), rank, vs])
+    return pd.DataFrame(rows, columns=FAMILY_COLUMNS)
+
+
+def family_section(doc, table: pd.DataFrame) -> None:  # doc: analysis.document.Document
+    """The report's "Families at matched compute" section (nothing when one family ran)."""
+    from analysis.points import headline_metric
+
+    heads = {k: headline_metric(g["metric"].unique()) for k, g in table.groupby(["dataset", "protocol"])}
+    table = table[[heads[(d, p)] == m for d, p, m in zip(table["dataset"], table["protocol"], table["metric"],
+                                                         strict=True)]]
+    if table.empty:
+        return
+    doc.heading("Families at matched compute")
+    doc.para("Each family's best cell inside one compute window [g, 2g] GFLOPs per image (the window holding "
+             "the most families; ties: the largest g), ranked; `vs best generalist` compares with the best "
+             f"{GENERALIST} cell at any compute, so a domain model that beats it beats every bigger generalist "
+             "run here. Headline metrics; every metric in `families.csv`; curves per family are in the verdict table.")
+    for (ds, proto, metric, weights), g in table.groupby(["dataset", "protocol", "metric", "weights"], sort=True):
+        w = f" [{weights}]" if weights and table["weights"].nunique() > 1 else ""
+        doc.heading(f"{ds} / {proto} / {metric}{w}: {g['window'].iloc[0]}", 3)
+        rows = [[str(r.rank), r.family, r.encoder, str(r.resolution), f"{r.params / 1e6:.1f}M", f"{r.gflops:.1f}",
+                 f"{r.mean:.4g}" + (f" [{r.ci_lo:.4g}, {r.ci_hi:.4g}]" if np.isfinite(r.ci_lo) else ""),
+                 r.vs_best_generalist or "-"] for r in g.itertuples()]
+        doc.table(["rank", "family", "encoder", "px", "params", "GFLOPs", "mean [95% CI]", "vs best generalist"],
+                  rows, ["r", "l", "l", "r", "r", "r", "l", "l"])

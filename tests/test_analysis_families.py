@@ -1,0 +1,86 @@
+"""Encoder families in the analysis: curves per family, and the "families at matched compute" table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.families import family_of, matched_compute, with_family
+from analysis.points import aggregate
+from analysis.report import analyze_points
+from tasks.encoders import get_encoder_spec
+
+# (encoder, true mean AUC): the domain model (biomedclip, ~35 GFLOPs at 224) beats DINOv3-B at the
+# same compute but trails DINOv3-L; the ResNet50 baseline (~6.6 GFLOPs) has nothing to match.
+TRUTH = {"dinov3_vits16": 0.70, "dinov3_vitb16": 0.74, "dinov3_vitl16": 0.80, "biomedclip": 0.76,
+         "resnet50_trunc": 0.60}
+
+
+def family_points(with_family_column: bool) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for enc, auc in TRUTH.items():
+        spec = get_encoder_spec(enc)
+        for seed in range(3):
+            row = {"dataset": "nih14", "protocol": "linear_probe", "metric": "auc", "encoder": enc,
+                   "params": spec.params, "gflops": spec.gflops(224), "resolution": 224, "seed": seed,
+                   "weights": "hub", "run_id": f"{enc}-{seed}", "value": auc + rng.normal(0, 0.002)}
+            if with_family_column:
+                row["family"] = spec.family
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_family_comes_from_the_logged_column_else_the_registry():
+    pts = family_points(with_family_column=False)
+    agg = with_family(aggregate(pts), pts)
+    assert dict(zip(agg["encoder"], agg["family"], strict=True))["biomedclip"] == "biomedclip"
+    assert family_of("resnet50_trunc") == "resnet" and family_of("someone_elses_vit") == "someone_elses_vit"
+    logged = pts.assign(family=np.where(pts["encoder"] == "biomedclip", "clip", ""))
+    agg = with_family(aggregate(logged), logged)
+    fam = dict(zip(agg["encoder"], agg["family"], strict=True))
+    assert fam["biomedclip"] == "clip" and fam["dinov3_vitl16"] == "dinov3"  # empty -> registry
+
+
+def test_matched_compute_ranks_each_familys_best_inside_one_window():
+    pts = family_points(with_family_column=True)
+    table = matched_compute(with_family(aggregate(pts), pts))
+    # The window [g, 2g] holding the most families: DINOv3-B (35.9) and BiomedCLIP (35.1) lie in
+    # [35.1, 70.3]; nothing holds ResNet50 with another family.
+    assert list(table["family"]) == ["biomedclip", "dinov3"]
+    assert list(table["encoder"]) == ["biomedclip", "dinov3_vitb16"] and list(table["rank"]) == [1, 2]
+    g = get_encoder_spec("biomedclip").gflops(224)
+    assert table["window"].iloc[0] == f"{g:.1f}-{2 * g:.1f} GFLOPs"
+    assert table["vs_best_generalist"].iloc[0].startswith("trails dinov3_vitl16 @ 224 px")
+    # A lower-is-better metric flips "best": the same cells scored as an error rate.
+    err = pts.assign(metric="hd95", value=1 - pts["value"])
+    t2 = matched_compute(with_family(aggregate(err), err))
+    assert list(t2["encoder"]) == ["biomedclip", "dinov3_vitb16"]
+
+
+def test_report_has_the_family_table_and_curves_per_family(tmp_path):
+    pts = family_points(with_family_column=True)
+    res = analyze_points(pts, tmp_path, title="families", n_boot=200)
+    csv = pd.read_csv(res["families"])
+    assert set(csv["family"]) == {"biomedclip", "dinov3"}
+    report = res["report"].read_text()
+    assert "## Families at matched compute" in report and "trails dinov3_vitl16" in report
+    fixed = {c.key.fixed for c in res["study"].curves if c.key.axis in ("params", "gflops")}
+    # Only DINOv3 has >= 2 encoders: its params curve is per family; no curve mixes designs.
+    assert fixed == {"224 px, dinov3"}
+    assert all(set(c.cells["family"]) == {"dinov3"} for c in res["study"].curves)
+
+
+def test_one_family_keeps_the_curves_it_always_had(tmp_path):
+    pts = family_points(with_family_column=True)
+    pts = pts[pts["encoder"].str.startswith("dinov3")]
+    res = analyze_points(pts, tmp_path, title="dinov3 only", n_boot=200)
+    assert {c.key.fixed for c in res["study"].curves} == {"224 px"}
+    assert pd.read_csv(res["families"]).empty
+    assert "Families at matched compute" not in res["report"].read_text()
+
+
+@pytest.mark.parametrize("name", ["biomedclip", "uni", "resnet50_trunc", "rad_dino", "meddinov3_vitb16"])
+def test_every_family_entry_names_its_family(name):
+    assert family_of(name) == get_encoder_spec(name).family != "dinov3"
