@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.medscale-installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO_N ?= 240
 
-.PHONY: venv test test-cluster lint demo demo-data bench clean
+.PHONY: venv test test-fast test-cluster lint demo demo-data bench clean
 
 venv: $(STAMP)
 
@@ -19,8 +19,18 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # pytest exits 5 when it collects no test; that is not a failure of the code.
+# Two workers (pytest-xdist): most of a sweep test's wall time is waiting on Ray (start-up, actor
+# pools, Tune's scheduling), so two run side by side on two cores; each worker has its own local
+# Ray cluster, shared by all of its tests. The slowest tests are listed in docs/testing.md.
+PYTEST := MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -p no:cacheprovider
+TEST_WORKERS ?= 2
 test: venv
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	$(PYTEST) -n $(TEST_WORKERS) --dist worksteal --durations=15; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# The inner loop: everything but the tests that start Ray or a sweep (marker `slow`), < 2 minutes.
+test-fast: venv
+	$(PYTEST) -n $(TEST_WORKERS) -m "not slow and not cluster_e2e"; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # Opt-in: `ray up clusters/onprem.yaml` against 127.0.0.1 over SSH, a tiny sweep, `ray down`.

@@ -17,6 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = "test_vit_tiny16"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs a Ray cluster is `slow` (a marker `make test-fast` leaves out): the
+    inner loop runs the pure logic, the contracts and the file formats, not the sweeps."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     from orchestrator import ray_backend
