@@ -159,14 +159,4 @@ register(
         "uni2_h", "timm", "uni", "vit", "vit_giant_patch14_224", 14, 9, 1536, 24, "huge", "cls",
         token_poolings(1536), _uni2_builder, TimmViTOps(), Preprocessing(), pretrain_resolution=224,
         licence="CC-BY-NC-ND-4.0", gated=True, hf_hub_id="MahmoodLab/UNI2-h"),
-    EncoderSpec(
-        "conch", "timm", "conch", "vit", "conch_ViT-B-16", 16, 1, 768, 12, "base", "head",
-        token_poolings(768, head=512), timm_builder("vit_base_patch16_224"), TimmViTOps(),
-        Preprocessing(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
-        pretrain_resolution=448, licence="CC-BY-NC-ND-4.0", gated=True, hf_hub_id="MahmoodLab/conch",
-        unavailable="CONCH's vision tower (a timm ViT-B/16 trunk at 448 px with CoCa's attentional poolers) "
-        "is defined only in the `conch` package (`pip install git+https://github.com/mahmoodlab/CONCH`), "
-        "which no package registry carries; medscale does not rebuild it from timm/open_clip parts because "
-        "it cannot check such a copy against the original here (docs/encoders.md). Its published Tables 3-4 "
-        "values stay reference rows (`medscale analyze --reference paper`)"),
 )
