@@ -78,7 +78,7 @@ def _dinov3_vit(name: str, timm_name: str, n_blocks: int, dim: int, size: str, t
         token_poolings(dim), timm_builder(timm_name, **kwargs), TimmViTOps(),
         pretrain_resolution=DINOV3_PRETRAIN_RESOLUTION if tag else None,
         licence=DINOV3_LICENCE if tag else "-", gated=bool(tag),
-        hf_hub_id=f"timm/{timm_name}.{tag}" if tag else None, pretrained_tag=tag)
+        hf_hub_id=f"timm/{timm_name}.{tag}" if tag else None, pretrained_tag=tag, filter_checkpoint=eva_filter)
 
 
 def _dinov3_convnext(name: str, dim: int, size: str) -> EncoderSpec:
@@ -95,14 +95,20 @@ def resnet_filter(state: StateDict, model: torch.nn.Module) -> StateDict:
     return {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
 
 
+def eva_filter(state: StateDict, model: torch.nn.Module) -> StateDict:
+    """timm's own filter for its Eva/DINOv3 checkpoints (what `pretrained=True` applies before its
+    strict load): drops RoPE buffers and pretraining-only tensors, renames DINOv3-repository names."""
+    from timm.models.eva import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(state, model)
+
+
 def meddinov3_filter(state: StateDict, model: torch.nn.Module) -> StateDict:
     """MedDINOv3's teacher (`backbone.*` in the DINOv3 repository's names, plus dino/ibot heads) ->
     timm's DINOv3 ViT names, through timm's own DINOv3 checkpoint filter."""
-    from timm.models.eva import checkpoint_filter_fn
-
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    return checkpoint_filter_fn(state, model)
+    return eva_filter(state, model)
 
 
 def _uni2_builder(**overrides: Any) -> torch.nn.Module:
