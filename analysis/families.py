@@ -8,9 +8,11 @@ parameter and GFLOPs axes are drawn per family (`analysis.curves`): a ResNet50 a
 parameter axis would be a comparison of designs, not of scale.
 
 Matched compute: for each (dataset, protocol, metric, weights) with two or more families, a window
-[g, 2g] GFLOPs per image is chosen, the one holding a cell of the most families (ties: the largest
-g, the most capable comparison), and each family's best cell inside it is listed and ranked. The
-generalist (DINOv3) row of reference is its best cell at any compute: a domain model that beats it
+[g, 2g] GFLOPs per image is chosen: one holding a generalist (DINOv3) cell when there is any, since
+the table exists to compare with it; then the one holding the most families; then the largest g
+(the most capable comparison). Each family's best cell inside it is listed and ranked; a family
+with no cell inside is listed with its best cell at any compute, unranked, marked `outside`. Every
+row is also compared with the generalist's best cell at any compute: a domain model that beats it
 beats every bigger generalist the sweep ran.
 """
 
@@ -52,14 +54,15 @@ def _best(cells: pd.DataFrame, higher: bool) -> pd.Series:
 
 
 def _window(cells: pd.DataFrame) -> tuple[float, float] | None:
-    """[g, 2g] holding cells of the most families (ties: largest g); None if < 2 families fit."""
+    """[g, 2g] by (holds the generalist, number of families, g); None if no window holds two families."""
     g = cells["gflops"].to_numpy(float)
     fam = cells["family"].to_numpy(str)
-    best, best_n = None, 1
+    best, best_score = None, None
     for lo in sorted(set(g[np.isfinite(g)])):
-        n = len(set(fam[(g >= lo) & (g <= 2 * lo)]))
-        if n >= best_n and n >= 2:
-            best, best_n = (lo, 2 * lo), n
+        inside = set(fam[(g >= lo) & (g <= 2 * lo)])
+        score = (GENERALIST in inside, len(inside), lo)
+        if len(inside) >= 2 and (best_score is None or score > best_score):
+            best, best_score = (lo, 2 * lo), score
     return best
 
 
@@ -81,7 +84,9 @@ def matched_compute(agg: pd.DataFrame) -> pd.DataFrame:
         ref = _best(generalist, higher) if not generalist.empty else None
         picks = [_best(c, higher) for _, c in inside.groupby("family", sort=True)]
         picks.sort(key=lambda r: -r["mean"] if higher else r["mean"])
-        for rank, r in enumerate(picks, 1):
+        ranks: list[int | str] = list(range(1, len(picks) + 1))
+        outside = [_best(c, higher) for f, c in cells.groupby("family", sort=True) if f not in set(inside["family"])]
+        for r, rank in zip(picks + outside, ranks + ["outside"] * len(outside), strict=True):
             vs = ""
             if ref is not None and r["family"] != GENERALIST:
                 diff = (r["mean"] - ref["mean"]) * (1 if higher else -1)

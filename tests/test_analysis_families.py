@@ -46,24 +46,28 @@ def test_family_comes_from_the_logged_column_else_the_registry():
 def test_matched_compute_ranks_each_familys_best_inside_one_window():
     pts = family_points(with_family_column=True)
     table = matched_compute(with_family(aggregate(pts), pts))
-    # The window [g, 2g] holding the most families: DINOv3-B (35.9) and BiomedCLIP (35.1) lie in
-    # [35.1, 70.3]; nothing holds ResNet50 with another family.
-    assert list(table["family"]) == ["biomedclip", "dinov3"]
-    assert list(table["encoder"]) == ["biomedclip", "dinov3_vitb16"] and list(table["rank"]) == [1, 2]
+    # Windows [g, 2g] holding DINOv3 and another family: [6.6, 13.1] (ResNet50, DINOv3-S) and
+    # [35.1, 70.3] (BiomedCLIP, DINOv3-B); the larger wins the tie. ResNet50 is listed, unranked.
+    assert list(table["family"]) == ["biomedclip", "dinov3", "resnet"]
+    assert list(table["encoder"]) == ["biomedclip", "dinov3_vitb16", "resnet50_trunc"]
+    assert list(table["rank"]) == [1, 2, "outside"]
     g = get_encoder_spec("biomedclip").gflops(224)
     assert table["window"].iloc[0] == f"{g:.1f}-{2 * g:.1f} GFLOPs"
     assert table["vs_best_generalist"].iloc[0].startswith("trails dinov3_vitl16 @ 224 px")
     # A lower-is-better metric flips "best": the same cells scored as an error rate.
     err = pts.assign(metric="hd95", value=1 - pts["value"])
     t2 = matched_compute(with_family(aggregate(err), err))
-    assert list(t2["encoder"]) == ["biomedclip", "dinov3_vitb16"]
+    assert list(t2["encoder"]) == ["biomedclip", "dinov3_vitb16", "resnet50_trunc"]
+    # Families never within 2x of each other (BiomedCLIP 35 vs ResNet50 6.6 GFLOPs): no comparison.
+    other = pts[~pts["encoder"].str.startswith("dinov3")]
+    assert matched_compute(with_family(aggregate(other), other)).empty
 
 
 def test_report_has_the_family_table_and_curves_per_family(tmp_path):
     pts = family_points(with_family_column=True)
     res = analyze_points(pts, tmp_path, title="families", n_boot=200)
     csv = pd.read_csv(res["families"])
-    assert set(csv["family"]) == {"biomedclip", "dinov3"}
+    assert set(csv["family"]) == {"biomedclip", "dinov3", "resnet"}
     report = res["report"].read_text()
     assert "## Families at matched compute" in report and "trails dinov3_vitl16" in report
     fixed = {c.key.fixed for c in res["study"].curves if c.key.axis in ("params", "gflops")}

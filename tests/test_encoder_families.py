@@ -20,9 +20,8 @@ from tasks.encoders import build_encoder, create_encoder, get_encoder_spec
 from tasks.errors import ConfigError, WeightsError
 from tasks.weights import weights_for
 
-# Published parameter counts (model cards / CLAM's baseline; no classifier head).
-PUBLISHED_PARAMS = {"resnet50_trunc": 8_543_296, "uni": 303_350_784, "rad_dino": 86_580_480,
-                    "uni2_h": 681e6, "biomedclip": 86.19e6, "medsiglip_448": 428.6e6,
+# Published parameter counts (model cards, CLAM's baseline, DINOv3-B for MedDINOv3; no classifier head).
+PUBLISHED_PARAMS = {"resnet50_trunc": 8_543_296, "uni": 303_350_784, "rad_dino": 86_580_480, "uni2_h": 681e6,
                     "meddinov3_vitb16": 85_641_216}
 
 
@@ -34,7 +33,8 @@ def narrow(name: str, **overrides) -> object:
     """The family's own builder with narrower arguments: same code path, a few thousand parameters."""
     spec = get_encoder_spec(name)
     dim = overrides.get("embed_dim", overrides.get("hidden_size", 64))
-    dims = {k: (dim if v == spec.embed_dim else 2 * dim if v == 2 * spec.embed_dim else 32)
+    # Widths that follow the trunk shrink with it; a fixed head width (a 512-d projection) stays.
+    dims = {k: (dim if v == spec.embed_dim else 2 * dim if v == 2 * spec.embed_dim else v)
             for k, v in spec.pooling_dims.items()}
     return dataclasses.replace(spec, name=f"{name}_narrow", embed_dim=dim, depth=2, pooling_dims=dims,
                                build=partial(spec.build, **overrides))
@@ -53,8 +53,23 @@ def test_parameters_are_computed_from_the_architecture(name):
     assert spec.params == pytest.approx(PUBLISHED_PARAMS[name], rel=1e-3)
     meta = create_encoder(name, device="meta")
     assert sum(p.numel() for p in meta.model.parameters()) == spec.params
-    g = spec.gflops(224)
-    assert g > 0 and spec.gflops(2 * 224) > 3.9 * g  # at least the pixel count's growth
+
+
+@pytest.mark.parametrize("name", ["biomedclip", "conch", "medsiglip_448", "rad_dino", "resnet50_trunc", "uni2_h"])
+def test_gflops_grow_with_resolution_and_count_attention(name):
+    spec = get_encoder_spec(name)
+    g, g2 = spec.gflops(224), spec.gflops(448)
+    assert g > 0 and g2 > 3.9 * g  # at least the pixel count's growth
+    if spec.arch == "vit":  # attention is quadratic in tokens: counted (meta device), so faster than pixels
+        assert g2 > 4.05 * g
+
+
+def test_biomedclip_tower_is_its_trunk_plus_a_bias_free_projection():
+    import timm
+
+    with torch.device("meta"):
+        trunk = timm.create_model("vit_base_patch16_224", num_classes=0)
+    assert get_encoder_spec("biomedclip").params == sum(p.numel() for p in trunk.parameters()) + 768 * 512
 
 
 def test_resnet50_baseline_matches_the_published_compute_and_pools_its_map():
@@ -157,11 +172,32 @@ def test_medsiglip_loads_a_whole_siglip_checkpoint(tmp_path):
     assert not np.allclose(loaded.embed(x), enc.embed(x))
 
 
-def test_conch_is_registered_unavailable_with_the_reason():
-    spec = get_encoder_spec("conch")
-    assert spec.family == "conch" and spec.pretrain_resolution == 448
-    with pytest.raises(ConfigError, match=r"conch is not available: .*pip install git\+https://github.com/mahmoodlab/CONCH"):
-        create_encoder("conch")
+def test_conch_tower_pools_as_conch_does_and_loads_its_coca_checkpoint(tmp_path):
+    spec = narrow("conch", embed_dim=64, depth=2, num_heads=2)
+    enc = build_encoder(spec)
+    assert enc.resolve_pooling("auto") == "head" and enc.embedding_dim("auto") == 512
+    _check_vit(enc, 32)
+    # CONCH's own pooler runs sequence-first: the same weights in torch's MultiheadAttention laid
+    # out that way give the same embedding (ln_contrast(attn_pool_contrast(tokens)[:, 0])).
+    x = _pixels(2, 32)
+    pool = enc.model.attn_pool_contrast
+    with torch.no_grad():
+        tokens = enc.model.trunk.forward_features(enc._normalised(x))
+        mha = torch.nn.MultiheadAttention(512, 8, kdim=64, vdim=64)
+        mha.load_state_dict(pool.attn.state_dict())
+        k = pool.ln_k(tokens).permute(1, 0, 2)
+        q = pool.ln_q(pool.query).unsqueeze(1).repeat(1, 2, 1)
+        expect = enc.model.ln_contrast(mha(q, k, k, need_weights=False)[0].permute(1, 0, 2)[:, 0])
+    np.testing.assert_allclose(enc.embed(x), expect.numpy(), rtol=1e-4, atol=1e-5)
+    # The released checkpoint is the whole CoCa model: text tower, caption pooler, projection.
+    state = {f"visual.{k}": v + 0.01 for k, v in enc.model.state_dict().items()}
+    state |= {"visual.attn_pool_caption.query": torch.zeros(256, 768), "visual.ln_caption.weight": torch.ones(768),
+              "visual.proj_contrast": torch.zeros(512, 512), "text.token_embedding.weight": torch.zeros(4, 8),
+              "logit_scale": torch.ones(())}
+    torch.save(state, tmp_path / "conch.bin.pt")
+    loaded = build_encoder(spec, weights=f"file:{tmp_path / 'conch.bin.pt'}")
+    torch.testing.assert_close(loaded.model.ln_contrast.weight, state["visual.ln_contrast.weight"])
+    assert get_encoder_spec("conch").pretrain_resolution == 448
 
 
 def test_weights_mapping_picks_each_encoders_source():
@@ -176,3 +212,12 @@ def test_weights_mapping_picks_each_encoders_source():
     with pytest.raises(WeightsError, match="weights.uni: weights 'hf': use 'hub'"):
         weights_for("uni", {"uni": "hf"})
     assert create_encoder("test_vit_tiny16", weights={"default": "hub", "test_vit_tiny16": "random"}).weights.kind == "random"
+
+
+def test_an_unavailable_entry_says_why_instead_of_building():
+    spec = dataclasses.replace(get_encoder_spec("biomedclip"), name="needs_a_package",
+                               unavailable="its tower lives in a package no registry carries")
+    with pytest.raises(ConfigError, match="needs_a_package is not available: its tower lives in a package"):
+        build_encoder(spec)
+    with pytest.raises(ConfigError, match="needs_a_package is not available"):
+        spec.gflops(224)

@@ -60,11 +60,11 @@ class HFViTOps:
         if self.head_attr is None:
             raise ConfigError("this encoder has no pooling head of its own; use cls, mean or cls+mean")
         # MedSigLIP's image embedding: the attention-pool head's output, L2-normalised.
-        return torch.nn.functional.normalize(getattr(model, self.head_attr)(tokens), dim=-1)
+        return torch.nn.functional.normalize(getattr(_inner(model), self.head_attr)(tokens), dim=-1)
 
     def intermediates(self, model: torch.nn.Module, x: torch.Tensor, idx: list[int]) -> list[torch.Tensor]:
         states = self._run(model, x, hidden=True).hidden_states  # embeddings, then each block
-        norm = getattr(model, self.norm)
+        norm = getattr(_inner(model), self.norm)
         p = model.config.patch_size
         h, w = x.shape[2] // p, x.shape[3] // p
         out = []
@@ -74,9 +74,18 @@ class HFViTOps:
         return out
 
 
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers < 5 nests SiglipVisionModel's layers under `.vision_model`; 5 does not."""
+    return getattr(model, "vision_model", model)
+
+
 def siglip_filter(state: StateDict, model: torch.nn.Module) -> StateDict:
-    """A whole SigLIP checkpoint (`vision_model.*`, `text_model.*`, `logit_*`) -> the vision model."""
-    return strip_prefix(state, "vision_model.") if any(k.startswith("vision_model.") for k in state) else state
+    """A whole SigLIP checkpoint (`vision_model.*`, `text_model.*`, `logit_*`) or a vision model's
+    own (with or without `vision_model.`, as transformers 4 and 5 name it) -> this model's names."""
+    if any(k.startswith("vision_model.") for k in state):
+        state = strip_prefix(state, "vision_model.")
+    nested = any(k.startswith("vision_model.") for k in model.state_dict())
+    return {f"vision_model.{k}": v for k, v in state.items()} if nested else state
 
 
 register(

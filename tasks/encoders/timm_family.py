@@ -78,7 +78,7 @@ def _dinov3_vit(name: str, timm_name: str, n_blocks: int, dim: int, size: str, t
         token_poolings(dim), timm_builder(timm_name, **kwargs), TimmViTOps(),
         pretrain_resolution=DINOV3_PRETRAIN_RESOLUTION if tag else None,
         licence=DINOV3_LICENCE if tag else "-", gated=bool(tag),
-        hf_hub_id=f"timm/{timm_name}.{tag}" if tag else None, pretrained_tag=tag)
+        hf_hub_id=f"timm/{timm_name}.{tag}" if tag else None, pretrained_tag=tag, filter_checkpoint=eva_filter)
 
 
 def _dinov3_convnext(name: str, dim: int, size: str) -> EncoderSpec:
@@ -95,14 +95,20 @@ def resnet_filter(state: StateDict, model: torch.nn.Module) -> StateDict:
     return {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
 
 
+def eva_filter(state: StateDict, model: torch.nn.Module) -> StateDict:
+    """timm's own filter for its Eva/DINOv3 checkpoints (what `pretrained=True` applies before its
+    strict load): drops RoPE buffers and pretraining-only tensors, renames DINOv3-repository names."""
+    from timm.models.eva import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(state, model)
+
+
 def meddinov3_filter(state: StateDict, model: torch.nn.Module) -> StateDict:
     """MedDINOv3's teacher (`backbone.*` in the DINOv3 repository's names, plus dino/ibot heads) ->
     timm's DINOv3 ViT names, through timm's own DINOv3 checkpoint filter."""
-    from timm.models.eva import checkpoint_filter_fn
-
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    return checkpoint_filter_fn(state, model)
+    return eva_filter(state, model)
 
 
 def _uni2_builder(**overrides: Any) -> torch.nn.Module:
@@ -159,14 +165,4 @@ register(
         "uni2_h", "timm", "uni", "vit", "vit_giant_patch14_224", 14, 9, 1536, 24, "huge", "cls",
         token_poolings(1536), _uni2_builder, TimmViTOps(), Preprocessing(), pretrain_resolution=224,
         licence="CC-BY-NC-ND-4.0", gated=True, hf_hub_id="MahmoodLab/UNI2-h"),
-    EncoderSpec(
-        "conch", "timm", "conch", "vit", "conch_ViT-B-16", 16, 1, 768, 12, "base", "head",
-        token_poolings(768, head=512), timm_builder("vit_base_patch16_224"), TimmViTOps(),
-        Preprocessing(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
-        pretrain_resolution=448, licence="CC-BY-NC-ND-4.0", gated=True, hf_hub_id="MahmoodLab/conch",
-        unavailable="CONCH's vision tower (a timm ViT-B/16 trunk at 448 px with CoCa's attentional poolers) "
-        "is defined only in the `conch` package (`pip install git+https://github.com/mahmoodlab/CONCH`), "
-        "which no package registry carries; medscale does not rebuild it from timm/open_clip parts because "
-        "it cannot check such a copy against the original here (docs/encoders.md). Its published Tables 3-4 "
-        "values stay reference rows (`medscale analyze --reference paper`)"),
 )
