@@ -18,17 +18,25 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from tasks.errors import WeightsError
 
-if TYPE_CHECKING:
-    from tasks.encoders.spec import EncoderSpec
+
+class HubModel(Protocol):
+    """What the hub loader needs of an encoder spec (tasks.encoders.spec.HubModel is one): a
+    structural type, so this module stays below the encoder registry that imports it."""
+
+    name: str
+    hf_hub_id: str | None
+    hub_files: tuple[str, ...]
+    gated: bool
+    licence: str
 
 StateDict = dict[str, torch.Tensor]
 WEIGHT_KINDS = ("random", "hub", "file")
@@ -67,12 +75,11 @@ def weights_for(encoder: str, setting: str | Mapping[str, str]) -> str:
                        f" or `default: ...`")
 
 
-def check_weights_mapping(setting: Mapping[str, str]) -> None:
-    """Every value a valid spec, every key `default` or a registered encoder name."""
-    from tasks.encoders.spec import ENCODERS
-
+def check_weights_mapping(setting: Mapping[str, str], encoders: Collection[str] = ()) -> None:
+    """Every value a valid spec, every key `default` or one of `encoders` (when given: the
+    registry's names, passed in by the config so this module never imports the registry)."""
     for key, value in setting.items():
-        if key != "default" and ENCODERS and key not in ENCODERS:
+        if key != "default" and encoders and key not in encoders:
             raise WeightsError(f"weights.{key}: not an encoder; keys are `default` or encoder names")
         if not isinstance(value, str):
             raise WeightsError(f"weights.{key}: {value!r} is not a string")
@@ -177,7 +184,7 @@ def load_file_weights(model: torch.nn.Module, path: Path,
     fit_state_dict(model, read_state_dict(path), str(path), family_filter)
 
 
-def hub_state_dict(spec: EncoderSpec) -> tuple[StateDict, str]:
+def hub_state_dict(spec: HubModel) -> tuple[StateDict, str]:
     """The first of the spec's weight files in its hub repository (the local cache when offline),
     read as plain tensors, and `hf-hub:<repo>@<revision>` for provenance. Errors say what to do."""
     from huggingface_hub import hf_hub_download
@@ -196,7 +203,7 @@ def hub_state_dict(spec: EncoderSpec) -> tuple[StateDict, str]:
     raise WeightsError(f"{hub_help(spec)} (tried {'; '.join(causes)})")
 
 
-def hub_help(spec: EncoderSpec) -> str:
+def hub_help(spec: HubModel) -> str:
     gated = (f"its weights are gated: accept the licence ({spec.licence}) on "
              f"https://huggingface.co/{spec.hf_hub_id} and `huggingface-cli login` first, then "
              if spec.gated else "")

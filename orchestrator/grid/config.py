@@ -198,11 +198,12 @@ class SweepConfig(_Strict):
     @classmethod
     def _weights(cls, v: str | dict[str, str]) -> str | dict[str, str]:
         if isinstance(v, dict):
+            from tasks.encoders import list_encoders
             from tasks.errors import WeightsError
             from tasks.weights import check_weights_mapping
 
             try:
-                check_weights_mapping(v)
+                check_weights_mapping(v, list_encoders())
             except WeightsError as e:  # a ValueError is what pydantic reports under `weights`
                 raise ValueError(str(e)) from None
             return v

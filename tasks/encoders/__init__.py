@@ -18,9 +18,9 @@ from tasks.encoders import timm_family  # noqa: F401 - registers the family
 from tasks.encoders import open_clip_family  # noqa: F401
 from tasks.encoders import hf_family  # noqa: F401
 # isort: on
+from tasks.encoders.frozen import FrozenEncoder
 from tasks.encoders.spec import ENCODERS, EncoderSpec, Preprocessing, get_encoder_spec, list_encoders
 from tasks.errors import ConfigError
-from tasks.frozen_encoder import FrozenEncoder
 from tasks.weights import (
     RANDOM_SEED,
     WeightsInfo,

@@ -11,24 +11,33 @@ not counted (< 1% for these models). Results are memoised per (encoder, resoluti
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tasks.errors import ConfigError
 
-if TYPE_CHECKING:
-    from tasks.encoders.spec import EncoderSpec
+
+class Architecture(Protocol):
+    """What counting needs of an encoder spec (tasks.encoders.spec.Architecture is one): a
+    structural type, since the spec's `params` and `gflops` call into this module."""
+
+    name: str
+    unavailable: str | None
+    patch_size: int
+    default_pooling: str
+    ops: Any
+    build: Any  # () -> the architecture, random init
 
 
-def _check_buildable(spec: EncoderSpec) -> None:
+def _check_buildable(spec: Architecture) -> None:
     if spec.unavailable:
         raise ConfigError(f"{spec.name} is not available: {spec.unavailable}")
 
 
 @functools.lru_cache(maxsize=64)
-def meta_model(spec: EncoderSpec) -> torch.nn.Module:
+def meta_model(spec: Architecture) -> torch.nn.Module:
     """The architecture on the meta device, eval mode (shared by the counters: build once)."""
     _check_buildable(spec)
     with torch.device("meta"):
@@ -37,12 +46,12 @@ def meta_model(spec: EncoderSpec) -> torch.nn.Module:
 
 
 @functools.lru_cache(maxsize=256)
-def count_params(spec: EncoderSpec) -> int:
+def count_params(spec: Architecture) -> int:
     return int(sum(p.numel() for p in meta_model(spec).parameters()))
 
 
 @functools.lru_cache(maxsize=1024)
-def count_gflops(spec: EncoderSpec, resolution: int) -> float:
+def count_gflops(spec: Architecture, resolution: int) -> float:
     """GFLOPs of one image at `resolution` px through the default pooled embedding."""
     if resolution <= 0 or resolution % spec.patch_size:
         raise ConfigError(f"{spec.name}: GFLOPs asked at {resolution} px, not a multiple of {spec.patch_size}")

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from tasks.errors import ConfigError
 
-if TYPE_CHECKING:
-    from tasks.weights import StateDict
+# A checkpoint's tensors by name (tasks.weights reads them); spelled out here so the spec never
+# imports the loader, which sits below the registry.
+StateDict = dict[str, torch.Tensor]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
