@@ -60,13 +60,14 @@ def parse_weights(spec: str) -> tuple[str, str]:
     raise WeightsError(f"weights {spec!r}: use 'hub', 'random' or 'file:<path>'")
 
 
-def weights_for(encoder: str, setting: str | Mapping[str, str]) -> str:
+def weights_for(encoder: str, setting: str | Mapping[str, str], encoders: Collection[str] = ()) -> str:
     """The weights spec one encoder uses: `setting` itself when a string, else the mapping's entry
-    for the encoder, else its `default` (an error when neither is there). Validated either way."""
+    for the encoder, else its `default` (an error when neither is there). Validated either way;
+    `encoders`: the registry's names, which a mapping's keys must be (see check_weights_mapping)."""
     if isinstance(setting, str):
         parse_weights(setting)
         return setting
-    check_weights_mapping(setting)
+    check_weights_mapping(setting, encoders)
     if encoder in setting:
         return setting[encoder]
     if "default" in setting:

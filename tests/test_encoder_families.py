@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.encoders import build_encoder, create_encoder, get_encoder_spec
+from tasks.encoders import build_encoder, create_encoder, get_encoder_spec, list_encoders
 from tasks.errors import ConfigError, WeightsError
 from tasks.weights import weights_for
 
@@ -208,7 +208,7 @@ def test_weights_mapping_picks_each_encoders_source():
     with pytest.raises(WeightsError, match="no entry for uni and no `default`"):
         weights_for("uni", {"rad_dino": "hub"})
     with pytest.raises(WeightsError, match="weights.vit_huge: not an encoder"):
-        weights_for("uni", {"vit_huge": "hub"})
+        weights_for("uni", {"vit_huge": "hub"}, list_encoders())
     with pytest.raises(WeightsError, match="weights.uni: weights 'hf': use 'hub'"):
         weights_for("uni", {"uni": "hf"})
     assert create_encoder("test_vit_tiny16", weights={"default": "hub", "test_vit_tiny16": "random"}).weights.kind == "random"

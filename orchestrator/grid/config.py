@@ -213,9 +213,10 @@ class SweepConfig(_Strict):
 
     def weights_of(self, encoder: str) -> str:
         """The weights spec of one encoder (`weights` itself, or its entry / `default` in a mapping)."""
+        from tasks.encoders import list_encoders
         from tasks.weights import weights_for
 
-        return weights_for(encoder, self.weights)
+        return weights_for(encoder, self.weights, list_encoders())
 
     @field_validator("output")
     @classmethod

@@ -72,7 +72,7 @@ def create_encoder(name: str, weights: str | dict[str, str] = "random",
                    device: str | torch.device = "auto") -> FrozenEncoder:
     """A frozen encoder in eval mode. `weights`: random | hub | file:PATH, or a mapping
     {default: ..., <encoder>: ...} (tasks.weights)."""
-    return build_encoder(get_encoder_spec(name), weights_for(name, weights), device)
+    return build_encoder(get_encoder_spec(name), weights_for(name, weights, ENCODERS), device)
 
 
 def _gflops_or_none(spec: EncoderSpec, resolution: int) -> float | None:
