@@ -34,7 +34,8 @@ from analysis.bootstrap import (
 from analysis.casemetrics import aligned_case_values, case_mean, case_metric, is_per_case_table
 from analysis.metric_table import higher_is_better, margin_for
 from analysis.points import MAIN_METRICS, metric_order
-from analysis.verdict import CI_LEVEL, CurveVerdict, judge_curves
+from analysis.verdict import judge_curves
+from analysis.verdict_model import CI_LEVEL, CurveVerdict
 
 AXES = ("params", "resolution", "gflops")
 AXIS_LABELS = {"params": "parameters", "resolution": "input resolution", "gflops": "inference GFLOPs"}

@@ -30,7 +30,9 @@ import pandas as pd
 from analysis.bootstrap import CurveReplicates, means_only
 from analysis.curves import CurveKey, cell_intervals, make_group, margin_for
 from analysis.points import aggregate, higher_is_better, is_performance_metric, plotted_metrics
-from analysis.verdict import CI_LEVEL, judge_curves, verdict_row
+from analysis.verdict import judge_curves
+from analysis.verdict_model import CI_LEVEL
+from analysis.verdict_text import verdict_row
 
 SIZE_COLUMNS = ("train_fraction", "train_shots", "n_train")
 

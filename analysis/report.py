@@ -26,7 +26,7 @@ from analysis.tables import (  # noqa: F401  (rank_marks: part of this module's 
     reference_table,
     verdict_table,
 )
-from analysis.verdict import VERDICTS
+from analysis.verdict_model import VERDICTS
 from tasks.errors import ConfigError
 
 

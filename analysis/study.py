@@ -26,7 +26,8 @@ from analysis.families import with_family
 from analysis.fits import fit_rows
 from analysis.metric_table import is_overlap
 from analysis.points import aggregate, is_performance_metric, metric_order, plotted_metrics
-from analysis.verdict import ROW_COLUMNS, CurveVerdict, verdict_row
+from analysis.verdict_model import CurveVerdict
+from analysis.verdict_text import ROW_COLUMNS, verdict_row
 
 KEY_COLUMNS = ["dataset", "protocol", "metric", "weights", "axis", "fixed"]
 CELL_COLUMNS = ["dataset", "protocol", "encoder", "weights", "resolution"]

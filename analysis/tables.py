@@ -17,7 +17,8 @@ from analysis.document import Cell
 from analysis.plots import metric_label
 from analysis.points import higher_is_better, model_label
 from analysis.study import Study
-from analysis.verdict import CurveVerdict, Effect, format_x
+from analysis.verdict_model import CurveVerdict, Effect
+from analysis.verdict_text import format_x
 
 DIGITS = 4  # as in the paper's tables
 MISSING = "–"

@@ -45,106 +45,37 @@ A 2-point curve is a comparison: only ``scales``, ``inverse``, ``flat`` (or ``no
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 
 from analysis.bootstrap import CurveReplicates
-from analysis.fits import (
+from analysis.fits import fit_curve
+from analysis.forms import (
     DECREASING,
     INCREASING,
     PARAM_NAMES,
-    CurveFit,
     dense_x,
-    fit_curve,
     fit_forms,
     monotonicity,
     quadratic_peak,
 )
 from analysis.nulls import CORRECTIONS, contrast, holm, interval, isotonic_p, p_greater
 from analysis.nulls import cone_projection as _cone_projection
+from analysis.verdict_model import (
+    CI_LEVEL,
+    CORRECTION,
+    MIN_EFFECT,
+    MIN_POINTS,
+    SHAPE_REPLICATES,
+    VAR_SOURCES,
+    VERDICTS,
+    CurveVerdict,
+    Effect,
+)
+from analysis.verdict_text import _decide, verdict_row
 
-ALPHA = 0.05
-CI_LEVEL = 0.95
-MIN_EFFECT = 0.005
-MIN_POINTS = 2
-CORRECTION = "bh"
-SHAPE_REPLICATES = 400
-VAR_SOURCES = ("cases", "seeds")  # always-present columns of the variance split
-VERDICTS = ("scales", "saturates", "peaks", "inverse", "mixed", "flat", "noisy", "degenerate")
-DIRECTIONAL = ("scales", "saturates", "peaks", "inverse", "mixed")
 __all__ = ["holm", "analyse_curve", "judge_curves", "verdict_row", "monotone_distance", "VERDICTS"]
-
-
-@dataclass(frozen=True)
-class Effect:
-    """A contrast between curve points with its CI (lo == hi == estimate when there is no CI)."""
-
-    estimate: float
-    lo: float
-    hi: float
-    p_up: float = float("nan")  # one-sided p of "> 0"
-
-    def classify(self, margin: float) -> str:
-        if -margin < self.lo and self.hi < margin:
-            return "negligible"
-        if self.lo > 0:
-            return "up"
-        if self.hi < 0:
-            return "down"
-        return "unclear"
-
-
-NAN_EFFECT = Effect(float("nan"), float("nan"), float("nan"))
-
-
-@dataclass
-class CurveVerdict:
-    """Everything said about one curve; ``verdict``/``reason`` follow the module's rules."""
-
-    verdict: str
-    reason: str
-    no_ci: bool
-    method: str  # how the replicates were made: "cases+seeds", "seeds", "seeds-parametric", "printed-sd", "none"
-    x: np.ndarray
-    estimate: np.ndarray
-    ci: tuple[np.ndarray, np.ndarray]
-    fit: CurveFit
-    gain_total: Effect = NAN_EFFECT
-    gain_top: Effect = NAN_EFFECT
-    rise_to_best: Effect = NAN_EFFECT
-    drop_after_best: Effect = NAN_EFFECT
-    max_drop: float = float("nan")
-    slope_top: Effect = NAN_EFFECT  # fitted gain per doubling of x at the top
-    claim: str = ""  # the shape the estimates show (module docstring), "" for none
-    p_claim: float = float("nan")
-    p_adj: float = float("nan")
-    flat_ok: bool = False  # every pairwise difference's CI inside +-m
-    margin: float = MIN_EFFECT
-    var_split: dict[str, float] = field(default_factory=dict)  # share of the shape's variance per source
-    p_increasing: float = float("nan")
-    p_decreasing: float = float("nan")
-    p_best_largest: float = float("nan")
-    peak_x: float = float("nan")
-    peak_ci: tuple[float, float] = (float("nan"), float("nan"))
-    vertex_x: float = float("nan")
-    vertex_ci: tuple[float, float] = (float("nan"), float("nan"))
-    form_share: dict[str, float] = field(default_factory=dict)
-    param_ci: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
-    iso_stat: float = float("nan")
-    iso_p: float = float("nan")
-    iso_p_adj: float = float("nan")  # the corrected p of the claim (kept under its old name)
-
-    @property
-    def kind(self) -> str:
-        """"degenerate", "ordering" (no intervals) or "ci"."""
-        if self.verdict == "degenerate":
-            return "degenerate"
-        return "ordering" if self.no_ci else "ci"
-
-    @property
-    def label(self) -> str:
-        return f"order: {self.verdict}" if self.kind == "ordering" else self.verdict
 
 
 def monotone_distance(Y: np.ndarray, cov: np.ndarray) -> np.ndarray:
@@ -265,63 +196,6 @@ def _claim(v: CurveVerdict, m: float) -> None:
         v.claim, v.p_claim = "", float("nan")
 
 
-SENTENCES = {
-    "peaks": "rises to an interior best at x={x}, then falls",
-    "inverse": "larger x is worse (smaller is better)",
-    "saturates": "gains overall; another doubling of x gains less than the margin at the top",
-    "scales": "gains overall and still gains at the top (fitted gain per doubling > 0)",
-    "mixed": "falls by more than the margin somewhere, without a single interior best",
-    "flat": "every change within +-{m:g}",
-}
-
-
-def _size(v: CurveVerdict, label: str) -> str:
-    """The effect behind a label, in metric units and margins: '(G -0.035 = 7.0 margins)'."""
-    m = v.margin
-
-    def e(name: str, val: float) -> str:
-        return f"{name} {val:+.4g} = {abs(val) / m:.1f} margins"
-    if label == "peaks":
-        return f" ({e('rise', v.rise_to_best.estimate)}, {e('then', v.drop_after_best.estimate)})"
-    if label in ("scales", "inverse"):
-        return f" ({e('total', v.gain_total.estimate)})"
-    if label == "saturates":
-        return f" ({e('total', v.gain_total.estimate)}; {e('per doubling at the top', v.slope_top.estimate)})"
-    if label == "mixed":
-        return f" (largest fall {v.max_drop:.4g} = {v.max_drop / m:.1f} margins)"
-    return ""
-
-
-def _decide(v: CurveVerdict, p_adj: float) -> CurveVerdict:
-    """Apply the module's rules with the corrected p-value ``p_adj`` of the curve's claim."""
-    v.p_adj = v.iso_p_adj = p_adj
-    n, m = v.x.size, v.margin
-    two = "2-point comparison: " if n == 2 else ""
-    if n < MIN_POINTS:
-        v.verdict, v.reason = "noisy", f"{n} point(s): nothing to compare"
-        return v
-    where = format_x(v.x[int(np.argmax(v.estimate[:-1]))]) if n >= 3 else ""
-    if v.no_ci:
-        label = v.claim or ("flat" if v.flat_ok else "mixed")
-        v.verdict = label
-        v.reason = two + SENTENCES[label].format(x=where, m=m) + _size(v, label) + " [ordering, no CI]"
-        return v
-    if v.claim and np.isfinite(p_adj) and p_adj < ALPHA:
-        v.verdict = v.claim
-        v.reason = two + SENTENCES[v.claim].format(x=where, m=m) + _size(v, v.claim) + f", corrected p {_p(p_adj)}"
-    elif v.flat_ok:
-        v.verdict, v.reason = "flat", two + SENTENCES["flat"].format(m=m) + " (95% CIs)"
-    elif v.claim:
-        v.verdict, v.reason = "noisy", f"{two}looks like '{v.claim}' but corrected p {_p(p_adj)} >= {ALPHA:g}"
-    else:
-        v.verdict, v.reason = "noisy", f"{two}CIs too wide to say (total gain {v.gain_total.classify(m)})"
-    return v
-
-
-def _p(p: float) -> str:
-    return "nan" if not np.isfinite(p) else (f"{p:.1e}" if p < 0.001 else f"{p:.3f}")
-
-
 def _replicate_shape(v: CurveVerdict, reps: np.ndarray, sigma, level: float) -> None:
     """Refit every form in every replicate: shape probabilities, peak CI, parameter CIs."""
     x = v.x
@@ -352,15 +226,6 @@ def _replicate_shape(v: CurveVerdict, reps: np.ndarray, sigma, level: float) -> 
     if "quadratic" in batch:
         vertex = quadratic_peak(batch["quadratic"].params, x[0], x[-1])
         v.vertex_ci = tuple(map(float, np.percentile(vertex, q)))
-
-
-def format_x(x: float) -> str:
-    """An x-value for people: parameter counts as 85.6M, others as %g (224, 12.5)."""
-    x = float(x)
-    for scale, suffix in ((1e9, "B"), (1e6, "M")):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{suffix}"
-    return f"{x:g}"
 
 
 def judge_curves(curves: Mapping | Sequence[CurveReplicates], *, level: float = CI_LEVEL,
@@ -394,27 +259,3 @@ def judge_curves(curves: Mapping | Sequence[CurveReplicates], *, level: float = 
     out = [_decide(replace(s), float(a) if f else float("nan")) if f else s
            for s, a, f in zip(stats_, adj, fam, strict=True)]
     return dict(zip(keys, out, strict=True)) if isinstance(curves, Mapping) else out
-
-
-ROW_COLUMNS = ["verdict", "kind", "label", "reason", "no_ci", "method", "n_points", "claim", "p_claim", "p_adj",
-               "selected_form", "p_increasing", "p_decreasing", "p_best_largest", "peak_x", "peak_lo", "peak_hi",
-               "vertex_x", "vertex_lo", "vertex_hi", "iso_stat", "iso_p", "max_drop",
-               *[f"var_share_{k}" for k in VAR_SOURCES],
-               *[f"{n}{s}" for n in ("gain_total", "gain_top", "rise_to_best", "drop_after_best", "slope_top")
-                 for s in ("", "_lo", "_hi")]]
-
-
-def verdict_row(v: CurveVerdict) -> dict:
-    """The verdict as one flat row (for the report's verdict table and CSV)."""
-    row = {"verdict": v.verdict, "kind": v.kind, "label": v.label, "reason": v.reason, "no_ci": v.no_ci,
-           "method": v.method, "n_points": v.x.size, "claim": v.claim, "p_claim": v.p_claim, "p_adj": v.p_adj,
-           "selected_form": v.fit.selected, "p_increasing": v.p_increasing, "p_decreasing": v.p_decreasing,
-           "p_best_largest": v.p_best_largest, "peak_x": v.peak_x, "peak_lo": v.peak_ci[0], "peak_hi": v.peak_ci[1],
-           "vertex_x": v.vertex_x, "vertex_lo": v.vertex_ci[0], "vertex_hi": v.vertex_ci[1],
-           "iso_stat": v.iso_stat, "iso_p": v.iso_p, "max_drop": v.max_drop,
-           **{f"var_share_{k}": v.var_split.get(k, float("nan")) for k in VAR_SOURCES},
-           **{f"var_share_{k}": s for k, s in v.var_split.items() if k not in VAR_SOURCES}}
-    for name in ("gain_total", "gain_top", "rise_to_best", "drop_after_best", "slope_top"):
-        e = getattr(v, name)
-        row |= {name: e.estimate, f"{name}_lo": e.lo, f"{name}_hi": e.hi}
-    return row

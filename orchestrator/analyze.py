@@ -103,7 +103,7 @@ def _log(tracking_uri: str, df, out_dir: Path, result: dict, n_boot: int, seed: 
     sources = df.assign(run_id=_mlflow_runs(df))[["experiment", "experiment_id", "run_id"]]
     sources = sources.drop_duplicates().sort_values(["experiment", "run_id"])
     sources.to_csv(out_dir / "sources.csv", index=False)  # the full list of runs read, beside the report
-    from analysis.verdict import VERDICTS
+    from analysis.verdict_model import VERDICTS
 
     verdicts = [v for v in result["study"].verdicts.values()]
     ci = [v.verdict for v in verdicts if v.kind == "ci"]

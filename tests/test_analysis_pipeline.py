@@ -23,7 +23,8 @@ from analysis.curves import margin_for
 from analysis.figures import DPI, MAX_ROWS, forest_size, grid_size, pareto_front
 from analysis.points import higher_is_better
 from analysis.reference import load_reference
-from analysis.verdict import VERDICTS, analyse_curve, judge_curves
+from analysis.verdict import analyse_curve, judge_curves
+from analysis.verdict_model import VERDICTS
 from tasks.metrics import classification_metrics
 from tests.test_analysis import ENCODERS, make_points
 from tests.test_fits import seed_curve

@@ -24,9 +24,12 @@ from analysis.bootstrap import (
     means_only,
     per_replicate,
 )
-from analysis.fits import fit_curve, fit_forms, fit_rows
+from analysis.fits import fit_curve, fit_rows
+from analysis.forms import fit_forms
 from analysis.nulls import bh
-from analysis.verdict import VERDICTS, analyse_curve, holm, judge_curves, monotone_distance, verdict_row
+from analysis.verdict import analyse_curve, holm, judge_curves, monotone_distance
+from analysis.verdict_model import VERDICTS
+from analysis.verdict_text import verdict_row
 
 RES = np.array([224, 256, 384, 512, 768, 1024.0])
 PARAMS_M = np.array([21, 86, 300, 840, 6700.0])  # DINOv3 S, B, L, H+, 7B (millions)
@@ -344,7 +347,7 @@ def test_paper_sized_study_finds_peaks_and_power_laws_and_holds_flat_curves():
     sd 0.003) is called `peaks` on >= 90% of its curves, flat truth gets a directional verdict on
     <= 5%, a power law `scales` or `saturates` on >= 80%."""
     from analysis.study import build_study
-    from analysis.verdict import DIRECTIONAL
+    from analysis.verdict_model import DIRECTIONAL
 
     df, truth = paper_grid(seed=0)
     t0 = time.perf_counter()
