@@ -17,11 +17,25 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = "test_vit_tiny16"
 
 
+# Tests that need no Ray but take tens of seconds: a CLI sweep in a subprocess (its own Ray), a
+# decoder trained to a learning threshold, a paper-sized bootstrap, a hub download faked in a
+# subprocess. `make test-fast` leaves them out with the Ray tests; `make test` runs them all.
+SLOW_FILES = ("test_seg3d_learn.py", "test_analysis_pipeline.py")
+SLOW_TESTS = ("test_a_broken_dataset_root_exits_nonzero_and_names_the_failed_cells",
+              "test_a_500_cell_resume_searches_the_experiment_once",
+              "test_paper_sized_study_finds_peaks_and_power_laws_and_holds_flat_curves",
+              "test_family_hub_weights_load_offline_and_gated_ones_say_how_to_get_them",
+              "test_hub_weights_load_offline_from_the_cache_and_never_fall_back",
+              "test_decoder_beats_linear_on_context_endovis",
+              "test_plan_counts_encoder_work_once_per_group")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test that needs a Ray cluster is `slow` (a marker `make test-fast` leaves out): the
-    inner loop runs the pure logic, the contracts and the file formats, not the sweeps."""
+    """Every test that needs a Ray cluster is `slow` (a marker `make test-fast` leaves out), and so
+    are the few above: the inner loop runs the pure logic, the contracts and the file formats."""
     for item in items:
-        if "ray_session" in getattr(item, "fixturenames", ()):
+        if ("ray_session" in getattr(item, "fixturenames", ()) or item.path.name in SLOW_FILES
+                or item.originalname in SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
 
 
