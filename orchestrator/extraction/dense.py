@@ -136,10 +136,11 @@ class DenseEncoderUDF(EncoderUDF):
     fp16 maps as its own `.npy` file under `out_dir` and returns one small row per case."""
 
     def __init__(self, encoder: str, weights: str, expected_digest: str, layers: str, out_uri: str,
-                 precision: str, torch_threads: int | None = None, batch_size: int = 32):
+                 precision: str, torch_threads: int | None = None, batch_size: int = 32, compile: bool = False):
         # EncoderUDF loads the weights, checks their digest and the planned precision (the key must
-        # describe the numbers).
-        super().__init__(encoder, weights, "auto", expected_digest, torch_threads, expected_precision=precision)
+        # describe the numbers), holds bf16 weights and compiles when planned.
+        super().__init__(encoder, weights, "auto", expected_digest, torch_threads, expected_precision=precision,
+                         compile=compile, batch_size=batch_size, chunks=1)
         self.layers = [int(i) for i in layers.split(",")] if layers else None
         self.fs, self.out = storage.split_uri(out_uri)
         self.batch_size = batch_size
@@ -152,7 +153,7 @@ class DenseEncoderUDF(EncoderUDF):
         for cid, err in zip(batch["case_id"], batch["error"], strict=True):
             cid, f, shape = str(cid), "", (0, 0, 0, 0)
             if not err:
-                arr = next(maps).numpy().astype(FEATURE_DTYPE)
+                arr = np.asarray(next(maps).numpy(), dtype=FEATURE_DTYPE)  # fp16 already: no copy
                 f, shape = case_file(cid), arr.shape
                 buf = io.BytesIO()
                 np.save(buf, arr, allow_pickle=False)
@@ -171,9 +172,10 @@ class DenseEncoderUDF(EncoderUDF):
         if not cases:
             return []
         flat = np.concatenate([px.reshape(-1, *px.shape[2:]) for _, px in cases])  # (sum M*S, 3, r, r)
-        out = torch.cat([self.encoder.dense(torch.from_numpy(np.ascontiguousarray(flat[i:i + self.batch_size])),
-                                            layers=self.layers).cpu()
-                         for i in range(0, len(flat), self.batch_size)])
+        # fp16 on the device, copied out into pinned buffers while the next batch runs.
+        chunks = (flat[i:i + self.batch_size] for i in range(0, len(flat), self.batch_size))
+        parts = list(self.encoder.dense_stream(chunks, layers=self.layers, dtype=torch.float16))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
         maps, at = [], 0
         for _, px in cases:
             m, s = px.shape[:2]

@@ -112,6 +112,15 @@ class Grid(_Strict):
         return v
 
 
+# resources.extract_batch_size auto (docs/gpu.md): CPU actors keep the batch that was always used;
+# GPU actors take the largest power of two up to 256 (past it the H200 gained <5%) whose bf16
+# activations fit: tokens x width x 2 bytes x ACTIVATION_FACTOR per image, a bound on the tensors
+# live in a ViT block (qkv, the 4x MLP hidden, residuals) with room for compiled workspaces.
+AUTO_CPU_BATCH = 32
+AUTO_MAX_BATCH = 256
+ACTIVATION_FACTOR = 24
+
+
 class Resources(_Strict):
     """What each piece of work asks Ray for. GPU requests apply only where the cluster has GPUs."""
 
@@ -121,7 +130,12 @@ class Resources(_Strict):
         description="GPU share of one cell by encoder size: a number, or {lowest resolution: share}")
     extract_gpus: float = Field(default=1.0, ge=0, description="whole GPUs per encoder actor (0: CPU)")
     extract_actors: int | None = Field(default=None, ge=1, description="default: one per GPU, else 1")
-    extract_batch_size: int = Field(default=32, ge=1)
+    extract_batch_size: int | Literal["auto"] = Field(
+        default="auto", description="images per encoder batch; auto: the largest that fits extract_memory_gb "
+                                    "per (encoder, resolution) on GPU actors, 32 on CPU")
+    extract_memory_gb: float = Field(default=40.0, gt=0, description="device memory an encoder actor's batch may fill")
+    compile: Literal["auto", "off"] = Field(
+        default="auto", description="auto: torch.compile the encoder forward on GPU actors (bf16); off: eager")
     precision: Literal["auto", "fp32"] = Field(
         default="auto", description="encoder precision: auto = bf16 autocast on GPUs, fp32 on CPU; fp32 everywhere")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU encoder threads")
@@ -161,6 +175,33 @@ class Resources(_Strict):
         if v != int(v):
             raise ValueError(f"encoder actors take whole GPUs (0, 1, 2, ...), got {v}")
         return v
+
+    @field_validator("extract_batch_size")
+    @classmethod
+    def _positive_batch(cls, v: int | str) -> int | str:
+        if v != "auto" and int(v) < 1:
+            raise ValueError(f"extract_batch_size must be >= 1 or auto, got {v}")
+        return v
+
+    def extract_batch(self, encoder: str, resolution: int, gpu: bool) -> int:
+        """Images per encoder batch for one (encoder, resolution): the configured number, or with
+        `auto` the largest power of two <= 256 whose activations fit `extract_memory_gb` on a GPU
+        actor (docs/gpu.md), 32 on CPU."""
+        if self.extract_batch_size != "auto":
+            return int(self.extract_batch_size)
+        if not gpu:
+            return AUTO_CPU_BATCH
+        from tasks.encoders import get_encoder_spec
+
+        spec = get_encoder_spec(encoder)
+        if spec.arch == "vit":
+            tokens, width = (resolution // spec.patch_size) ** 2 + spec.prefix_tokens, spec.embed_dim
+        else:  # a convnet's largest activations: stride 4, an eighth of its final width
+            tokens, width = (resolution // 4) ** 2, max(1, spec.embed_dim // 8)
+        per_image = tokens * width * 2 * ACTIVATION_FACTOR
+        free = self.extract_memory_gb * 1e9 - spec.params * 2  # bf16 weights
+        n = max(1, int(free // per_image))
+        return max(1, min(AUTO_MAX_BATCH, 1 << (n.bit_length() - 1)))
 
     def cell_gpu_share(self, size: str, resolution: int) -> float:
         """The GPU share a cell of this encoder size and resolution asks for."""

@@ -213,6 +213,7 @@ def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, An
 
     enc, res, ds = ext
     spec = get_encoder_spec(enc)
+    batch = cfg.resources.extract_batch(enc, res, get_accelerator(accelerator).gpu)
     counts = gathered["counts"][ds]
     cached, meta = gathered["cached"].get(ext, ("unknown", {}))
     dim = _dim(enc, spec.default_pooling if cfg.pooling == "auto" else cfg.pooling)
@@ -224,7 +225,7 @@ def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, An
         tiles = meta.get("n_tiles")
         items = int(sum(tiles.values())) if isinstance(tiles, dict) else None
         item, feature = "tile", "bags"
-        nbytes = pooled_bytes({"all": items}, dim, batch_size=cfg.resources.extract_batch_size) if items else None
+        nbytes = pooled_bytes({"all": items}, dim, batch_size=batch) if items else None
         note = f"{_n_or(n_cases)} slides; tiles are counted once tiled (a cached entry)" if items is None else ""
         rows: tuple[int | None, int | None] = (items, dim * 4)
     elif _families(cfg, cells, ext) & set(DENSE_FAMILIES):
@@ -241,7 +242,7 @@ def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, An
         item, feature = ("slice" if kind == "volume" else "image"), "pooled"
         items = (counts.slices if kind == "volume" else n_cases) if known else None
         nbytes = (pooled_bytes(counts.cases, dim, counts.id_bytes, counts.n_classes,
-                               cfg.resources.extract_batch_size) if known else None)
+                               batch) if known else None)
         rows = (n_cases, dim * 4)
     gf = float(spec.gflops(res))
     rate, source = items_per_second(accelerator, enc, res, gf)

@@ -28,6 +28,10 @@ class Accelerator:
     utilisation: float = DEFAULT_UTILISATION
     note: str = ""
 
+    @property
+    def gpu(self) -> bool:
+        return not self.name.startswith("cpu")
+
 
 ACCELERATORS: dict[str, Accelerator] = {a.name: a for a in [
     Accelerator("H100", 989.0, 80.0, note="H100 SXM5 80 GB"),
