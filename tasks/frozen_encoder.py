@@ -113,9 +113,9 @@ class FrozenEncoder:
         if cfn is not None:
             return self._call_compiled(cfn, padded)[:n]
         mode = "reduce-overhead" if self.device.type == "cuda" and self.compile_backend == "inductor" else None
-        cfn = torch.compile(fn, mode=mode, dynamic=False, backend=self.compile_backend)
         t0 = time.perf_counter()
         try:
+            cfn = torch.compile(fn, mode=mode, dynamic=False, backend=self.compile_backend)
             out = self._call_compiled(cfn, padded)
             self._call_compiled(cfn, padded)  # CUDA graphs record on the 2nd call: part of compiling
             out = self._call_compiled(cfn, padded)
