@@ -33,7 +33,11 @@ from orchestrator.plan.model import (
     ExtractionPlan,
     Plan,
 )
-from orchestrator.plan.throughput import get_accelerator, items_per_second
+from orchestrator.plan.throughput import UTIL_FIT, bounded_rate, get_accelerator, items_per_second
+
+# Published dataset sizes (images), used to plan before a download (`medscale plan` without data):
+# NIH ChestX-ray14 112,120 frontal films; RSNA Pneumonia (stage 2 train) 26,684.
+PUBLISHED_SIZES: dict[str, int] = {"nih14": 112_120, "rsna_pneumonia": 26_684}
 
 
 def count_items(cfg: SweepConfig, name: str) -> Counts | str:
@@ -201,7 +205,9 @@ def build_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], gat
         "cache_bytes": sum(e.cache_bytes or 0 for e in exps), "cache_bytes_new": new_bytes,
         "free_bytes": free,
     }
-    return Plan(cfg.name, acc.name, acc.utilisation, exps, cell_plans, dict(skipped), totals, warnings)
+    a, b = UTIL_FIT
+    util: float | str = acc.utilisation if acc.utilisation is not None else f"{a:.3f} + {b:.3f} ln(GFLOPs/item)"
+    return Plan(cfg.name, acc.name, util, exps, cell_plans, dict(skipped), totals, warnings)
 
 
 def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, Any], accelerator: str,
@@ -221,6 +227,12 @@ def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, An
     kind = counts.kind if known else "image"
     n_cases = sum(counts.cases.values()) if known else None
     note = counts.note if known else ""
+    published = None if known else PUBLISHED_SIZES.get(ds)
+    if published is not None:  # no data on disk: plan with the dataset's published size, marked so
+        from orchestrator.plan.model import Counts
+
+        counts, known, n_cases = Counts("image", {"all": published}), True, published
+        note = f"published size ({published:,} images; no data on disk)"
     if kind == "slide":
         tiles = meta.get("n_tiles")
         items = int(sum(tiles.values())) if isinstance(tiles, dict) else None
@@ -246,9 +258,11 @@ def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, An
         rows = (n_cases, dim * 4)
     gf = float(spec.gflops(res))
     rate, source = items_per_second(accelerator, enc, res, gf)
+    per_item = nbytes / items if feature == "dense" and nbytes and items else None
+    rate, bound = bounded_rate(accelerator, rate, res, per_item)
     hours = items / rate / 3600 if items is not None else None
     return ExtractionPlan(enc, res, ds, item, feature, items, n_cases, gf, nbytes, cached, rate, source, hours,
-                          note), rows
+                          note, bound=bound), rows
 
 
 def _plan_cells(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, Any],
