@@ -33,11 +33,13 @@ def prepare_slices(images: np.ndarray, resolution: int, interpolation: str = "bi
 
 def encode_prepared(encoder: Any, pixels: np.ndarray, layers: Sequence[int] | None = None,
                     batch_size: int = 16) -> torch.Tensor:
-    """uint8 (M, S, 3, r, r) -> float32 (S, M*C, r/p, r/p): modalities concatenated on channels (each
-    modality a grey image through the same encoder, the paper's handling of multi-modal MRI)."""
+    """uint8 (M, S, 3, r, r) -> float32 (S, M*C, r/p, r/p) on the encoder's device: modalities
+    concatenated on channels (each modality a grey image through the same encoder, the paper's
+    handling of multi-modal MRI). The maps stay where they were computed: a head on the same GPU
+    takes them without a round trip through host memory."""
     m, s = pixels.shape[:2]
     flat = pixels.reshape(m * s, *pixels.shape[2:])
-    maps = [encoder.dense(torch.from_numpy(np.ascontiguousarray(flat[i:i + batch_size])), layers=layers).cpu()
+    maps = [encoder.dense(torch.from_numpy(np.ascontiguousarray(flat[i:i + batch_size])), layers=layers)
             for i in range(0, len(flat), batch_size)]
     f = torch.cat(maps, dim=0)  # (M*S, C, h, w)
     c, h, w = f.shape[1:]
@@ -46,7 +48,7 @@ def encode_prepared(encoder: Any, pixels: np.ndarray, layers: Sequence[int] | No
 
 def encode_sample(encoder: Any, sample: Sample, resolution: int, layers: Sequence[int] | None = None,
                   interpolation: str | None = None, batch_size: int = 16) -> torch.Tensor:
-    """A Sample's patch-token maps, float32 (S, C, h, w)."""
+    """A Sample's patch-token maps, float32 (S, C, h, w), on the encoder's device."""
     interp = interpolation or getattr(encoder, "interpolation", "bicubic")
     return encode_prepared(encoder, prepare_slices(sample.images, resolution, interp), layers, batch_size)
 
@@ -89,7 +91,7 @@ class OnlineFeatures:
         if case_id in self._lru:
             self._lru.move_to_end(case_id)
             return self._lru[case_id]
-        f = self.encode(self.sample(case_id).images).numpy()
+        f = self.encode(self.sample(case_id).images).cpu().numpy()  # the FeatureSource contract: host arrays
         if self.keep:
             self._lru[case_id] = f
             while len(self._lru) > self.keep:

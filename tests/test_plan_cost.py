@@ -13,8 +13,15 @@ from mlflow.tracking import MlflowClient
 from orchestrator.grid.cells import plan_cells
 from orchestrator.grid.config import load_config, parse_config
 from orchestrator.plan.build import build_plan, gather, plan_sweep
-from orchestrator.plan.format import format_plan
-from orchestrator.plan.throughput import MEASURED, items_per_second
+from orchestrator.plan.throughput import (
+    H200_ACTOR,
+    MEASURED,
+    UTIL_FIT,
+    decode_rate,
+    fit_utilisation,
+    items_per_second,
+    utilisation,
+)
 from orchestrator.store.cache import FeatureCache
 from orchestrator.sweep.driver import run_sweep
 from tasks.encoders import ENCODERS
@@ -30,16 +37,36 @@ def test_plan_of_the_paper_grid_runs_without_data(tmp_path):
     plan = plan_sweep(cfg)
     # 360 grid points; kNN ignores the seed: one cell per (encoder, resolution, dataset), not five.
     assert len(plan.extractions) == 3 * 6 * 2 and cfg.n_cells() == 360 and len(plan.cells) == 36 * 5 + 36
-    assert all(e.items is None and e.cache_bytes is None and e.cached == "unknown" for e in plan.extractions)
+    # no data on disk: each dataset's published size, marked as such, so every row has hours
+    assert all(e.cached == "unknown" and e.device_hours is not None for e in plan.extractions)
+    assert {e.items for e in plan.extractions if e.dataset == "nih14"} == {112_120}
+    assert {e.items for e in plan.extractions if e.dataset == "rsna_pneumonia"} == {26_684}
+    assert all("published size" in e.note for e in plan.extractions)
     assert sum("item counts unknown" in w for w in plan.warnings) == 2
     # 384-1024 px are above DINOv3's 256 px pretraining input: one warning per encoder
     above = [w for w in plan.warnings if "pretraining resolution (256 px)" in w]
     assert len(above) == 3 and all("384, 512, 768, 1024 px" in w for w in above)
-    assert plan.totals["incomplete"] and "unknown" in format_plan(plan)
-    # GFLOPs per item are the registry's; the rate is an estimate at the stated utilisation
+    # GFLOPs per item are the registry's; on H100 (nothing measured) the utilisation is the fitted
+    # function of GFLOPs: larger encoders keep the chip busier
     e = next(e for e in plan.extractions if e.encoder == "dinov3_vitl16" and e.resolution == 512)
     assert e.gflops_per_item == pytest.approx(ENCODERS["dinov3_vitl16"].gflops(512))
-    assert e.throughput == "estimated" and e.items_per_s == pytest.approx(0.35 * 989e3 / e.gflops_per_item)
+    assert e.throughput == "estimated" and e.items_per_s == pytest.approx(utilisation(e.gflops_per_item) * 989e3
+                                                                          / e.gflops_per_item)
+    assert utilisation(9.4) < utilisation(125.7) < utilisation(4137)
+    # on H200 the S/B/L rows at 224/512/1024 px are measured; each row names its bound
+    h200 = plan_sweep(cfg, accelerator="H200")
+    for e in h200.extractions:
+        assert (e.throughput == "measured") == (e.resolution in (224, 512, 1024)), e
+        assert e.bound in ("gpu", "decode", "disk") and e.device_hours is not None
+    s224 = next(e for e in h200.extractions if e.encoder == "dinov3_vits16" and e.resolution == 224)
+    assert s224.bound == "decode" and s224.items_per_s == pytest.approx(decode_rate("H200", 224))
+
+
+def test_utilisation_fit_follows_the_measured_rows():
+    a, b = fit_utilisation(H200_ACTOR, 989.0)
+    assert (a, b) == pytest.approx(UTIL_FIT) and b > 0
+    for rate, gf in H200_ACTOR.values():  # one curve in GFLOPs misses resolution: ViT-S @ 512 is 39% off
+        assert utilisation(gf) * 989e3 / gf == pytest.approx(rate, rel=0.45)
 
 
 def test_plan_of_the_paper_grid_counts_a_synthetic_dataset_exactly(synth_roots, tmp_path):

@@ -16,33 +16,55 @@ import pyarrow as pa
 from orchestrator.extraction.weights import check_planned, usable_cpus
 from orchestrator.store.cache import CacheKey, FeatureCache
 
+# Pieces a GPU actor splits each batch into: one in flight while the next is copied in (docs/gpu.md).
+CUDA_CHUNKS = 4
+
 
 class EncoderUDF:
-    """Holds one frozen encoder per actor; turns pixel batches into an Arrow table of embeddings."""
+    """Holds one frozen encoder per actor; turns pixel batches into an Arrow table of embeddings.
+
+    With a planned bf16 precision the weights are held in bf16 (after the digest check: the digest
+    is the loaded state dict's). `compile` (resources.compile, planned on GPU actors only) compiles
+    the forward at a fixed batch of `batch_size / chunks`. On CUDA each batch is streamed in
+    `chunks` pieces, so the host's copy of one piece overlaps the forward of the previous one."""
 
     def __init__(self, encoder: str, weights: str, pooling: str, expected_digest: str,
-                 torch_threads: int | None = None, expected_precision: str | None = None):
+                 torch_threads: int | None = None, expected_precision: str | None = None,
+                 compile: bool = False, batch_size: int | None = None, chunks: int | None = None):
         import torch
 
         from tasks.encoders import create_encoder
 
         self.encoder = create_encoder(encoder, weights=weights)
-        if self.encoder.device.type == "cpu":
+        cuda = self.encoder.device.type == "cuda"
+        if not cuda:
             # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1); an encoder on CPU
             # should use the machine's cores unless told otherwise.
             torch.set_num_threads(torch_threads or usable_cpus())
         check_planned(self.encoder, expected_digest, expected_precision)
+        if expected_precision == "bf16":
+            self.encoder.hold_bf16()
         self.pooling = pooling
+        self.chunks = max(1, chunks or (CUDA_CHUNKS if cuda else 1))
+        if compile and cuda and batch_size:
+            self.encoder.enable_compile(-(-batch_size // self.chunks))
+
+    def pieces(self, pixels: Any) -> list[Any]:
+        step = max(1, -(-len(pixels) // self.chunks))
+        return [pixels[i:i + step] for i in range(0, len(pixels), step)]
+
+    def embed(self, pixels: Any) -> np.ndarray:
+        return np.concatenate(list(self.encoder.embed_stream(self.pieces(pixels), self.pooling)))
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         # Rows that failed upstream carry their error and keep a zero embedding (never encoded).
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         if ok.all():
-            emb = self.encoder.embed(batch["pixels"], pooling=self.pooling)
+            emb = self.embed(batch["pixels"])
         else:
             emb = np.zeros((len(ok), self.encoder.embedding_dim(self.pooling)), np.float32)
             if ok.any():
-                emb[ok] = self.encoder.embed(batch["pixels"][ok], pooling=self.pooling)
+                emb[ok] = self.embed(batch["pixels"][ok])
         return self.table(batch, emb)
 
     def table(self, batch: dict[str, Any], emb: np.ndarray) -> pa.Table:

@@ -26,6 +26,7 @@ class ExtractionJob:
     split_seed: int = 0
     options: str = "{}"  # the dataset's reading options (config.dataset_options), as sorted JSON
     precision: str = "fp32"  # what the encoder actors will run in (planned_precision); part of the keys
+    compile: bool = False  # torch.compile on the actors (planned_compile); part of the keys
 
     @property
     def label(self) -> str:
@@ -58,6 +59,7 @@ def cache_keys(job: ExtractionJob, weights_info: dict[str, str], fingerprint: st
             encoder=job.encoder, weights_kind=weights_info["kind"], weights_digest=weights_info["digest"],
             resolution=job.resolution, pooling=job.pooling, preprocess_version=preprocess_version,
             dataset=job.dataset, dataset_fingerprint=fingerprint, split=split, precision=job.precision,
+            compiled=job.compile,
         )
         for split in SPLITS
     }

@@ -16,7 +16,7 @@ from orchestrator.console.progress import Progress, watch_output
 from orchestrator.extraction.images import commit_splits, index_rows, pool_volumes
 from orchestrator.extraction.jobs import SPLITS, ExtractionJob, ExtractResult, cache_keys, extract_line
 from orchestrator.extraction.runs import extract_bags, extract_dense, pool_size, report_failed
-from orchestrator.extraction.weights import DigestMemo, weights_info, weights_memo_key
+from orchestrator.extraction.weights import DigestMemo, planned_compile, weights_info, weights_memo_key
 from orchestrator.grid.cells import Cell
 from orchestrator.grid.config import SweepConfig
 from orchestrator.store.cache import FeatureCache
@@ -84,7 +84,7 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
         bar = Progress(job.label, None if volumes else len(rows), "slices" if volumes else "images")
         with watch_output(cache.fs, out_dir, bar):
             run(rows, job, interpolation=info.get("interpolation", "bicubic"), expected_digest=info["digest"],
-                out_dir=out_dir, filesystem=cache.fs, batch_size=res.extract_batch_size, actors=actors,
+                out_dir=out_dir, filesystem=cache.fs, batch_size=res.extract_batch(job.encoder, job.resolution, gpus > 0), actors=actors,
                 gpus_per_actor=gpus, torch_threads=res.torch_threads)
         meta: dict[str, Any] = {"weights_source": info["source"], "rows_planned": len(rows)}
         failed = None
@@ -161,7 +161,8 @@ def plan_extractions(cfg: SweepConfig, cells: list[Cell], memo: DigestMemo, prec
             pooling = meta_enc.resolve_pooling(cfg.pooling)
             job = ExtractionJob(enc, cfg.weights_of(enc), res, pooling, ds_name, str(cfg.data_root(ds_name)),
                                 cfg.val_fraction, cfg.split_seed,
-                                json.dumps(cfg.options_for(ds_name), sort_keys=True), precision)
+                                json.dumps(cfg.options_for(ds_name), sort_keys=True), precision,
+                                compile=planned_compile(precision, cfg.resources.compile))
             plan.memo_keys[(enc, res, ds_name)] = weights_memo_key(enc, cfg.weights_of(enc))
             plan.results[(enc, res, ds_name)] = plan_one(job, memo, cfg, dataset, fingerprint)
             plan.info[(enc, res, ds_name)] = (fingerprint, {**meta_enc.preprocess_info(), "pooling": pooling,

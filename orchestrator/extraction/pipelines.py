@@ -37,7 +37,7 @@ def _encode(udf: type, job: ExtractionJob, *, expected_digest: str, batch_size: 
     """The encoder actor pool's step: one frozen encoder per actor."""
     return Step(udf, {"encoder": job.encoder, "weights": job.weights, "pooling": job.pooling,
                       "expected_digest": expected_digest, "torch_threads": torch_threads,
-                      "expected_precision": job.precision},
+                      "expected_precision": job.precision, "compile": job.compile, "batch_size": batch_size},
                 batch_size=batch_size, actors=actors, num_gpus=gpus_per_actor)
 
 
@@ -98,6 +98,6 @@ def run_dense_pipeline(rows: list[dict[str, Any]], *, dataset: str, job: Extract
     encode = Step(DenseEncoderUDF, {"encoder": job.encoder, "weights": job.weights,
                                     "expected_digest": expected_digest, "layers": layers, "out_uri": out_uri,
                                     "precision": precision, "torch_threads": torch_threads,
-                                    "batch_size": batch_size},
+                                    "batch_size": batch_size, "compile": job.compile},
                   batch_size=cases_per_batch, actors=actors, num_gpus=gpus_per_actor)
     return ray_backend.run_dataset(rows, [decode, encode], blocks=len(rows) // cases_per_batch)

@@ -64,7 +64,9 @@ def extract_bags(job: ExtractionJob, cache: FeatureCache, cfg: SweepConfig, n_gp
             pipelines.run_slide_pipeline(
                 rows, job, tiling=json.dumps(tiling, sort_keys=True), coords_uri=result.coords_uri,
                 interpolation=result.interpolation, expected_digest=result.weights_digest, out_dir=scratch,
-                filesystem=cache.fs, batch_size=cfg.resources.extract_batch_size, actors=result.actors,
+                filesystem=cache.fs, batch_size=cfg.resources.extract_batch(job.encoder, job.resolution,
+                                                                             result.gpus_per_actor > 0),
+                actors=result.actors,
                 gpus_per_actor=result.gpus_per_actor, torch_threads=cfg.resources.torch_threads)
         n_tiles, failed = finish_bags(cache.fs, scratch)
         report_failed(failed, "slide")
@@ -126,6 +128,7 @@ def extract_dense(job: Any, cache: FeatureCache, cfg: Any, n_gpus: float, datase
         rows = [{"case_id": str(c)} for c in dataset.index()["case_id"]]
         out.actors, out.gpus_per_actor = pool_size(cfg, n_gpus)
         extract_line(job, "start", len(rows), 0.0, "cases")
+        batch = res.extract_batch(job.encoder, job.resolution, out.gpus_per_actor > 0)
         scratch = cache.scratch_dir()
         try:
             bar = Progress(job.label, len(rows), "cases")
@@ -133,8 +136,8 @@ def extract_dense(job: Any, cache: FeatureCache, cfg: Any, n_gpus: float, datase
                 index = pipelines.run_dense_pipeline(
                     rows, dataset=json.dumps(out.dataset_ref, sort_keys=True), job=job, layers=lk,
                     precision=precision, interpolation=result.interpolation, expected_digest=result.weights_digest,
-                    out_uri=_uri(cache, scratch), batch_size=res.extract_batch_size,
-                    cases_per_batch=max(1, res.extract_batch_size * len(rows) // max(1, n_slices)),
+                    out_uri=_uri(cache, scratch), batch_size=batch,
+                    cases_per_batch=max(1, batch * len(rows) // max(1, n_slices)),
                     actors=out.actors, gpus_per_actor=out.gpus_per_actor, torch_threads=res.torch_threads)
             n, failed = commit_dense(cache, key, scratch, index, {
                 "weights_source": result.weights_source, "planned_bytes": choice.planned_bytes,

@@ -30,6 +30,13 @@ def planned_precision(n_gpus: float, extract_gpus: float, requested: str = "auto
     return "bf16" if n_gpus > 0 and extract_gpus > 0 else "fp32"
 
 
+def planned_compile(precision: str, requested: str = "auto") -> bool:
+    """Whether the encoder actors compile their forward (resources.compile): with "auto", when they
+    run bf16 on GPUs, where eager launch overhead leaves the chip idle (docs/gpu.md); never on CPU,
+    where compiling costs minutes and gains little."""
+    return requested == "auto" and precision == "bf16"
+
+
 def encoder_precision(encoder: Any) -> str:
     """The precision a loaded FrozenEncoder computes in (bf16 autocast on CUDA, else fp32)."""
     return "bf16" if getattr(encoder, "autocast", False) else "fp32"

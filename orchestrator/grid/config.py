@@ -121,7 +121,12 @@ class Resources(_Strict):
         description="GPU share of one cell by encoder size: a number, or {lowest resolution: share}")
     extract_gpus: float = Field(default=1.0, ge=0, description="whole GPUs per encoder actor (0: CPU)")
     extract_actors: int | None = Field(default=None, ge=1, description="default: one per GPU, else 1")
-    extract_batch_size: int = Field(default=32, ge=1)
+    extract_batch_size: int | Literal["auto"] = Field(
+        default="auto", description="images per encoder batch; auto: the largest that fits extract_memory_gb "
+                                    "per (encoder, resolution) on GPU actors, 32 on CPU")
+    extract_memory_gb: float = Field(default=40.0, gt=0, description="device memory an encoder actor's batch may fill")
+    compile: Literal["auto", "off"] = Field(
+        default="auto", description="auto: torch.compile the encoder forward on GPU actors (bf16); off: eager")
     precision: Literal["auto", "fp32"] = Field(
         default="auto", description="encoder precision: auto = bf16 autocast on GPUs, fp32 on CPU; fp32 everywhere")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU encoder threads")
@@ -161,6 +166,23 @@ class Resources(_Strict):
         if v != int(v):
             raise ValueError(f"encoder actors take whole GPUs (0, 1, 2, ...), got {v}")
         return v
+
+    @field_validator("extract_batch_size")
+    @classmethod
+    def _positive_batch(cls, v: int | str) -> int | str:
+        if v != "auto" and int(v) < 1:
+            raise ValueError(f"extract_batch_size must be >= 1 or auto, got {v}")
+        return v
+
+    def extract_batch(self, encoder: str, resolution: int, gpu: bool) -> int:
+        """Images per encoder batch for one (encoder, resolution): the configured number, or with
+        `auto` the largest power of two <= 256 whose activations fit `extract_memory_gb` on a GPU
+        actor (docs/gpu.md), 32 on CPU."""
+        if self.extract_batch_size != "auto":
+            return int(self.extract_batch_size)
+        from orchestrator.grid.batching import auto_batch
+
+        return auto_batch(encoder, resolution, gpu, self.extract_memory_gb)
 
     def cell_gpu_share(self, size: str, resolution: int) -> float:
         """The GPU share a cell of this encoder size and resolution asks for."""

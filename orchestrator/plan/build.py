@@ -33,7 +33,11 @@ from orchestrator.plan.model import (
     ExtractionPlan,
     Plan,
 )
-from orchestrator.plan.throughput import get_accelerator, items_per_second
+from orchestrator.plan.throughput import UTIL_FIT, bounded_rate, get_accelerator, items_per_second
+
+# Published dataset sizes (images), used to plan before a download (`medscale plan` without data):
+# NIH ChestX-ray14 112,120 frontal films; RSNA Pneumonia (stage 2 train) 26,684.
+PUBLISHED_SIZES: dict[str, int] = {"nih14": 112_120, "rsna_pneumonia": 26_684}
 
 
 def count_items(cfg: SweepConfig, name: str) -> Counts | str:
@@ -201,7 +205,9 @@ def build_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], gat
         "cache_bytes": sum(e.cache_bytes or 0 for e in exps), "cache_bytes_new": new_bytes,
         "free_bytes": free,
     }
-    return Plan(cfg.name, acc.name, acc.utilisation, exps, cell_plans, dict(skipped), totals, warnings)
+    a, b = UTIL_FIT
+    util: float | str = acc.utilisation if acc.utilisation is not None else f"{a:.3f} + {b:.3f} ln(GFLOPs/item)"
+    return Plan(cfg.name, acc.name, util, exps, cell_plans, dict(skipped), totals, warnings)
 
 
 def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, Any], accelerator: str,
@@ -213,6 +219,7 @@ def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, An
 
     enc, res, ds = ext
     spec = get_encoder_spec(enc)
+    batch = cfg.resources.extract_batch(enc, res, get_accelerator(accelerator).gpu)
     counts = gathered["counts"][ds]
     cached, meta = gathered["cached"].get(ext, ("unknown", {}))
     dim = _dim(enc, spec.default_pooling if cfg.pooling == "auto" else cfg.pooling)
@@ -220,11 +227,17 @@ def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, An
     kind = counts.kind if known else "image"
     n_cases = sum(counts.cases.values()) if known else None
     note = counts.note if known else ""
+    published = None if known else PUBLISHED_SIZES.get(ds)
+    if published is not None:  # no data on disk: plan with the dataset's published size, marked so
+        from orchestrator.plan.model import Counts
+
+        counts, known, n_cases = Counts("image", {"all": published}), True, published
+        note = f"published size ({published:,} images; no data on disk)"
     if kind == "slide":
         tiles = meta.get("n_tiles")
         items = int(sum(tiles.values())) if isinstance(tiles, dict) else None
         item, feature = "tile", "bags"
-        nbytes = pooled_bytes({"all": items}, dim, batch_size=cfg.resources.extract_batch_size) if items else None
+        nbytes = pooled_bytes({"all": items}, dim, batch_size=batch) if items else None
         note = f"{_n_or(n_cases)} slides; tiles are counted once tiled (a cached entry)" if items is None else ""
         rows: tuple[int | None, int | None] = (items, dim * 4)
     elif _families(cfg, cells, ext) & set(DENSE_FAMILIES):
@@ -241,13 +254,15 @@ def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, An
         item, feature = ("slice" if kind == "volume" else "image"), "pooled"
         items = (counts.slices if kind == "volume" else n_cases) if known else None
         nbytes = (pooled_bytes(counts.cases, dim, counts.id_bytes, counts.n_classes,
-                               cfg.resources.extract_batch_size) if known else None)
+                               batch) if known else None)
         rows = (n_cases, dim * 4)
     gf = float(spec.gflops(res))
     rate, source = items_per_second(accelerator, enc, res, gf)
+    per_item = nbytes / items if feature == "dense" and nbytes and items else None
+    rate, bound = bounded_rate(accelerator, rate, res, per_item)
     hours = items / rate / 3600 if items is not None else None
     return ExtractionPlan(enc, res, ds, item, feature, items, n_cases, gf, nbytes, cached, rate, source, hours,
-                          note), rows
+                          note, bound=bound), rows
 
 
 def _plan_cells(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, Any],

@@ -27,21 +27,25 @@ def _hours(h: float | None) -> str:
     return "unknown" if h is None else (f"{h:.2f} h" if h >= 0.01 else f"{h * 3600:.1f} s")
 
 
+def _util(u: float | str) -> str:
+    return f"{u:.0%}" if isinstance(u, float | int) else str(u)
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as a text table (printed by `medscale plan` and before a sweep)."""
     t = plan.totals
     head = (f"{'extraction':<40} {'items':>14} {'GFLOPs/item':>11} {'s/1k items':>10} {'cache':>10} {'cached':>7} "
-            f"{'hours':>9}")
+            f"{'hours':>9} {'bound':>6} {'rate':>8}")
     lines = [f"== plan of '{plan.sweep}' on {plan.accelerator} "
              f"({'measured throughput where known, else ' if t['estimated'] else ''}"
-             f"{plan.utilisation:.0%} of peak: estimated)", head, "-" * len(head)]
+             f"{_util(plan.utilisation)} of peak: estimated)", head, "-" * len(head)]
     for e in plan.extractions:
         label = f"{e.encoder}@{e.resolution}px/{e.dataset}"
         items = f"{_n(e.items)} {e.item}s"
         hours = _hours(e.device_hours) + ("*" if e.throughput == "estimated" and e.device_hours is not None else "")
         per_k = f"{1000 / e.items_per_s:.1f}" if e.items_per_s else "-"
         lines.append(f"{label:<40} {items:>14} {e.gflops_per_item:>11.2f} {per_k:>10} {human_bytes(e.cache_bytes):>10} "
-                     f"{e.cached:>7} {hours:>9}")
+                     f"{e.cached:>7} {hours:>9} {e.bound:>6} {e.throughput[:8]:>8}")
     shares = sorted({c.gpu_share for c in plan.cells})
     mems = [c.memory_bytes for c in plan.cells if c.memory_bytes is not None]
     lines.append("-" * len(head))
@@ -72,7 +76,7 @@ def format_markdown(plan: Plan) -> str:
             f"{_n(c.n_train)} |" for c in plan.cells]
     out += ["", "## Totals", ""] + [f"- {k}: {v}" for k, v in t.items()]
     out += ["", f"Throughput: measured where orchestrator/plan/throughput.py has a figure, else GFLOPs at "
-            f"{plan.utilisation:.0%} of {plan.accelerator}'s peak (estimated)."]
+            f"{_util(plan.utilisation)} of {plan.accelerator}'s peak (estimated)."]
     if plan.warnings:
         out += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
     return "\n".join(out) + "\n"

@@ -58,6 +58,7 @@ class ExtractionPlan:
     throughput: str  # measured | estimated
     device_hours: float | None
     note: str = ""
+    bound: str = "gpu"  # what limits the rate: gpu | decode | disk (plan/throughput.py bounded_rate)
 
 
 @dataclass
@@ -73,7 +74,7 @@ class CellPlan:
 class Plan:
     sweep: str
     accelerator: str
-    utilisation: float
+    utilisation: float | str  # a number, or the fitted function of GFLOPs/item
     extractions: list[ExtractionPlan]
     cells: list[CellPlan]
     skipped: dict[str, str]

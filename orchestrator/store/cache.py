@@ -47,6 +47,11 @@ class CacheKey:
     feature_kind: str = "pooled"  # pooled | dense
     layers: str = ""
     precision: str = "fp32"
+    # torch.compile'd forward (resources.compile): the same maths, different kernels, so the last
+    # bits differ. A new field changes every key's digest, so entries written before it are never
+    # read again without a CACHE_FORMAT bump (bf16 keys written with autocast over fp32 weights,
+    # whose numbers differ from today's bf16-held weights, included).
+    compiled: bool = False
 
     @property
     def digest(self) -> str:
