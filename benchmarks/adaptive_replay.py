@@ -14,19 +14,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.adaptive.policy import AdaptivePolicy  # noqa: E402
-from analysis.adaptive.replay import replay  # noqa: E402
+from analysis.adaptive.replay import replay, write_replay  # noqa: E402
 from analysis.adaptive.synthetic import generate_study, true_peak_curves  # noqa: E402
 
 
 def peak_recall(curves, truths) -> tuple[float, float]:
     """Share of true-peak resolution curves called `peaks`: adaptively, and by the full grid."""
     peaks = true_peak_curves(truths)
-    rows = curves[(curves["axis"] == "resolution")
-                  & [(d, p, m, f) in peaks for d, p, m, f in
-                     zip(curves["dataset"], curves["protocol"], curves["metric"], curves["fixed"], strict=True)]]
+    true_peak = np.array([(d, p, m, f) in peaks for d, p, m, f in
+                          zip(curves["dataset"], curves["protocol"], curves["metric"], curves["fixed"], strict=True)])
+    rows = curves[(curves["axis"] == "resolution").to_numpy() & true_peak]
     if rows.empty:
         return float("nan"), float("nan")
     return float((rows["adaptive_verdict"] == "peaks").mean()), float((rows["full_verdict"] == "peaks").mean())
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--datasets", type=int, default=4)
+    ap.add_argument("--out", help="write each study's curves.csv, rounds.csv, cells.csv under OUT/seed<N>")
     args = ap.parse_args(argv)
     figures = []
     for seed in range(args.first_seed, args.first_seed + args.studies):
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         res = replay(df, AdaptivePolicy(budget=args.budget))
         recall, full_recall = peak_recall(res.curves, truths)
+        if args.out:
+            write_replay(res, Path(args.out) / f"seed{seed}")
         figures.append((res.agreement, res.cost_share, recall))
         open_ = int((res.curves["status"] == "open").sum())
         print(f"study seed={seed}: curves={len(res.curves)} agreement={res.agreement:.3f} cost={res.cost_share:.3f} "

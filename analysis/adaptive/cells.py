@@ -104,6 +104,16 @@ def axis_ends(candidates: pd.DataFrame, n_seeds: int, family=family_of) -> pd.Da
     return pd.concat(keep).sort_index() if keep else candidates.iloc[:0]
 
 
+def whole_split(cells: pd.DataFrame) -> pd.DataFrame:
+    """Cells trained on their whole split (no train-size subset): the ones the curves are made of."""
+    keep = pd.Series(True, index=cells.index)
+    if "train_fraction" in cells.columns:
+        keep &= cells["train_fraction"].isna() | (cells["train_fraction"].astype(float) >= 1.0)
+    if "train_shots" in cells.columns:
+        keep &= cells["train_shots"].isna() | (cells["train_shots"].astype(float) <= 0)
+    return cells[keep]
+
+
 @dataclass(frozen=True)
 class PlannedCurve:
     """A curve of the full grid: its (axis, fixed) within a unit and the sites it needs, in x order."""
@@ -118,11 +128,7 @@ class PlannedCurve:
 def planned_curves(candidates: pd.DataFrame) -> list[PlannedCurve]:
     """Every curve the full grid would have, per unit (metrics aside: each metric has them all).
     Only cells on the whole training split make curves, as in `medscale analyze`."""
-    d = candidates
-    for col in SIZE:
-        if col in d.columns:
-            full = d[col].isna() | (d[col].astype(float) >= 1.0 if col == "train_fraction" else d[col].isna())
-            d = d[full]
+    d = whole_split(candidates)
     out = []
     for unit, g in d.groupby(UNIT, sort=True, dropna=False):
         sites = (g.groupby(["encoder", "resolution"], sort=False)

@@ -38,6 +38,7 @@ from analysis.adaptive.cells import (
     performance_metrics,
     planned_curves,
     site_columns,
+    whole_split,
 )
 from analysis.bootstrap import CurveReplicates
 from analysis.curves import CurveKey
@@ -84,6 +85,7 @@ class AdaptivePolicy:
     confidence: float = 0.999
     alpha: float = ALPHA
     initial_seeds: int = 2
+    interior_seeds: int = 1
     max_rounds: int = 8
     round_share: float = 0.12
     interim_alpha: float | None = None
@@ -130,9 +132,11 @@ class AdaptivePolicy:
         total = float(candidates["cost"].sum())
         drawn = drawn_cells(points, candidates)
         spent = float(candidates.loc[drawn, "cost"].sum()) if spent is None else spent
-        status = self.settled(points, candidates)
+        last = self.round + 1 >= self.max_rounds and not self.exhaustive
+        # the look after the last round is the final one: it freezes nothing (its level is final_alpha)
+        status = self.settled(points, candidates, freeze=not last)
         self.round += 1
-        if self.round >= self.max_rounds and not self.exhaustive:
+        if last:
             return self._round(candidates.iloc[:0], [])
         asks = self._asks(status, points, candidates, drawn)
         room = self.budget * total - spent
@@ -161,8 +165,10 @@ class AdaptivePolicy:
             self._cache = (key, build_study(main, n_boot=self.n_boot, every_metric=True))
         return self._cache[1]
 
-    def settled(self, points: pd.DataFrame, candidates: pd.DataFrame) -> dict[CurveKey, CurveStatus]:
-        """Status of every planned curve after the points so far; freezes claims at this look."""
+    def settled(self, points: pd.DataFrame, candidates: pd.DataFrame,
+                freeze: bool = True) -> dict[CurveKey, CurveStatus]:
+        """Status of every planned curve after the points so far; with ``freeze``, settled claims are
+        frozen at this look (an interim look: one of at most ``max_rounds - 1``)."""
         study = self.judge(points)
         seeds = _seed_counts(points, candidates)
         out = {}
@@ -174,7 +180,7 @@ class AdaptivePolicy:
             if s.settled:
                 self.first_settled.setdefault(k, self.round)
                 s.settled_round = self.first_settled[k]
-        if not self.exhaustive:
+        if freeze and not self.exhaustive:
             self.frozen |= {k: replace(s, frozen=True) for k, s in out.items()
                             if s.settled and s.verdict in CLAIMS and k not in self.frozen}
         self.last_status = out
@@ -286,7 +292,9 @@ class AdaptivePolicy:
             rows = candidates.loc[sites.groups[site]]
             todo = rows.index[~drawn.loc[rows.index]]
             n_now = len(rows) - len(todo)
-            take = list(todo[: (self.initial_seeds if n_now == 0 else 1)])
+            # a new point comes with `interior_seeds`: the corners already fix the seed variance,
+            # and targeted seeds (`_seed_value`) are worth more than a second seed everywhere
+            take = list(todo[: (self.interior_seeds if n_now == 0 else 1)])
             if take:
                 asks.append((v / max(float(candidates.loc[take, "cost"].sum()), 1e-12), take, why[site]))
         asks.sort(key=lambda a: -a[0])
@@ -315,9 +323,35 @@ def _curve_asks(pc: PlannedCurve, s: CurveStatus, seeds: dict, study: Study, key
             else:
                 yield keys[i], 1.0, "interior point"
         return
-    for k, (n, full) in zip(keys, now, strict=True):
-        if n < full:
-            yield k, 1.0 / n, "one more seed: " + s.reason
+    v = study.verdicts.get(key)
+    n = np.array([max(k, 1) for k, _ in now], float)
+    gain = _seed_value(v, n) if v is not None and v.x.size == n.size else np.ones(n.size) / n
+    for k, (got, full), g in zip(keys, now, gain, strict=True):
+        if got < full and g > 0:
+            yield k, float(g), "one more seed: " + s.reason
+
+
+def _seed_value(v, n: np.ndarray) -> np.ndarray:
+    """Per point: the share by which one more seed there shrinks the variance of the contrasts that
+    decide the curve's shape (equal seed variance assumed): peaks - rise and fall around the best
+    point; scales / saturates - total gain and the top slope; inverse - total gain; otherwise the
+    range between the best and worst point (what `flat` and `mixed` turn on)."""
+    size, y = n.size, v.estimate
+    e = np.eye(size)
+    js = int(np.argmax(y[:-1]))
+    top = max(2, (size + 1) // 2)
+    u = np.log2(v.x[size - top:])
+    slope = np.zeros(size)
+    slope[size - top:] = (u - u.mean()) / max(float(np.sum((u - u.mean()) ** 2)), 1e-12)
+    contrasts = {"peaks": [e[js] - e[0], e[-1] - e[js]], "scales": [e[-1] - e[0], slope],
+                 "saturates": [e[-1] - e[0], slope], "inverse": [e[-1] - e[0]]}.get(
+        v.claim, [e[int(np.argmax(y))] - e[int(np.argmin(y))]])
+    out = np.zeros(size)
+    for c in contrasts:
+        var = float(np.sum(c**2 / n))
+        if var > 0:
+            out += c**2 * (1 / n - 1 / (n + 1)) / var
+    return out
 
 
 def drawn_cells(points: pd.DataFrame, candidates: pd.DataFrame) -> pd.Series:
@@ -330,7 +364,8 @@ def drawn_cells(points: pd.DataFrame, candidates: pd.DataFrame) -> pd.Series:
 
 def _seed_counts(points: pd.DataFrame, candidates: pd.DataFrame) -> dict[tuple, tuple[int, int]]:
     """Site (unit + encoder + resolution) -> (seeds run, seeds planned), whole-split cells only."""
-    drawn = drawn_cells(points, candidates)
+    whole = whole_split(candidates)
+    drawn = drawn_cells(points, whole)
     cols = ["dataset", "protocol", "weights", "encoder", "resolution"]
-    g = candidates.assign(_d=drawn).groupby(cols, sort=False, dropna=False)["_d"]
+    g = whole.assign(_d=drawn).groupby(cols, sort=False, dropna=False)["_d"]
     return {tuple(k): (int(v.sum()), int(v.size)) for k, v in g}
