@@ -40,11 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--datasets", type=int, default=4)
+    ap.add_argument("--seed-sd", type=float, default=0.003, help="noise per run (default 0.003)")
+    ap.add_argument("--case-sd", type=float, default=0.0015, help="test-set offset per cell (default 0.0015)")
+    ap.add_argument("--seed-free-knn", action="store_true", help="kNN cells repeat one value under every seed")
     ap.add_argument("--out", help="write each study's curves.csv, rounds.csv, cells.csv under OUT/seed<N>")
     args = ap.parse_args(argv)
     figures = []
     for seed in range(args.first_seed, args.first_seed + args.studies):
-        df, truths = generate_study(seed=seed, n_datasets=args.datasets)
+        df, truths = generate_study(seed=seed, n_datasets=args.datasets, seed_sd=args.seed_sd, case_sd=args.case_sd,
+                                    seed_free=("knn",) if args.seed_free_knn else ())
         t0 = time.perf_counter()
         res = replay(df, AdaptivePolicy(budget=args.budget))
         recall, full_recall = peak_recall(res.curves, truths)

@@ -19,8 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output directory: curves.csv, rounds.csv, cells.csv, summary.json")
     r.add_argument("--budget", type=float, default=0.5,
                    help="share of the full grid's cost the policy may spend (default 0.5; 1: the whole grid)")
-    r.add_argument("--confidence", type=float, default=0.999,
-                   help="a claim settles at an interim look when its adjusted p <= 1 - confidence (default 0.999)")
+    r.add_argument("--confidence", type=float, default=0.9995,
+                   help="a claim settles at an interim look when its adjusted p <= 1 - confidence (default 0.9995)")
     r.add_argument("--max-rounds", type=int, default=8, help="rounds at most, round 0 included (default 8)")
     return a
 

@@ -60,6 +60,7 @@ class CurveStatus:
     planned_points: int
     settled_round: int | None = None
     frozen: bool = False  # settled with a claim at an interim look: no later data changes it
+    weight: float = 1.0  # how much its asks count: 2 when the full grid's precision is expected to change it
 
 
 @dataclass
@@ -82,7 +83,7 @@ class AdaptivePolicy:
     policy's order). ``confidence``: 1 - interim_alpha when ``interim_alpha`` is not given."""
 
     budget: float = 0.5
-    confidence: float = 0.999
+    confidence: float = 0.9995
     alpha: float = ALPHA
     initial_seeds: int = 2
     interior_seeds: int = 1
@@ -230,6 +231,8 @@ class AdaptivePolicy:
             return status(True, v.verdict, "flat: every pairwise 95% CI inside the margin" if v.verdict == "flat"
                           else "degenerate predictions")
         if v.kind == "ordering":
+            if any(n >= 2 for n, _ in now):  # seeds ran and repeated one value: a seed-free protocol
+                return status(True, v.verdict, "seed-free cells (the seeds repeat one value): decided by the points")
             return status(False, v.verdict, "no interval yet (one seed per cell): more seeds decide")
         claim_ok = v.verdict in CLAIMS and np.isfinite(v.p_adj) and v.p_adj <= self.look_alpha
         if not claim_ok and v.verdict != "noisy":
@@ -239,7 +242,9 @@ class AdaptivePolicy:
             return status(True, v.verdict, f"claim at the interim level (adjusted p {v.p_adj:.1e}), stable at "
                           "the full grid's precision" if claim_ok else "noisy, and still noisy at the full "
                           "grid's precision")
-        return status(False, v.verdict, f"more seeds decide: '{v.verdict}' now, '{seen[-1]}' with every seed")
+        out = status(False, v.verdict, f"more seeds decide: '{v.verdict}' now, '{seen[-1]}' with every seed")
+        out.weight = 2.0 if seen[0] != v.verdict else 1.0  # even the current estimates say it will move
+        return out
 
     def _projected(self, key: CurveKey, study: Study, now: list[tuple[int, int]]) -> list[str]:
         """Verdicts the curve would get with every planned seed: first at the current estimates, then
@@ -283,7 +288,7 @@ class AdaptivePolicy:
                 continue
             pc = curves[((key.dataset, key.protocol, key.weights), key.axis, key.fixed)]
             for site, v, reason in _curve_asks(pc, s, seeds, study, key):
-                value[site] = value.get(site, 0.0) + v
+                value[site] = value.get(site, 0.0) + v * s.weight
                 why.setdefault(site, f"{key.label()}: {reason}")
         asks = []
         for site, v in value.items():

@@ -46,10 +46,12 @@ def truth(kind: str, params: float, resolution: int, peak_at: int, rng_level: fl
 def generate_study(seed: int = 0, n_datasets: int = 4, protocols: tuple[str, ...] = ("linear_probe", "knn"),
                    metrics: tuple[str, ...] = METRICS, n_seeds: int = 5, seed_sd: float = 0.003,
                    shift_sd: float = 0.002, case_sd: float = 0.0015,
-                   resolutions: tuple[int, ...] = RESOLUTIONS) -> tuple[pd.DataFrame, dict]:
+                   resolutions: tuple[int, ...] = RESOLUTIONS,
+                   seed_free: tuple[str, ...] = ()) -> tuple[pd.DataFrame, dict]:
     """Points and the truth per (dataset, protocol, metric): kind and, for peaks, the best resolution.
 
-    The default grid has 4 datasets x 2 protocols x 3 metrics x 10 curves = 240 curves."""
+    The default grid has 4 datasets x 2 protocols x 3 metrics x 10 curves = 240 curves. Protocols in
+    ``seed_free`` (kNN: no trained head) repeat one value under every seed."""
     r = np.random.default_rng(seed)
     rows, truths, i = [], {}, 0
     for d in range(n_datasets):
@@ -66,9 +68,10 @@ def generate_study(seed: int = 0, n_datasets: int = 4, protocols: tuple[str, ...
                 for enc, params in ENCODERS.items():
                     for res in resolutions:
                         mu = truth(kind, params, res, peak_at, level) + case_sd * r.normal()
+                        free = proto in seed_free
                         for s in range(n_seeds):
                             rows.append((ds, proto, metric, enc, params, gflops(params, res), res, s,
-                                         mu + shift[s] + seed_sd * r.normal()))
+                                         mu if free else mu + shift[s] + seed_sd * r.normal()))
             for enc, params in ENCODERS.items():  # items: the cost of a cell is GFLOPs x items
                 for res in resolutions:
                     rows += [(ds, proto, "n_test", enc, params, gflops(params, res), res, s, float(n_test))
