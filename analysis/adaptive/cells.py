@@ -146,3 +146,20 @@ def performance_metrics(points: pd.DataFrame) -> dict[tuple, list[str]]:
     for unit, g in d.groupby(UNIT, sort=True, dropna=False):
         out[tuple(unit)] = sorted(str(m) for m in g["metric"].unique() if is_performance_metric(str(m)))
     return out
+
+
+def drawn_cells(points: pd.DataFrame, candidates: pd.DataFrame) -> pd.Series:
+    """Candidate rows that have points (bool Series on ``candidates.index``)."""
+    cols = cell_columns(candidates)
+    p = points.assign(weights=points["weights"].fillna("").astype(str) if "weights" in points.columns else "")
+    have = set(map(tuple, p[cols].drop_duplicates().itertuples(index=False)))
+    return pd.Series([tuple(r) in have for r in candidates[cols].itertuples(index=False)], index=candidates.index)
+
+
+def seed_counts(points: pd.DataFrame, candidates: pd.DataFrame) -> dict[tuple, tuple[int, int]]:
+    """Site (unit + encoder + resolution) -> (seeds run, seeds planned), whole-split cells only."""
+    whole = whole_split(candidates)
+    drawn = drawn_cells(points, whole)
+    cols = ["dataset", "protocol", "weights", "encoder", "resolution"]
+    g = whole.assign(_d=drawn).groupby(cols, sort=False, dropna=False)["_d"]
+    return {tuple(k): (int(v.sum()), int(v.size)) for k, v in g}

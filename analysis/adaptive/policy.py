@@ -30,15 +30,15 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
+from analysis.adaptive.asks import rank_asks
 from analysis.adaptive.cells import (
     PlannedCurve,
     axis_ends,
-    cell_columns,
+    drawn_cells,
     family_of,
     performance_metrics,
     planned_curves,
-    site_columns,
-    whole_split,
+    seed_counts,
 )
 from analysis.bootstrap import CurveReplicates
 from analysis.curves import CurveKey
@@ -48,6 +48,7 @@ from analysis.verdict import ALPHA, DIRECTIONAL, _decide, analyse_curve
 
 OPEN = "open"  # the adaptive verdict of a curve with too few points (or no end) for any verdict
 CLAIMS = tuple(v for v in DIRECTIONAL if v != "mixed")
+PEAK_WEIGHT = 3.0  # asks of an open curve whose estimates show a peak count this much more
 
 
 @dataclass
@@ -139,7 +140,8 @@ class AdaptivePolicy:
         self.round += 1
         if last:
             return self._round(candidates.iloc[:0], [])
-        asks = self._asks(status, points, candidates, drawn)
+        asks = rank_asks(status, self.judge(points), points, candidates, drawn, every_curve=self.exhaustive,
+                         new_point_seeds=self.interior_seeds)
         room = self.budget * total - spent
         picked, reasons, cost = [], [], 0.0
         for idx, reason in asks:
@@ -171,7 +173,7 @@ class AdaptivePolicy:
         """Status of every planned curve after the points so far; with ``freeze``, settled claims are
         frozen at this look (an interim look: one of at most ``max_rounds - 1``)."""
         study = self.judge(points)
-        seeds = _seed_counts(points, candidates)
+        seeds = seed_counts(points, candidates)
         out = {}
         for pc in planned_curves(candidates):
             for metric in performance_metrics(points).get(pc.unit, []):
@@ -191,7 +193,7 @@ class AdaptivePolicy:
         """Verdicts at the end: frozen claims as frozen; every other curve from the final points, its
         claim held only at ``final_alpha`` (the level the interim looks left). Nothing is frozen here."""
         study = self.judge(points)
-        seeds = _seed_counts(points, candidates)
+        seeds = seed_counts(points, candidates)
         out = {}
         for pc in planned_curves(candidates):
             for metric in performance_metrics(points).get(pc.unit, []):
@@ -236,7 +238,9 @@ class AdaptivePolicy:
             return status(False, v.verdict, "no interval yet (one seed per cell): more seeds decide")
         claim_ok = v.verdict in CLAIMS and np.isfinite(v.p_adj) and v.p_adj <= self.look_alpha
         if not claim_ok and v.verdict != "noisy":
-            return status(False, v.verdict, f"'{v.verdict}' not yet at the interim level: more seeds decide")
+            out = status(False, v.verdict, f"'{v.verdict}' not yet at the interim level: more seeds decide")
+            out.weight = PEAK_WEIGHT if v.claim == "peaks" else 1.0
+            return out
         seen = self._projected(key, study, now)
         if all(p == v.verdict for p in seen):
             return status(True, v.verdict, f"claim at the interim level (adjusted p {v.p_adj:.1e}), stable at "
@@ -244,6 +248,8 @@ class AdaptivePolicy:
                           "grid's precision")
         out = status(False, v.verdict, f"more seeds decide: '{v.verdict}' now, '{seen[-1]}' with every seed")
         out.weight = 2.0 if seen[0] != v.verdict else 1.0  # even the current estimates say it will move
+        if v.claim == "peaks":  # the finding that changes a recommendation; its fall is often the smallest contrast
+            out.weight *= PEAK_WEIGHT
         return out
 
     def _projected(self, key: CurveKey, study: Study, now: list[tuple[int, int]]) -> list[str]:
@@ -273,104 +279,3 @@ class AdaptivePolicy:
             if out[-1] != out[0]:
                 break  # one dissenting draw is enough to keep the curve open
         return out
-
-    def _asks(self, status: dict[CurveKey, CurveStatus], points: pd.DataFrame, candidates: pd.DataFrame,
-              drawn: pd.Series) -> list[tuple[list, str]]:
-        """Asks of the open curves, as (candidate indices, reason), best value per cost first."""
-        sites = candidates.groupby(site_columns(candidates), sort=False, dropna=False)
-        value: dict[tuple, float] = {}
-        why: dict[tuple, str] = {}
-        curves = {(pc.unit, pc.axis, pc.fixed): pc for pc in planned_curves(candidates)}
-        seeds = _seed_counts(points, candidates)
-        study = self.judge(points)
-        for key, s in status.items():
-            if s.settled and not self.exhaustive:
-                continue
-            pc = curves[((key.dataset, key.protocol, key.weights), key.axis, key.fixed)]
-            for site, v, reason in _curve_asks(pc, s, seeds, study, key):
-                value[site] = value.get(site, 0.0) + v * s.weight
-                why.setdefault(site, f"{key.label()}: {reason}")
-        asks = []
-        for site, v in value.items():
-            if site not in sites.groups:
-                continue
-            rows = candidates.loc[sites.groups[site]]
-            todo = rows.index[~drawn.loc[rows.index]]
-            n_now = len(rows) - len(todo)
-            # a new point comes with `interior_seeds`: the corners already fix the seed variance,
-            # and targeted seeds (`_seed_value`) are worth more than a second seed everywhere
-            take = list(todo[: (self.interior_seeds if n_now == 0 else 1)])
-            if take:
-                asks.append((v / max(float(candidates.loc[take, "cost"].sum()), 1e-12), take, why[site]))
-        asks.sort(key=lambda a: -a[0])
-        return [(take, reason) for _, take, reason in asks]
-
-
-def _curve_asks(pc: PlannedCurve, s: CurveStatus, seeds: dict, study: Study, key: CurveKey):
-    """(site key, value, reason) of one open curve."""
-    now = [seeds.get((*pc.unit, *site), (0, 0)) for site in pc.sites]
-    have = np.array([n > 0 for n, _ in now])
-    keys = [(*pc.unit, *site) for site in pc.sites]
-    if not have.all():
-        u = np.log(np.asarray(pc.x))
-        v = study.verdicts.get(key)
-        best = None
-        if v is not None and v.x.size >= 2:  # the best point so far: a suspected peak
-            best = int(np.argmin(np.abs(u - np.log(v.x[int(np.argmax(v.estimate))]))))
-        idx = np.flatnonzero(have)
-        gaps = np.diff(u[idx]) if idx.size >= 2 else np.array([])
-        wide = (idx[int(np.argmax(gaps))], idx[int(np.argmax(gaps)) + 1]) if gaps.size else (0, len(u) - 1)
-        for i in np.flatnonzero(~have):
-            if i in (0, len(u) - 1):
-                yield keys[i], 3.0, "an end of the curve"
-            elif (best is not None and abs(i - best) == 1) or wide[0] < i < wide[1]:
-                yield keys[i], 2.0, "interior point next to the best so far / in the widest gap"
-            else:
-                yield keys[i], 1.0, "interior point"
-        return
-    v = study.verdicts.get(key)
-    n = np.array([max(k, 1) for k, _ in now], float)
-    gain = _seed_value(v, n) if v is not None and v.x.size == n.size else np.ones(n.size) / n
-    for k, (got, full), g in zip(keys, now, gain, strict=True):
-        if got < full and g > 0:
-            yield k, float(g), "one more seed: " + s.reason
-
-
-def _seed_value(v, n: np.ndarray) -> np.ndarray:
-    """Per point: the share by which one more seed there shrinks the variance of the contrasts that
-    decide the curve's shape (equal seed variance assumed): peaks - rise and fall around the best
-    point; scales / saturates - total gain and the top slope; inverse - total gain; otherwise the
-    range between the best and worst point (what `flat` and `mixed` turn on)."""
-    size, y = n.size, v.estimate
-    e = np.eye(size)
-    js = int(np.argmax(y[:-1]))
-    top = max(2, (size + 1) // 2)
-    u = np.log2(v.x[size - top:])
-    slope = np.zeros(size)
-    slope[size - top:] = (u - u.mean()) / max(float(np.sum((u - u.mean()) ** 2)), 1e-12)
-    contrasts = {"peaks": [e[js] - e[0], e[-1] - e[js]], "scales": [e[-1] - e[0], slope],
-                 "saturates": [e[-1] - e[0], slope], "inverse": [e[-1] - e[0]]}.get(
-        v.claim, [e[int(np.argmax(y))] - e[int(np.argmin(y))]])
-    out = np.zeros(size)
-    for c in contrasts:
-        var = float(np.sum(c**2 / n))
-        if var > 0:
-            out += c**2 * (1 / n - 1 / (n + 1)) / var
-    return out
-
-
-def drawn_cells(points: pd.DataFrame, candidates: pd.DataFrame) -> pd.Series:
-    """Candidate rows that have points (bool Series on ``candidates.index``)."""
-    cols = cell_columns(candidates)
-    p = points.assign(weights=points["weights"].fillna("").astype(str) if "weights" in points.columns else "")
-    have = set(map(tuple, p[cols].drop_duplicates().itertuples(index=False)))
-    return pd.Series([tuple(r) in have for r in candidates[cols].itertuples(index=False)], index=candidates.index)
-
-
-def _seed_counts(points: pd.DataFrame, candidates: pd.DataFrame) -> dict[tuple, tuple[int, int]]:
-    """Site (unit + encoder + resolution) -> (seeds run, seeds planned), whole-split cells only."""
-    whole = whole_split(candidates)
-    drawn = drawn_cells(points, whole)
-    cols = ["dataset", "protocol", "weights", "encoder", "resolution"]
-    g = whole.assign(_d=drawn).groupby(cols, sort=False, dropna=False)["_d"]
-    return {tuple(k): (int(v.sum()), int(v.size)) for k, v in g}

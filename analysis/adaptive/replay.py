@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.adaptive.cells import candidates_from_points, cell_columns
-from analysis.adaptive.policy import OPEN, AdaptivePolicy, drawn_cells
+from analysis.adaptive.cells import candidates_from_points, cell_columns, drawn_cells
+from analysis.adaptive.policy import OPEN, AdaptivePolicy
 from analysis.curves import CurveKey
 from analysis.data_axis import full_data, has_data_axis
 from analysis.study import KEY_COLUMNS, build_study
