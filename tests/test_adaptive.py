@@ -64,6 +64,7 @@ def test_interim_looks_spend_their_level_and_freeze_only_strong_claims(small):
     assert policy.final_alpha + 5 * policy.look_alpha == pytest.approx(policy.alpha)
     res = replay(df, policy, full=full)
     assert res.cost_share <= 0.5 + 1e-9
+    assert policy.frozen, "the power-law metric's clear claims settle before the grid is full"
     for key, s in policy.frozen.items():
         assert s.settled and s.verdict in ("scales", "saturates", "peaks", "inverse")
         assert "interim level" in s.reason and s.settled_round is not None
