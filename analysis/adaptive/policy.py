@@ -7,14 +7,18 @@ the ordinary analysis (`analysis.study.build_study`: the same fits, covariance a
    boundary) and would stay the same at the full grid's precision, or
  - it is `flat` (every pairwise 95% CI inside the margin), or
  - it is `noisy` and would stay `noisy` at the full grid's precision (more seeds would not decide it),
+ - or its cells are seed-free (seeds repeat one value: an ordering, decided by the points),
  - or every seed of it has run (nothing left to learn).
-"Precision of the full grid": the curve's covariance with each point's seed part scaled by
-seeds-now / seeds-planned, judged by `verdict.analyse_curve` at the current family's BH cut-off.
+"At the full grid's precision": the curve's covariance with each point's seed part scaled by
+seeds-now / seeds-planned, at the current estimates and at ``draws`` predictive draws of the
+full-seed estimates, each judged by `verdict.analyse_curve` at the current family's BH cut-off; every
+one must give the current verdict.
 
-Open curves ask for cells: a missing end (value 3), a missing interior point (2 next to the best
-point so far or in the widest gap of log x, else 1), or one more seed of each point (1 / seeds so
-far). Asks are summed over curves and metrics (one cell serves many curves) and taken greedily by
-value per unit of cost, up to ``round_share`` of the full grid's cost per round and the budget.
+Open curves ask for cells (`asks`): missing points first, then seeds where they shrink the contrasts
+that decide the shape; asks of curves the projection expects to move count double, those whose
+estimates show a peak triple. Asks are summed over curves and metrics (one cell serves many curves)
+and taken greedily by value per unit of cost, up to ``round_share`` of the full grid's cost per
+round and the budget.
 
 Error control across rounds (docs/analysis.md, "Adaptive sweeps"): a claim frozen at an interim
 look passed BH at ``interim_alpha``; every other claim is decided once, on the final points, by BH
