@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from analysis.adaptive import cli as adaptive_cli
 from orchestrator.wsi_cli import add_wsi_parser, cmd_wsi
 from tasks.errors import MedscaleError
 
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="bootstrap random seed")
     a.add_argument("--no-log", action="store_true", help="do not log the analysis of MLflow runs back to MLflow")
     add_wsi_parser(sub)
+    adaptive_cli.add_parser(sub)
     return ap
 
 
@@ -198,6 +200,7 @@ def _accelerator_arg(p: argparse.ArgumentParser) -> None:
 COMMANDS = {"encoders": _cmd_encoders, "datasets": _cmd_datasets, "sweep": _cmd_sweep, "analyze": _cmd_analyze,
             "runs": _cmd_runs, "plan": _cmd_plan}
 COMMANDS["wsi"] = cmd_wsi
+COMMANDS["adaptive"] = adaptive_cli.run
 
 
 def main(argv: list[str] | None = None) -> int:

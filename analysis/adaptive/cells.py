@@ -1,0 +1,165 @@
+"""The grid an adaptive run draws from: candidate cells, their cost, the ends of every axis, and
+which planned curve each cell lies on.
+
+A *cell* is one run: dataset x protocol x weights x encoder x resolution [x train size] x seed. It
+yields every metric at once, so metrics are not part of it. A *site* is a cell without its seed
+(what a curve point is made of). The curves are the analysis' own (`analysis.curves`): metric vs
+parameters at each resolution, vs resolution for each encoder, and vs GFLOPs across all cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.curves import _slices  # the one definition of which cells make a curve
+from analysis.points import is_performance_metric
+
+UNIT = ["dataset", "protocol", "weights"]  # the cells one set of curves is sliced from
+SIZE = ["train_fraction", "train_shots"]  # the data axis, where the grid has it
+SITE = [*UNIT, "encoder", "resolution"]
+ITEM_METRICS = ("n_train", "n_val", "n_test")  # bookkeeping rows that count a cell's items
+
+
+def site_columns(df: pd.DataFrame) -> list[str]:
+    return SITE + [c for c in SIZE if c in df.columns]
+
+
+def cell_columns(df: pd.DataFrame) -> list[str]:
+    return [*site_columns(df), "seed"]
+
+
+def vit_gflops(params: np.ndarray, resolution: np.ndarray) -> np.ndarray:
+    """Stand-in GFLOPs per image where a grid leaves them empty: a ViT/16 spends ~2 FLOPs per
+    parameter per token, and (resolution/16)^2 tokens. Only cost shares are used, so the constant
+    matters only against cells whose GFLOPs are known."""
+    return 2.0 * params * (resolution / 16.0) ** 2 / 1e9
+
+
+def candidates_from_points(points: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell of a finished study (columns: `cell_columns`, params, gflops, items, cost).
+
+    Cost = GFLOPs per image x items: items are the cell's `n_train + n_val + n_test` bookkeeping
+    rows where the study logged them (else 1, i.e. GFLOPs alone)."""
+    d = points.copy()
+    if "weights" not in d.columns:
+        d["weights"] = ""
+    d["weights"] = d["weights"].fillna("").astype(str)
+    cols = cell_columns(d)
+    cells = (d.groupby(cols, dropna=False, sort=True)
+             .agg(params=("params", "first"), gflops=("gflops", "mean")).reset_index())
+    items = d[d["metric"].isin(ITEM_METRICS)]
+    if not items.empty:
+        per = items.groupby([*cols, "metric"], dropna=False)["value"].mean().groupby(cols, dropna=False).sum()
+        cells = cells.merge(per.rename("items").reset_index(), on=cols, how="left")
+    else:
+        cells["items"] = np.nan
+    return with_cost(cells)
+
+
+def with_cost(cells: pd.DataFrame) -> pd.DataFrame:
+    """Fill `cost` (GFLOPs x items) where the caller gave none; GFLOPs fall back to `vit_gflops`."""
+    out = cells.copy()
+    gf = out["gflops"].astype(float).to_numpy()
+    gf = np.where(np.isfinite(gf) & (gf > 0), gf,
+                  vit_gflops(out["params"].astype(float).to_numpy(), out["resolution"].astype(float).to_numpy()))
+    items = out["items"].astype(float).to_numpy() if "items" in out.columns else np.ones(len(out))
+    items = np.where(np.isfinite(items) & (items > 0), items, 1.0)
+    if "cost" not in out.columns:
+        out["cost"] = gf * items
+    else:
+        out["cost"] = out["cost"].astype(float).where(out["cost"].notna(), pd.Series(gf * items, index=out.index))
+    out["gflops_eff"] = gf  # what the curves are sliced by when gflops is empty
+    return out
+
+
+def family_of(encoder: str) -> str:
+    """An encoder's family, for the round-0 ends: the name before its first '_' (dinov3_vitl16 ->
+    dinov3), so ends are the smallest and largest model that share a recipe."""
+    return encoder.split("_", 1)[0]
+
+
+def axis_ends(candidates: pd.DataFrame, n_seeds: int, family=family_of) -> pd.DataFrame:
+    """Round 0: per dataset x protocol x weights and encoder family, the corners of the grid -
+    smallest and largest encoder x lowest and highest resolution [x smallest and largest train
+    size] - each with its first ``n_seeds`` seeds."""
+    keep = []
+    fam = candidates["encoder"].map(family)
+    for _, g in candidates.groupby([*UNIT, fam.rename("_family")], sort=False, dropna=False):
+        by_size = g.sort_values(["params", "encoder"])
+        ends = {by_size["encoder"].iloc[0], by_size["encoder"].iloc[-1]}
+        mask = g["encoder"].isin(ends)
+        for enc in ends:
+            e = g[g["encoder"] == enc]
+            mask &= (g["encoder"] != enc) | g["resolution"].isin([e["resolution"].min(), e["resolution"].max()])
+        for col in (c for c in SIZE if c in g.columns):
+            v = g[col].astype(float)
+            if v.notna().any():
+                mask &= v.isna() | v.isin([v.min(), v.max()])
+        sel = g[mask]
+        seeds = sel.groupby(site_columns(sel), dropna=False)["seed"].rank(method="first")
+        keep.append(sel[seeds <= n_seeds])
+    return pd.concat(keep).sort_index() if keep else candidates.iloc[:0]
+
+
+def whole_split(cells: pd.DataFrame) -> pd.DataFrame:
+    """Cells trained on their whole split (no train-size subset): the ones the curves are made of."""
+    keep = pd.Series(True, index=cells.index)
+    if "train_fraction" in cells.columns:
+        keep &= cells["train_fraction"].isna() | (cells["train_fraction"].astype(float) >= 1.0)
+    if "train_shots" in cells.columns:
+        keep &= cells["train_shots"].isna() | (cells["train_shots"].astype(float) <= 0)
+    return cells[keep]
+
+
+@dataclass(frozen=True)
+class PlannedCurve:
+    """A curve of the full grid: its (axis, fixed) within a unit and the sites it needs, in x order."""
+
+    unit: tuple
+    axis: str
+    fixed: str
+    sites: tuple[tuple, ...]  # (encoder, resolution) per point
+    x: tuple[float, ...]
+
+
+def planned_curves(candidates: pd.DataFrame) -> list[PlannedCurve]:
+    """Every curve the full grid would have, per unit (metrics aside: each metric has them all).
+    Only cells on the whole training split make curves, as in `medscale analyze`."""
+    d = whole_split(candidates)
+    out = []
+    for unit, g in d.groupby(UNIT, sort=True, dropna=False):
+        sites = (g.groupby(["encoder", "resolution"], sort=False)
+                 .agg(params=("params", "first"), gflops=("gflops_eff", "mean")).reset_index())
+        for axis, fixed, rows, x in _slices(sites):
+            pts = tuple((str(sites["encoder"].iloc[i]), int(sites["resolution"].iloc[i])) for i in rows)
+            out.append(PlannedCurve(tuple(unit), axis, fixed, pts, tuple(float(v) for v in x)))
+    return out
+
+
+def performance_metrics(points: pd.DataFrame) -> dict[tuple, list[str]]:
+    """Metrics judged per unit (everything but bookkeeping, as `medscale analyze --points` does)."""
+    d = points.assign(weights=points["weights"].fillna("").astype(str) if "weights" in points.columns else "")
+    out: dict[tuple, list[str]] = {}
+    for unit, g in d.groupby(UNIT, sort=True, dropna=False):
+        out[tuple(unit)] = sorted(str(m) for m in g["metric"].unique() if is_performance_metric(str(m)))
+    return out
+
+
+def drawn_cells(points: pd.DataFrame, candidates: pd.DataFrame) -> pd.Series:
+    """Candidate rows that have points (bool Series on ``candidates.index``)."""
+    cols = cell_columns(candidates)
+    p = points.assign(weights=points["weights"].fillna("").astype(str) if "weights" in points.columns else "")
+    have = set(map(tuple, p[cols].drop_duplicates().itertuples(index=False)))
+    return pd.Series([tuple(r) in have for r in candidates[cols].itertuples(index=False)], index=candidates.index)
+
+
+def seed_counts(points: pd.DataFrame, candidates: pd.DataFrame) -> dict[tuple, tuple[int, int]]:
+    """Site (unit + encoder + resolution) -> (seeds run, seeds planned), whole-split cells only."""
+    whole = whole_split(candidates)
+    drawn = drawn_cells(points, whole)
+    cols = ["dataset", "protocol", "weights", "encoder", "resolution"]
+    g = whole.assign(_d=drawn).groupby(cols, sort=False, dropna=False)["_d"]
+    return {tuple(k): (int(v.sum()), int(v.size)) for k, v in g}

@@ -1,0 +1,52 @@
+"""`medscale adaptive replay --points POINTS.csv --out DIR [--budget F]`.
+
+Hooked into the `medscale` command line by `add_parser(subparsers)` and `run(args)`; the heavy
+imports wait until the command runs, so `medscale --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tasks.errors import ConfigError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    a = subparsers.add_parser("adaptive", help="adaptive sweeps: replay the round policy on a finished study")
+    sub = a.add_subparsers(dest="adaptive_command", required=True)
+    r = sub.add_parser("replay", help="what an adaptive sweep would have run and concluded, from a points CSV")
+    r.add_argument("--points", required=True, help="a finished study (the `medscale analyze --points` CSV)")
+    r.add_argument("--out", required=True, help="output directory: curves.csv, rounds.csv, cells.csv, summary.json")
+    r.add_argument("--budget", type=float, default=0.5,
+                   help="share of the full grid's cost the policy may spend (default 0.5; 1: the whole grid)")
+    r.add_argument("--confidence", type=float, default=0.9995,
+                   help="a claim settles at an interim look when its adjusted p <= 1 - confidence (default 0.9995)")
+    r.add_argument("--max-rounds", type=int, default=8, help="rounds at most, round 0 included (default 8)")
+    return a
+
+
+def run(args: argparse.Namespace) -> int:
+    from analysis.adaptive.policy import AdaptivePolicy
+    from analysis.adaptive.replay import replay, write_replay
+    from analysis.points import read_points_csv
+
+    if not 0 < args.budget:
+        raise ConfigError(f"--budget {args.budget}: a share of the full grid's cost, > 0")
+    if not 0 < args.confidence < 1:
+        raise ConfigError(f"--confidence {args.confidence}: must lie in (0, 1)")
+    try:
+        policy = AdaptivePolicy(budget=args.budget, confidence=args.confidence, max_rounds=args.max_rounds)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    result = replay(read_points_csv(args.points), policy)
+    paths = write_replay(result, args.out)
+    for _, r in result.rounds.iterrows():
+        print(f"round {int(r['round'])}: {int(r['cells'])} cells, {r['cost_share']:.1%} of the grid's cost "
+              f"(spent {r['spent_share']:.1%}); after it {int(r['open_after'])} curves open")
+    open_ = result.curves[result.curves["status"] == "open"]
+    print(f"curves: {len(result.curves)}, settled {len(result.curves) - len(open_)}, open {len(open_)}")
+    for reason, n in open_["reason"].value_counts().head(8).items():
+        print(f"  open ({n}): {reason}")
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    print(f"agreement={result.agreement:.3f} cost={result.cost_share:.3f}")
+    return 0

@@ -1,0 +1,285 @@
+"""The round policy of an adaptive scaling study: which cells to run next, and when a curve is settled.
+
+Round 0 runs the corners of the grid (`cells.axis_ends`). After each round every curve is judged by
+the ordinary analysis (`analysis.study.build_study`: the same fits, covariance and BH family as
+`medscale analyze`). A curve is *settled* when every planned point of it has run and
+ - its claim passes the interim level (BH-adjusted p <= ``interim_alpha``, a Haybittle-Peto
+   boundary) and would stay the same at the full grid's precision, or
+ - it is `flat` (every pairwise 95% CI inside the margin), or
+ - it is `noisy` and would stay `noisy` at the full grid's precision (more seeds would not decide it),
+ - or its cells are seed-free (seeds repeat one value: an ordering, decided by the points),
+ - or every seed of it has run (nothing left to learn).
+"At the full grid's precision": the curve's covariance with each point's seed part scaled by
+seeds-now / seeds-planned, at the current estimates and at ``draws`` predictive draws of the
+full-seed estimates, each judged by `verdict.analyse_curve` at the current family's BH cut-off; every
+one must give the current verdict.
+
+Open curves ask for cells (`asks`): missing points first, then seeds where they shrink the contrasts
+that decide the shape; asks of curves the projection expects to move count double, those whose
+estimates show a peak triple. Asks are summed over curves and metrics (one cell serves many curves)
+and taken greedily by value per unit of cost, up to ``round_share`` of the full grid's cost per
+round and the budget.
+
+Error control across rounds (docs/analysis.md, "Adaptive sweeps"): a claim frozen at an interim
+look passed BH at ``interim_alpha``; every other claim is decided once, on the final points, by BH
+over the whole family at ``final_alpha = alpha - (max_rounds - 1) * interim_alpha``. The false
+discovery rate of the union of looks is at most the sum of the levels, i.e. ``alpha``. With a budget
+of the whole grid (>= 1) nothing is frozen, no level is spent, and the result is the full grid's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+
+from analysis.adaptive.asks import rank_asks
+from analysis.adaptive.cells import (
+    PlannedCurve,
+    axis_ends,
+    drawn_cells,
+    family_of,
+    performance_metrics,
+    planned_curves,
+    seed_counts,
+)
+from analysis.bootstrap import CurveReplicates
+from analysis.curves import CurveKey
+from analysis.data_axis import full_data, has_data_axis
+from analysis.study import Study, build_study
+from analysis.verdict import ALPHA, DIRECTIONAL, _decide, analyse_curve
+
+OPEN = "open"  # the adaptive verdict of a curve with too few points (or no end) for any verdict
+CLAIMS = tuple(v for v in DIRECTIONAL if v != "mixed")
+PEAK_WEIGHT = 3.0  # asks of an open curve whose estimates show a peak count this much more
+
+
+@dataclass
+class CurveStatus:
+    key: CurveKey
+    settled: bool
+    verdict: str  # the analysis' verdict on the points so far, or OPEN
+    reason: str  # why settled, or why still open
+    n_points: int
+    planned_points: int
+    settled_round: int | None = None
+    frozen: bool = False  # settled with a claim at an interim look: no later data changes it
+    weight: float = 1.0  # how much its asks count: 2 when the full grid's precision is expected to change it
+
+
+@dataclass
+class Round:
+    index: int
+    cells: pd.DataFrame  # candidate rows to run (cell columns, cost, reason)
+    reasons: list[str]
+    cost: float
+
+    @property
+    def empty(self) -> bool:
+        return self.cells.empty
+
+
+@dataclass
+class AdaptivePolicy:
+    """Rounds over a grid of candidate cells (rows: `cells.cell_columns`, params, gflops, cost).
+
+    ``budget``: the share of the full grid's cost the run may spend (>= 1: the whole grid, in the
+    policy's order). ``confidence``: 1 - interim_alpha when ``interim_alpha`` is not given."""
+
+    budget: float = 0.5
+    confidence: float = 0.9995
+    alpha: float = ALPHA
+    initial_seeds: int = 2
+    interior_seeds: int = 1
+    max_rounds: int = 8
+    round_share: float = 0.12
+    interim_alpha: float | None = None
+    n_boot: int = 20  # verdicts read analytic tails; replicates only feed shape shares
+    draws: int = 6  # predictive draws of the full-seed estimates a settled curve must agree with
+    family: object = family_of
+    frozen: dict = field(default_factory=dict)  # CurveKey -> CurveStatus frozen at an interim look
+    first_settled: dict = field(default_factory=dict)  # CurveKey -> the first look that settled it
+    last_status: dict = field(default_factory=dict)
+    round: int = 0
+    _cache: tuple | None = None
+
+    @property
+    def exhaustive(self) -> bool:
+        return self.budget >= 1.0
+
+    @property
+    def look_alpha(self) -> float:
+        return float(self.interim_alpha if self.interim_alpha is not None else 1.0 - self.confidence)
+
+    @property
+    def final_alpha(self) -> float:
+        """The level left for the final look after the interim looks' share (none when exhaustive)."""
+        if self.exhaustive:
+            return self.alpha
+        return max(self.alpha - (self.max_rounds - 1) * self.look_alpha, 0.0)
+
+    def __post_init__(self) -> None:
+        if self.final_alpha <= 0:
+            raise ValueError(f"interim looks spend all of alpha={self.alpha}: lower interim_alpha or max_rounds")
+
+    # -- rounds --------------------------------------------------------------------------------
+    def initial_cells(self, candidates: pd.DataFrame) -> Round:
+        """Round 0: the corners of every axis with ``initial_seeds`` seeds, within the budget."""
+        self.round, self.frozen, self.first_settled, self.last_status = 0, {}, {}, {}
+        ends = axis_ends(candidates, self.initial_seeds, self.family)
+        total = float(candidates["cost"].sum())
+        ends = ends.sort_values("cost")
+        ends = ends[ends["cost"].cumsum() <= self.budget * total + 1e-9 * total]
+        return self._round(ends, ["corner of the grid (round 0)"] * len(ends))
+
+    def next_cells(self, points: pd.DataFrame, candidates: pd.DataFrame, spent: float | None = None) -> Round:
+        """The next round after judging ``points`` (every point of the cells run so far)."""
+        total = float(candidates["cost"].sum())
+        drawn = drawn_cells(points, candidates)
+        spent = float(candidates.loc[drawn, "cost"].sum()) if spent is None else spent
+        last = self.round + 1 >= self.max_rounds and not self.exhaustive
+        # the look after the last round is the final one: it freezes nothing (its level is final_alpha)
+        status = self.settled(points, candidates, freeze=not last)
+        self.round += 1
+        if last:
+            return self._round(candidates.iloc[:0], [])
+        asks = rank_asks(status, self.judge(points), points, candidates, drawn, every_curve=self.exhaustive,
+                         new_point_seeds=self.interior_seeds)
+        room = self.budget * total - spent
+        picked, reasons, cost = [], [], 0.0
+        for idx, reason in asks:
+            c = float(candidates.loc[idx, "cost"].sum())
+            if c > room + 1e-9 * total or (picked and cost + c > self.round_share * total):
+                continue
+            picked.extend(idx)
+            reasons.extend([reason] * len(idx))
+            cost, room = cost + c, room - c
+        if not picked and self.exhaustive:  # every curve settled: the whole grid still runs
+            rest = candidates.index[~drawn]
+            picked, reasons = list(rest), ["the whole grid was bought (budget >= 1)"] * len(rest)
+        return self._round(candidates.loc[picked], reasons)
+
+    def _round(self, cells: pd.DataFrame, reasons: list[str]) -> Round:
+        return Round(self.round, cells.assign(reason=reasons), reasons, float(cells["cost"].sum()))
+
+    # -- judging -------------------------------------------------------------------------------
+    def judge(self, points: pd.DataFrame) -> Study:
+        """The ordinary analysis of the points so far (cached for a repeated call on the same points)."""
+        key = (len(points), float(points["value"].sum()))
+        if self._cache is None or self._cache[0] != key:
+            main = full_data(points) if has_data_axis(points) else points
+            self._cache = (key, build_study(main, n_boot=self.n_boot, every_metric=True))
+        return self._cache[1]
+
+    def settled(self, points: pd.DataFrame, candidates: pd.DataFrame,
+                freeze: bool = True) -> dict[CurveKey, CurveStatus]:
+        """Status of every planned curve after the points so far; with ``freeze``, settled claims are
+        frozen at this look (an interim look: one of at most ``max_rounds - 1``)."""
+        study = self.judge(points)
+        seeds = seed_counts(points, candidates)
+        out = {}
+        for pc in planned_curves(candidates):
+            for metric in performance_metrics(points).get(pc.unit, []):
+                key = CurveKey(*pc.unit[:2], metric, pc.unit[2], pc.axis, pc.fixed)
+                out[key] = self.frozen.get(key) or self._status(key, pc, study, seeds)
+        for k, s in out.items():
+            if s.settled:
+                self.first_settled.setdefault(k, self.round)
+                s.settled_round = self.first_settled[k]
+        if freeze and not self.exhaustive:
+            self.frozen |= {k: replace(s, frozen=True) for k, s in out.items()
+                            if s.settled and s.verdict in CLAIMS and k not in self.frozen}
+        self.last_status = out
+        return out
+
+    def final(self, points: pd.DataFrame, candidates: pd.DataFrame) -> dict[CurveKey, CurveStatus]:
+        """Verdicts at the end: frozen claims as frozen; every other curve from the final points, its
+        claim held only at ``final_alpha`` (the level the interim looks left). Nothing is frozen here."""
+        study = self.judge(points)
+        seeds = seed_counts(points, candidates)
+        out = {}
+        for pc in planned_curves(candidates):
+            for metric in performance_metrics(points).get(pc.unit, []):
+                key = CurveKey(*pc.unit[:2], metric, pc.unit[2], pc.axis, pc.fixed)
+                if key in self.frozen:
+                    out[key] = self.frozen[key]
+                    continue
+                s = self._status(key, pc, study, seeds)
+                v = study.verdicts.get(key)
+                if (s.verdict != OPEN and v is not None and v.kind == "ci" and v.verdict in DIRECTIONAL
+                        and not v.p_adj < self.final_alpha):
+                    s.verdict = _decide(replace(v), v.p_adj * self.alpha / self.final_alpha).verdict
+                s.settled_round = self.first_settled.get(key) if s.settled else None
+                out[key] = s
+        return out
+
+    def _status(self, key: CurveKey, pc: PlannedCurve, study: Study,
+                seeds: dict[tuple, tuple[int, int]]) -> CurveStatus:
+        unit = pc.unit
+        now = [seeds.get((*unit, *s), (0, 0)) for s in pc.sites]
+        have = [n > 0 for n, _ in now]
+        n_pts = int(sum(have))
+        v = study.verdicts.get(key)
+
+        def status(settled: bool, verdict: str, reason: str) -> CurveStatus:
+            return CurveStatus(key, settled, verdict, reason, n_pts, len(pc.sites),
+                               self.round if settled else None)
+        if v is None or n_pts < 2:
+            return status(False, OPEN, f"{n_pts} of {len(pc.sites)} points: too few for any verdict")
+        if not (have[0] and have[-1]):
+            return status(False, OPEN, "an end of the curve has not run: no verdict on the planned range")
+        if not all(have):
+            return status(False, v.verdict, f"{len(pc.sites) - n_pts} interior point(s) not run yet")
+        if all(n >= full for n, full in now):
+            return status(True, v.verdict, "every cell and seed of the curve has run")
+        if v.verdict == "degenerate" or v.verdict == "flat":
+            return status(True, v.verdict, "flat: every pairwise 95% CI inside the margin" if v.verdict == "flat"
+                          else "degenerate predictions")
+        if v.kind == "ordering":
+            if any(n >= 2 for n, _ in now):  # seeds ran and repeated one value: a seed-free protocol
+                return status(True, v.verdict, "seed-free cells (the seeds repeat one value): decided by the points")
+            return status(False, v.verdict, "no interval yet (one seed per cell): more seeds decide")
+        claim_ok = v.verdict in CLAIMS and np.isfinite(v.p_adj) and v.p_adj <= self.look_alpha
+        if not claim_ok and v.verdict != "noisy":
+            out = status(False, v.verdict, f"'{v.verdict}' not yet at the interim level: more seeds decide")
+            out.weight = PEAK_WEIGHT if v.claim == "peaks" else 1.0
+            return out
+        seen = self._projected(key, study, now)
+        if all(p == v.verdict for p in seen):
+            return status(True, v.verdict, f"claim at the interim level (adjusted p {v.p_adj:.1e}), stable at "
+                          "the full grid's precision" if claim_ok else "noisy, and still noisy at the full "
+                          "grid's precision")
+        out = status(False, v.verdict, f"more seeds decide: '{v.verdict}' now, '{seen[-1]}' with every seed")
+        out.weight = 2.0 if seen[0] != v.verdict else 1.0  # even the current estimates say it will move
+        if v.claim == "peaks":  # the finding that changes a recommendation; its fall is often the smallest contrast
+            out.weight *= PEAK_WEIGHT
+        return out
+
+    def _projected(self, key: CurveKey, study: Study, now: list[tuple[int, int]]) -> list[str]:
+        """Verdicts the curve would get with every planned seed: first at the current estimates, then
+        at ``draws`` predictive draws of the full-seed estimates (each point moves by
+        N(0, sigma^2 (N - n) / (N n)): the unseen seeds' mean, with the current mean's own error),
+        each with the seed part of the covariance scaled by n / N, at this look's BH cut-off."""
+        curve = study.curve(key)
+        rep = curve.replicates
+        f2 = np.array([n / max(full, 1) for n, full in now], float)  # points and sites share x order
+        if rep.no_ci or f2.size != rep.x.size or not rep.parts:
+            return ["noisy"]
+        seed_var = np.diag(rep.parts.get("seeds", np.zeros((f2.size, f2.size))))  # sigma^2 / n per point
+        move = np.sqrt(seed_var * (1.0 - f2))  # sigma^2 (N - n) / (N n) = (sigma^2 / n) (1 - n / N)
+        f = np.sqrt(f2)
+        parts = {k: (p * f[:, None] * f[None, :] if k == "seeds" else p) for k, p in rep.parts.items()}
+        p_all = [v.p_adj for v in study.verdicts.values() if np.isfinite(v.p_adj)]
+        # BH makes one more discovery at p <= alpha * (found + 1) / m
+        scale = max(len(p_all), 1) / (sum(q < self.alpha for q in p_all) + 1)
+        rng = np.random.default_rng(abs(hash(key)) % 2**32)
+        out = []
+        for d in range(self.draws + 1):
+            est = rep.estimate + (rng.normal(size=f.size) * move if d else 0.0)
+            reps = est + (rep.replicates - rep.estimate) * f
+            proj = analyse_curve(CurveReplicates(rep.x, est, reps, rep.method, parts, rep.dfs), min_effect=curve.margin)
+            out.append(_decide(proj, proj.p_claim * scale if np.isfinite(proj.p_claim) else float("nan")).verdict)
+            if out[-1] != out[0]:
+                break  # one dissenting draw is enough to keep the curve open
+        return out

@@ -1,0 +1,87 @@
+"""The adaptive round policy (analysis/adaptive): guarantees of docs/analysis.md, "Adaptive sweeps"."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis.adaptive.cells import axis_ends, candidates_from_points, planned_curves
+from analysis.adaptive.policy import OPEN, AdaptivePolicy
+from analysis.adaptive.replay import full_grid_verdicts, replay
+from analysis.adaptive.synthetic import generate_study
+
+RES = (224, 1024)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """1 dataset x 1 protocol x 2 metrics x S/B/L x 2 resolutions x 5 seeds: 12 curves."""
+    df, truths = generate_study(seed=3, n_datasets=1, protocols=("linear_probe",), metrics=("auc", "acc"),
+                                resolutions=RES)
+    return df, truths, full_grid_verdicts(df)
+
+
+def test_round_zero_is_the_corners_with_two_seeds(small):
+    df, _, _ = small
+    cands = candidates_from_points(df)
+    ends = axis_ends(cands, 2)
+    assert set(zip(ends["encoder"], ends["resolution"], strict=True)) == {
+        (e, r) for e in ("dinov3_vits16", "dinov3_vitl16") for r in (224, 1024)}
+    assert sorted(ends["seed"].unique()) == [0, 1] and len(ends) == 8  # 4 corners x 2 seeds
+    # the cost of a cell is GFLOPs x items (the n_test rows the study logged)
+    row = cands.iloc[0]
+    assert row["cost"] == pytest.approx(row["gflops"] * row["items"]) and row["items"] > 1
+    assert len(planned_curves(cands)) == 6  # 2 params + 3 resolution + 1 gflops curve per metric
+
+
+def test_budget_one_equals_the_full_grid(small):
+    df, _, full = small
+    policy = AdaptivePolicy(budget=1.0, round_share=0.5, draws=2)
+    res = replay(df, policy, full=full)
+    assert res.cost_share == pytest.approx(1.0)
+    assert policy.final_alpha == policy.alpha and not policy.frozen  # nothing frozen, nothing spent
+    assert res.agreement == 1.0, res.curves[~res.curves["same"]]
+    assert (res.curves["adaptive_verdict"] == res.curves["full_verdict"]).all() and len(res.curves) == 12
+    assert len(res.rounds) >= 2  # it still went round by round
+
+
+def test_small_budget_reports_open_curves_and_never_guesses(small):
+    df, _, full = small
+    res = replay(df, AdaptivePolicy(budget=0.15, draws=2), full=full)
+    assert res.cost_share <= 0.15 + 1e-9
+    c = res.curves
+    few = c[(c["n_points"] < 2) | (c["reason"].str.contains("an end of the curve"))]
+    assert len(few) > 0, "a budget this small cannot reach every curve"
+    assert (few["adaptive_verdict"] == OPEN).all() and (few["status"] == "open").all()
+    assert (c.loc[c["adaptive_verdict"] == OPEN, "status"] == "open").all()
+    # every open curve says why
+    assert c.loc[c["status"] == "open", "reason"].str.len().gt(0).all()
+
+
+def test_interim_looks_spend_their_level_and_freeze_only_strong_claims(small):
+    df, _, full = small
+    policy = AdaptivePolicy(budget=0.5, max_rounds=6, confidence=0.999, draws=2)
+    assert policy.final_alpha + 5 * policy.look_alpha == pytest.approx(policy.alpha)
+    res = replay(df, policy, full=full)
+    assert res.cost_share <= 0.5 + 1e-9
+    assert policy.frozen, "the power-law metric's clear claims settle before the grid is full"
+    for key, s in policy.frozen.items():
+        assert s.settled and s.verdict in ("scales", "saturates", "peaks", "inverse")
+        assert "interim level" in s.reason and s.settled_round is not None
+        row = res.curves[(res.curves["metric"] == key.metric) & (res.curves["axis"] == key.axis)
+                         & (res.curves["fixed"] == key.fixed)]
+        assert row["adaptive_verdict"].iloc[0] == s.verdict  # a frozen claim is reported as frozen
+    with pytest.raises(ValueError):
+        AdaptivePolicy(confidence=0.99, max_rounds=8)  # 7 looks x 0.01 would spend more than alpha
+
+
+def test_flat_truth_gets_no_false_claims_across_rounds():
+    """FDR across rounds on a null study: flat truth everywhere, so every claim is false; the
+    adaptive run (interim looks included) may make at most alpha of its curves' claims."""
+    df, _ = generate_study(seed=5, n_datasets=1, protocols=("linear_probe",), metrics=("auc",),
+                           resolutions=RES, case_sd=0.0)
+    df.loc[df["metric"] == "auc", "value"] = 0.8 + 0.003 * np.random.default_rng(1).normal(
+        size=int((df["metric"] == "auc").sum()))
+    res = replay(df, AdaptivePolicy(budget=0.5, draws=2))
+    claims = res.curves["adaptive_verdict"].isin(["scales", "saturates", "peaks", "inverse", "mixed"])
+    assert claims.sum() == 0, res.curves[claims]

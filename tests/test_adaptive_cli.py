@@ -1,0 +1,39 @@
+"""`medscale adaptive replay` end to end on a generated points CSV."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.adaptive.synthetic import generate_study
+from orchestrator.cli import main
+
+
+def test_replay_cli_writes_every_output_and_prints_agreement_last(tmp_path, capsys):
+    df, _ = generate_study(seed=1, n_datasets=1, protocols=("linear_probe",), metrics=("auc",),
+                           resolutions=(224, 1024))
+    points = tmp_path / "points.csv"
+    df.to_csv(points, index=False)
+    out = tmp_path / "replay"
+    assert main(["adaptive", "replay", "--points", str(points), "--out", str(out), "--budget", "0.6"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    fields = dict(kv.split("=") for kv in last.split())
+    assert set(fields) == {"agreement", "cost"}
+    assert 0.0 <= float(fields["agreement"]) <= 1.0 and 0.0 < float(fields["cost"]) <= 0.6
+    curves = pd.read_csv(out / "curves.csv")
+    assert len(curves) == 6 and {"full_verdict", "adaptive_verdict", "status", "reason"} <= set(curves.columns)
+    assert float(fields["agreement"]) == round(curves["same"].mean(), 3)
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert rounds["round"].tolist() == list(range(len(rounds))) and rounds["spent_share"].is_monotonic_increasing
+    assert abs(rounds["spent_share"].iloc[-1] - float(fields["cost"])) < 1e-3
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == rounds["cells"].sum() and cells["reason"].notna().all()
+    assert (out / "summary.json").is_file()
+
+
+def test_replay_cli_rejects_a_bad_budget(tmp_path, capsys):
+    df, _ = generate_study(seed=1, n_datasets=1, protocols=("linear_probe",), metrics=("auc",),
+                           resolutions=(224, 1024))
+    df.to_csv(tmp_path / "p.csv", index=False)
+    assert main(["adaptive", "replay", "--points", str(tmp_path / "p.csv"), "--out", str(tmp_path / "o"),
+                 "--budget", "0"]) == 2
+    assert "--budget" in capsys.readouterr().err
