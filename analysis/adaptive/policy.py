@@ -48,7 +48,9 @@ from analysis.bootstrap import CurveReplicates
 from analysis.curves import CurveKey
 from analysis.data_axis import full_data, has_data_axis
 from analysis.study import Study, build_study
-from analysis.verdict import ALPHA, DIRECTIONAL, _decide, analyse_curve
+from analysis.verdict import analyse_curve
+from analysis.verdict_model import ALPHA, DIRECTIONAL
+from analysis.verdict_text import _decide
 
 OPEN = "open"  # the adaptive verdict of a curve with too few points (or no end) for any verdict
 CLAIMS = tuple(v for v in DIRECTIONAL if v != "mixed")
@@ -178,11 +180,8 @@ class AdaptivePolicy:
         frozen at this look (an interim look: one of at most ``max_rounds - 1``)."""
         study = self.judge(points)
         seeds = seed_counts(points, candidates)
-        out = {}
-        for pc in planned_curves(candidates):
-            for metric in performance_metrics(points).get(pc.unit, []):
-                key = CurveKey(*pc.unit[:2], metric, pc.unit[2], pc.axis, pc.fixed)
-                out[key] = self.frozen.get(key) or self._status(key, pc, study, seeds)
+        out = {key: self.frozen.get(key) or self._status(key, pc, study, seeds)
+               for key, pc in _curve_keys(points, candidates)}
         for k, s in out.items():
             if s.settled:
                 self.first_settled.setdefault(k, self.round)
@@ -199,19 +198,17 @@ class AdaptivePolicy:
         study = self.judge(points)
         seeds = seed_counts(points, candidates)
         out = {}
-        for pc in planned_curves(candidates):
-            for metric in performance_metrics(points).get(pc.unit, []):
-                key = CurveKey(*pc.unit[:2], metric, pc.unit[2], pc.axis, pc.fixed)
-                if key in self.frozen:
-                    out[key] = self.frozen[key]
-                    continue
-                s = self._status(key, pc, study, seeds)
-                v = study.verdicts.get(key)
-                if (s.verdict != OPEN and v is not None and v.kind == "ci" and v.verdict in DIRECTIONAL
-                        and not v.p_adj < self.final_alpha):
-                    s.verdict = _decide(replace(v), v.p_adj * self.alpha / self.final_alpha).verdict
-                s.settled_round = self.first_settled.get(key) if s.settled else None
-                out[key] = s
+        for key, pc in _curve_keys(points, candidates):
+            if key in self.frozen:
+                out[key] = self.frozen[key]
+                continue
+            s = self._status(key, pc, study, seeds)
+            v = study.verdicts.get(key)
+            if (s.verdict != OPEN and v is not None and v.kind == "ci" and v.verdict in DIRECTIONAL
+                    and not v.p_adj < self.final_alpha):
+                s.verdict = _decide(replace(v), v.p_adj * self.alpha / self.final_alpha).verdict
+            s.settled_round = self.first_settled.get(key) if s.settled else None
+            out[key] = s
         return out
 
     def _status(self, key: CurveKey, pc: PlannedCurve, study: Study,
@@ -283,3 +280,10 @@ class AdaptivePolicy:
             if out[-1] != out[0]:
                 break  # one dissenting draw is enough to keep the curve open
         return out
+
+
+def _curve_keys(points: pd.DataFrame, candidates: pd.DataFrame):
+    """(curve key, its planned curve) for every metric the points hold of every planned curve."""
+    for pc in planned_curves(candidates):
+        for metric in performance_metrics(points).get(pc.unit, []):
+            yield CurveKey(*pc.unit[:2], metric, pc.unit[2], pc.axis, pc.fixed), pc
