@@ -66,11 +66,19 @@ def _window(cells: pd.DataFrame) -> tuple[float, float] | None:
     return best
 
 
+def weights_class(kind: str) -> str:
+    """Pretrained weights from the hub and from a local file compare with each other (a released
+    checkpoint is a checkpoint wherever it was read from); random-init cells only with random ones."""
+    return "pretrained" if kind in ("hub", "file") else kind
+
+
 def matched_compute(agg: pd.DataFrame) -> pd.DataFrame:
-    """One row per family per (dataset, protocol, metric, weights) with >= 2 families (FAMILY_COLUMNS)."""
+    """One row per family per (dataset, protocol, metric, weights class) with >= 2 families
+    (FAMILY_COLUMNS; `weights` holds the class: random or pretrained)."""
     rows = []
     if "family" not in agg.columns or agg.empty:
         return pd.DataFrame(columns=FAMILY_COLUMNS)
+    agg = agg.assign(weights=agg["weights"].fillna("").astype(str).map(weights_class))
     for key, cells in agg.groupby(["dataset", "protocol", "metric", "weights"], sort=True):
         cells = cells[np.isfinite(cells["gflops"].astype(float)) & np.isfinite(cells["mean"].astype(float))]
         if cells["family"].nunique() < 2:

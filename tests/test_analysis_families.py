@@ -88,3 +88,15 @@ def test_one_family_keeps_the_curves_it_always_had(tmp_path):
 @pytest.mark.parametrize("name", ["biomedclip", "uni", "resnet50_trunc", "rad_dino", "meddinov3_vitb16"])
 def test_every_family_entry_names_its_family(name):
     assert family_of(name) == get_encoder_spec(name).family != "dinov3"
+
+
+def test_hub_and_file_checkpoints_meet_in_one_table_random_init_stays_apart():
+    """A domain checkpoint read with `file:` (MedDINOv3's) is compared with hub-loaded generalists;
+    a random-init cell never is."""
+    pts = family_points(with_family_column=True)
+    pts.loc[pts["encoder"] == "biomedclip", "weights"] = "file"
+    table = matched_compute(with_family(aggregate(pts), pts))
+    assert set(table["weights"]) == {"pretrained"} and "biomedclip" in set(table["family"])
+    pts.loc[pts["encoder"] == "biomedclip", "weights"] = "random"
+    table = matched_compute(with_family(aggregate(pts), pts))
+    assert "biomedclip" not in set(table[table["weights"] == "pretrained"]["family"])
