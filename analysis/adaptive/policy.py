@@ -237,7 +237,9 @@ class AdaptivePolicy:
             return status(True, v.verdict, "flat: every pairwise 95% CI inside the margin" if v.verdict == "flat"
                           else "degenerate predictions")
         if v.kind == "ordering":
-            if any(n >= 2 for n, _ in now):  # seeds ran and repeated one value: a seed-free protocol
+            # an ordering although some cell of its group ran >= 2 seeds: those seeds repeated one
+            # value, so the protocol ignores the seed (kNN) and no cell of the group needs another
+            if max((n for k, (n, _) in seeds.items() if k[:3] == unit), default=0) >= 2:
                 return status(True, v.verdict, "seed-free cells (the seeds repeat one value): decided by the points")
             return status(False, v.verdict, "no interval yet (one seed per cell): more seeds decide")
         claim_ok = v.verdict in CLAIMS and np.isfinite(v.p_adj) and v.p_adj <= self.look_alpha
