@@ -85,3 +85,16 @@ def test_flat_truth_gets_no_false_claims_across_rounds():
     res = replay(df, AdaptivePolicy(budget=0.5, draws=2))
     claims = res.curves["adaptive_verdict"].isin(["scales", "saturates", "peaks", "inverse", "mixed"])
     assert claims.sum() == 0, res.curves[claims]
+
+
+def test_points_without_gflops_cost_by_the_vit_estimate_and_plan_no_gflops_curve(small):
+    """Empty GFLOPs: the cost falls back to 2 x params x tokens, and, as in `medscale analyze`, no
+    GFLOPs curve is planned (a planned curve the analysis never makes would stay open forever)."""
+    df, _, _ = small
+    d = df.assign(gflops=float("nan"))
+    cands = candidates_from_points(d)
+    big = cands[(cands["encoder"] == "dinov3_vitl16") & (cands["resolution"] == 1024)].iloc[0]
+    assert big["cost"] == pytest.approx(2 * big["params"] * 64**2 / 1e9 * big["items"])
+    assert {pc.axis for pc in planned_curves(cands)} == {"params", "resolution"}
+    res = replay(d[d["metric"] != "acc"], AdaptivePolicy(budget=1.0, round_share=0.5, draws=2))
+    assert res.agreement == 1.0 and set(res.curves["axis"]) == {"params", "resolution"}

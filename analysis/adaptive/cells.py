@@ -71,7 +71,6 @@ def with_cost(cells: pd.DataFrame) -> pd.DataFrame:
         out["cost"] = gf * items
     else:
         out["cost"] = out["cost"].astype(float).where(out["cost"].notna(), pd.Series(gf * items, index=out.index))
-    out["gflops_eff"] = gf  # what the curves are sliced by when gflops is empty
     return out
 
 
@@ -127,12 +126,13 @@ class PlannedCurve:
 
 def planned_curves(candidates: pd.DataFrame) -> list[PlannedCurve]:
     """Every curve the full grid would have, per unit (metrics aside: each metric has them all).
-    Only cells on the whole training split make curves, as in `medscale analyze`."""
+    Only cells on the whole training split make curves, and only known GFLOPs a GFLOPs curve, as in
+    `medscale analyze`."""
     d = whole_split(candidates)
     out = []
     for unit, g in d.groupby(UNIT, sort=True, dropna=False):
         sites = (g.groupby(["encoder", "resolution"], sort=False)
-                 .agg(params=("params", "first"), gflops=("gflops_eff", "mean")).reset_index())
+                 .agg(params=("params", "first"), gflops=("gflops", "mean")).reset_index())
         for axis, fixed, rows, x in _slices(sites):
             pts = tuple((str(sites["encoder"].iloc[i]), int(sites["resolution"].iloc[i])) for i in rows)
             out.append(PlannedCurve(tuple(unit), axis, fixed, pts, tuple(float(v) for v in x)))

@@ -5,8 +5,8 @@ the ordinary analysis (`analysis.study.build_study`: the same fits, covariance a
 `medscale analyze`). A curve is *settled* when every planned point of it has run and
  - its claim passes the interim level (BH-adjusted p <= ``interim_alpha``, a Haybittle-Peto
    boundary) and would stay the same at the full grid's precision, or
- - it is `flat` (every pairwise 95% CI inside the margin), or
- - it is `noisy` and would stay `noisy` at the full grid's precision (more seeds would not decide it),
+ - it is `flat` (every pairwise 95% CI inside the margin) or `noisy`, and would stay so at the full
+   grid's precision (more seeds would not change it),
  - or its cells are seed-free (seeds repeat one value: an ordering, decided by the points),
  - or every seed of it has run (nothing left to learn).
 "At the full grid's precision": the curve's covariance with each point's seed part scaled by
@@ -230,23 +230,24 @@ class AdaptivePolicy:
             return status(False, v.verdict, f"{len(pc.sites) - n_pts} interior point(s) not run yet")
         if all(n >= full for n, full in now):
             return status(True, v.verdict, "every cell and seed of the curve has run")
-        if v.verdict == "degenerate" or v.verdict == "flat":
-            return status(True, v.verdict, "flat: every pairwise 95% CI inside the margin" if v.verdict == "flat"
-                          else "degenerate predictions")
+        if v.verdict == "degenerate":
+            return status(True, v.verdict, "degenerate predictions")
         if v.kind == "ordering":
-            if any(n >= 2 for n, _ in now):  # seeds ran and repeated one value: a seed-free protocol
+            # an ordering although some cell of its group ran >= 2 seeds: those seeds repeated one
+            # value, so the protocol ignores the seed (kNN) and no cell of the group needs another
+            if max((n for k, (n, _) in seeds.items() if k[:3] == unit), default=0) >= 2:
                 return status(True, v.verdict, "seed-free cells (the seeds repeat one value): decided by the points")
             return status(False, v.verdict, "no interval yet (one seed per cell): more seeds decide")
         claim_ok = v.verdict in CLAIMS and np.isfinite(v.p_adj) and v.p_adj <= self.look_alpha
-        if not claim_ok and v.verdict != "noisy":
+        if not claim_ok and v.verdict not in ("noisy", "flat"):
             out = status(False, v.verdict, f"'{v.verdict}' not yet at the interim level: more seeds decide")
             out.weight = PEAK_WEIGHT if v.claim == "peaks" else 1.0
             return out
         seen = self._projected(key, study, now)
         if all(p == v.verdict for p in seen):
             return status(True, v.verdict, f"claim at the interim level (adjusted p {v.p_adj:.1e}), stable at "
-                          "the full grid's precision" if claim_ok else "noisy, and still noisy at the full "
-                          "grid's precision")
+                          "the full grid's precision" if claim_ok else f"{v.verdict}, and still {v.verdict} at "
+                          "the full grid's precision")
         out = status(False, v.verdict, f"more seeds decide: '{v.verdict}' now, '{seen[-1]}' with every seed")
         out.weight = 2.0 if seen[0] != v.verdict else 1.0  # even the current estimates say it will move
         if v.claim == "peaks":  # the finding that changes a recommendation; its fall is often the smallest contrast
