@@ -22,12 +22,13 @@ $(STAMP): pyproject.toml
 # Two workers (pytest-xdist): most of a sweep test's wall time is waiting on Ray (start-up, actor
 # pools, Tune's scheduling), so two run side by side on two cores; each worker has its own local
 # Ray cluster, shared by all of its tests. A file stays on one worker (--dist loadfile), so a
-# module's fixtures (the multi-node cluster scenario, the MLflow server) run once. The slowest
-# tests are listed in docs/testing.md.
+# module's fixtures (the multi-node cluster scenario, the MLflow server) run once, and files go
+# out longest first (tests/conftest.py LONGEST_FIRST) instead of by their number of tests. The
+# slowest tests are listed in docs/testing.md.
 PYTEST := MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -p no:cacheprovider
 TEST_WORKERS ?= 2
 test: venv
-	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile --durations=15; rc=$$?; \
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # The inner loop: everything but the tests that start Ray or a sweep (marker `slow`), < 2 minutes.

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import ray
 from ray import tune
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 
 def resolve_address(address: str | None = None) -> str:
@@ -121,7 +121,13 @@ class Step:
     > 0, a class whose instances (one per actor, built with `kwargs`) are called on batches;
     `flat`: a function of one row returning many (`flat_map`); `rows_per_block`: repartition to
     blocks of that many rows after the step. The steps' code is the caller's: this module knows
-    Ray, not what is decoded or encoded."""
+    Ray, not what is decoded or encoded.
+
+    A class step that asks for no GPU runs as `actors` concurrent tasks instead of actors, its
+    instance kept by each worker process (`_call_kept`): Ray reuses a job's worker processes for
+    tasks but gives every actor a new one, which on a CPU node pays the imports (torch, timm) and
+    the model's construction again for every extraction, ~5 s of CPU each (docs/testing.md).
+    GPU steps stay actors: their device memory and compiled graphs belong to one process."""
 
     fn: Any
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -133,6 +139,19 @@ class Step:
     rows_per_block: int | None = None
 
 
+# This worker process's instance of a CPU class step (`Step`): one at a time, so a process never
+# holds the models of earlier extractions; rebuilt when the class or its arguments change.
+_KEPT: dict[str, Any] = {}
+
+
+def _call_kept(batch: dict[str, Any], *, cls: type, kwargs: dict[str, Any]) -> Any:
+    key = f"{cls.__module__}.{cls.__qualname__}({sorted(kwargs.items())!r})"
+    if _KEPT.get("key") != key:
+        _KEPT.clear()  # drop the old instance before building the new one
+        _KEPT.update(key=key, instance=cls(**kwargs))
+    return _KEPT["instance"](batch)
+
+
 def run_dataset(rows: list[dict[str, Any]], steps: list[Step], *, blocks: int, out_dir: str | None = None,
                 filesystem: Any = None, partition_cols: list[str] | None = None) -> list[dict[str, Any]]:
     """Rows -> `blocks` blocks -> each step in turn -> Parquet partitioned by `partition_cols` under
@@ -141,6 +160,10 @@ def run_dataset(rows: list[dict[str, Any]], steps: list[Step], *, blocks: int, o
     for st in steps:
         if st.flat:
             ds = ds.flat_map(st.fn, fn_kwargs=st.kwargs, num_cpus=st.num_cpus)
+        elif st.actors and not st.num_gpus:
+            ds = ds.map_batches(_call_kept, batch_size=st.batch_size, batch_format="numpy",
+                                fn_kwargs={"cls": st.fn, "kwargs": st.kwargs},
+                                compute=TaskPoolStrategy(size=st.actors), num_cpus=st.num_cpus)
         elif st.actors:
             ds = ds.map_batches(st.fn, batch_size=st.batch_size, batch_format="numpy",
                                 fn_constructor_kwargs=st.kwargs, compute=ActorPoolStrategy(size=st.actors),

@@ -30,9 +30,22 @@ SLOW_TESTS = ("test_a_broken_dataset_root_exits_nonzero_and_names_the_failed_cel
               "test_plan_counts_encoder_work_once_per_group")
 
 
+# The files that take longest, slowest first (`--durations`, docs/testing.md). With two xdist
+# workers each taking whole files (`--dist loadfile --no-loadscope-reorder`), starting the longest
+# first keeps one worker from running a 4-minute file alone at the end while the other idles.
+LONGEST_FIRST = ("test_sweep.py", "test_identity.py", "test_wsi_sweep.py", "test_cluster.py",
+                 "test_seg3d_sweep.py", "test_datasets_breadth.py", "test_dense_sweep.py", "test_plan_cost.py",
+                 "test_seg2d_sweep.py", "test_console.py", "test_data_axis.py", "test_em_sweep.py",
+                 "test_extract.py", "test_analysis_pipeline.py", "test_seg3d_learn.py",
+                 "test_registration_sweep.py", "test_volumes.py", "test_endovis18_types.py")
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that needs a Ray cluster is `slow` (a marker `make test-fast` leaves out), and so
-    are the few above: the inner loop runs the pure logic, the contracts and the file formats."""
+    are the few above: the inner loop runs the pure logic, the contracts and the file formats.
+    The longest files go first (a stable sort: the order inside a file is kept)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     for item in items:
         if ("ray_session" in getattr(item, "fixturenames", ()) or item.path.name in SLOW_FILES
                 or item.originalname in SLOW_TESTS):
@@ -46,6 +59,16 @@ def ray_session():
     resources = ray_backend.start("local", num_cpus=2, object_store_memory=256 * 1024**2)
     yield resources
     ray_backend.stop()
+
+
+@pytest.fixture
+def joined_env(ray_session) -> dict[str, str]:
+    """The environment for a CLI sweep run as a subprocess that joins this session's cluster
+    through RAY_ADDRESS, as a driver does under `ray job submit`, instead of starting its own (a
+    second cluster per process costs seconds of CPU the other tests would wait for)."""
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture

@@ -373,7 +373,7 @@ def pd_read(path):
     return pd.read_csv(path)
 
 
-def test_a_broken_dataset_root_exits_nonzero_and_names_the_failed_cells(synth_roots, tmp_path):
+def test_a_broken_dataset_root_exits_nonzero_and_names_the_failed_cells(joined_env, synth_roots, tmp_path):
     """`python sweep.py` (what `ray job submit` runs) as a subprocess: exit 1 after the summary when
     a cell failed, naming it; 0 with --allow-failures; 2 when a dataset root is missing outright."""
     import shutil
@@ -387,7 +387,7 @@ def test_a_broken_dataset_root_exits_nonzero_and_names_the_failed_cells(synth_ro
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, str(REPO / "sweep.py"), "--config", str(path)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**joined_env, "PYTHONPATH": str(REPO)}  # joins this session's cluster, as under `ray job submit`
 
     def sweep(*flags: str) -> subprocess.CompletedProcess:
         return subprocess.run([*cmd, *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -99,14 +99,16 @@ def _count(db: Path, status: str) -> int:
         return 0
 
 
-def test_kill_driver_then_resume_completes_only_the_rest(synth_roots, tmp_path):
+def test_kill_driver_then_resume_completes_only_the_rest(joined_env, synth_roots, tmp_path):
+    """The driver (`python sweep.py` on a running cluster, as `ray job submit` starts it) is killed
+    mid-sweep; its Ray job ends with it. A plain rerun refuses, --resume runs only what is left."""
     raw = sweep_config(tmp_path, synth_roots, grid={"resolutions": [32, 48, 64]},
                        protocols={"linear_probe": {"epochs": 1500}})
     cfg_path = tmp_path / "sweep.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     cfg = parse_config(raw)
     db = cfg.output_path / "mlflow.db"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = joined_env
     cmd = [sys.executable, str(REPO / "sweep.py"), "--config", str(cfg_path)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -117,7 +119,7 @@ def test_kill_driver_then_resume_completes_only_the_rest(synth_roots, tmp_path):
         assert proc.poll() is None, f"sweep ended before it could be killed:\n{proc.stdout.read().decode()}"
         done_before = _count(db, "FINISHED")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver: Ray ends its job (trials, actors)
         proc.wait()
     assert 2 <= done_before < 12
 
