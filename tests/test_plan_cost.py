@@ -1,4 +1,4 @@
-"""`medscale plan`: counts from the index (unknown without data), cache bytes within 10% of what a
+"""`medscale plan`: counts from the index (unknown without data), cache bytes within 5% of what a
 sweep writes, cached state after a run, the pretraining-resolution warning, the plan as files and
 as an MLflow run."""
 
@@ -114,7 +114,10 @@ def test_planned_cache_bytes_and_items_match_a_sweep(ray_session, synth_roots, t
         planned = before[(j.encoder, j.resolution, j.dataset)]
         written = sum(_entry_bytes(cache, k) for k in ex.keys.values())
         assert planned.items == ex.n_encoded  # exact: every indexed image, once
-        assert abs(planned.cache_bytes - written) <= 0.10 * written, (planned.cache_bytes, written)
+        assert abs(planned.cache_bytes - written) <= 0.05 * written, (planned.cache_bytes, written)
+        for k in ex.keys.values():  # few large files: Ray's one file per block is compacted at commit
+            files = [f for f in Path(cache.entry_path(k)).rglob("*.parquet")]
+            assert len(files) <= 2 and cache.meta(k)["files"] == [f.name for f in files], files
     # after the run the weights digests are known: the plan sees the cache
     assert {e.cached for e in plan_sweep(cfg).extractions} == {"yes"}
     # printed and saved before the sweep, and logged as the sweep's plan run

@@ -113,25 +113,27 @@ def failed_rows(fs: Any, part: str) -> dict[str, str]:
 
 def commit_splits(cache: FeatureCache, scratch: str, keys: dict[str, CacheKey], splits: list[str],
                   meta: dict[str, Any], failed: dict[str, dict[str, str]] | None = None) -> tuple[int, dict[str, str]]:
-    """Move `scratch/split=<s>` directories into their cache entries. Returns (good rows committed,
-    {case_id: error} of the cases left out). Failed image rows stay in the files (zero embedding,
-    error set; `FeatureCache.read_table` drops them); `failed` gives, per split, cases already
-    left out of the files (volumes dropped by `pool_volumes`). The entry's metadata names them."""
-    import pyarrow.dataset as pads
+    """Compact each `scratch/split=<s>` directory into one Parquet file (store.compact) and move it
+    into its cache entry. Returns (good rows committed, {case_id: error} of the cases left out).
+    Failed image rows stay in the files (zero embedding, error set; `FeatureCache.read_table` drops
+    them); `failed` gives, per split, cases already left out of the files (volumes dropped by
+    `pool_volumes`). The entry's metadata names them."""
+    from orchestrator.store.compact import LAYOUT, compact_parquet
 
     counts: dict[str, tuple[int, dict[str, str]]] = {}
     for split in splits:
         part = f"{scratch}/split={split}"
-        ds = pads.dataset(part, filesystem=cache.fs, format="parquet")
+        rows = compact_parquet(cache.fs, part)
         bad = failed.get(split, {}) if failed is not None else failed_rows(cache.fs, part)
-        n = ds.count_rows() - (0 if failed is not None else len(bad))
+        n = rows - (0 if failed is not None else len(bad))
         if n == 0:  # nothing to train or score on: fail the extraction, with the first reason
             raise ValueError(f"every case of the {split} split failed to decode; first: "
                              f"{next(iter(bad.values()), 'none recorded')}")
         counts[split] = (n, bad)
     all_failed: dict[str, str] = {}
     for split, (n, bad) in counts.items():
-        cache.commit(keys[split], f"{scratch}/split={split}", {**meta, "n_rows": n, "split": split, "failed": bad})
+        cache.commit(keys[split], f"{scratch}/split={split}",
+                     {**meta, "n_rows": n, "split": split, "failed": bad, "layout": LAYOUT})
         all_failed.update(bad)
     cache.release(scratch)
     return sum(n for n, _ in counts.values()), all_failed
