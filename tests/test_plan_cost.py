@@ -60,6 +60,8 @@ def test_plan_of_the_paper_grid_runs_without_data(tmp_path):
         assert e.bound in ("gpu", "decode", "disk") and e.device_hours is not None
     s224 = next(e for e in h200.extractions if e.encoder == "dinov3_vits16" and e.resolution == 224)
     assert s224.bound == "decode" and s224.items_per_s == pytest.approx(decode_rate("H200", 224))
+    # decode workers only decode (the actor resizes on the GPU): one decode rate for every resolution
+    assert decode_rate("H200", 224) == decode_rate("H200", 1024) == pytest.approx(16 * 1000 / 4.5)
 
 
 def test_utilisation_fit_follows_the_measured_rows():
