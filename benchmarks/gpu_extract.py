@@ -72,7 +72,9 @@ def pixels(n: int, r: int, seed: int = 0) -> np.ndarray:
 
 
 def image_batch(px: np.ndarray) -> dict[str, Any]:
-    """A decoded batch as decode.decode_batch hands it to the actor."""
+    """A batch of images already at the encoder's size, uint8 (B, 3, r, r): the actor's forward
+    path alone (decode.decode_batch now hands over full-size images and the actor resizes them on
+    its device first, tasks/device_resize.py; that resize is not timed here)."""
     n = len(px)
     return {"case_id": [f"c{i}" for i in range(n)], "split": ["train"] * n, "patient_id": [f"p{i}" for i in range(n)],
             "target": [[0]] * n, "error": np.array([""] * n, dtype=object), "pixels": px}

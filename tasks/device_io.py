@@ -27,7 +27,7 @@ class DeviceIO:
     def upload(self, x: torch.Tensor) -> torch.Tensor:
         """A host batch on the device; on CUDA copied from pinned memory on the input stream, which
         the compute stream then waits for (so the copy overlaps whatever the GPU is computing)."""
-        if not self.cuda:
+        if not self.cuda or x.device == self.device:  # already there (resized on the device)
             return x.to(self.device)
         src = x if x.is_pinned() else x.pin_memory()
         compute = torch.cuda.current_stream(self.device)

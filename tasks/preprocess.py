@@ -1,9 +1,11 @@
-"""Image preprocessing shared by every 2D dataset: decode result -> uint8 (3, r, r).
+"""Image preprocessing on CPU workers: decode result -> uint8 (3, r, r), for what is still resized
+where it is decoded (CT slices, slide tiles, dense cases). 2D images of the pooled pipeline leave
+their decode worker as decoded and are resized on the encoder's device (tasks/device_resize.py).
 
 Normalisation (mean/std) is not done here: the encoder applies its own pretrained statistics, so the
 cache stores what the encoder saw and the decode workers ship compact uint8 to the encoder actors.
-Bump PREPROCESS_VERSION whenever the output of `prepare_image` changes for the same input: it is
-part of every feature-cache key.
+Bump PREPROCESS_VERSION whenever the output of `prepare_image` or `device_resize` changes for the
+same input: it is part of every feature-cache key.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-PREPROCESS_VERSION = "1"
+# 2: 2D images are resized on the encoder's device (tasks/device_resize.py: torch's antialiased
+# interpolation, not PIL's; pixels differ by a few levels), so no entry of version 1 is reused.
+PREPROCESS_VERSION = "2"
 # Whole image resized to a square, no crop: a centre crop would cut lung apices and costophrenic
 # angles off chest films, and the paper feeds square inputs (224..1024 px) to every encoder.
 RESIZE_POLICY = "resize-full-image-to-square-no-crop"

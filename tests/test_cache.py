@@ -138,3 +138,53 @@ def test_rows_that_failed_to_decode_are_named_and_never_read(tmp_path):
     ids, X, _, _ = cache.read_arrays(KEY)
     assert ids == ["c0", "c1", "c3"]
     np.testing.assert_array_equal(X, emb[[0, 1, 3]])
+
+
+def test_a_split_of_many_block_files_is_committed_as_one_file_whose_bytes_the_plan_predicts(tmp_path):
+    """Ray writes a file per block; the commit compacts a split into one file with full row groups,
+    the rows unchanged, and its size is what plan.build.pooled_bytes predicts (the demo's layout:
+    NIH-14's 14 classes, a 384-wide ViT-S embedding, ids as long as NIH-14's)."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.extraction.images import commit_splits
+    from orchestrator.plan.build import pooled_bytes
+    from orchestrator.store import compact
+
+    cache = FeatureCache(str(tmp_path / "c"))
+    scratch = cache.scratch_dir()
+    rng = np.random.default_rng(2)
+    n, dim, blocks = 1200, 384, 40
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    ids = [f"{i:08d}_000.png" for i in range(n)]
+    batch = {"case_id": ids, "split": ["train"] * n, "patient_id": [f"{i // 3:08d}" for i in range(n)],
+             "target": rng.integers(0, 2, size=(n, 14)).tolist(), "error": [""] * n}
+    Path(f"{scratch}/split=train").mkdir(parents=True)
+    for b in range(blocks):  # like Ray's blocks: a file each, in no particular order of case ids
+        sel = slice(b * n // blocks, (b + 1) * n // blocks)
+        part = {k: v[sel] for k, v in batch.items()}
+        pq.write_table(embeddings_table(part, emb[sel]).drop_columns(["split"]), f"{scratch}/split=train/b{b:03d}.parquet")
+    assert commit_splits(cache, scratch, {"train": KEY}, ["train"], {}) == (n, {})
+    entry = Path(cache.entry_path(KEY))
+    files = sorted(entry.rglob("*.parquet"))
+    assert [f.name for f in files] == [compact.FILE_NAME] == cache.meta(KEY)["files"]
+    assert cache.meta(KEY)["layout"] == compact.LAYOUT
+    meta = pq.ParquetFile(files[0]).metadata
+    assert meta.num_row_groups == 1 and meta.num_rows == n  # one group of 1,200, not 40 of 30
+    got_ids, X, Y, _ = cache.read_arrays(KEY)
+    assert got_ids == ids
+    np.testing.assert_array_equal(X, emb)
+    np.testing.assert_array_equal(Y, np.array(batch["target"]))
+    written = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+    id_bytes = float(np.mean([len(c) for c in ids]) + np.mean([len(p) for p in batch["patient_id"]]))
+    planned = pooled_bytes({"train": n}, dim, id_bytes, 14)
+    assert abs(planned - written) <= 0.02 * written, (planned, written)
+
+
+def test_row_groups_hold_about_64_mib_of_embeddings():
+    import pyarrow as pa
+
+    from orchestrator.store.compact import row_group_rows
+
+    schema = pa.schema([("embedding", pa.list_(pa.float32(), 1024))])
+    assert row_group_rows(schema) == (64 << 20) // (4 * 1024 + 64)  # ViT-L: ~16k rows a group
+    assert row_group_rows(pa.schema([("embedding", pa.list_(pa.float32(), 1 << 20))])) == 1024

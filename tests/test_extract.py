@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from orchestrator.extraction.jobs import ExtractionJob
 from orchestrator.extraction.phase import extract_one
@@ -19,8 +18,8 @@ from orchestrator.extraction.weights import DigestMemo
 from orchestrator.grid.config import parse_config
 from orchestrator.store.cache import FeatureCache
 from tasks.datasets import get_dataset
+from tasks.device_resize import as_chw, resize_on_device
 from tasks.encoders import create_encoder
-from tasks.preprocess import prepare_image
 
 from .conftest import REPO, TINY, sweep_config
 
@@ -54,13 +53,14 @@ def test_second_extraction_encodes_nothing_and_matches_bare_encoder(ray_session,
         np.testing.assert_array_equal(Y, np.stack(sub["target"].to_numpy()))
         assert X.shape == (len(sub), 2 * 64) and X.dtype == np.float32
 
-    # The pipeline's features equal the bare encoder's on the same images.
+    # The pipeline's features equal the bare encoder's on the same images, resized as the actor
+    # does it (on its device; tests/test_device_resize.py compares that with PIL's resize).
     enc = create_encoder(TINY, weights="random", device="cpu")
     assert enc.weights.digest == first.weights_digest
     ids, X, _, _ = cache.read_arrays(first.keys["test"])
     rows = index.set_index("case_id").loc[ids[:8]]
-    pixels = np.stack([prepare_image(ds.read_image(p), 32) for p in rows["path"]])
-    np.testing.assert_allclose(enc.embed(torch.from_numpy(pixels), pooling="cls+mean"), X[:8], rtol=1e-4, atol=1e-5)
+    pixels = resize_on_device([as_chw(ds.read_image(p)) for p in rows["path"]], 32, "bicubic", enc.io)
+    np.testing.assert_allclose(enc.embed(pixels, pooling="cls+mean"), X[:8], rtol=1e-4, atol=1e-5)
 
 
 def test_a_new_resolution_is_a_new_key(ray_session, synth_roots, tmp_path):

@@ -1,4 +1,4 @@
-"""`medscale plan`: counts from the index (unknown without data), cache bytes within 10% of what a
+"""`medscale plan`: counts from the index (unknown without data), cache bytes within 5% of what a
 sweep writes, cached state after a run, the pretraining-resolution warning, the plan as files and
 as an MLflow run."""
 
@@ -60,6 +60,8 @@ def test_plan_of_the_paper_grid_runs_without_data(tmp_path):
         assert e.bound in ("gpu", "decode", "disk") and e.device_hours is not None
     s224 = next(e for e in h200.extractions if e.encoder == "dinov3_vits16" and e.resolution == 224)
     assert s224.bound == "decode" and s224.items_per_s == pytest.approx(decode_rate("H200", 224))
+    # decode workers only decode (the actor resizes on the GPU): one decode rate for every resolution
+    assert decode_rate("H200", 224) == decode_rate("H200", 1024) == pytest.approx(16 * 1000 / 4.5)
 
 
 def test_utilisation_fit_follows_the_measured_rows():
@@ -114,7 +116,10 @@ def test_planned_cache_bytes_and_items_match_a_sweep(ray_session, synth_roots, t
         planned = before[(j.encoder, j.resolution, j.dataset)]
         written = sum(_entry_bytes(cache, k) for k in ex.keys.values())
         assert planned.items == ex.n_encoded  # exact: every indexed image, once
-        assert abs(planned.cache_bytes - written) <= 0.10 * written, (planned.cache_bytes, written)
+        assert abs(planned.cache_bytes - written) <= 0.05 * written, (planned.cache_bytes, written)
+        for k in ex.keys.values():  # few large files: Ray's one file per block is compacted at commit
+            files = [f for f in Path(cache.entry_path(k)).rglob("*.parquet")]
+            assert len(files) <= 2 and cache.meta(k)["files"] == [f.name for f in files], files
     # after the run the weights digests are known: the plan sees the cache
     assert {e.cached for e in plan_sweep(cfg).extractions} == {"yes"}
     # printed and saved before the sweep, and logged as the sweep's plan run

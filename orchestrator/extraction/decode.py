@@ -1,6 +1,8 @@
-"""Worker-side decoding: index rows -> uint8 pixel batches (B, 3, r, r) for the encoder actors.
+"""Worker-side decoding: index rows -> uint8 pixel batches for the encoder actors.
 
-Run by Ray Data's CPU tasks (`ray_backend`): `decode_batch` (images), `decode_volumes` (CT
+Run by Ray Data's CPU tasks (`ray_backend`): `decode_batch` (images, handed over as decoded:
+uint8 (C, H, W), grey kept one channel; the actor resizes them on its device, tasks/device_resize.py),
+`decode_volumes` (CT
 volumes, each read forward once, its slices batched as they come) and `decode_by_file` (items of
 a few files, as slide tiles: extraction.slides.decode_tiles). An item that cannot be read fails alone:
 its row carries the error (file and problem), its pixels stay zero and are never encoded.
@@ -18,19 +20,22 @@ import numpy as np
 from tasks.errors import DatasetError
 
 
-def decode_batch(batch: dict[str, Any], dataset: str, root: str, resolution: int,
-                 interpolation: str, val_fraction: float, split_seed: int, options: str = "{}") -> dict[str, Any]:
-    """Read and resize one batch of images to uint8 (B, 3, r, r). Runs on CPU workers.
+def decode_batch(batch: dict[str, Any], dataset: str, root: str, val_fraction: float, split_seed: int,
+                 options: str = "{}") -> dict[str, Any]:
+    """Read one batch of images as decoded, uint8 (C, H, W), C 1 for grey sources or 3. Runs on CPU
+    workers; the resize to the encoder's resolution is the actor's (on its device), which takes the
+    costliest half of the per-image work off these cores (docs/gpu.md). `pixels` is a (B, C, H, W)
+    array when every image has one shape, else an object array of them.
 
     An item that cannot be read or prepared fails alone: its row carries the error (named file,
     problem), its pixels stay zero and are never encoded, and the commit leaves it out of the
     cache entry and names it (`failed_rows`). One corrupt file never stops a dataset."""
     from tasks.datasets import get_dataset
-    from tasks.preprocess import prepare_image
+    from tasks.device_resize import as_chw
 
     ds = get_dataset(dataset, root, val_fraction=val_fraction, seed=split_seed, **json.loads(options))
     paths = [str(p) for p in batch["path"]]
-    pixels = np.zeros((len(paths), 3, resolution, resolution), dtype=np.uint8)
+    decoded: list[np.ndarray | None] = [None] * len(paths)
     errors = [""] * len(paths)
     try:
         images: list[Any] = ds.read_images(paths)  # the fast path: a dataset may batch its reads
@@ -45,14 +50,27 @@ def decode_batch(batch: dict[str, Any], dataset: str, root: str, resolution: int
         try:
             if isinstance(img, Exception):
                 raise img
-            pixels[i] = prepare_image(img, resolution, interpolation)
+            decoded[i] = as_chw(img)
         except DatasetError as e:
             errors[i] = str(e)
         except Exception as e:  # noqa: BLE001 - a malformed decoded array: name the file
             errors[i] = str(DatasetError(path, f"cannot prepare image: {e}"))
     out = {k: batch[k] for k in ("case_id", "split", "patient_id", "target")}
-    out["pixels"] = pixels
+    out["pixels"] = _stack(decoded)
     out["error"] = np.array(errors, dtype=object)
+    return out
+
+
+def _stack(images: list[np.ndarray | None]) -> np.ndarray:
+    """One (B, C, H, W) array when the images share a shape (failed rows: zeros of that shape),
+    else an object array of (C, H, W) arrays (failed rows: one zero pixel)."""
+    good = [im for im in images if im is not None]
+    shapes = {im.shape for im in good}
+    if len(shapes) <= 1:
+        shape = shapes.pop() if shapes else (1, 1, 1)
+        return np.stack([np.zeros(shape, np.uint8) if im is None else im for im in images])
+    out = np.empty(len(images), dtype=object)
+    out[:] = [np.zeros((1, 1, 1), np.uint8) if im is None else im for im in images]
     return out
 
 

@@ -1,7 +1,8 @@
 """Embed a dataset once per (encoder, weights, resolution, pooling) into the feature cache.
 
 The pipeline (run by `pipelines.run_embedding_pipeline`): index rows -> `decode.decode_batch` on
-CPU workers (read, decode, resize to uint8) -> `EncoderUDF` in an actor pool (GPU when present) ->
+CPU workers (read, decode to uint8) -> `EncoderUDF` in an actor pool (GPU when present; resizes
+on its device, then embeds) ->
 Parquet partitioned by split in a scratch directory -> one cache entry per split, committed
 atomically. This module holds the logic and the worker-side callables; it never imports Ray.
 """
@@ -26,11 +27,14 @@ class EncoderUDF:
     With a planned bf16 precision the weights are held in bf16 (after the digest check: the digest
     is the loaded state dict's). `compile` (resources.compile, planned on GPU actors only) compiles
     the forward at a fixed batch of `batch_size / chunks`. On CUDA each batch is streamed in
-    `chunks` pieces, so the host's copy of one piece overlaps the forward of the previous one."""
+    `chunks` pieces, so the host's copy of one piece overlaps the forward of the previous one.
+    With `resolution`, the batches hold images as decoded (uint8 (C, H, W), any size) and are
+    resized here, on the encoder's device (tasks/device_resize.py); without it, uint8 (B, 3, r, r)."""
 
     def __init__(self, encoder: str, weights: str, pooling: str, expected_digest: str,
                  torch_threads: int | None = None, expected_precision: str | None = None,
-                 compile: bool = False, batch_size: int | None = None, chunks: int | None = None):
+                 compile: bool = False, batch_size: int | None = None, chunks: int | None = None,
+                 resolution: int | None = None, interpolation: str = "bicubic"):
         import torch
 
         from tasks.encoders import create_encoder
@@ -45,6 +49,7 @@ class EncoderUDF:
         if expected_precision == "bf16":
             self.encoder.hold_bf16()
         self.pooling = pooling
+        self.resolution, self.interpolation = resolution, interpolation
         self.chunks = max(1, chunks or (CUDA_CHUNKS if cuda else 1))
         if compile and cuda and batch_size:
             self.encoder.enable_compile(-(-batch_size // self.chunks))
@@ -54,6 +59,12 @@ class EncoderUDF:
         return [pixels[i:i + step] for i in range(0, len(pixels), step)]
 
     def embed(self, pixels: Any) -> np.ndarray:
+        if self.resolution is not None:
+            from tasks.device_resize import resize_on_device
+
+            # One resize of the batch on the device; its pieces then stream through the encoder
+            # as host batches do (DeviceIO passes device tensors through).
+            pixels = resize_on_device(list(pixels), self.resolution, self.interpolation, self.encoder.io)
         return np.concatenate(list(self.encoder.embed_stream(self.pieces(pixels), self.pooling)))
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
@@ -113,25 +124,27 @@ def failed_rows(fs: Any, part: str) -> dict[str, str]:
 
 def commit_splits(cache: FeatureCache, scratch: str, keys: dict[str, CacheKey], splits: list[str],
                   meta: dict[str, Any], failed: dict[str, dict[str, str]] | None = None) -> tuple[int, dict[str, str]]:
-    """Move `scratch/split=<s>` directories into their cache entries. Returns (good rows committed,
-    {case_id: error} of the cases left out). Failed image rows stay in the files (zero embedding,
-    error set; `FeatureCache.read_table` drops them); `failed` gives, per split, cases already
-    left out of the files (volumes dropped by `pool_volumes`). The entry's metadata names them."""
-    import pyarrow.dataset as pads
+    """Compact each `scratch/split=<s>` directory into one Parquet file (store.compact) and move it
+    into its cache entry. Returns (good rows committed, {case_id: error} of the cases left out).
+    Failed image rows stay in the files (zero embedding, error set; `FeatureCache.read_table` drops
+    them); `failed` gives, per split, cases already left out of the files (volumes dropped by
+    `pool_volumes`). The entry's metadata names them."""
+    from orchestrator.store.compact import LAYOUT, compact_parquet
 
     counts: dict[str, tuple[int, dict[str, str]]] = {}
     for split in splits:
         part = f"{scratch}/split={split}"
-        ds = pads.dataset(part, filesystem=cache.fs, format="parquet")
+        rows = compact_parquet(cache.fs, part)
         bad = failed.get(split, {}) if failed is not None else failed_rows(cache.fs, part)
-        n = ds.count_rows() - (0 if failed is not None else len(bad))
+        n = rows - (0 if failed is not None else len(bad))
         if n == 0:  # nothing to train or score on: fail the extraction, with the first reason
             raise ValueError(f"every case of the {split} split failed to decode; first: "
                              f"{next(iter(bad.values()), 'none recorded')}")
         counts[split] = (n, bad)
     all_failed: dict[str, str] = {}
     for split, (n, bad) in counts.items():
-        cache.commit(keys[split], f"{scratch}/split={split}", {**meta, "n_rows": n, "split": split, "failed": bad})
+        cache.commit(keys[split], f"{scratch}/split={split}",
+                     {**meta, "n_rows": n, "split": split, "failed": bad, "layout": LAYOUT})
         all_failed.update(bad)
     cache.release(scratch)
     return sum(n for n, _ in counts.values()), all_failed

@@ -1,7 +1,8 @@
 """The extraction pipelines, built from `ray_backend.run_dataset` steps: what runs where (decode
 on CPU tasks, encoders in an actor pool) is decided here; how Ray runs it, in ray_backend.
 
-- `run_embedding_pipeline`: index rows -> `decode_batch` -> `EncoderUDF` -> Parquet by split;
+- `run_embedding_pipeline`: index rows -> `decode_batch` (decode only) -> `EncoderUDF` (resize on
+  its device, embed) -> Parquet by split;
 - `run_slice_pipeline` (CT volumes): one decode task per volume -> slice embeddings by split;
 - `run_slide_pipeline` (whole slides): slide -> tile coordinates -> tiles -> `TileEncoderUDF` ->
   Parquet by slide;
@@ -33,11 +34,14 @@ SLICE_DECODE_CPUS = 0.5
 
 
 def _encode(udf: type, job: ExtractionJob, *, expected_digest: str, batch_size: int, actors: int,
-            gpus_per_actor: float, torch_threads: int | None) -> Step:
-    """The encoder actor pool's step: one frozen encoder per actor."""
+            gpus_per_actor: float, torch_threads: int | None, resize: str | None = None) -> Step:
+    """The encoder actor pool's step: one frozen encoder per actor; `resize` (an interpolation):
+    the actor resizes decoded images to the job's resolution on its device."""
+    extra = {"resolution": job.resolution, "interpolation": resize} if resize else {}
     return Step(udf, {"encoder": job.encoder, "weights": job.weights, "pooling": job.pooling,
                       "expected_digest": expected_digest, "torch_threads": torch_threads,
-                      "expected_precision": job.precision, "compile": job.compile, "batch_size": batch_size},
+                      "expected_precision": job.precision, "compile": job.compile, "batch_size": batch_size,
+                      **extra},
                 batch_size=batch_size, actors=actors, num_gpus=gpus_per_actor)
 
 
@@ -45,11 +49,10 @@ def run_embedding_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, in
                            expected_digest: str, out_dir: str, filesystem: Any, batch_size: int,
                            actors: int, gpus_per_actor: float, torch_threads: int | None) -> None:
     """Embed `rows` and write Parquet partitioned by split under `out_dir`."""
-    decode = Step(decode_batch, {"dataset": job.dataset, "root": job.root, "resolution": job.resolution,
-                                 "interpolation": interpolation, "val_fraction": job.val_fraction,
+    decode = Step(decode_batch, {"dataset": job.dataset, "root": job.root, "val_fraction": job.val_fraction,
                                  "split_seed": job.split_seed, "options": job.options}, batch_size=batch_size)
     encode = _encode(EncoderUDF, job, expected_digest=expected_digest, batch_size=batch_size, actors=actors,
-                     gpus_per_actor=gpus_per_actor, torch_threads=torch_threads)
+                     gpus_per_actor=gpus_per_actor, torch_threads=torch_threads, resize=interpolation)
     ray_backend.run_dataset(rows, [decode, encode], blocks=len(rows) // batch_size, out_dir=out_dir,
                             filesystem=filesystem)
 

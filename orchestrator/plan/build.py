@@ -23,10 +23,13 @@ from orchestrator.grid.cells import Cell
 from orchestrator.grid.config import SweepConfig
 from orchestrator.plan.format import format_markdown, format_plan, human_bytes, write_plan
 from orchestrator.plan.model import (
+    CLASS_BYTES,
     DENSE_FAMILIES,
     FILE_OVERHEAD,
     HEADER_SAMPLE,
     MARKER_BYTES,
+    RAY_FILE_OVERHEAD,
+    RAY_ROW_OVERHEAD,
     ROW_OVERHEAD,
     CellPlan,
     Counts,
@@ -140,15 +143,20 @@ def gather(cfg: SweepConfig, cells: list[Cell]) -> dict[str, Any]:
     return {"extractions": extractions, "counts": counts, "cached": cached, "free_bytes": free_bytes(cfg)}
 
 
-def pooled_bytes(rows_per_split: dict[str, int], dim: int, id_bytes: float = 24.0, n_classes: int = 1,
-                 batch_size: int = 32) -> int:
-    """Pooled cache entries (one per split) of `dim`-wide vectors on disk; `id_bytes`: mean length
-    of case_id + patient_id."""
+def pooled_bytes(rows_per_split: dict[str, int], dim: int, id_bytes: float = 24.0, n_classes: int = 1) -> int:
+    """Pooled cache entries (one per split, one Parquet file each: store/compact.py) of `dim`-wide
+    float32 vectors on disk; `id_bytes`: mean length of case_id + patient_id."""
     n = sum(rows_per_split.values())
-    blocks = max(1, min(n // batch_size, 4096))  # as pipelines.run_embedding_pipeline cuts them
-    files = sum(min(blocks, k) for k in rows_per_split.values())
-    per_row = dim * 4 + ROW_OVERHEAD + id_bytes + 2 * n_classes
-    return int(n * per_row + files * FILE_OVERHEAD + len(rows_per_split) * MARKER_BYTES)
+    per_row = dim * 4 + ROW_OVERHEAD + id_bytes + CLASS_BYTES * n_classes
+    return int(n * per_row + len(rows_per_split) * (FILE_OVERHEAD + MARKER_BYTES))
+
+
+def bag_bytes(tiles: int, dim: int, batch_size: int = 32) -> int:
+    """A slide entry's bags, which keep Ray Data's layout (a file per block in each slide's
+    directory): the per-row and per-file figures fitted on that layout before pooled entries were
+    compacted (not refitted on bags)."""
+    files = max(1, min(tiles // batch_size, 4096))
+    return int(tiles * (dim * 4 + RAY_ROW_OVERHEAD + 26) + files * RAY_FILE_OVERHEAD + MARKER_BYTES)
 
 
 def _n_or(v: int | None) -> str:
@@ -237,7 +245,7 @@ def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, An
         tiles = meta.get("n_tiles")
         items = int(sum(tiles.values())) if isinstance(tiles, dict) else None
         item, feature = "tile", "bags"
-        nbytes = pooled_bytes({"all": items}, dim, batch_size=batch) if items else None
+        nbytes = bag_bytes(items, dim, batch) if items else None
         note = f"{_n_or(n_cases)} slides; tiles are counted once tiled (a cached entry)" if items is None else ""
         rows: tuple[int | None, int | None] = (items, dim * 4)
     elif _families(cfg, cells, ext) & set(DENSE_FAMILIES):
@@ -253,8 +261,7 @@ def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, An
     else:
         item, feature = ("slice" if kind == "volume" else "image"), "pooled"
         items = (counts.slices if kind == "volume" else n_cases) if known else None
-        nbytes = (pooled_bytes(counts.cases, dim, counts.id_bytes, counts.n_classes,
-                               batch) if known else None)
+        nbytes = pooled_bytes(counts.cases, dim, counts.id_bytes, counts.n_classes) if known else None
         rows = (n_cases, dim * 4)
     gf = float(spec.gflops(res))
     rate, source = items_per_second(accelerator, enc, res, gf)

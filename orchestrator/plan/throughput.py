@@ -10,8 +10,9 @@ Two sources, and the plan says which one each figure came from:
   image: `utilisation(gflops)` = a + b ln(gflops), fitted on the measured H200 actor rows below
   (small ViTs at 224 px keep an H200 at ~14% of its peak even compiled, ViT-L at ~36%).
 
-A GPU row's rate is then bounded by what feeds and drains it (`bounds`): decoding on the node's
-CPUs (ms per 1024-px PNG per core, measured) and, for dense maps, the disk writing them.
+A GPU row's rate is then bounded by what feeds and drains it (`bounded_rate`): decoding on the
+node's CPUs (ms per 1024-px PNG per core, measured; decode only, the resize runs on the GPU) and,
+for dense maps, the disk writing them.
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ def utilisation(gflops: float) -> float:
     return min(max(a + b * math.log(max(gflops, 1e-3)), UTIL_RANGE[0]), UTIL_RANGE[1])
 
 
-# What feeds and drains a GPU node (issue 24's measurements): decoding and resizing a 1024-px
-# chest-film PNG costs 8.2 ms per core to 224 px and 10.9 ms to 512 px (straight line between and
-# beyond); the H200 node's disk wrote fp16 .npy maps at 1.3 GB/s.
-DECODE_MS = ((224, 8.2), (512, 10.9))
+# What feeds and drains a GPU node. The decode workers only decode: the actor resizes on its
+# device (tasks/device_resize.py), so a 1024-px chest-film PNG costs a core the same at every
+# resolution. Issue 24 measured decode + CPU resize at 8.2 ms per core to 224 px (10.9 to 512);
+# benchmarks/decode_cpu.py measured the decode-only path (libpng) at 0.554 of decode + resize to
+# 224 px (median of three runs, 0.549-0.565; docs/gpu.md): 8.2 x 0.554 = 4.5 ms. The H200 node's disk
+# wrote fp16 .npy maps at 1.3 GB/s.
+DECODE_MS = 4.5
 
 
 @dataclass(frozen=True)
@@ -122,10 +126,9 @@ def items_per_second(accelerator: str, encoder: str, resolution: int, gflops: fl
 
 
 def decode_rate(accelerator: str, resolution: int) -> float:
-    """Images/s the node's CPUs decode and resize to `resolution` (1024-px PNG sources)."""
-    (r0, m0), (r1, m1) = DECODE_MS
-    ms = m0 + (m1 - m0) * (resolution - r0) / (r1 - r0)
-    return get_accelerator(accelerator).node_cpus * 1000.0 / max(ms, 1.0)
+    """Images/s the node's CPUs decode (1024-px PNG sources) for an actor that resizes them to
+    `resolution` on its device: the same at every resolution (the argument says which row asks)."""
+    return get_accelerator(accelerator).node_cpus * 1000.0 / DECODE_MS
 
 
 def bounded_rate(accelerator: str, gpu_rate: float, resolution: int, bytes_per_item: float | None,

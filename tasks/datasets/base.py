@@ -313,13 +313,20 @@ def make_index(case_ids: Sequence[str], paths: Sequence[str], splits: Sequence[s
                         columns=list(INDEX_COLUMNS))
 
 
-def read_raster(path: str | os.PathLike, mode: str = "L") -> np.ndarray:
+def read_raster(path: str | os.PathLike, mode: str = "L", libpng: bool = True) -> np.ndarray:
     """PNG/JPEG -> uint8 (H, W) for mode "L", (H, W, 3) for "RGB".
 
     Colour types other than the one asked for are converted (a few NIH-14 films are stored RGBA:
-    their pixels are grey, so L loses nothing); 16-bit greyscale is scaled by 1/257 to 8 bits."""
+    their pixels are grey, so L loses nothing); 16-bit greyscale is scaled by 1/257 to 8 bits.
+    `libpng`: plain 8-bit PNGs through tasks.datasets.png (the same pixels, less CPU); False: PIL
+    for every file (the decoder before it, which benchmarks/decode_cpu.py compares against)."""
     from PIL import Image
 
+    from tasks.datasets.png import decode_png
+
+    fast = decode_png(path, mode) if libpng else None
+    if fast is not None:
+        return fast
     try:
         with Image.open(path) as im:
             im.load()  # decode now, inside the try: a truncated file fails here, not later
