@@ -19,20 +19,17 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
         raise ConfigError("analyze reads one input: --points FILE or --reference NAME, not both")
     if n_boot < 0 or (0 < n_boot < 100):
         raise ConfigError(f"--n-boot {n_boot}: use 0 (no intervals) or at least 100 replicates")
-    current = None  # config digests of the cells the config plans now (None: every finished run)
-    adaptive = None  # an adaptive sweep's per-curve record (orchestrator/sweep/adaptive.py)
+    current = adaptive = None  # the config's cells' digests (None: every run); an adaptive sweep's record
     if config:
         from orchestrator.grid.cells import config_identities
         from orchestrator.grid.config import load_config
 
         cfg = load_config(config)
-        tracking_uri = tracking_uri or cfg.resolved_tracking_uri
-        experiments = experiments or [cfg.name]
+        tracking_uri, experiments = tracking_uri or cfg.resolved_tracking_uri, experiments or [cfg.name]
         out = out or str(cfg.output_path / "analysis")
         current = set(config_identities(cfg))
         adaptive = _adaptive_curves(cfg.output_path)
-    out_dir = Path(out or "analysis_out")
-    predictions, kind = None, "points"
+    out_dir, predictions, kind = Path(out or "analysis_out"), None, "points"
     if reference:
         from analysis.reference import load_reference, reference_points
 
