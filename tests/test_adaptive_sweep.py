@@ -95,6 +95,18 @@ def test_a_config_adaptive_block_validates_and_stays_out_of_the_cells_identity(t
         parse_config({**raw, "adaptive": {"budget": 0}})
 
 
+def test_the_cli_takes_a_budget_only_for_an_adaptive_sweep(tmp_path, capsys):
+    from orchestrator.cli import build_parser, main
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_config(tmp_path, {"nih14": tmp_path / "nih14"})))
+    assert main(["sweep", str(path), "--budget", "0.3"]) == 2
+    assert "add --adaptive" in capsys.readouterr().err
+    args = build_parser().parse_args(["sweep", str(path), "--adaptive", "--budget-hours", "2.5"])
+    assert args.adaptive is True and args.budget_hours == 2.5 and args.budget is None
+    assert build_parser().parse_args(["sweep", str(path), "--no-adaptive"]).adaptive is False
+
+
 def test_the_round_record_resumes_and_refuses_a_different_round(tmp_path):
     cfg = _cfg(tmp_path)
     cells, plan = _plan(cfg, {"nih14": Counts("image", {"train": 150, "val": 20, "test": 30})})
