@@ -32,13 +32,14 @@ from tasks.errors import ConfigError
 
 def analyze_points(df: pd.DataFrame, out_dir: Path, title: str, *, predictions: dict | None = None,
                    n_boot: int = 1000, seed: int = 0, reference: bool = False, every_metric: bool | None = None,
-                   correction: str = "bh") -> dict:
+                   correction: str = "bh", adaptive: pd.DataFrame | None = None) -> dict:
     """Analyse points (per-case `predictions` by run id, if any) into `out_dir`.
 
     Returns {"report", "html", "summary", "verdicts", "fits": Path, "plots": [Path], "figures":
     [Plot], "study": Study}. `reference`: the points are a publication's tables. `every_metric`:
     judge every performance metric (default: for a reference; orchestrator sets it for a points
-    file) rather than the headline ones. `correction`: "bh" or "holm" across the study.
+    file) rather than the headline ones. `correction`: "bh" or "holm" across the study. `adaptive`:
+    an adaptive sweep's `adaptive_curves.csv` (analysis/adaptive/summary.py): a section on it.
     """
     check_points(df)
     if df.empty:
@@ -54,7 +55,7 @@ def analyze_points(df: pd.DataFrame, out_dir: Path, title: str, *, predictions: 
     verdict_frame(study).to_csv(paths["verdicts"], index=False)
     fits_frame(study).to_csv(paths["fits"], index=False)
     figures = all_figures(study, out_dir / "plots")
-    doc = build_document(study, figures, out_dir, title)
+    doc = build_document(study, figures, out_dir, title, adaptive)
     report, page = out_dir / "report.md", out_dir / "report.html"
     report.write_text(doc.markdown(), encoding="utf-8")
     page.write_text(doc.html(), encoding="utf-8")
@@ -290,7 +291,8 @@ def _plots(doc: Document, figures: list[Plot], out_dir: Path) -> None:
                  "resolutions.")
 
 
-def build_document(study: Study, figures: list[Plot], out_dir: Path, title: str) -> Document:
+def build_document(study: Study, figures: list[Plot], out_dir: Path, title: str,
+                   adaptive: pd.DataFrame | None = None) -> Document:
     doc = Document(title)
     if "random" in weights_kinds(study.points):
         doc.warning("WARNING: RANDOM-INIT weights. Some or all encoders were not pretrained: these numbers test "
@@ -299,6 +301,10 @@ def build_document(study: Study, figures: list[Plot], out_dir: Path, title: str)
     _read_section(doc, study)
     _caveats(doc, study)
     _verdicts(doc, study)
+    if adaptive is not None:
+        from analysis.adaptive.summary import adaptive_section
+
+        adaptive_section(doc, adaptive)
     _results(doc, study)
     family_section(doc, matched_compute(study.agg[study.agg["metric"].map(is_performance_metric)]))
     _fits(doc, study)

@@ -19,18 +19,17 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
         raise ConfigError("analyze reads one input: --points FILE or --reference NAME, not both")
     if n_boot < 0 or (0 < n_boot < 100):
         raise ConfigError(f"--n-boot {n_boot}: use 0 (no intervals) or at least 100 replicates")
-    current = None  # config digests of the cells the config plans now (None: every finished run)
+    current = adaptive = None  # the config's cells' digests (None: every run); an adaptive sweep's record
     if config:
         from orchestrator.grid.cells import config_identities
         from orchestrator.grid.config import load_config
 
         cfg = load_config(config)
-        tracking_uri = tracking_uri or cfg.resolved_tracking_uri
-        experiments = experiments or [cfg.name]
+        tracking_uri, experiments = tracking_uri or cfg.resolved_tracking_uri, experiments or [cfg.name]
         out = out or str(cfg.output_path / "analysis")
         current = set(config_identities(cfg))
-    out_dir = Path(out or "analysis_out")
-    predictions, kind = None, "points"
+        adaptive = _adaptive_curves(cfg.output_path)
+    out_dir, predictions, kind = Path(out or "analysis_out"), None, "points"
     if reference:
         from analysis.reference import load_reference, reference_points
 
@@ -65,7 +64,7 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
     main = full_data(df) if data_axis else df
     result = analyze_points(main if not main.empty else df, out_dir, title=f"medscale analysis of {source}",
                             predictions=predictions, n_boot=n_boot, seed=seed, reference=kind == "reference",
-                            every_metric=kind != "mlflow")
+                            every_metric=kind != "mlflow", adaptive=adaptive)
     if data_axis:
         from analysis.points import is_random_init
 
@@ -88,6 +87,18 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
     if "analysis_run_id" in result:
         print(f"MLflow:   analysis run {result['analysis_run_id']}")
     return result
+
+
+def _adaptive_curves(output: Path):
+    """`adaptive_curves.csv` of an adaptive sweep (the round each curve settled at), else None."""
+    from analysis.adaptive.summary import ADAPTIVE_CURVES
+
+    path = output / ADAPTIVE_CURVES
+    if not path.is_file():
+        return None
+    import pandas as pd
+
+    return pd.read_csv(path, dtype={"settled_round": "Int64"})
 
 
 def _mlflow_runs(df):

@@ -87,11 +87,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _cmd_plan(args)
     cfg = load_config(args.config)
+    adaptive = args.adaptive if args.adaptive is not None else cfg.adaptive is not None
+    if not adaptive and (args.budget is not None or args.budget_hours is not None):
+        raise MedscaleError("--budget and --budget-hours are the budget of an adaptive sweep: add --adaptive")
     log = cfg.output_path / "ray.log"
     with quiet_ray_output(log, enabled=not args.verbose):
         try:
-            outcome = run_sweep(cfg, resume=args.resume, rerun=args.rerun, address=args.address,
-                                allow_missing=args.allow_missing, accelerator=args.accelerator)
+            if adaptive:
+                from orchestrator.sweep.adaptive import run_adaptive
+
+                outcome = run_adaptive(cfg, resume=args.resume, rerun=args.rerun, address=args.address,
+                                       allow_missing=args.allow_missing, accelerator=args.accelerator,
+                                       budget=args.budget, budget_hours=args.budget_hours).sweep
+            else:
+                outcome = run_sweep(cfg, resume=args.resume, rerun=args.rerun, address=args.address,
+                                    allow_missing=args.allow_missing, accelerator=args.accelerator)
         finally:  # inside the redirect: Ray's last forwarded worker lines go to the log too
             from orchestrator import ray_backend
 
@@ -187,6 +197,13 @@ def add_sweep_args(s: argparse.ArgumentParser, config_flag: bool = False) -> Non
     s.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own output on the console "
                    "(by default it goes to <output>/ray.log)")
     s.add_argument("--dry-run", action="store_true", help="print the plan (medscale plan) and run nothing")
+    s.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the grid in rounds, only where a scaling verdict is still open (docs/analysis.md, "
+                   "'Adaptive sweeps'); default: when the config has an `adaptive:` block. --no-adaptive: every cell")
+    s.add_argument("--budget", type=float, default=None,
+                   help="adaptive: share of the full grid's planned cost to spend (default: adaptive.budget, else 0.5)")
+    s.add_argument("--budget-hours", type=float, default=None,
+                   help="adaptive: the budget in the plan's device-hours on --accelerator (needs every item count)")
     _accelerator_arg(s)
 
 

@@ -212,6 +212,15 @@ class Tracker:
                 n += 1
         return n
 
+    def sweep_runs(self, kind: str) -> dict[str, dict[str, str]]:
+        """Run id -> tags of the experiment's runs of one kind other than cells (plan,
+        adaptive_round): the adaptive loop finds the rounds it logged before a restart."""
+        return {r.info.run_id: dict(r.data.tags) for r in self._search(f"tags.`{KIND_TAG}` = '{kind}'")}
+
+    def delete_runs(self, run_ids: Iterable[str]) -> None:
+        for rid in run_ids:
+            self.client.delete_run(rid)
+
     def log_sweep_run(self, name: str, params: dict[str, Any], metrics: dict[str, float],
                       artifact_dir: str | None = None, kind: str = "sweep", tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name,

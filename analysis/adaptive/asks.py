@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.adaptive.cells import PlannedCurve, planned_curves, seed_counts, site_columns
+from analysis.adaptive.cells import SITE, PlannedCurve, planned_curves, seed_counts, whole_split
 from analysis.curves import CurveKey
 from analysis.study import Study
 
@@ -21,7 +21,9 @@ def rank_asks(status: dict, study: Study, points: pd.DataFrame, candidates: pd.D
           every_curve: bool, new_point_seeds: int) -> list[tuple[list, str]]:
     """Asks of the open curves (of every curve with ``every_curve``), as (candidate indices, reason),
     best value per unit of cost first; a new point comes with ``new_point_seeds`` seeds."""
-    sites = candidates.groupby(site_columns(candidates), sort=False, dropna=False)
+    # a curve's point is a whole-split site (`planned_curves`); grouping by the train-size columns
+    # too would give keys no curve asks for, and a grid with a data axis would never ask anything
+    sites = whole_split(candidates).groupby(SITE, sort=False, dropna=False)
     value: dict[tuple, float] = {}
     why: dict[tuple, str] = {}
     curves = {(pc.unit, pc.axis, pc.fixed): pc for pc in planned_curves(candidates)}

@@ -29,6 +29,7 @@ of the whole grid (>= 1) nothing is frozen, no level is spent, and the result is
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -271,7 +272,9 @@ class AdaptivePolicy:
         p_all = [v.p_adj for v in study.verdicts.values() if np.isfinite(v.p_adj)]
         # BH makes one more discovery at p <= alpha * (found + 1) / m
         scale = max(len(p_all), 1) / (sum(q < self.alpha for q in p_all) + 1)
-        rng = np.random.default_rng(abs(hash(key)) % 2**32)
+        # a stable seed (not hash(), which Python salts per process): a resumed live sweep
+        # re-derives its rounds in a new process and must draw the same projections
+        rng = np.random.default_rng(zlib.crc32(repr(key).encode()))
         out = []
         for d in range(self.draws + 1):
             est = rep.estimate + (rng.normal(size=f.size) * move if d else 0.0)

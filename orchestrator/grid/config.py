@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.grid.adaptive import AdaptiveSettings
 from orchestrator.grid.checks import (
     check_dataset_options,
     check_evaluate_on,
@@ -213,6 +214,7 @@ class SweepConfig(_Strict):
         "scored on each listed dataset's test split, e.g. camelyon16: [camelyon17] (whole-slide datasets)")
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(default=1, ge=0, description="retries of a failed cell")
+    adaptive: AdaptiveSettings | None = None  # `medscale sweep --adaptive` (orchestrator/sweep/adaptive.py)
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
     split_seed: int = 0
 

@@ -23,7 +23,7 @@ from orchestrator.cells.seg3d import group_specs
 from orchestrator.extraction.jobs import describe
 from orchestrator.extraction.phase import extract_all, plan_extractions
 from orchestrator.extraction.weights import DigestMemo, planned_precision
-from orchestrator.grid.cells import plan_cells
+from orchestrator.grid.cells import Cell, plan_cells
 from orchestrator.grid.config import SweepConfig
 from orchestrator.store.cache import FeatureCache
 from orchestrator.store.results import ResultStore
@@ -45,20 +45,29 @@ from tasks.errors import ConfigError
 
 def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, address: str | None = None,
               ray_init: dict[str, Any] | None = None, allow_missing: bool = False,
-              accelerator: str = "H100") -> SweepOutcome:
+              accelerator: str = "H100", only: set[str] | None = None) -> SweepOutcome:
     """`allow_missing`: datasets whose root or index files are missing fail their cells (once each)
-    while the others run; by default nothing starts until every dataset is there."""
+    while the others run; by default nothing starts until every dataset is there.
+
+    `only`: run just these cells of the grid (by `Cell.prefix`), as one round of an adaptive sweep
+    (orchestrator/sweep/adaptive.py) does. Each keeps the identity it has in the full grid, so a
+    full sweep resumes from it; runs of the grid's other cells are left alone (never marked
+    superseded); the plan and summary.csv are the caller's (it prints one for all its rounds)."""
     missing_data = _check_data(cfg, allow_missing)
     cfg.output_path.mkdir(parents=True, exist_ok=True)
-    tracker = _open_tracker(cfg)
+    tracker = open_tracker(cfg)
     cells, skipped = plan_cells(cfg)
+    others: set[str] = set()
+    if only is not None:
+        cells, skipped, others = _subset(cells, only)
     outcome = SweepOutcome(skipped=skipped)
     results = ResultStore(f"{cfg.sweep_root}/cells")
     console.banner(cfg, len(cells), skipped)
     if missing_data:
         console.note(f"--allow-missing: the cells of {', '.join(missing_data)} will fail:\n"
                      f"{preflight.report(missing_data)}")
-    print_plan(cfg, cells, skipped, tracker, accelerator)
+    if only is None:
+        print_plan(cfg, cells, skipped, tracker, accelerator)
 
     # Plan before anything runs: precision (from the cluster's GPUs), weights digests, dataset
     # fingerprints and cache keys make each cell's identity, which says what is already done.
@@ -72,9 +81,10 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
     plan = plan_extractions(cfg, [c for c in cells if not online(c)], memo, precision)
     planned = [plan_training_free(cfg, c, memo, results.root, n_gpus) if online(c)
                else plan_cell(cfg, c, plan, results.root, precision) for c in cells]
-    _mark_superseded(cfg, tracker, planned)
+    _mark_superseded(cfg, tracker, planned, others)
 
-    todo = _cells_to_run(cfg, tracker, results, planned, outcome, resume=resume, rerun=rerun)
+    todo = _cells_to_run(cfg, tracker, results, planned, outcome, resume=resume, rerun=rerun,
+                         subset=only is not None)
     if todo is None:
         return outcome
     recorder = CellRecorder(cfg, tracker, outcome, total=len(cells))
@@ -98,8 +108,18 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
             recorder.on_error(p.cell_id, "the cell ended without a result or an error from Ray Tune")
     for cid in skipped:
         outcome.cells[cid] = "SKIPPED"
-    write_summary(cfg, outcome)
+    if only is None:
+        write_summary(cfg, outcome)
     return outcome
+
+
+def _subset(cells: list[Cell], only: set[str]) -> tuple[list[Cell], dict[str, str], set[str]]:
+    """The grid's cells named in `only`, no skipped ones (the caller chose among planned cells),
+    and the prefixes of the grid's other cells."""
+    unknown = only - {c.prefix for c in cells}
+    if unknown:
+        raise ConfigError(f"{len(unknown)} cell(s) to run are not cells of the grid: {', '.join(sorted(unknown)[:5])}")
+    return [c for c in cells if c.prefix in only], {}, {c.prefix for c in cells if c.prefix not in only}
 
 
 def _check_data(cfg: SweepConfig, allow_missing: bool) -> dict[str, list[str]]:
@@ -112,7 +132,7 @@ def _check_data(cfg: SweepConfig, allow_missing: bool) -> dict[str, list[str]]:
     return missing
 
 
-def _open_tracker(cfg: SweepConfig) -> Tracker:
+def open_tracker(cfg: SweepConfig) -> Tracker:
     uri = cfg.resolved_tracking_uri
     # A tracking server stores artifacts itself (--artifacts-destination); an embedded store
     # (sqlite) would otherwise put them in ./mlruns of whatever the working directory is.
@@ -131,8 +151,9 @@ def _start_ray(address: str | None, ray_init: dict[str, Any] | None) -> float:
     return n_gpus
 
 
-def _mark_superseded(cfg: SweepConfig, tracker: Tracker, planned: list[PlannedCell]) -> None:
-    unresolved = {p.cell.prefix for p in planned if p.error}
+def _mark_superseded(cfg: SweepConfig, tracker: Tracker, planned: list[PlannedCell], others: set[str]) -> None:
+    """`others`: prefixes of grid cells this run does not plan (a subset run): their runs stay as they are."""
+    unresolved = {p.cell.prefix for p in planned if p.error} | others
     marked, restored = tracker.mark_superseded({p.cell_id for p in planned}, superseded_note(cfg, planned),
                                                unresolved)
     if marked or restored:
@@ -141,7 +162,7 @@ def _mark_superseded(cfg: SweepConfig, tracker: Tracker, planned: list[PlannedCe
 
 
 def _cells_to_run(cfg: SweepConfig, tracker: Tracker, results: ResultStore, planned: list[PlannedCell],
-                  outcome: SweepOutcome, *, resume: bool, rerun: bool) -> list[PlannedCell] | None:
+                  outcome: SweepOutcome, *, resume: bool, rerun: bool, subset: bool = False) -> list[PlannedCell] | None:
     """The cells this run must compute (finished ones are marked in `outcome`); None when the sweep
     is already complete. An interrupted sweep is continued only with --resume (or redone with --rerun)."""
     if rerun:
@@ -154,8 +175,8 @@ def _cells_to_run(cfg: SweepConfig, tracker: Tracker, results: ResultStore, plan
     todo = [p for p in planned if p.cell_id not in finished]
     if done and not resume and not rerun:
         if not todo:
-            console.note(f"sweep '{cfg.name}' is already complete ({len(planned)} cells); "
-                         "pass --rerun to run it again")
+            console.note(f"these {len(planned)} cells of sweep '{cfg.name}' have finished already" if subset else
+                         f"sweep '{cfg.name}' is already complete ({len(planned)} cells); pass --rerun to run it again")
             outcome.already_done = True
             outcome.cells.update({p.cell_id: "FINISHED" for p in planned})
             return None

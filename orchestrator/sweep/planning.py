@@ -20,6 +20,7 @@ from orchestrator.extraction.weights import DigestMemo, planned_precision
 from orchestrator.grid.cells import Cell
 from orchestrator.grid.config import SweepConfig
 from orchestrator.grid.identity import RESULT_FORMAT, config_part, resolved_hparams, resolved_pooling
+from orchestrator.plan.model import Plan
 from orchestrator.tracking import Tracker
 
 
@@ -141,9 +142,10 @@ def ood_sets(cfg: SweepConfig, c: Cell, extractions: dict, failures: dict) -> tu
     return out, ""
 
 
-def print_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], tracker: Tracker, accelerator: str) -> None:
+def print_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], tracker: Tracker,
+               accelerator: str) -> Plan | None:
     """Print the plan (orchestrator/plan/build.py), save it beside the outputs, log it as the sweep's
-    "plan" run. A plan that cannot be made is noted; it never stops a sweep."""
+    "plan" run, and return it. A plan that cannot be made is noted (None); it never stops a sweep."""
     from orchestrator.plan.build import build_plan, gather
     from orchestrator.plan.format import format_plan, write_plan
     from orchestrator.plan.seg3d import plan_text
@@ -158,7 +160,7 @@ def print_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], tra
         plan = build_plan(cfg, cells, skipped, gather(cfg, cells), accelerator)
     except Exception as e:  # noqa: BLE001 - the plan informs; the sweep is what was asked for
         console.note(f"no plan: {type(e).__name__}: {e}")
-        return
+        return None
     console.block(format_plan(plan))
     d = write_plan(plan, cfg.output_path / "plan")
     t = plan.totals
@@ -166,6 +168,7 @@ def print_plan(cfg: SweepConfig, cells: list[Cell], skipped: dict[str, str], tra
                           {"device_hours": t["device_hours"], "cache_bytes": float(t["cache_bytes"]),
                            "cache_bytes_new": float(t["cache_bytes_new"]), "cells": float(t["cells"]),
                            "warnings": float(len(plan.warnings))}, str(d), kind="plan")
+    return plan
 
 
 def plan_training_free(cfg: SweepConfig, c: Cell, memo: DigestMemo, results_dir: str, n_gpus: float) -> PlannedCell:

@@ -1,0 +1,263 @@
+"""The live adaptive sweep (`medscale sweep --adaptive`, orchestrator/sweep/adaptive.py).
+
+The bookkeeping without Ray (candidates from the plan, the budget in device-hours, the round
+record, points of the chosen cells, rounds re-derived identically in another process), and one
+real sweep on Ray Tune + MLflow on a tiny grid.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from orchestrator.grid.adaptive import AdaptiveSettings
+from orchestrator.grid.cells import plan_cells
+from orchestrator.grid.config import parse_config
+from orchestrator.plan.build import build_plan
+from orchestrator.plan.model import Counts
+from orchestrator.sweep.rounds import RoundLog, budget_share, candidates, points_of
+from tasks.encoders import get_encoder_spec
+from tasks.errors import ConfigError
+
+from .conftest import REPO, TINY, sweep_config
+
+RES = [32, 48, 64]
+
+
+def _cfg(tmp_path, **grid):
+    roots = {"nih14": tmp_path / "nih14"}
+    return parse_config(sweep_config(tmp_path, roots, grid={"resolutions": RES, "seeds": [0, 1, 2], **grid}))
+
+
+def _plan(cfg, counts):
+    cells, skipped = plan_cells(cfg)
+    gathered = {"extractions": sorted({c.extraction for c in cells}), "counts": counts, "cached": {},
+                "free_bytes": None}
+    return cells, build_plan(cfg, cells, skipped, gathered, "cpu-2core")
+
+
+def test_candidates_are_every_grid_cell_with_the_plans_cost(tmp_path):
+    cfg = _cfg(tmp_path)
+    cells, plan = _plan(cfg, {"nih14": Counts("image", {"train": 150, "val": 20, "test": 30})})
+    cands = candidates(cfg, cells, plan)
+    # linear_probe: 3 resolutions x 3 seeds; kNN ignores the seed: one seed-free cell per resolution
+    assert len(cands) == len(cells) == 12 and cands["prefix"].is_unique
+    assert set(cands["prefix"]) == {c.prefix for c in cells}
+    knn = cands[cands["protocol"] == "knn"]
+    assert len(knn) == 3 and set(knn["seed"]) == {0}
+    # the values `medscale analyze` reads back from a run: weights kind, whole split, shots 0
+    assert set(cands["weights"]) == {"random"} and set(cands["train_fraction"]) == {1.0}
+    assert set(cands["train_shots"]) == {0}
+    for _, r in cands.iterrows():
+        assert r["gflops"] == pytest.approx(get_encoder_spec(TINY).gflops(r["resolution"]), rel=1e-6)
+        assert r["items"] == 200 and r["cost"] == pytest.approx(r["gflops"] * 200)
+    # round 0 of the policy on it: the corners of the resolution axis with 2 seeds (kNN: its one)
+    from analysis.adaptive.policy import AdaptivePolicy
+
+    r0 = AdaptivePolicy(budget=1.0).initial_cells(cands).cells
+    assert set(r0["resolution"]) == {32, 64} and len(r0) == 2 * 2 + 2
+
+
+def test_budget_hours_convert_by_the_plans_hours_or_say_why_not(tmp_path):
+    cfg = _cfg(tmp_path)
+    _, plan = _plan(cfg, {"nih14": Counts("image", {"train": 150, "val": 20, "test": 30})})
+    total = sum(e.device_hours for e in plan.extractions)
+    assert total > 0
+    share, note = budget_share(AdaptiveSettings(budget_hours=total / 4), plan)
+    assert share == pytest.approx(0.25) and "device-hours" in note
+    assert budget_share(AdaptiveSettings(), plan)[0] == 0.5
+    assert budget_share(AdaptiveSettings(budget=0.3), plan)[0] == 0.3
+    # without an item count the plan knows no hours (nih14's published size fills in for missing
+    # data, so drop the hours by hand): the error says so and what to give instead
+    blind = plan
+    blind.extractions[0].device_hours = None
+    with pytest.raises(ConfigError, match=r"item counts unknown.*--budget F"):
+        budget_share(AdaptiveSettings(budget_hours=1.0), blind)
+    with pytest.raises(ValueError):
+        AdaptiveSettings(budget=0.5, budget_hours=2.0)
+    assert AdaptiveSettings(budget=0.5).with_overrides(budget_hours=2.0).budget is None
+
+
+def test_a_config_adaptive_block_validates_and_stays_out_of_the_cells_identity(tmp_path):
+    from orchestrator.grid.cells import config_identities
+
+    raw = sweep_config(tmp_path, {"nih14": tmp_path / "nih14"}, grid={"resolutions": RES})
+    plain = parse_config(raw)
+    adaptive = parse_config({**raw, "adaptive": {"budget": 0.4, "max_rounds": 3}})
+    assert adaptive.adaptive.budget == 0.4 and plain.adaptive is None
+    assert config_identities(plain) == config_identities(adaptive)
+    with pytest.raises(ConfigError, match="adaptive"):
+        parse_config({**raw, "adaptive": {"budget": 0}})
+
+
+def test_the_cli_takes_a_budget_only_for_an_adaptive_sweep(tmp_path, capsys):
+    from orchestrator.cli import build_parser, main
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_config(tmp_path, {"nih14": tmp_path / "nih14"})))
+    assert main(["sweep", str(path), "--budget", "0.3"]) == 2
+    assert "add --adaptive" in capsys.readouterr().err
+    args = build_parser().parse_args(["sweep", str(path), "--adaptive", "--budget-hours", "2.5"])
+    assert args.adaptive is True and args.budget_hours == 2.5 and args.budget is None
+    assert build_parser().parse_args(["sweep", str(path), "--no-adaptive"]).adaptive is False
+
+
+def test_the_round_record_resumes_and_refuses_a_different_round(tmp_path):
+    cfg = _cfg(tmp_path)
+    cells, plan = _plan(cfg, {"nih14": Counts("image", {"train": 150, "val": 20, "test": 30})})
+    cands = candidates(cfg, cells, plan).assign(reason="corner")
+    log = RoundLog(tmp_path)
+    r0, r1 = cands.iloc[:4], cands.iloc[4:6]
+    log.start(0, r0)
+    assert not log.finished(0)
+    log.finish({"round": 0, "cells": 4, "failed": 0, "cost": 1.0, "cost_share": 0.1, "spent_share": 0.1,
+                "settled": 0, "open": 5})
+    log.start(1, r1)  # killed during round 1: recorded, not finished
+    again = RoundLog(tmp_path)
+    assert again.finished(0) and not again.finished(1)
+    again.start(1, r1)  # the same round re-derived: accepted, not recorded twice
+    assert len(again.cells) == 6 and list(again.rounds["round"]) == [0]
+    with pytest.raises(ConfigError, match="round 1 was recorded with other cells"):
+        again.start(1, cands.iloc[6:8])
+    again.clear()
+    assert again.rounds.empty and again.cells.empty
+
+
+def test_points_of_the_chosen_cells_in_a_fixed_order(tmp_path):
+    cfg = _cfg(tmp_path)
+    cells, plan = _plan(cfg, {"nih14": Counts("image", {"train": 150, "val": 20, "test": 30})})
+    cands = candidates(cfg, cells, plan)
+    rows = []
+    for i, r in cands.iterrows():
+        if i in (0, 1, 2, 5):  # cells with runs; 5 was not chosen
+            for metric in ("auc", "acc"):
+                rows.append({**r[["dataset", "protocol", "weights", "encoder", "resolution", "train_fraction",
+                                  "seed", "params", "gflops"]].to_dict(), "train_shots": 0, "metric": metric,
+                             "value": 0.5 + i / 100, "seed_free": r["protocol"] == "knn"})
+    points = pd.DataFrame(rows)
+    got, drawn = points_of(points, cands, chosen={0, 1, 2, 3})
+    assert drawn == {0, 1, 2} and len(got) == 6  # cell 3 was chosen but has no points: it failed
+    shuffled, _ = points_of(points.sample(frac=1, random_state=1), cands, chosen={0, 1, 2, 3})
+    pd.testing.assert_frame_equal(got, shuffled)
+
+
+def test_the_policy_asks_for_the_interior_point_of_a_grid_with_train_size_columns(tmp_path):
+    """Candidates from a config carry train_fraction / train_shots (the points do): the asks must
+    still find the curves' sites."""
+    from analysis.adaptive.policy import AdaptivePolicy
+
+    cfg = _cfg(tmp_path)
+    cells, plan = _plan(cfg, {"nih14": Counts("image", {"train": 150, "val": 20, "test": 30})})
+    cands = candidates(cfg, cells, plan)
+    policy = AdaptivePolicy(budget=0.8)
+    r0 = policy.initial_cells(cands).cells
+    rows = [{**r[["dataset", "protocol", "weights", "encoder", "resolution", "train_fraction", "train_shots",
+                  "seed", "params", "gflops"]].to_dict(), "metric": "auc", "seed_free": r["protocol"] == "knn",
+             "value": 0.7 + r["resolution"] / 1000 + 0.003 * r["seed"]} for _, r in r0.iterrows()]
+    nxt = policy.next_cells(pd.DataFrame(rows), cands)
+    assert not nxt.empty and set(nxt.cells["resolution"]) == {48}
+
+
+DERIVE = """
+import sys
+from analysis.adaptive.policy import AdaptivePolicy
+from analysis.adaptive.replay import replay
+from analysis.adaptive.synthetic import generate_study
+df, _ = generate_study(seed=5, n_datasets=1, protocols=("linear_probe",), metrics=("auc",), resolutions=(224, 512, 1024))
+res = replay(df, AdaptivePolicy(budget=0.6, draws=3), full={})
+res.cells[["encoder", "resolution", "seed", "round"]].to_csv(sys.stdout, index=False)
+"""
+
+
+def test_rounds_are_re_derived_identically_in_another_process(capsys):
+    """Resume re-derives the rounds from the finished cells' points in a new process: the policy
+    must not depend on Python's per-process hash salt (its projections draw random numbers)."""
+    env = {**os.environ, "PYTHONHASHSEED": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", DERIVE], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    exec(DERIVE, {})  # this process: another salt (pytest's is random, and not 1 but by a 2^-32 chance)
+    here = capsys.readouterr().out
+    assert r.stdout == here and len(here.splitlines()) > 9  # more rounds than round 0's 8 cells
+
+
+def _round_runs(cfg) -> pd.DataFrame:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.resolved_tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`medscale.kind` = 'adaptive_round'")
+    return pd.DataFrame([{"round": int(r.data.tags["medscale.round"]), "params": r.data.params,
+                          "artifacts": [a.path for a in client.list_artifacts(r.info.run_id)]} for r in runs])
+
+
+def test_live_adaptive_sweep_runs_fewer_cells_and_settles_as_the_full_grid(ray_session, synth_roots, tmp_path):
+    from analysis.adaptive.replay import full_grid_verdicts
+    from orchestrator.sweep.adaptive import run_adaptive
+    from orchestrator.sweep.driver import run_sweep
+    from orchestrator.tracking import load_points
+
+    # Two resolutions keep it to two extractions: round 0 is the corners (linear probe: 2 of 3
+    # seeds; kNN ignores the seed, so its curves are complete and settle), round 1 a third seed
+    # where a linear-probe curve is open, within the budget (the grid's 3rd seed at 64 px is not).
+    roots = {"nih14": synth_roots["nih14"]}
+    raw = sweep_config(tmp_path, roots, grid={"resolutions": [32, 64], "seeds": [0, 1, 2]},
+                       adaptive={"budget": 0.9, "max_rounds": 2})
+    cfg = parse_config(raw)
+    out = run_adaptive(cfg, accelerator="cpu-2core")
+    grid = len(plan_cells(cfg)[0])
+    assert out.grid_cells == grid == 8 and out.cells_chosen < grid
+    ran = {c for c, s in out.sweep.cells.items() if s == "FINISHED"}
+    assert len(ran) == out.cells_chosen and out.spent_share <= 0.9 + 1e-9
+
+    rounds = pd.read_csv(cfg.output_path / "rounds.csv")
+    assert list(rounds["round"]) == list(range(len(rounds))) and rounds["cells"].iloc[0] == 6
+    assert rounds["cells"].sum() == out.cells_chosen and rounds["spent_share"].is_monotonic_increasing
+    assert (rounds["settled"] + rounds["open"]).nunique() == 1  # every planned curve, every round
+    mlruns = _round_runs(cfg)
+    assert sorted(mlruns["round"]) == list(rounds["round"])
+    for _, r in mlruns.iterrows():
+        assert int(r["params"]["cells_added"]) == rounds.loc[r["round"], "cells"]
+        assert {"cells.csv", "round.json"} <= set(r["artifacts"])
+
+    curves = pd.read_csv(cfg.output_path / "adaptive_curves.csv")
+    settled = curves[curves["status"] == "settled"]
+    assert len(settled) and settled["settled_round"].notna().all()
+
+    # Resume while the last round was in progress: its record is re-derived, its cells (all
+    # finished) are not run again, and the round is recorded once more, in both places.
+    pd.read_csv(cfg.output_path / "rounds.csv").iloc[:-1].to_csv(cfg.output_path / "rounds.csv", index=False)
+    from orchestrator.tracking import Tracker
+
+    tracker = Tracker(cfg.resolved_tracking_uri, cfg.name)
+    last = [rid for rid, t in tracker.sweep_runs("adaptive_round").items() if t["medscale.round"] == str(len(rounds) - 1)]
+    tracker.delete_runs(last)
+    with pytest.raises(ConfigError, match="--resume"):
+        run_adaptive(cfg, accelerator="cpu-2core")
+    again = run_adaptive(cfg, resume=True, accelerator="cpu-2core")
+    assert again.sweep.n_encoded == 0 and set(again.sweep.cells.values()) == {"FINISHED"}
+    assert len(again.sweep.cells) == rounds["cells"].iloc[-1]
+    pd.testing.assert_frame_equal(pd.read_csv(cfg.output_path / "rounds.csv"), rounds)
+    assert sorted(_round_runs(cfg)["round"]) == list(rounds["round"])
+
+    # The full grid: an ordinary resume runs only the cells the rounds left out (same identities).
+    full = run_sweep(parse_config({k: v for k, v in raw.items() if k != "adaptive"}), resume=True)
+    newly = [c for c, s in full.cells.items() if s == "FINISHED" and c not in ran]
+    assert len(newly) == grid - out.cells_chosen and len(full.cells) == grid
+    verdicts = full_grid_verdicts(load_points(cfg.resolved_tracking_uri, [cfg.name]))
+    for _, r in settled.iterrows():
+        key = next(k for k in verdicts if (k.dataset, k.protocol, k.metric, k.axis, k.fixed)
+                   == (r["dataset"], r["protocol"], r["metric"], r["axis"], r["fixed"]))
+        assert r["verdict"] == verdicts[key], key
+
+    # The report of the sweep's runs shows, per curve, the round at which it settled.
+    from orchestrator.analyze import analyze
+
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
+    report = analyze(config=str(tmp_path / "sweep.yaml"), n_boot=0, log=False)["report"].read_text()
+    assert "## Adaptive sweep" in report and f"{len(settled)} of {len(curves)} curves settled" in report
