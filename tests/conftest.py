@@ -37,7 +37,7 @@ LONGEST_FIRST = ("test_sweep.py", "test_identity.py", "test_wsi_sweep.py", "test
                  "test_seg3d_sweep.py", "test_datasets_breadth.py", "test_dense_sweep.py", "test_plan_cost.py",
                  "test_seg2d_sweep.py", "test_console.py", "test_data_axis.py", "test_em_sweep.py",
                  "test_extract.py", "test_analysis_pipeline.py", "test_seg3d_learn.py",
-                 "test_registration_sweep.py", "test_volumes.py", "test_endovis18_types.py")
+                 "test_registration_sweep.py", "test_adaptive_sweep.py", "test_volumes.py", "test_endovis18_types.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -105,7 +105,11 @@ def sweep_config(tmp: Path, roots: dict[str, Path], **overrides) -> dict:
         "data": {k: str(v) for k, v in roots.items()},
         "output": str(tmp / "out"),
         "protocols": {"linear_probe": {"epochs": 20}},
-        "resources": {"extract_batch_size": 64, "torch_threads": 1},
+        # One trial at a time on the session's 2 CPUs: Tune then reuses one trial process per
+        # sweep. Each new one pays ~10 s of CPU in imports (torch, torch._dynamo on the first
+        # optimizer, scikit-learn) against well under a second for a tiny cell (docs/testing.md);
+        # concurrent trials are the cluster scenario's to check (tests/cluster_scenario.py).
+        "resources": {"extract_batch_size": 64, "torch_threads": 1, "cell_cpus": 2},
     }
     for k, v in overrides.items():
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v

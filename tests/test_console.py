@@ -35,7 +35,7 @@ def _config(tmp_path: Path, roots: dict[str, Path]) -> dict:
                      "protocols": ["linear_probe", "knn"], "seeds": [0]},
             "data": {k: str(v) for k, v in roots.items()},
             "protocols": {"linear_probe": {"epochs": 5}},
-            "resources": {"extract_batch_size": 64, "torch_threads": 1}}
+            "resources": {"extract_batch_size": 64, "torch_threads": 1, "cell_cpus": 2}}
 
 
 @pytest.mark.slow
