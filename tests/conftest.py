@@ -10,6 +10,11 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# One OpenMP/torch thread per process: two xdist workers already fill the two cores, and a trial
+# that asks 2 CPUs would otherwise get OMP_NUM_THREADS=2 from Ray (workers inherit this instead),
+# whose threads spin-wait for a core the other worker holds: the seg3d sweep's trial took 3.5 min
+# of CPU that way instead of well under one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Sweeps fall back to MLFLOW_TRACKING_URI (a cluster head's server): tests pick their own stores.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
