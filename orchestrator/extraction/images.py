@@ -1,8 +1,8 @@
 """Embed a dataset once per (encoder, weights, resolution, pooling) into the feature cache.
 
 The pipeline (run by `pipelines.run_embedding_pipeline`): index rows -> `decode.decode_batch` on
-CPU workers (read, decode to uint8) -> `EncoderUDF` in an actor pool (GPU when present; resizes
-on its device, then embeds) ->
+CPU workers (read, decode to uint8) -> `EncoderUDF` (an actor pool on GPUs, kept-instance tasks on
+CPU: ray_backend.Step; resizes on its device, then embeds) ->
 Parquet partitioned by split in a scratch directory -> one cache entry per split, committed
 atomically. This module holds the logic and the worker-side callables; it never imports Ray.
 """
