@@ -57,7 +57,8 @@ def start(address: str | None = None, *, num_cpus: int | None = None,
         kwargs: dict[str, Any] = {"address": address, "include_dashboard": False,
                                   "logging_level": logging.WARNING, "configure_logging": True}
         if address == "local":
-            kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory)
+            kwargs.update(num_cpus=num_cpus, object_store_memory=object_store_memory,
+                          _system_config={"num_workers_soft_limit": _soft_limit(num_cpus)})
         ray.init(**kwargs)
         ctx = ray.data.DataContext.get_current()
         # medscale draws its own progress (orchestrator/console/progress.py); Ray Data's bars and its
@@ -65,6 +66,15 @@ def start(address: str | None = None, *, num_cpus: int | None = None,
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def _soft_limit(num_cpus: int | None) -> int:
+    """How many worker processes a private cluster keeps before it kills idle ones. Ray's default
+    is its CPU count, and it counts actors: Ray Data's two service actors and a Tune trial already
+    fill a 2-CPU machine, so every idle task process (each with torch, timm and an encoder
+    imported) was killed a second after each extraction and the next one paid ~10 s of CPU to
+    start again (docs/libraries.md). Idle processes hold memory, not CPU."""
+    return (num_cpus or os.cpu_count() or 1) + 4
 
 
 def is_system_error(e: BaseException) -> bool:
@@ -156,7 +166,8 @@ def run_dataset(rows: list[dict[str, Any]], steps: list[Step], *, blocks: int, o
                 filesystem: Any = None, partition_cols: list[str] | None = None) -> list[dict[str, Any]]:
     """Rows -> `blocks` blocks -> each step in turn -> Parquet partitioned by `partition_cols` under
     `out_dir`, or, without `out_dir`, the output rows gathered on the driver (small index rows)."""
-    ds = ray.data.from_items(rows).repartition(max(1, min(blocks, 4096)))
+    # Blocks cut on the driver: a `repartition` after `from_items` is a shuffle stage of its own.
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(blocks, len(rows), 4096)))
     for st in steps:
         if st.flat:
             ds = ds.flat_map(st.fn, fn_kwargs=st.kwargs, num_cpus=st.num_cpus)

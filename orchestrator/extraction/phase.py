@@ -143,7 +143,7 @@ def plan_extractions(cfg: SweepConfig, cells: list[Cell], memo: DigestMemo, prec
     A failure (bad dataset root, missing weights) is kept per extraction; its cells fail alone."""
     from orchestrator import ray_backend
     from tasks.datasets import get_dataset
-    from tasks.encoders import create_encoder
+    from tasks.encoders import get_encoder_spec
 
     plan = PlannedExtractions()
     for enc, res, ds_name in needed_extractions(cfg, cells):
@@ -157,15 +157,15 @@ def plan_extractions(cfg: SweepConfig, cells: list[Cell], memo: DigestMemo, prec
                                  **cfg.options_for(ds_name))
                 plan.datasets[ds_name] = (ds, ds.fingerprint())
             dataset, fingerprint = plan.datasets[ds_name]
-            meta_enc = create_encoder(enc, weights="random", device="meta")
-            pooling = meta_enc.resolve_pooling(cfg.pooling)
+            spec = get_encoder_spec(enc)  # pooling and preprocessing come from the spec: no model built
+            pooling = spec.resolve_pooling(cfg.pooling)
             job = ExtractionJob(enc, cfg.weights_of(enc), res, pooling, ds_name, str(cfg.data_root(ds_name)),
                                 cfg.val_fraction, cfg.split_seed,
                                 json.dumps(cfg.options_for(ds_name), sort_keys=True), precision,
                                 compile=planned_compile(precision, cfg.resources.compile))
             plan.memo_keys[(enc, res, ds_name)] = weights_memo_key(enc, cfg.weights_of(enc))
             plan.results[(enc, res, ds_name)] = plan_one(job, memo, cfg, dataset, fingerprint)
-            plan.info[(enc, res, ds_name)] = (fingerprint, {**meta_enc.preprocess_info(), "pooling": pooling,
+            plan.info[(enc, res, ds_name)] = (fingerprint, {**spec.preprocess_info(), "pooling": pooling,
                                                             "precision": precision})
         except Exception as e:  # noqa: BLE001 - one extraction fails alone; its cells carry the reason
             plan.failures[(enc, res, ds_name)] = ray_backend.error_text(e)

@@ -114,6 +114,6 @@ def resolved_hparams(protocol: str, task: str, seed: int, given: dict[str, Any])
 @functools.lru_cache(maxsize=256)
 def resolved_pooling(encoder: str, pooling: str) -> str:
     """The config's pooling for this encoder ("auto" resolved), without loading any weights."""
-    from tasks.encoders import create_encoder
+    from tasks.encoders import get_encoder_spec
 
-    return create_encoder(encoder, weights="random", device="meta").resolve_pooling(pooling)
+    return get_encoder_spec(encoder).resolve_pooling(pooling)

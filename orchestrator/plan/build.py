@@ -93,7 +93,7 @@ def cache_state(cfg: SweepConfig, encoder: str, resolution: int, name: str) -> t
     from orchestrator.extraction.weights import DigestMemo, weights_memo_key
     from orchestrator.store.cache import FeatureCache
     from tasks.datasets import get_dataset
-    from tasks.encoders import create_encoder
+    from tasks.encoders import get_encoder_spec
     from tasks.preprocess import PREPROCESS_VERSION
 
     memo_path = cfg.output_path / "weights_digests.json"
@@ -103,7 +103,7 @@ def cache_state(cfg: SweepConfig, encoder: str, resolution: int, name: str) -> t
         return "unknown", {}
     try:
         ds = get_dataset(name, str(root), val_fraction=cfg.val_fraction, seed=cfg.split_seed, **cfg.options_for(name))
-        pooling = create_encoder(encoder, weights="random", device="meta").resolve_pooling(cfg.pooling)
+        pooling = get_encoder_spec(encoder).resolve_pooling(cfg.pooling)
         job = ExtractionJob(encoder, cfg.weights_of(encoder), resolution, pooling, name, str(root), cfg.val_fraction,
                             cfg.split_seed, json.dumps(cfg.options_for(name), sort_keys=True))
         keys = cache_keys(job, info, ds.fingerprint(), PREPROCESS_VERSION)
@@ -170,9 +170,9 @@ def _families(cfg: SweepConfig, cells: list[Cell], extraction: tuple[str, int, s
 
 
 def _dim(encoder: str, pooling: str) -> int:
-    from tasks.encoders import create_encoder
+    from tasks.encoders import get_encoder_spec
 
-    return create_encoder(encoder, weights="random", device="meta").embedding_dim(pooling)
+    return get_encoder_spec(encoder).embedding_dim(pooling)
 
 
 Extraction = tuple[str, int, str]  # (encoder, resolution, dataset)

@@ -19,7 +19,6 @@ import torch
 
 from tasks.device_io import DeviceIO, stream
 from tasks.errors import ConfigError
-from tasks.preprocess import PREPROCESS_VERSION, RESIZE_POLICY
 
 if TYPE_CHECKING:
     from tasks.encoders.spec import EncoderSpec
@@ -62,19 +61,15 @@ class FrozenEncoder:
                               f"{self.spec.name}); use {lo} or {hi}")
         return resolution
 
+    # Planners read these from the spec without building a model (tasks/encoders/spec.py).
     def resolve_pooling(self, pooling: str) -> str:
-        pooling = self.spec.default_pooling if pooling == "auto" else pooling
-        if pooling not in self.spec.pooling_options:
-            raise ConfigError(f"pooling {pooling!r} is not available for {self.spec.name}; "
-                              f"use auto or one of {', '.join(self.spec.pooling_options)}")
-        return pooling
+        return self.spec.resolve_pooling(pooling)
 
     def embedding_dim(self, pooling: str) -> int:
-        return self.spec.pooling_dims[self.resolve_pooling(pooling)]
+        return self.spec.embedding_dim(pooling)
 
     def preprocess_info(self) -> dict[str, Any]:
-        """What turns a file into the encoder's input; recorded with every result."""
-        return {**self.spec.preprocess.info(), "resize": RESIZE_POLICY, "version": PREPROCESS_VERSION}
+        return self.spec.preprocess_info()
 
     # -- precision and compilation ---------------------------------------------------------------
     def hold_bf16(self) -> None:

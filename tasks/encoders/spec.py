@@ -106,6 +106,23 @@ class EncoderSpec:
     def pooling_options(self) -> tuple[str, ...]:
         return tuple(self.pooling_dims)
 
+    def resolve_pooling(self, pooling: str) -> str:
+        """The config's pooling for this encoder ("auto": the authors' recommended embedding)."""
+        pooling = self.default_pooling if pooling == "auto" else pooling
+        if pooling not in self.pooling_dims:
+            raise ConfigError(f"pooling {pooling!r} is not available for {self.name}; "
+                              f"use auto or one of {', '.join(self.pooling_options)}")
+        return pooling
+
+    def embedding_dim(self, pooling: str) -> int:
+        return self.pooling_dims[self.resolve_pooling(pooling)]
+
+    def preprocess_info(self) -> dict[str, Any]:
+        """What turns a file into the encoder's input; recorded with every result."""
+        from tasks.preprocess import PREPROCESS_VERSION, RESIZE_POLICY
+
+        return {**self.preprocess.info(), "resize": RESIZE_POLICY, "version": PREPROCESS_VERSION}
+
     @property
     def input_multiple(self) -> int:
         return self.patch_size
