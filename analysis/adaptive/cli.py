@@ -22,6 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--confidence", type=float, default=0.9995,
                    help="a claim settles at an interim look when its adjusted p <= 1 - confidence (default 0.9995)")
     r.add_argument("--max-rounds", type=int, default=8, help="rounds at most, round 0 included (default 8)")
+    r.add_argument("--round-share", type=float, default=0.12,
+                   help="the most one round may spend, as a share of the full grid's cost (default 0.12)")
     return a
 
 
@@ -34,8 +36,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--budget {args.budget}: a share of the full grid's cost, > 0")
     if not 0 < args.confidence < 1:
         raise ConfigError(f"--confidence {args.confidence}: must lie in (0, 1)")
+    if not 0 < args.round_share <= 1:
+        raise ConfigError(f"--round-share {args.round_share}: a share of the full grid's cost, in (0, 1]")
     try:
-        policy = AdaptivePolicy(budget=args.budget, confidence=args.confidence, max_rounds=args.max_rounds)
+        policy = AdaptivePolicy(budget=args.budget, confidence=args.confidence, max_rounds=args.max_rounds,
+                                round_share=args.round_share)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     result = replay(read_points_csv(args.points), policy)

@@ -171,7 +171,8 @@ def run_adaptive(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False,
     console.note(note)
     cands = candidates(cfg, cells, plan)
     try:
-        policy = AdaptivePolicy(budget=share, confidence=settings.confidence, max_rounds=settings.max_rounds)
+        policy = AdaptivePolicy(budget=share, confidence=settings.confidence, max_rounds=settings.max_rounds,
+                                round_share=settings.round_share)
     except ValueError as e:
         raise ConfigError(f"adaptive: {e}") from None
     log = RoundLog(cfg.output_path)
