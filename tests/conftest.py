@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,4 +119,28 @@ def sweep_config(tmp: Path, roots: dict[str, Path], **overrides) -> dict:
     }
     for k, v in overrides.items():
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    if not cfg.get("tracking_uri"):
+        db = Path(cfg["output"]) / "mlflow.db"
+        if not db.exists():
+            db.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(_empty_mlflow_store(), db)
     return cfg
+
+
+_EMPTY_STORE: list[Path] = []
+
+
+def _empty_mlflow_store() -> Path:
+    """An MLflow sqlite store with its schema made, once per test process. Making one runs MLflow's
+    schema migrations, ~2 s of CPU that each of ~60 sweep tests would repeat; the copy is the file
+    MLflow itself wrote. Tests whose configs do not come from `sweep_config` (the CLI sweeps, the
+    demo config) still have MLflow create their store."""
+    if not _EMPTY_STORE:
+        import tempfile
+
+        from mlflow.tracking import MlflowClient
+
+        path = Path(tempfile.mkdtemp(prefix="medscale-mlflow-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{path}").search_experiments()
+        _EMPTY_STORE.append(path)
+    return _EMPTY_STORE[0]
