@@ -31,9 +31,10 @@ test: venv
 	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
-# The inner loop: everything but the tests that start Ray or a sweep (marker `slow`), < 2 minutes.
+# The inner loop: everything but the tests that start Ray or a sweep and the few that take seconds
+# each (marker `slow`). Whole files per worker, so a module's synthetic datasets are written once.
 test-fast: venv
-	$(PYTEST) -n $(TEST_WORKERS) -m "not slow and not cluster_e2e"; rc=$$?; \
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow and not cluster_e2e"; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # Opt-in: `ray up clusters/onprem.yaml` against 127.0.0.1 over SSH, a tiny sweep, `ray down`.

@@ -33,7 +33,24 @@ SLOW_TESTS = ("test_a_broken_dataset_root_exits_nonzero_and_names_the_failed_cel
               "test_family_hub_weights_load_offline_and_gated_ones_say_how_to_get_them",
               "test_hub_weights_load_offline_from_the_cache_and_never_fall_back",
               "test_decoder_beats_linear_on_context_endovis",
-              "test_plan_counts_encoder_work_once_per_group")
+              "test_plan_counts_encoder_work_once_per_group",
+              # 7-20 s each in `make test-fast` (every encoder's GFLOPs on the meta device, a replay in
+              # a second process, fresh interpreters importing the entry points, trained heads)
+              "test_cli_lists_every_encoder",
+              "test_rounds_are_re_derived_identically_in_another_process",
+              "test_abmil_with_the_tiny_encoder_on_real_tiles",
+              "test_round_share_caps_each_later_round_and_is_checked",
+              "test_plan_of_the_paper_grid_runs_without_data",
+              "test_family_comes_from_the_logged_column_else_the_registry",
+              "test_entry_points_import_in_a_fresh_process",
+              "test_meddinov3_checkpoint_loads_through_file_to_identical_outputs",
+              "test_isotonic_test_holds_its_level_with_five_seeds",
+              "test_head_learns_on_synthetic_ac3ac4_and_never_looks_at_test",
+              "test_a_resumed_part_of_a_group_draws_the_same_crops",
+              "test_synth_is_deterministic_and_refuses_a_used_directory",
+              "test_plan_of_the_paper_grid_counts_a_synthetic_dataset_exactly",
+              "test_biomedclip_loads_a_whole_open_clip_checkpoint_with_its_text_tower",
+              "test_every_metric_of_a_points_file_is_judged_or_named")
 
 
 # The files that take longest, slowest first (`--durations`, docs/testing.md). With two xdist

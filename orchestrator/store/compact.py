@@ -7,7 +7,7 @@ before the entry is committed (in the writer's private scratch directory, so the
 publish is untouched), streaming record batches so memory stays one row group.
 
 The writer options are chosen so the bytes on disk follow from the rows (orchestrator/plan/model.py
-predicts them, tests/test_plan_cost.py holds the plan within 10% of what a sweep writes):
+predicts them, tests/test_plan_cost.py holds the plan within 5% of what a sweep writes):
 - no dictionary on the embedding column: pyarrow's default dictionary-encodes floats until the
   dictionary page overflows (1 MB), and a dictionary of distinct floats plus its indices takes
   ~1.5x the plain bytes (measured: 1,000 x 128 floats took 795 kB dictionary-encoded, 530 kB plain);
