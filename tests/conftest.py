@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -144,20 +145,16 @@ def sweep_config(tmp: Path, roots: dict[str, Path], **overrides) -> dict:
     return cfg
 
 
-_EMPTY_STORE: list[Path] = []
-
-
+@functools.cache
 def _empty_mlflow_store() -> Path:
     """An MLflow sqlite store with its schema made, once per test process. Making one runs MLflow's
     schema migrations, ~2 s of CPU that each of ~60 sweep tests would repeat; the copy is the file
     MLflow itself wrote. Tests whose configs do not come from `sweep_config` (the CLI sweeps, the
     demo config) still have MLflow create their store."""
-    if not _EMPTY_STORE:
-        import tempfile
+    import tempfile
 
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
-        path = Path(tempfile.mkdtemp(prefix="medscale-mlflow-")) / "mlflow.db"
-        MlflowClient(f"sqlite:///{path}").search_experiments()
-        _EMPTY_STORE.append(path)
-    return _EMPTY_STORE[0]
+    path = Path(tempfile.mkdtemp(prefix="medscale-mlflow-")) / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pandas as pd
+import pydantic
+import pytest
 
 from analysis.adaptive.synthetic import generate_study
 from orchestrator.cli import main
+from orchestrator.grid.adaptive import AdaptiveSettings
 
 
 def test_replay_cli_writes_every_output_and_prints_agreement_last(tmp_path, capsys):
@@ -40,8 +43,6 @@ def test_replay_cli_rejects_a_bad_budget(tmp_path, capsys):
 
 
 def test_round_share_caps_each_later_round_and_is_checked(tmp_path, capsys):
-    from orchestrator.grid.adaptive import AdaptiveSettings
-
     df, _ = generate_study(seed=2, n_datasets=1, protocols=("linear_probe",), metrics=("auc",),
                            resolutions=(224, 512, 1024))
     df.to_csv(tmp_path / "p.csv", index=False)
@@ -57,8 +58,5 @@ def test_round_share_caps_each_later_round_and_is_checked(tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "x"), "--round-share", "0"]) == 2
     assert "--round-share" in capsys.readouterr().err
     assert AdaptiveSettings(round_share=0.3).round_share == 0.3
-    import pydantic
-    import pytest
-
     with pytest.raises(pydantic.ValidationError):
         AdaptiveSettings(round_share=1.5)
