@@ -27,9 +27,7 @@ from orchestrator.extraction.images import EncoderUDF
 from orchestrator.store import storage
 from orchestrator.store.bags import BAG_DTYPE, bag_dirs
 from tasks.errors import DatasetError
-
-TILING_VERSION = 1  # bump when tile_slide's output for the same parameters changes
-
+from tasks.wsi.tiling import TILING_VERSION
 
 TILE_COLUMNS = ("case_id", "path", "x", "y", "level", "read_size", "tile_size", "error")
 

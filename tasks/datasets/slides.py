@@ -22,7 +22,7 @@ import pandas as pd
 
 from tasks.datasets.base import ImageDataset, Problem, carve_val
 from tasks.errors import ConfigError, DatasetError
-from tasks.wsi.tiling import TilingParams
+from tasks.wsi.tiling import TILING_VERSION, TilingParams
 
 
 class SlideDataset(ImageDataset):
@@ -76,7 +76,7 @@ class SlideDataset(ImageDataset):
 
     def fingerprint(self) -> str:
         base = super().fingerprint()
-        return hashlib.sha256(f"{base} tiling={json.dumps(self.tiling.key(), sort_keys=True)}".encode()).hexdigest()
+        return hashlib.sha256(f"{base} tiling={json.dumps(self.tiling.key(), sort_keys=True)} v{TILING_VERSION}".encode()).hexdigest()
 
     def read_image(self, path: str | os.PathLike) -> np.ndarray:
         raise DatasetError(str(path), f"{self.name} is a whole-slide dataset: a slide is not read as one "

@@ -32,6 +32,10 @@ _PLAIN_IMAGES = (".jpg", ".jpeg", ".png")
 # The mask level must resolve a tile to >= 4x4 px (tissue fractions in 1/16 steps or finer); not more,
 # since the mask level is read whole: a 100k x 200k px slide at downsample 32 is 75 MB of RGBA.
 _MASK_MIN_TILE_PX = 4
+# Bump when tile_slide's output for the same parameters changes: it enters the cached coordinates'
+# folder and the slide datasets' fingerprint (the bags' cache key). 2: a mask level finer than
+# needed (a plain JPEG slide has only level 0) is box-reduced to 4-8 px per tile before masking.
+TILING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,13 @@ def _mask_level(slide, footprint: float) -> int:
     return max(ok) if ok else 0
 
 
+def _mask_reduction(footprint: float, level_ds: float) -> int:
+    """Box-reduction factor that brings the mask to 4-8 px per tile footprint when the slide has no
+    level that coarse (a plain JPEG or PNG has level 0 only): masking every level-0 pixel costs ~1 s
+    per 3 MP on one core (the median filter), and a real slide of 10^8 px would take minutes."""
+    return max(1, int(footprint / level_ds // _MASK_MIN_TILE_PX))
+
+
 def _read_rgb(slide, path: str, loc: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
     """RGB uint8 of a region, transparent (outside the scan) composited on white."""
     import openslide
@@ -197,6 +208,11 @@ def tile_slide(path: str | os.PathLike, params: TilingParams | None = None,
         m_ds = float(slide.level_downsamples[m_level])
         mw, mh = slide.level_dimensions[m_level]
         thumb = _read_rgb(slide, p, (0, 0), m_level, (mw, mh))
+        k = _mask_reduction(footprint, m_ds)
+        if k > 1:
+            from PIL import Image
+
+            thumb, m_ds = np.asarray(Image.fromarray(thumb).reduce(k)), m_ds * k
         mpp = _slide_mpp(slide)
         # A truncated file can hold a readable low level and a broken level 0: probe the read level.
         W, H = slide.level_dimensions[0]
