@@ -114,7 +114,10 @@ def test_kill_driver_then_resume_completes_only_the_rest(joined_env, synth_roots
                             start_new_session=True)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and _count(db, "FINISHED") < 2:
+        # Kill with a cell in flight: two finished and one running (between two trials no cell is
+        # started, and a rerun then only sees cells that never ran, which it may run without --resume).
+        while time.time() < deadline and proc.poll() is None and (_count(db, "FINISHED") < 2
+                                                                   or _count(db, "RUNNING") < 1):
             time.sleep(0.2)
         assert proc.poll() is None, f"sweep ended before it could be killed:\n{proc.stdout.read().decode()}"
         done_before = _count(db, "FINISHED")
