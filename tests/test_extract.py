@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 from orchestrator.extraction.jobs import ExtractionJob
 from orchestrator.extraction.phase import extract_one
+from orchestrator.extraction.shared import extract_group, shared_decode_groups
 from orchestrator.extraction.weights import DigestMemo
 from orchestrator.grid.config import parse_config
 from orchestrator.store.cache import FeatureCache
@@ -63,11 +65,34 @@ def test_second_extraction_encodes_nothing_and_matches_bare_encoder(ray_session,
     np.testing.assert_allclose(enc.embed(pixels, pooling="cls+mean"), X[:8], rtol=1e-4, atol=1e-5)
 
 
-def test_a_new_resolution_is_a_new_key(ray_session, synth_roots, tmp_path):
-    a, _, _ = _extract(tmp_path, synth_roots, resolution=32)
+def test_a_new_resolution_is_a_new_key_and_one_decode_for_both_gives_the_same_entries(
+        ray_session, synth_roots, tmp_path):
+    a, cache, ds = _extract(tmp_path, synth_roots, resolution=32)
     b, _, _ = _extract(tmp_path, synth_roots, resolution=48)
     assert b.n_encoded == a.n_encoded > 0
     assert a.keys["train"].digest != b.keys["train"].digest
+
+    # Both resolutions from one decode (extraction.shared), into a second cache: what the sweep
+    # does when a grid asks one encoder for several resolutions of a dataset.
+    needed = [(TINY, 48, "nih14"), (TINY, 32, "nih14")]
+    results = {(TINY, 32, "nih14"): replace(a, failed={}), (TINY, 48, "nih14"): replace(b, failed={})}
+    datasets = {"nih14": (ds, ds.fingerprint())}
+    assert shared_decode_groups(needed, results, datasets, cache, set()) == []  # cached: nothing to share
+    assert shared_decode_groups(needed, results, datasets, cache, {(TINY, 48, "nih14")}) == []
+    other = FeatureCache(str(tmp_path / "cache2"))
+    groups = shared_decode_groups(needed, results, datasets, other, set())
+    assert groups == [[(TINY, 32, "nih14"), (TINY, 48, "nih14")]]
+    cfg = parse_config(sweep_config(tmp_path, synth_roots))
+    done = extract_group([results[e] for e in groups[0]], other, cfg, 0.0, ds)
+    assert [r.n_encoded for r in done] == [a.n_encoded, b.n_encoded]
+    assert [r.shared_decode for r in done] == [[32, 48], [32, 48]]
+    for alone in (a, b):
+        for key in alone.keys.values():
+            ids, X, Y, _ = cache.read_arrays(key)
+            ids2, X2, Y2, _ = other.read_arrays(key)
+            assert ids2 == ids and other.meta(key)["shared_decode"] == [32, 48]
+            np.testing.assert_array_equal(Y2, Y)
+            np.testing.assert_allclose(X2, X, rtol=1e-5, atol=1e-6)
 
 
 KILL_SCRIPT = """
@@ -79,6 +104,7 @@ from orchestrator.grid.config import parse_config
 from orchestrator.extraction.jobs import ExtractionJob
 from orchestrator.extraction.weights import DigestMemo
 from orchestrator.extraction.phase import extract_one
+from orchestrator.extraction.shared import extract_group, shared_decode_groups
 from tasks.datasets import get_dataset
 root, out = sys.argv[1], Path(sys.argv[2])
 ray_backend.start("local", num_cpus=2, object_store_memory=200 * 1024**2)

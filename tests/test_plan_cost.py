@@ -59,6 +59,14 @@ def test_plan_of_the_paper_grid_runs_without_data(tmp_path):
         assert (e.throughput == "measured") == (e.resolution in (224, 512, 1024)), e
         assert e.bound in ("gpu", "decode", "disk") and e.device_hours is not None
     s224 = next(e for e in h200.extractions if e.encoder == "dinov3_vits16" and e.resolution == 224)
+    # one decode feeds ViT-S's 6 resolutions of a dataset (extraction/shared.py), each row paying a
+    # sixth of it: ViT-S @ 224 px is bound by its measured actor rate, not by decode ...
+    assert s224.bound == "gpu" and s224.items_per_s == pytest.approx(H200_ACTOR[("dinov3_vits16", 224)][0])
+    # ... which bounds it when every extraction decodes the dataset again
+    apart = load_config(PAPER, {"output": str(tmp_path / "out"), "storage": None, "data": cfg.data,
+                                "resources": {**cfg.resources.model_dump(), "shared_decode": False}})
+    s224 = next(e for e in plan_sweep(apart, accelerator="H200").extractions
+                if e.encoder == "dinov3_vits16" and e.resolution == 224)
     assert s224.bound == "decode" and s224.items_per_s == pytest.approx(decode_rate("H200", 224))
     # decode workers only decode (the actor resizes on the GPU): one decode rate for every resolution
     assert decode_rate("H200", 224) == decode_rate("H200", 1024) == pytest.approx(16 * 1000 / 4.5)

@@ -83,6 +83,31 @@ class EncoderUDF:
         return embeddings_table(batch, emb)
 
 
+class ResolutionsEncoderUDF(EncoderUDF):
+    """One decoded batch, embedded at every resolution of a shared-decode group (`extraction.shared`):
+    decoding is the CPU's costliest step per image and does not depend on the resolution, so it runs
+    once for all of them. Each resolution is resized on the device and embedded in pieces of its own
+    batch size (`batch_sizes`: the largest resolution's is the smallest); rows carry `resolution`."""
+
+    def __init__(self, resolutions: list[int], batch_sizes: dict[int, int], **kwargs: Any):
+        super().__init__(resolution=resolutions[0], **kwargs)
+        self.resolutions = [int(r) for r in resolutions]
+        self.batch_sizes = {int(r): int(b) for r, b in batch_sizes.items()}
+
+    def embed(self, pixels: Any) -> np.ndarray:
+        step = self.batch_sizes.get(self.resolution, len(pixels)) or len(pixels)
+        parts = [super(ResolutionsEncoderUDF, self).embed(pixels[i:i + step]) for i in range(0, len(pixels), step)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.encoder.embedding_dim(self.pooling)), np.float32)
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        tables = []
+        for r in self.resolutions:
+            self.resolution = r
+            t = super().__call__(batch)
+            tables.append(t.append_column("resolution", pa.array([r] * t.num_rows, pa.int32())))
+        return pa.concat_tables(tables)
+
+
 def embeddings_table(batch: dict[str, Any], emb: np.ndarray) -> pa.Table:
     """(case_id, split, patient_id, target, embedding[, error]): `error` when the batch has one
     (pipeline output; "" for a good row); cache readers drop rows whose error is set."""

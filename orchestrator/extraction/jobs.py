@@ -50,6 +50,8 @@ class ExtractResult:
     cases: dict[int, tuple[list[dict[str, Any]], str]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     coords_uri: str = ""  # slide datasets: where the tile coordinates of every slide are kept
+    # The resolutions one decode fed together (extraction.shared); `seconds` is then the group's.
+    shared_decode: list[int] = field(default_factory=list)
 
 
 def cache_keys(job: ExtractionJob, weights_info: dict[str, str], fingerprint: str,
@@ -70,7 +72,8 @@ def describe(result: ExtractResult) -> dict[str, Any]:
             "n_encoded": result.n_encoded, "seconds": round(result.seconds, 2),
             "cached_splits": result.cached_splits, "actors": result.actors,
             "gpus_per_actor": result.gpus_per_actor, "weights_source": result.weights_source,
-            "weights_digest": result.weights_digest, "failed": result.failed, "time": time.time()}
+            "weights_digest": result.weights_digest, "failed": result.failed,
+            "shared_decode": result.shared_decode, "time": time.time()}
 
 
 def extract_line(job: ExtractionJob, what: str, n: int, seconds: float, unit: str = "images") -> None:

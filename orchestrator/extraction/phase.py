@@ -16,6 +16,7 @@ from orchestrator.console.progress import Progress, watch_output
 from orchestrator.extraction.images import commit_splits, index_rows, pool_volumes
 from orchestrator.extraction.jobs import SPLITS, ExtractionJob, ExtractResult, cache_keys, extract_line
 from orchestrator.extraction.runs import extract_bags, extract_dense, pool_size, report_failed
+from orchestrator.extraction.shared import extract_group, shared_decode_groups
 from orchestrator.extraction.weights import DigestMemo, planned_compile, weights_info, weights_memo_key
 from orchestrator.grid.cells import Cell
 from orchestrator.grid.config import SweepConfig
@@ -183,11 +184,18 @@ def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: 
     needed = needed_extractions(cfg, cells)
     results: dict[Extraction, ExtractResult] = {}
     failures = {e: plan.failures[e] for e in needed if e in plan.failures}
+    groups = shared_decode_groups(needed, plan.results, plan.datasets, cache, set(failures) | set(dense)) \
+        if cfg.resources.shared_decode else []
+    leader = {g[0]: g for g in groups}
     for i, ext in enumerate(needed, 1):
         enc, res, ds_name = ext
         console.note(f"features [{i}/{len(needed)}] {enc} @ {res}px on {ds_name}")
         if ext in failures:
             console.note(f"  FAILED: {failures[ext]}")
+            continue
+        if ext in leader:
+            results |= _extract_group(leader[ext], plan, cache, cfg, n_gpus)
+        if ext in results:
             continue
         planned = plan.results[ext]
         dataset, fingerprint = plan.datasets[ds_name]
@@ -200,3 +208,20 @@ def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: 
                 memo.drop(plan.memo_keys.get(ext))  # the weights changed under the memo: re-plan next time
             console.note(f"  FAILED: {failures[ext]}")
     return results, failures
+
+
+def _extract_group(group: list[Extraction], plan: PlannedExtractions, cache: FeatureCache, cfg: SweepConfig,
+                   n_gpus: float) -> dict[Extraction, ExtractResult]:
+    """A shared-decode group's results, or none when it failed: its members then run alone, so a
+    resolution that cannot run fails by itself (the group's error is printed first)."""
+    from orchestrator import ray_backend
+
+    dataset, _ = plan.datasets[group[0][2]]
+    try:
+        done = extract_group([replace(plan.results[e], failed=dict(plan.results[e].failed)) for e in group],
+                             cache, cfg, n_gpus, dataset)
+    except Exception as e:  # noqa: BLE001 - the members are tried one by one next
+        console.note(f"  one decode for {len(group)} resolutions failed ({ray_backend.error_text(e)}); "
+                     "running them one by one")
+        return {}
+    return dict(zip(group, done, strict=True))

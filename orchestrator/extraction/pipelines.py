@@ -3,6 +3,8 @@ on CPU tasks, encoders in an actor pool) is decided here; how Ray runs it, in ra
 
 - `run_embedding_pipeline`: index rows -> `decode_batch` (decode only) -> `EncoderUDF` (resize on
   its device, embed) -> Parquet by split;
+- `run_shared_decode_pipeline`: the same for several resolutions of one encoder: one decode,
+  `ResolutionsEncoderUDF` embeds each batch at every resolution -> Parquet by resolution and split;
 - `run_slice_pipeline` (CT volumes): one decode task per volume -> slice embeddings by split;
 - `run_slide_pipeline` (whole slides): slide -> tile coordinates -> tiles -> `TileEncoderUDF` ->
   Parquet by slide;
@@ -17,7 +19,7 @@ from typing import Any
 from orchestrator import ray_backend
 from orchestrator.extraction.decode import decode_batch, decode_volumes
 from orchestrator.extraction.dense import DenseEncoderUDF, decode_cases
-from orchestrator.extraction.images import EncoderUDF
+from orchestrator.extraction.images import EncoderUDF, ResolutionsEncoderUDF
 from orchestrator.extraction.jobs import ExtractionJob
 from orchestrator.extraction.slides import TileEncoderUDF, decode_tiles, expand_slide
 from orchestrator.ray_backend import Step
@@ -55,6 +57,26 @@ def run_embedding_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, in
                      gpus_per_actor=gpus_per_actor, torch_threads=torch_threads, resize=interpolation)
     ray_backend.run_dataset(rows, [decode, encode], blocks=len(rows) // batch_size, out_dir=out_dir,
                             filesystem=filesystem)
+
+
+def run_shared_decode_pipeline(rows: list[dict[str, Any]], jobs: list[ExtractionJob], *, interpolation: str,
+                               expected_digest: str, out_dir: str, filesystem: Any, batch_sizes: dict[int, int],
+                               actors: int, gpus_per_actor: float, torch_threads: int | None) -> None:
+    """Embed `rows` once decoded at every job's resolution (the jobs differ only in resolution) and
+    write Parquet partitioned by resolution and split under `out_dir`. The pipeline's batch is the
+    largest of the jobs' batches; each resolution is embedded in pieces of its own."""
+    job, batch = jobs[0], max(batch_sizes.values())
+    decode = Step(decode_batch, {"dataset": job.dataset, "root": job.root, "val_fraction": job.val_fraction,
+                                 "split_seed": job.split_seed, "options": job.options}, batch_size=batch)
+    # A compiled forward gets one fixed batch: the smallest (the largest resolution's), so it fits.
+    encode = Step(ResolutionsEncoderUDF, {
+        "encoder": job.encoder, "weights": job.weights, "pooling": job.pooling, "expected_digest": expected_digest,
+        "torch_threads": torch_threads, "expected_precision": job.precision, "compile": job.compile,
+        "batch_size": min(batch_sizes.values()), "interpolation": interpolation,
+        "resolutions": [j.resolution for j in jobs], "batch_sizes": batch_sizes},
+        batch_size=batch, actors=actors, num_gpus=gpus_per_actor)
+    ray_backend.run_dataset(rows, [decode, encode], blocks=len(rows) // batch, out_dir=out_dir,
+                            filesystem=filesystem, partition_cols=["resolution", "split"])
 
 
 def run_slice_pipeline(rows: list[dict[str, Any]], job: ExtractionJob, *, interpolation: str,

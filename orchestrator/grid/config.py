@@ -131,6 +131,7 @@ class Resources(_Strict):
     precision: Literal["auto", "fp32"] = Field(
         default="auto", description="encoder precision: auto = bf16 autocast on GPUs, fp32 on CPU; fp32 everywhere")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU encoder threads")
+    shared_decode: bool = Field(default=True, description="one decode feeds every resolution of an encoder")
     # Dense features (docs/dense.md): an extraction goes to the cache when its planned fp16 maps fit
     # this budget (and the head does not augment), else the encoder runs inside each trial, and
     # such an online cell asks for `online_encoder_gpus` more of a GPU than its head alone.

@@ -266,7 +266,11 @@ def _plan_extraction(cfg: SweepConfig, cells: list[Cell], gathered: dict[str, An
     gf = float(spec.gflops(res))
     rate, source = items_per_second(accelerator, enc, res, gf)
     per_item = nbytes / items if feature == "dense" and nbytes and items else None
-    rate, bound = bounded_rate(accelerator, rate, res, per_item)
+    shared = 1  # one decode feeds every uncached resolution of this encoder on this dataset
+    if feature == "pooled" and kind == "image" and cfg.resources.shared_decode:
+        shared = len({c.resolution for c in cells if (c.encoder, c.dataset) == (enc, ds)
+                      and gathered["cached"].get((enc, c.resolution, ds), ("",))[0] != "yes"}) or 1
+    rate, bound = bounded_rate(accelerator, rate, res, per_item, decode_shared_by=shared)
     hours = items / rate / 3600 if items is not None else None
     return ExtractionPlan(enc, res, ds, item, feature, items, n_cases, gf, nbytes, cached, rate, source, hours,
                           note, bound=bound), rows

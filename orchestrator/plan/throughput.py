@@ -132,14 +132,15 @@ def decode_rate(accelerator: str, resolution: int) -> float:
 
 
 def bounded_rate(accelerator: str, gpu_rate: float, resolution: int, bytes_per_item: float | None,
-                 decode: bool = True) -> tuple[float, str]:
-    """(items/s, what bounds it: gpu | decode | disk). CPU classes are measured whole: gpu."""
+                 decode: bool = True, decode_shared_by: int = 1) -> tuple[float, str]:
+    """(items/s, what bounds it: gpu | decode | disk). CPU classes are measured whole: gpu.
+    `decode_shared_by`: the extractions one decode feeds (extraction/shared.py), each paying 1/n."""
     acc = get_accelerator(accelerator)
     if not acc.gpu:
         return gpu_rate, "gpu"
     options = [(gpu_rate, "gpu")]
     if decode:
-        options.append((decode_rate(accelerator, resolution), "decode"))
+        options.append((decode_rate(accelerator, resolution) * max(1, decode_shared_by), "decode"))
     if bytes_per_item:
         options.append((acc.disk_gb_s * 1e9 / bytes_per_item, "disk"))
     return min(options)
