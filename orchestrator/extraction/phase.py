@@ -195,6 +195,9 @@ def extract_all(cfg: SweepConfig, cells: list[Cell], cache: FeatureCache, memo: 
             continue
         if ext in leader:
             results |= _extract_group(leader[ext], plan, cache, cfg, n_gpus)
+        elif ext in results:  # a later member of a group: its entries were committed with the first
+            console.line(f"   {results[ext].job.label}: encoded above (one decode for "
+                         f"{'/'.join(str(r) for r in results[ext].shared_decode)} px)")
         if ext in results:
             continue
         planned = plan.results[ext]
