@@ -95,6 +95,28 @@ def test_a_new_resolution_is_a_new_key_and_one_decode_for_both_gives_the_same_en
             np.testing.assert_allclose(X2, X, rtol=1e-5, atol=1e-6)
 
 
+def test_a_shared_decode_that_fails_runs_its_resolutions_one_by_one(ray_session, synth_roots, tmp_path, monkeypatch):
+    """One resolution that cannot run (out of device memory, say) must not take the others down
+    with it: a failed group is tried again member by member, each a lone extraction."""
+    from orchestrator.extraction import pipelines
+    from orchestrator.extraction.phase import extract_all, plan_extractions
+    from orchestrator.grid.cells import plan_cells
+
+    cfg = parse_config({**sweep_config(tmp_path, {"nih14": synth_roots["nih14"]}, grid={"protocols": ["knn"]}),
+                        "protocols": {}})
+    cells, _ = plan_cells(cfg)
+    memo = DigestMemo(tmp_path / "digests.json")
+    plan = plan_extractions(cfg, cells, memo, "fp32")
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory at 48 px")
+
+    monkeypatch.setattr(pipelines, "run_shared_decode_pipeline", out_of_memory)
+    results, failures = extract_all(cfg, cells, FeatureCache(str(tmp_path / "cache")), memo, 0.0, plan)
+    assert failures == {} and sorted(results) == [(TINY, 32, "nih14"), (TINY, 48, "nih14")]
+    assert all(r.shared_decode == [] and r.n_encoded == 200 for r in results.values())
+
+
 KILL_SCRIPT = """
 import sys
 from pathlib import Path
