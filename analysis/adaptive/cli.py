@@ -22,8 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--confidence", type=float, default=0.9995,
                    help="a claim settles at an interim look when its adjusted p <= 1 - confidence (default 0.9995)")
     r.add_argument("--max-rounds", type=int, default=8, help="rounds at most, round 0 included (default 8)")
-    r.add_argument("--round-share", type=float, default=0.12,
-                   help="the most one round may spend, as a share of the full grid's cost (default 0.12)")
+    r.add_argument("--round-share", type=float, default=0.08,
+                   help="the most one round may spend, as a share of the full grid's cost (default 0.08)")
     return a
 
 

@@ -96,7 +96,7 @@ class AdaptivePolicy:
     initial_seeds: int = 2
     interior_seeds: int = 1
     max_rounds: int = 8
-    round_share: float = 0.12
+    round_share: float = 0.08
     interim_alpha: float | None = None
     n_boot: int = 20  # verdicts read analytic tails; replicates only feed shape shares
     draws: int = 6  # predictive draws of the full-seed estimates a settled curve must agree with
