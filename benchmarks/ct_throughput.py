@@ -101,7 +101,7 @@ def main() -> None:
         # called directly so a run may hold any number of volumes, whatever their splits.
         from orchestrator.extraction import pipelines
         splits = sorted(set(index["split"]))
-        rows = [ds.slice_rows(r) for r in index_rows(index, splits)]
+        rows = [ds.slice_rows(r) for r in index_rows(index, splits, str(ds.root), ds.name)]
         out = str(work / f"out-{tag}")
         with PeakRSS() as rss:
             t0 = time.perf_counter()

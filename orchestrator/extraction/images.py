@@ -95,9 +95,9 @@ class ResolutionsEncoderUDF(EncoderUDF):
         self.batch_sizes = {int(r): int(b) for r, b in batch_sizes.items()}
 
     def embed(self, pixels: Any) -> np.ndarray:
-        step = self.batch_sizes.get(self.resolution, len(pixels)) or len(pixels)
-        parts = [super(ResolutionsEncoderUDF, self).embed(pixels[i:i + step]) for i in range(0, len(pixels), step)]
-        return np.concatenate(parts) if parts else np.zeros((0, self.encoder.embedding_dim(self.pooling)), np.float32)
+        step = self.batch_sizes[self.resolution]
+        return np.concatenate([super(ResolutionsEncoderUDF, self).embed(pixels[i:i + step])
+                               for i in range(0, len(pixels), step)])
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         tables = []
@@ -126,14 +126,19 @@ def embeddings_table(batch: dict[str, Any], emb: np.ndarray) -> pa.Table:
     return pa.table(cols)
 
 
-def index_rows(index: Any, splits: list[str]) -> list[dict[str, Any]]:
-    """Rows of the dataset index the pipeline needs, for the splits not yet cached."""
+def index_rows(index: Any, splits: list[str], root: str, dataset: str) -> list[dict[str, Any]]:
+    """Rows of the dataset index the pipeline needs, for the splits not yet cached; ValueError naming
+    the root when one of those splits has no case (nothing to train or score on)."""
     sub = index[index["split"].isin(splits)]
-    return [
+    rows = [
         {"case_id": str(r.case_id), "path": str(r.path), "split": str(r.split),
          "patient_id": str(r.patient_id), "target": [int(v) for v in r.target]}
         for r in sub.itertuples(index=False)
     ]
+    empty = [s for s in splits if not any(r["split"] == s for r in rows)]
+    if empty:
+        raise ValueError(f"{root}: split(s) {empty} of {dataset} have no cases")
+    return rows
 
 
 def failed_rows(fs: Any, part: str) -> dict[str, str]:

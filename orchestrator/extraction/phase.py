@@ -67,10 +67,7 @@ def extract_one(job: ExtractionJob, cache: FeatureCache, memo: DigestMemo, cfg: 
     if not missing:
         extract_line(job, "cached", 0, 0.0)
         return result
-    rows = index_rows(dataset.index(), missing)
-    empty = [s for s in missing if not any(r["split"] == s for r in rows)]
-    if empty:
-        raise ValueError(f"{job.root}: split(s) {empty} of {job.dataset} have no cases")
+    rows = index_rows(dataset.index(), missing, job.root, job.dataset)
     res = cfg.resources
     actors, gpus = pool_size(cfg, n_gpus)
     result.actors, result.gpus_per_actor = actors, gpus

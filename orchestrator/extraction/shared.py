@@ -59,10 +59,7 @@ def extract_group(planned: list[ExtractResult], cache: FeatureCache, cfg: SweepC
     t0 = time.perf_counter()
     first = planned[0]
     missing = [s for s in SPLITS if not cache.is_complete(first.keys[s])]
-    rows = index_rows(dataset.index(), missing)
-    empty = [s for s in missing if not any(r["split"] == s for r in rows)]
-    if empty:
-        raise ValueError(f"{first.job.root}: split(s) {empty} of {first.job.dataset} have no cases")
+    rows = index_rows(dataset.index(), missing, first.job.root, first.job.dataset)
     actors, gpus = pool_size(cfg, n_gpus)
     batch_sizes = {r.job.resolution: cfg.resources.extract_batch(r.job.encoder, r.job.resolution, gpus > 0)
                    for r in planned}
