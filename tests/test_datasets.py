@@ -29,7 +29,7 @@ from tasks.protocols import protocols_for
 TASKS = ("binary", "multilabel", "multiclass")
 SLIDE_LABEL_EDITS = {"camelyon16": ("Normal", "Tumor"), "camelyon17": ("negative", "macro"),
                      "bcnb": ("Negative", "Positive")}
-N, SIZE = 80, 64  # small and fast; the learnable signal is measured elsewhere (test_sweep)
+N, SIZE = 40, 32  # small and fast; the learnable signal is measured elsewhere (test_sweep)
 # The label-vector datasets; dense ones (masks, instances, pairs) have their own tests (test_em, ...).
 LABEL_DATASETS = [n for n in list_datasets() if dataset_class(n).target_kind == "labels"]
 

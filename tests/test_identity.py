@@ -404,6 +404,10 @@ def test_a_broken_dataset_root_exits_nonzero_and_names_the_failed_cells(joined_e
     runs = _cell_runs(parse_config(raw))
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
     assert all(r.data.tags.get(CONFIG_IDENTITY_TAG) for r in runs)
+    # The failed cell's MLflow run names the file and the problem; nih14's cell is untouched by it.
+    failed_run = next(r for r in runs if r.info.status == "FAILED")
+    assert failed_run.data.params["dataset"] == "rsna_pneumonia"
+    assert "stage_2_train_labels.csv" in failed_run.data.tags["medscale.error"]
 
     path.write_text(yaml.safe_dump({**raw, "data": {**raw["data"], "rsna_pneumonia": str(tmp_path / "nowhere")}}))
     missing = sweep("--resume")

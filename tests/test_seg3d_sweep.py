@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
+import pandas as pd
 import pytest
 
 from orchestrator.cells.seg3d import run_seg3d_group
@@ -18,6 +20,7 @@ from orchestrator.store.results import ResultStore
 from orchestrator.sweep.driver import run_sweep
 from tasks.datasets import dataset_class, get_dataset
 from tasks.encoders import create_encoder
+from tasks.targets.mask3d import to_file_grid
 
 from .conftest import TINY, sweep_config
 from .test_sweep import _runs
@@ -59,6 +62,24 @@ def test_seg3d_sweep_learns_on_every_layout(ray_session, tmp_path, one_torch_thr
         preds = sorted((d / "predictions").glob("*.nii.gz"))
         assert len(preds) == m["n_test"] > 0, name
         assert len(nib.load(preds[0]).shape) == 3 and m["shared_data_order"] == 0 and m["group_size"] == 1
+        # What tests/test_seg3d_learn.py checks of the protocol called plainly (there on one layout),
+        # here on every layout, through the same fit_group with the same hyperparameters.
+        dataset = prefix_of(name).split("__")[0]
+        ds = get_dataset(dataset, roots[dataset])
+        assert m["feature_channels"] == ds.n_modalities * 2 * 64  # modalities x layers x width
+        assert m["warmup_steps"] == (3 if dataset in ("autopet2", "hecktor22") else 0)  # 5% warm-up on PET/CT
+        curve = pd.read_csv(d / "training_curve.csv")
+        loss = curve.loc[curve["curve"] == "train_loss", "value"].to_numpy()
+        assert len(loss) == LEARN["steps"] and loss[-1] < loss[0]
+        assert curve.loc[curve["curve"] == "val_dice", "step"].tolist() == [30, 60]
+        fg = []  # foreground Dice of each saved prediction against the label volume, on the file's grid
+        for p in preds:
+            s = ds.read_sample(p.name.removesuffix(".nii.gz"))
+            pred, gt = np.asarray(nib.load(p).dataobj) > 0, to_file_grid(s.target, s) > 0
+            assert pred.shape == gt.shape, (name, p.name)
+            fg.append(2 * np.sum(pred & gt) / (pred.sum() + gt.sum()))
+        assert np.mean(fg) > 0.4, (dataset, fg)
+        assert m["test_dice_mean"] > 0.25 and max(m[f"test_dice_{c}"] for c in ds.classes) > 0.4, m
 
 
 @pytest.mark.slow

@@ -101,6 +101,8 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
                        n_encoded_slices=float(head.n_encoded_slices_),
                        group_encoded_slices_fit=float(fit_encoded), group_encoded_slices_predict=float(predict_encoded),
                        compute_s=time.perf_counter() - t0)
+        metrics.update(warmup_steps=float(head.warmup_steps_))
+        f["training_curve.csv"] = _training_curve(head)
         buf = io.BytesIO()
         per_case.to_parquet(buf, index=False)
         f["per_case.parquet"] = buf.getvalue()
@@ -114,6 +116,14 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
         results.write(cell["cell_id"], f)
         out[cell["cell_id"]] = metrics
     return out
+
+
+def _training_curve(head: Any) -> bytes:
+    """The head's training loss per update and its validation Dice per validation step, long format
+    (curve, step, value): what a researcher plots to see whether the steps were enough."""
+    rows = [("train_loss", i + 1, v) for i, v in enumerate(head.loss_curve_)]
+    rows += [("val_dice", step, dice) for step, dice in head.val_curve_]
+    return pd.DataFrame(rows, columns=["curve", "step", "value"]).to_csv(index=False).encode()
 
 
 def _score_group(heads: list[Any], source: Any, handler: Any, classes: list[str], ids: list[dict[str, list[str]]]

@@ -85,9 +85,15 @@ def render(size: tuple[int, int], positive: bool, seed: int, n_islands: int = 2,
 
 
 def _downsample(rgb: np.ndarray, f: int) -> np.ndarray:
+    """The mean of each f x f block, rounded half to even. Summed as f*f strided slices into an
+    integer accumulator: exact, and ~10x faster than a float mean over a 5-D reshaped view (which
+    took most of a synthetic slide's time)."""
     h, w = rgb.shape[0] // f * f, rgb.shape[1] // f * f
-    x = rgb[:h, :w].reshape(h // f, f, w // f, f, 3).astype(np.float32).mean(axis=(1, 3))
-    return np.rint(x).astype(np.uint8)
+    acc = np.zeros((h // f, w // f, rgb.shape[2]), np.uint16 if f * f * 255 < 2 ** 16 else np.uint32)
+    for i in range(f):
+        for j in range(f):
+            acc += rgb[i:h:f, j:w:f]
+    return np.rint(acc / (f * f)).astype(np.uint8)
 
 
 def write_pyramid(path: str | os.PathLike, rgb: np.ndarray, mpp: float | None = 0.5,
