@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,8 +39,14 @@ from tasks.protocols.base import register_protocol
 from tasks.protocols.dense_base import Registration, TrainingFreeHead
 from tasks.targets.pairs import warp_image, warp_labels
 
-with warnings.catch_warnings():  # the package runs warnings.filterwarnings("ignore") on import: keep it local
-    from convexAdam.convex_adam_utils import MINDSSC, correlate, coupled_convex, inverse_consistency
+
+def _convex_adam() -> Any:
+    """convexAdam's utilities, imported on first use: the package pulls nibabel and costs ~0.3 s,
+    which every process that imports the protocol registry (each Tune trial, each driver) would
+    otherwise pay for registrations it never runs."""
+    with warnings.catch_warnings():  # the package runs warnings.filterwarnings("ignore") on import: keep it local
+        from convexAdam import convex_adam_utils
+    return convex_adam_utils
 
 # dino+mind3d: DINO alone on 2D images, DINO + MIND on volumes: the paper's choice per table (Table 15
 # drops MIND on CAMUS, where MIND fails on ultrasound; Table 16 concatenates it on ACDC).
@@ -75,6 +81,7 @@ def convex_step(ff: torch.Tensor, fm: torch.Tensor, grid_sp: int, disp_hw: int, 
                 planar: bool) -> torch.Tensor:
     """Coupled convex optimisation (forward, and backward + inverse consistency when `ic`) on
     feature volumes (1, C, H, W, D): the dense displacement (1, 3, H, W, D) in voxels."""
+    cau = _convex_adam()
     H, W, D = ff.shape[2:]
     n_ch = ff.shape[1]
     ffs = F.avg_pool3d(ff, grid_sp, stride=grid_sp)
@@ -84,11 +91,11 @@ def convex_step(ff: torch.Tensor, fm: torch.Tensor, grid_sp: int, disp_hw: int, 
     mesh = F.affine_grid(eye, (1, 1, n, n, n), align_corners=True).permute(0, 4, 1, 2, 3).reshape(3, -1, 1)
 
     def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ssd, argmin = correlate(a, b, disp_hw, grid_sp, (H, W, D), n_ch)
+        ssd, argmin = cau.correlate(a, b, disp_hw, grid_sp, (H, W, D), n_ch)
         if planar:  # a thin volume: only in-plane candidates (third component 0) may win
             ssd[mesh[2, :, 0] != 0] = torch.finfo(ssd.dtype).max
             argmin = ssd.argmin(0)
-        return coupled_convex(ssd, argmin, mesh, grid_sp, (H, W, D))
+        return cau.coupled_convex(ssd, argmin, mesh, grid_sp, (H, W, D))
 
     disp_soft = solve(ffs, fms)
     if not ic:
@@ -98,7 +105,7 @@ def convex_step(ff: torch.Tensor, fm: torch.Tensor, grid_sp: int, disp_hw: int, 
     disp_soft_ = solve(fms, ffs)
     with warnings.catch_warnings():  # the package's grid_sample calls leave align_corners at its default
         warnings.filterwarnings("ignore", "Default grid_sample and affine_grid behavior", UserWarning)
-        disp_ice, _ = inverse_consistency((disp_soft / scale).flip(1), (disp_soft_ / scale).flip(1), iter=15)
+        disp_ice, _ = cau.inverse_consistency((disp_soft / scale).flip(1), (disp_soft_ / scale).flip(1), iter=15)
     return F.interpolate(disp_ice.flip(1) * scale * grid_sp, size=(H, W, D), mode="trilinear", align_corners=False)
 
 
@@ -195,10 +202,10 @@ class ConvexAdamReg(TrainingFreeHead):
         if use_mind:
             imgs = [torch.as_tensor(s.images[0].astype(np.float32) / 255.0, device=dev) for s in (fs, ms)]
             if planar:  # MIND of the thin volume (through-plane neighbours repeat the image)
-                mind = [MINDSSC(_thin(i[None, None], 3 * self.grid_sp), self.mind_r, self.mind_d, dev) for i in imgs]
+                mind = [_convex_adam().MINDSSC(_thin(i[None, None], 3 * self.grid_sp), self.mind_r, self.mind_d, dev) for i in imgs]
                 mind = [m[:, :, :, :, :1].permute(0, 1, 4, 2, 3) for m in mind]  # back to (1, 12, 1, H, W)
             else:
-                mind = [MINDSSC(i[None, None], self.mind_r, self.mind_d, dev) for i in imgs]
+                mind = [_convex_adam().MINDSSC(i[None, None], self.mind_r, self.mind_d, dev) for i in imgs]
             parts.append((mind[0], mind[1]))
         ff = torch.cat([p[0] for p in parts], dim=1).float()
         fm = torch.cat([p[1] for p in parts], dim=1).float()
