@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -16,6 +17,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.grid.config import parse_config
+from orchestrator.plan.build import plan_sweep
+from orchestrator.store.cache import FeatureCache
 from orchestrator.sweep.driver import run_sweep
 from orchestrator.tracking import CELL_TAG
 from tasks.encoders import get_encoder_spec
@@ -35,7 +38,10 @@ def _runs(cfg) -> pd.DataFrame:
 
 def test_sweep_records_one_finished_run_per_cell(ray_session, synth_roots, tmp_path):
     cfg = parse_config(sweep_config(tmp_path, synth_roots))
+    before = {(e.encoder, e.resolution, e.dataset): e for e in plan_sweep(cfg).extractions}
+    assert {e.cached for e in before.values()} == {"unknown"}  # no weights digest yet
     outcome = run_sweep(cfg)
+    _check_the_plan_against_what_was_written(cfg, before, outcome)
     assert sorted(set(outcome.cells.values())) == ["FINISHED"] and len(outcome.cells) == 8
     assert outcome.n_encoded == 2 * 2 * 200  # 2 resolutions x 2 datasets x 200 images, once each
 
@@ -66,6 +72,37 @@ def test_sweep_records_one_finished_run_per_cell(ray_session, synth_roots, tmp_p
     assert again.n_encoded == 0 and set(again.cells.values()) == {"FINISHED"}
     runs = _runs(cfg)
     assert len(runs) == 8 and set(runs["status"]) == {"FINISHED"} and runs["cell"].is_unique
+
+
+def _entry_bytes(cache: FeatureCache, key) -> int:
+    d = Path(cache.entry_path(key))
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def _check_the_plan_against_what_was_written(cfg, before: dict, outcome) -> None:
+    """`medscale plan` made before the sweep: items exact, cache bytes within 5% of the Parquet
+    written (in at most 2 files per entry), the cache seen after the run, the plan saved and logged."""
+    cache = FeatureCache(cfg.cache_root)
+    for ex in outcome.extractions:
+        j = ex.job
+        planned = before[(j.encoder, j.resolution, j.dataset)]
+        written = sum(_entry_bytes(cache, k) for k in ex.keys.values())
+        assert planned.items == ex.n_encoded  # exact: every indexed image, once
+        assert abs(planned.cache_bytes - written) <= 0.05 * written, (planned.cache_bytes, written)
+        for k in ex.keys.values():  # few large files: Ray's one file per block is compacted at commit
+            files = [f for f in Path(cache.entry_path(k)).rglob("*.parquet")]
+            assert len(files) <= 2 and cache.meta(k)["files"] == [f.name for f in files], files
+    # after the run the weights digests are known: the plan sees the cache
+    assert {e.cached for e in plan_sweep(cfg).extractions} == {"yes"}
+    # printed and saved before the sweep, and logged as the sweep's plan run
+    saved = json.loads((cfg.output_path / "plan" / "plan.json").read_text())
+    assert saved["totals"]["cells"] == 8 and (cfg.output_path / "plan" / "plan.md").exists()
+    client = MlflowClient(cfg.resolved_tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([exp.experiment_id], "tags.`medscale.kind` = 'plan'")
+    assert runs and runs[0].data.metrics["cells"] == 8
+    art = Path(runs[0].info.artifact_uri.removeprefix("file://"))
+    assert (art / "plan.json").exists() and (art / "plan.md").exists()
 
 
 def _count(db: Path, status: str) -> int:
