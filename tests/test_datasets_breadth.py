@@ -13,7 +13,6 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.grid.config import parse_config
 from orchestrator.sweep.driver import run_sweep
-from orchestrator.tracking import CELL_TAG
 from tasks.datasets import dataset_class, get_dataset
 from tasks.datasets.autolaparo import FPS, frame_number, parse_ref, read_frames
 
@@ -122,28 +121,10 @@ def test_autolaparo_check_names_planted_faults(roots, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sweep_learns_the_synthetic_tasks(ray_session, roots, tmp_path):
-    cfg = parse_config(sweep_config(tmp_path, roots, grid={"resolutions": [32]},
-                                    resources={"extract_batch_size": 32}))
-    outcome = run_sweep(cfg)
-    assert set(outcome.cells.values()) == {"FINISHED"} and len(outcome.cells) == 6
-    runs = _runs(cfg)
-    for cell, m in ((r.data.tags[CELL_TAG], r.data.metrics) for r in runs["run"]):
-        if cell.startswith("kvasir"):
-            assert {"test_precision_macro", "test_recall_weighted", "test_f1_macro", "test_acc"} <= set(m), m
-            assert m["test_acc"] > 2 / 11, (cell, m["test_acc"])  # chance: 1/11
-        elif cell.startswith("autolaparo"):
-            assert {"test_jaccard_macro", "test_video_acc", "test_video_precision", "test_video_recall",
-                    "test_video_jaccard"} <= set(m), m
-            assert m["test_acc"] > 2 / 7 and m["test_video_acc"] > 2 / 7, (cell, m)  # chance: 1/7
-        else:
-            assert m["test_auc"] > 0.55, (cell, m["test_auc"])  # chance: 0.5
-
-
-@pytest.mark.slow
-def test_a_broken_nifti_and_a_corrupt_video_fail_alone_by_name(ray_session, roots, tmp_path):
-    """The broken volume and every frame of the corrupt video are left out of the features and
-    named; every cell still runs, on the rest, and records what it lost."""
+def test_sweep_learns_the_synthetic_tasks_and_broken_files_fail_alone_by_name(ray_session, roots, tmp_path):
+    """One sweep over the three layouts, with one CT volume's header zeroed and one AutoLaparo video
+    corrupted: the broken volume and every frame of the corrupt video are left out of the features
+    and named, every cell still runs on the rest, records what it lost, and learns its task."""
     ct = copy(roots, "ct_rate", tmp_path)
     broken = Path(get_dataset("ct_rate", ct).index()["path"].iloc[5])
     data = gzip.decompress(broken.read_bytes())
@@ -162,14 +143,21 @@ def test_a_broken_nifti_and_a_corrupt_video_fail_alone_by_name(ray_session, root
     runs = _runs(cfg)
     assert len(runs) == 6 and set(runs["status"]) == {"FINISHED"}
     for cell, r in zip(runs["cell"], runs["run"], strict=True):
+        m = r.data.metrics
         lost = Path(cfg.sweep_root) / "cells" / cell / "failed_cases.csv"
         if cell.startswith("kvasir"):
-            assert r.data.metrics["n_failed_cases"] == 0 and not lost.exists()
+            assert m["n_failed_cases"] == 0 and not lost.exists()
+            assert {"test_precision_macro", "test_recall_weighted", "test_f1_macro", "test_acc"} <= set(m), m
+            assert m["test_acc"] > 2 / 11, (cell, m["test_acc"])  # chance: 1/11
             continue
         errors = pd.read_csv(lost)["error"]
         if cell.startswith("ct_rate"):
-            assert r.data.metrics["n_failed_cases"] == 1
+            assert m["n_failed_cases"] == 1
             assert errors.str.contains(f"{broken}: cannot read NIfTI header", regex=False).all()
+            assert m["test_auc"] > 0.55, (cell, m["test_auc"])  # chance: 0.5
         else:
-            assert r.data.metrics["n_failed_cases"] == n_frames == len(errors)
+            assert m["n_failed_cases"] == n_frames == len(errors)
             assert errors.str.startswith(f"{corrupt}: cannot decode video").all()
+            assert {"test_jaccard_macro", "test_video_acc", "test_video_precision", "test_video_recall",
+                    "test_video_jaccard"} <= set(m), m
+            assert m["test_acc"] > 2 / 7 and m["test_video_acc"] > 2 / 7, (cell, m)  # chance: 1/7
