@@ -5,9 +5,11 @@ Why a separate process: the test session already runs a private local Ray (conft
 `ray.cluster_utils.Cluster` (head + 2 workers, one fake GPU each, token auth on every node) runs:
 
   A. a sweep over the cluster (joined through RAY_ADDRESS, as under `ray job submit`), with the
-     cache, cell results and Tune state on shared storage given as a file:// URI;
-  B. a second sweep sharing that cache, during which a worker node is killed while it runs a cell
-     (seen from the cell's running mark on the shared storage).
+     cache, cell results and Tune state on shared storage given as a file:// URI (NIH-14 only,
+     2 CPUs per cell: one cell per node at a time);
+  B. a second sweep sharing that cache (both datasets, 1 CPU per cell: two cells per node, their
+     GPU shares adding up), during which a worker node is killed while it runs a cell (seen from
+     the cell's running mark on the shared storage).
 
 Both track into the real `mlflow server` the test started (MLFLOW_TRACKING_URI, as the cluster
 configs set it on the head). The test asserts on MLflow and on the JSON report written here.
@@ -40,17 +42,18 @@ CONNECT = "import ray; ray.init(address='{address}'); print('CONNECTED')"
 
 
 def sweep_raw(name: str, args: dict[str, Any], resolutions: list[int], seeds: list[int],
-              epochs: int, actors: int | None = None) -> dict[str, Any]:
+              epochs: int, actors: int | None = None, datasets: list[str] | None = None,
+              cell_cpus: int = 1) -> dict[str, Any]:
     return {
         "name": name,
-        "grid": {"encoders": [TINY], "resolutions": resolutions, "datasets": list(args["roots"]),
+        "grid": {"encoders": [TINY], "resolutions": resolutions, "datasets": datasets or list(args["roots"]),
                  "protocols": ["linear_probe", "knn"], "seeds": seeds},
         "weights": "random",
         "data": args["roots"],
         "output": f"{args['work']}/out-{name}",
         "storage": f"file://{args['work']}/shared",
         "protocols": {"linear_probe": {"epochs": epochs}},
-        "resources": {"cell_cpus": 1, "cell_gpus": GPU_TABLE, "extract_gpus": 1, "extract_actors": actors,
+        "resources": {"cell_cpus": cell_cpus, "cell_gpus": GPU_TABLE, "extract_gpus": 1, "extract_actors": actors,
                       # fake GPUs (no CUDA behind them): the actors compute in fp32, planned so
                       "precision": "fp32",
                       "extract_batch_size": 64, "torch_threads": 1},
@@ -122,7 +125,10 @@ def main(args_path: str, report_path: str) -> None:
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         os.environ["RAY_ADDRESS"] = cluster.address  # as `ray job submit` sets it for the driver
 
-        cfg_a = parse_config(sweep_raw("spread", args, [32], seeds=[0, 1], epochs=20))
+        # A: one dataset, three cells, each asking a node's 2 CPUs: one cell per node at a time,
+        # so every node must run one (and a trial process per node, not two: CPU on a CI machine).
+        cfg_a = parse_config(sweep_raw("spread", args, [32], seeds=[0, 1], epochs=20, datasets=["nih14"],
+                                       cell_cpus=2))
         t = time.time()
         report["a"] = summary(cfg_a, run_sweep(cfg_a))
         report["a"]["seconds"] = time.time() - t

@@ -188,19 +188,20 @@ def test_sweep_joins_the_running_cluster_and_token_auth_is_enforced(scenario):
 @pytest.mark.slow
 def test_cells_spread_over_nodes_with_their_gpu_share(scenario, mlflow_server):
     runs = _runs(mlflow_server, "spread")
-    # 2 datasets x (linear probe x 2 seeds + one seed-free kNN cell)
+    # NIH-14 x (linear probe x 2 seeds + one seed-free kNN cell), each cell a whole node's 2 CPUs
     errors = [r.data.tags.get("medscale.error", "") for r in runs if r.info.status != "FINISHED"]
-    assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}, errors
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}, errors
     nodes = {scenario["nodes"]["head"], *scenario["nodes"]["workers"]}
     assert {r.data.tags["medscale.node_id"] for r in runs} == nodes  # every node ran cells
+    cpus = {r.info.run_id: 2.0 for r in runs}
     runs += [r for r in _runs(mlflow_server, "fault") if r.info.status == "FINISHED"]
     placements = [json.loads(r.data.tags["medscale.placement"]) for r in runs]
     assert {int(r.data.params["resolution"]) for r in runs} == {32, 48}  # both bands of the table
     for r, p in zip(runs, placements, strict=True):
         share = 0.25 if int(r.data.params["resolution"]) < 48 else 0.5
         assert p["resources"]["GPU"] == pytest.approx(share), p
-        assert p["resources"]["CPU"] == pytest.approx(1.0)
-    # Never more GPU in use on a node than it has (1 fake GPU each).
+        assert p["resources"]["CPU"] == pytest.approx(cpus.get(r.info.run_id, 1.0))
+    # Never more GPU in use on a node than it has (1 fake GPU each); sweep B runs two cells per node.
     by_node = defaultdict(list)
     for p in placements:
         by_node[p["node_id"]].append(p)
@@ -213,14 +214,14 @@ def test_cells_spread_over_nodes_with_their_gpu_share(scenario, mlflow_server):
 @pytest.mark.slow
 def test_each_cache_key_is_extracted_once(scenario):
     a, b = scenario["a"], scenario["b"]
-    assert a["n_encoded"] == 1 * 2 * 200  # 1 resolution x 2 datasets, every image once
-    assert b["n_encoded"] == 1 * 2 * 200  # sweep B shares the cache: only its new 48 px features
+    assert a["n_encoded"] == 1 * 1 * 200  # 1 resolution x NIH-14, every image once
+    assert b["n_encoded"] == 3 * 200  # sweep B shares the cache: NIH-14 at 48 px, RSNA at 32 and 48
     encoded = [(e["job"]["resolution"], e["job"]["dataset"]) for e in a["extractions"] + b["extractions"]
                if e["n_encoded"] > 0]
     assert sorted(Counter(encoded).values()) == [1] * 4
     # Encoder actors take whole GPUs: by default one actor per (fake) GPU of the cluster (sweep A);
     # sweep B asks for one actor (fewer start-ups on a 2-core CI machine).
-    assert [(e["actors"], e["gpus_per_actor"]) for e in encoded_extractions(scenario)] == [(3, 1.0)] * 2 + [(1, 1.0)] * 2
+    assert [(e["actors"], e["gpus_per_actor"]) for e in encoded_extractions(scenario)] == [(3, 1.0)] + [(1, 1.0)] * 3
     keys = {k for e in a["extractions"] + b["extractions"] for k in e["keys"].values()}
     assert len(keys) == 4 * 3  # 4 extractions x 3 splits
     # On the shared storage: one complete entry per key, its rows written once (no duplicates).
