@@ -37,6 +37,40 @@ _SGD_MOMENTUM = 0.9
 _PREDICT_CHUNK = 65536  # rows per float64 matmul at predict time: bounds memory for 100k x 4096
 
 
+# The probe's two tensors are updated by torch.optim's arithmetic written out (single-tensor path,
+# defaults otherwise: no amsgrad, no nesterov, no dampening), equal to it bit for bit on CPU
+# (tests/test_protocols.py). Why not torch.optim itself: its step imports torch._dynamo (1.1 s of
+# CPU, ~1,700 modules) into every cell process, more than a probe's whole fit on cached features.
+def adamw_step(params: tuple[torch.Tensor, ...], state: list[list[torch.Tensor]], step: int, *, lr: float,
+               weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """One torch.optim.AdamW step; `state` is [exp_avgs, exp_avg_sqs], filled on the first step."""
+    b1, b2 = betas
+    if not state[0]:
+        state[0][:] = [torch.zeros_like(p) for p in params]
+        state[1][:] = [torch.zeros_like(p) for p in params]
+    with torch.no_grad():
+        for p, m, v in zip(params, state[0], state[1], strict=True):
+            p.mul_(1 - lr * weight_decay)
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (v.sqrt() / (1 - b2 ** step) ** 0.5).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
+
+
+def sgd_step(params: tuple[torch.Tensor, ...], state: list[list[torch.Tensor]], step: int, *, lr: float,
+             weight_decay: float, momentum: float = _SGD_MOMENTUM) -> None:
+    """One torch.optim.SGD step with momentum (coupled weight decay); `state[0]`: the buffers."""
+    with torch.no_grad():
+        grads = [p.grad.add(p, alpha=weight_decay) if weight_decay else p.grad for p in params]
+        if not state[0]:
+            state[0][:] = [torch.clone(g).detach() for g in grads]
+        else:
+            for buf, g in zip(state[0], grads, strict=True):
+                buf.mul_(momentum).add_(g)
+        for p, buf in zip(params, state[0], strict=True):
+            p.add_(buf, alpha=-lr)
+
+
 @register_protocol
 class LinearProbe(Protocol):
     """Linear probe. Hyperparameters: lr, batch_size, epochs, optimizer, weight_decay, standardize
@@ -94,12 +128,9 @@ class LinearProbe(Protocol):
         gen = torch.Generator().manual_seed(int(self.seed))
         weight = (torch.randn(C, D, generator=gen) * 0.01).to(device).requires_grad_()
         bias = torch.zeros(C, device=device, requires_grad=True)
-        if self.optimizer == "adamw":
-            opt: torch.optim.Optimizer = torch.optim.AdamW([weight, bias], lr=self.lr,
-                                                           weight_decay=self.weight_decay)
-        else:
-            opt = torch.optim.SGD([weight, bias], lr=self.lr, momentum=_SGD_MOMENTUM,
-                                  weight_decay=self.weight_decay)
+        step_fn = adamw_step if self.optimizer == "adamw" else sgd_step
+        state: list[list[torch.Tensor]] = [[], []]
+        n_steps = 0
 
         bs = min(int(self.batch_size), n)
         self.loss_curve_: list[float] = []
@@ -115,9 +146,10 @@ class LinearProbe(Protocol):
                     loss = F.cross_entropy(logits, target[idx])
                 else:
                     loss = F.binary_cross_entropy_with_logits(logits, target[idx])
-                opt.zero_grad(set_to_none=True)
+                weight.grad = bias.grad = None
                 loss.backward()
-                opt.step()
+                n_steps += 1
+                step_fn((weight, bias), state, n_steps, lr=self.lr, weight_decay=self.weight_decay)
                 total += loss.detach() * len(idx)
             self.loss_curve_.append(float(total) / n)  # one sync per epoch, not per step
 
