@@ -57,11 +57,12 @@ SLOW_TESTS = ("test_a_broken_dataset_root_exits_nonzero_and_names_the_failed_cel
 # The files that take longest, slowest first (`--durations`, docs/testing.md). With two xdist
 # workers each taking whole files (`--dist loadfile --no-loadscope-reorder`), starting the longest
 # first keeps one worker from running a 4-minute file alone at the end while the other idles.
-LONGEST_FIRST = ("test_sweep.py", "test_identity.py", "test_wsi_sweep.py", "test_cluster.py",
-                 "test_seg3d_sweep.py", "test_datasets_breadth.py", "test_dense_sweep.py", "test_plan_cost.py",
-                 "test_seg2d_sweep.py", "test_console.py", "test_data_axis.py", "test_em_sweep.py",
-                 "test_extract.py", "test_analysis_pipeline.py", "test_seg3d_learn.py",
-                 "test_registration_sweep.py", "test_adaptive_sweep.py", "test_volumes.py", "test_endovis18_types.py")
+LONGEST_FIRST = ("test_cluster.py", "test_identity.py", "test_wsi_sweep.py", "test_seg3d_sweep.py",
+                 "test_sweep.py", "test_analysis_pipeline.py", "test_dense_sweep.py", "test_console.py",
+                 "test_extract.py", "test_adaptive_sweep.py", "test_encoder_weights.py", "test_encoders.py",
+                 "test_import_graph.py", "test_fits.py", "test_datasets_breadth.py", "test_encoder_families.py",
+                 "test_seg2d_sweep.py", "test_seg3d_learn.py", "test_seg2d_heads.py", "test_datasets.py",
+                 "test_data_axis.py", "test_registration_sweep.py", "test_wsi.py", "test_em_sweep.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -130,8 +131,8 @@ def sweep_config(tmp: Path, roots: dict[str, Path], **overrides) -> dict:
         "output": str(tmp / "out"),
         "protocols": {"linear_probe": {"epochs": 20}},
         # One trial at a time on the session's 2 CPUs: Tune then reuses one trial process per
-        # sweep. Each new one pays ~10 s of CPU in imports (torch, torch._dynamo on the first
-        # optimizer, scikit-learn) against well under a second for a tiny cell (docs/testing.md);
+        # sweep. Each new one pays ~5 s of CPU starting and importing (Ray, Tune, torch,
+        # scikit-learn) against well under a second for a tiny cell (docs/testing.md);
         # concurrent trials are the cluster scenario's to check (tests/cluster_scenario.py).
         "resources": {"extract_batch_size": 64, "torch_threads": 1, "cell_cpus": 2},
     }
