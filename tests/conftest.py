@@ -57,8 +57,10 @@ SLOW_TESTS = ("test_a_broken_dataset_root_exits_nonzero_and_names_the_failed_cel
 # The files that take longest, slowest first (`--durations`, docs/testing.md). With two xdist
 # workers each taking whole files (`--dist loadfile --no-loadscope-reorder`), starting the longest
 # first keeps one worker from running a 4-minute file alone at the end while the other idles.
-LONGEST_FIRST = ("test_cluster.py", "test_identity.py", "test_wsi_sweep.py", "test_seg3d_sweep.py",
-                 "test_sweep.py", "test_analysis_pipeline.py", "test_dense_sweep.py", "test_console.py",
+# The 3-node cluster file goes 4th, not 1st: started beside both session clusters' start-up it
+# took ~15 s more CPU (one sitting, 2026-12-05).
+LONGEST_FIRST = ("test_sweep.py", "test_identity.py", "test_wsi_sweep.py", "test_cluster.py",
+                 "test_seg3d_sweep.py", "test_analysis_pipeline.py", "test_dense_sweep.py", "test_console.py",
                  "test_extract.py", "test_adaptive_sweep.py", "test_encoder_weights.py", "test_encoders.py",
                  "test_import_graph.py", "test_fits.py", "test_datasets_breadth.py", "test_encoder_families.py",
                  "test_seg2d_sweep.py", "test_seg3d_learn.py", "test_seg2d_heads.py", "test_datasets.py",
