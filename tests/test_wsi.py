@@ -299,3 +299,15 @@ def test_slide_coordinates_are_tiled_once_then_read_back(slides, tmp_path, monke
     again = slide_coordinates(fs, root, "pos", path, TilingParams().key())
     pd.testing.assert_frame_equal(first.reset_index(drop=True), again)
     assert again.attrs["slide"] == path and list((tmp_path / "coords").iterdir()) == [tmp_path / "coords/pos.parquet"]
+
+
+@pytest.mark.parametrize("f", [2, 3, 4, 16, 17])
+def test_pyramid_levels_are_the_rounded_block_mean(f):
+    """Synthetic pyramid levels: the mean of each f x f block rounded half to even, as a float mean
+    gives it (summed in integers here: exact, and what made the slides ~10x faster to write)."""
+    from tasks.wsi.synth import _downsample
+
+    rgb = np.random.default_rng(f).integers(0, 256, (301, 203, 3), dtype=np.uint8)
+    h, w = 301 // f * f, 203 // f * f
+    mean = rgb[:h, :w].reshape(h // f, f, w // f, f, 3).astype(np.float64).mean(axis=(1, 3))
+    np.testing.assert_array_equal(_downsample(rgb, f), np.rint(mean).astype(np.uint8))
