@@ -98,10 +98,9 @@ def run_seg3d_group(dataset: Any, encoder: Any, resolution: int, cells: Sequence
                        feature_channels=float(source.channels), fit_s=fit_s, best_step=float(head.best_step_),
                        n_updates=float(head.n_updates_), shared_data_order=float(head.shared_data_order_),
                        data_seed=float(head.data_seed_), group_size=float(head.group_size_),
-                       n_encoded_slices=float(head.n_encoded_slices_),
+                       n_encoded_slices=float(head.n_encoded_slices_), warmup_steps=float(head.warmup_steps_),
                        group_encoded_slices_fit=float(fit_encoded), group_encoded_slices_predict=float(predict_encoded),
                        compute_s=time.perf_counter() - t0)
-        metrics.update(warmup_steps=float(head.warmup_steps_))
         f["training_curve.csv"] = _training_curve(head)
         buf = io.BytesIO()
         per_case.to_parquet(buf, index=False)

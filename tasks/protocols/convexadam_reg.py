@@ -25,6 +25,7 @@ whatever device `device` resolves to (the package's nnUNet variant assumes CUDA;
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from typing import Any, ClassVar
@@ -40,6 +41,7 @@ from tasks.protocols.dense_base import Registration, TrainingFreeHead
 from tasks.targets.pairs import warp_image, warp_labels
 
 
+@functools.cache
 def _convex_adam() -> Any:
     """convexAdam's utilities, imported on first use: the package pulls nibabel and costs ~0.3 s,
     which every process that imports the protocol registry (each Tune trial, each driver) would
@@ -201,11 +203,12 @@ class ConvexAdamReg(TrainingFreeHead):
             parts.append((vols[0], vols[1]))
         if use_mind:
             imgs = [torch.as_tensor(s.images[0].astype(np.float32) / 255.0, device=dev) for s in (fs, ms)]
+            mindssc = _convex_adam().MINDSSC
             if planar:  # MIND of the thin volume (through-plane neighbours repeat the image)
-                mind = [_convex_adam().MINDSSC(_thin(i[None, None], 3 * self.grid_sp), self.mind_r, self.mind_d, dev) for i in imgs]
+                mind = [mindssc(_thin(i[None, None], 3 * self.grid_sp), self.mind_r, self.mind_d, dev) for i in imgs]
                 mind = [m[:, :, :, :, :1].permute(0, 1, 4, 2, 3) for m in mind]  # back to (1, 12, 1, H, W)
             else:
-                mind = [_convex_adam().MINDSSC(i[None, None], self.mind_r, self.mind_d, dev) for i in imgs]
+                mind = [mindssc(i[None, None], self.mind_r, self.mind_d, dev) for i in imgs]
             parts.append((mind[0], mind[1]))
         ff = torch.cat([p[0] for p in parts], dim=1).float()
         fm = torch.cat([p[1] for p in parts], dim=1).float()
