@@ -294,17 +294,24 @@ def test_the_probes_written_out_update_is_torch_optims_bit_for_bit(name, weight_
         assert all(torch.equal(a, b.detach()) for a, b in zip(ours, ref, strict=True)), (name, step)
 
 
-def test_a_probe_fit_does_not_import_torch_dynamo():
-    """What the written-out update is for: a cell process fitting a probe never imports
-    torch._dynamo (torch.optim's step does, 1.1 s of CPU in every Tune trial process)."""
+def test_a_probe_fit_and_the_dense_heads_import_neither_torch_dynamo_nor_monai():
+    """What the written-out update, blocks and losses are for: a cell process fitting a probe never
+    imports torch._dynamo (torch.optim's step does, 1.1 s of CPU in every Tune trial process), and
+    building and training the dense heads' networks never imports MONAI (~5 s of CPU)."""
     import subprocess
     import sys
 
-    code = ("import sys, numpy as np; from tasks.protocols import create_protocol; "
+    code = ("import sys, numpy as np, torch; from tasks.protocols import create_protocol; "
+            "from tasks.protocols.seg3d_decoder import Seg3DNet; from tasks.protocols.seg2d_decoder import "
+            "AdaptiveDecoder2D; from tasks.protocols.losses import dice_ce_loss, sigmoid_dice_loss; "
             "X = np.random.default_rng(0).normal(size=(64, 8)).astype('float32'); Y = (X[:, :1] > 0).astype(int); "
             "create_protocol('linear_probe', epochs=3).fit(X, Y); "
             "create_protocol('linear_probe', epochs=3, optimizer='sgd').fit(X, Y); "
-            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')")
+            "y = Seg3DNet(1, 2, 4, 3, patch=4, base=4)(torch.randn(1, 8, 2, 2, 2)); "
+            "dice_ce_loss(y, torch.zeros(1, 1, 2, 8, 8, dtype=torch.long)).backward(); "
+            "z = AdaptiveDecoder2D(4, 2, width=8)(torch.randn(2, 4, 3, 3)); "
+            "sigmoid_dice_loss(z, torch.ones_like(z)).backward(); "
+            "print(sorted(m for m in ('torch._dynamo', 'monai') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])
-    assert out.returncode == 0 and out.stdout.strip() == "no dynamo", out.stdout + out.stderr
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

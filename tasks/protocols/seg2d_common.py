@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from tasks.dense import FeatureSource, as_tensor_features, upsample_logits
 from tasks.protocols.dense_base import DenseHead
+from tasks.protocols.losses import dice_ce_loss, sigmoid_dice_loss
 
 LOSSES = ("ce", "dicece")
 
@@ -121,13 +122,9 @@ class Seg2DHead(DenseHead):
             if self.task == "multiclass":
                 return lambda logits, t: F.cross_entropy(logits, t[None])
             return lambda logits, t: F.binary_cross_entropy_with_logits(logits, t[None])
-        from monai.losses import DiceCELoss, DiceLoss
-
         if self.task == "multiclass":
-            dce = DiceCELoss(to_onehot_y=True, softmax=True)
-            return lambda logits, t: dce(logits, t[None, None])
-        dice = DiceLoss(sigmoid=True)
-        return lambda logits, t: dice(logits, t[None]) + F.binary_cross_entropy_with_logits(logits, t[None])
+            return lambda logits, t: dice_ce_loss(logits, t[None, None])
+        return lambda logits, t: sigmoid_dice_loss(logits, t[None]) + F.binary_cross_entropy_with_logits(logits, t[None])
 
     def _case_losses(self, module: torch.nn.Module, x: torch.Tensor, targets: list[torch.Tensor], fn) -> torch.Tensor:
         logits = module(x)

@@ -2,14 +2,15 @@
 shallow convolutional blocks with progressive bilinear upsampling, then a segmentation head whose
 logits are upsampled bilinearly to each case's size (the paper's dynamic upsampling).
 
-Blocks are MONAI's `Convolution` (3x3 conv, batch norm, ReLU):
+Blocks are MONAI's `Convolution` (3x3 conv, batch norm, ReLU; written out in
+tasks/protocols/blocks.py, bit-equal to MONAI's):
 
     patch grid (C, h, w) -> conv 3x3 to `width`                     (context of the 3x3 neighbouring patches)
     `n_up` times: bilinear x2, conv 3x3 halving the channels        (h*2^n_up; 4x the grid by default)
     1x1 conv to the classes -> bilinear to the case's size
 
-Loss: Dice + cross-entropy (MONAI `DiceCELoss`, softmax) for label maps; Dice (sigmoid) + binary
-cross-entropy per class for multi-label masks. AdamW. Defaults and their sources: docs/seg2d.md.
+Loss: Dice + cross-entropy (MONAI's `DiceCELoss`, softmax; tasks/protocols/losses.py) for label
+maps; Dice (sigmoid) + binary cross-entropy per class for multi-label masks. AdamW. Defaults and their sources: docs/seg2d.md.
 """
 
 from __future__ import annotations
@@ -17,20 +18,16 @@ from __future__ import annotations
 import torch
 
 from tasks.protocols.base import register_protocol
+from tasks.protocols.blocks import conv_norm_act
 from tasks.protocols.seg2d_common import Seg2DHead
 
 
 class AdaptiveDecoder2D(torch.nn.Module):
     def __init__(self, channels: int, n_out: int, width: int = 256, n_up: int = 2):
         super().__init__()
-        from monai.networks.blocks import Convolution
-
-        def block(cin: int, cout: int) -> torch.nn.Module:
-            return Convolution(2, cin, cout, kernel_size=3, norm="batch", act="relu")
-
-        self.stem = block(channels, width)
+        self.stem = conv_norm_act(2, channels, width)
         chans = [max(16, width // 2 ** (i + 1)) for i in range(n_up)]
-        self.ups = torch.nn.ModuleList(block(cin, cout) for cin, cout in zip([width, *chans[:-1]], chans, strict=True))
+        self.ups = torch.nn.ModuleList(conv_norm_act(2, cin, cout) for cin, cout in zip([width, *chans[:-1]], chans, strict=True))
         self.head = torch.nn.Conv2d(chans[-1] if chans else width, n_out, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """`seg3d_decoder`: the paper's lightweight 3D decoder on pseudo-3D features (docs/seg3d.md).
 
 Every axial slice goes through the frozen 2D encoder; the patch-token maps stacked along z make a
-feature volume at full z resolution and 1/16 in-plane. The decoder (MONAI blocks, UNETR-like):
+feature volume at full z resolution and 1/16 in-plane. The decoder (MONAI's DynUNet blocks, UNETR-like;
+written out in tasks/protocols/blocks.py, bit-equal to MONAI's):
 
 - the encoder's last block -> `UnetResBlock` bottleneck at 1/16;
 - log2(patch) `UnetUpBlock`s, each upsampling in-plane only (kernel/stride (1, 2, 2)); the first
@@ -18,10 +19,10 @@ voxels (PET lesions) without the encoder, and the study measures the encoder.
 Training (tasks/protocols/seg3d_group.py, shared by every head of an (encoder, resolution,
 dataset)): crops of `crop_slices` whole axial slices, `fg_ratio` of them centred on foreground;
 in-plane flips and rot90 applied to PIXELS before encoding (so features are online);
-MONAI `DiceCELoss`; AdamW (lr 1e-4, the paper's) with cosine annealing, after a linear warm-up
+MONAI's `DiceCELoss` (tasks/protocols/losses.py); AdamW (lr 1e-4, the paper's) with cosine annealing, after a linear warm-up
 of `warmup` x steps (None: the dataset's default, 0 for MSD, 0.05 for AutoPET-II/HECKTOR);
-validation Dice every `val_every` steps keeps the best weights. Inference: MONAI
-`sliding_window_inference` over the whole volume, windows of `crop_slices` slices (full plane),
+validation Dice every `val_every` steps keeps the best weights. Inference: MONAI's
+`sliding_window_inference` (constant blending; `seg3d_group.z_windows`) over the whole volume, windows of `crop_slices` slices (full plane),
 `overlap` along z; each slice is encoded once, when the first window that holds it is predicted
 (the maps of slices shared with the next window are carried over, not encoded again).
 """
@@ -37,6 +38,7 @@ from torch import nn
 
 from tasks.dense import FeatureSource
 from tasks.protocols.base import register_protocol
+from tasks.protocols.blocks import UnetOutBlock, UnetResBlock, UnetUpBlock
 from tasks.protocols.dense_base import DenseHead
 
 UP = (1, 2, 2)  # in-plane only: the feature volume is already at full z resolution
@@ -49,8 +51,6 @@ class Seg3DNet(nn.Module):
 
     def __init__(self, n_modalities: int, n_layers: int, width: int, n_classes: int, patch: int = 16,
                  base: int = 32):
-        from monai.networks.blocks import UnetOutBlock, UnetResBlock, UnetUpBlock
-
         super().__init__()
         self.m, self.n_layers, self.width = n_modalities, n_layers, width
         n_up = int(round(math.log2(patch)))
@@ -58,20 +58,19 @@ class Seg3DNet(nn.Module):
             raise ValueError(f"patch size {patch} is not a power of two")
         ch = [base * 2 ** max(0, n_up - 1 - i) for i in range(n_up)] + [max(8, base // 2)]
         c_in = n_modalities * width
-        self.bottleneck = UnetResBlock(3, c_in, ch[0], kernel_size=3, stride=1, norm_name="instance")
+        self.bottleneck = UnetResBlock(3, c_in, ch[0])
         self.skips, self.ups = nn.ModuleList(), nn.ModuleList()
         for i in range(n_up):
             if i + 1 < n_layers:  # skip from layer n_layers-2-i, upsampled i+1 times to this stage's scale
                 proj: list[nn.Module] = [nn.ConvTranspose3d(c_in, ch[i + 1], UP, UP)]
                 proj += [nn.ConvTranspose3d(ch[i + 1], ch[i + 1], UP, UP) for _ in range(i)]
-                proj.append(UnetResBlock(3, ch[i + 1], ch[i + 1], kernel_size=3, stride=1, norm_name="instance"))
+                proj.append(UnetResBlock(3, ch[i + 1], ch[i + 1]))
                 self.skips.append(nn.Sequential(*proj))
-                self.ups.append(UnetUpBlock(3, ch[i], ch[i + 1], kernel_size=3, stride=1, upsample_kernel_size=UP,
-                                            norm_name="instance"))
+                self.ups.append(UnetUpBlock(3, ch[i], ch[i + 1], upsample=UP))
             else:
                 self.ups.append(nn.Sequential(
                     nn.ConvTranspose3d(ch[i], ch[i + 1], UP, UP),
-                    UnetResBlock(3, ch[i + 1], ch[i + 1], kernel_size=3, stride=1, norm_name="instance")))
+                    UnetResBlock(3, ch[i + 1], ch[i + 1])))
         self.out = UnetOutBlock(3, ch[-1], n_classes)
 
     def layer(self, x: torch.Tensor, j: int) -> torch.Tensor:

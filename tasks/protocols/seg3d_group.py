@@ -16,6 +16,7 @@ never exists. No Ray, no MLflow here (the orchestrator's group runner calls thes
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tasks.dense import FeatureSource, Sample, upsample_logits
+from tasks.protocols.losses import dice_ce_loss
 
 
 class GroupedHead(Protocol):
@@ -130,8 +132,6 @@ def fit_group(heads: Sequence[GroupedHead], source: FeatureSource, train_ids_per
     the union of the heads' training cases) fix the crop stream whatever subset of a planned group
     runs (a resumed sweep runs only the missing folds and must draw the same crops); `shared`
     (default: more than one head) is what the heads record as `shared_data_order_`."""
-    from monai.losses import DiceCELoss
-
     heads = list(heads)
     same_data_params(heads)
     val_ids_per_head = val_ids_per_head or [[] for _ in heads]
@@ -149,7 +149,7 @@ def fit_group(heads: Sequence[GroupedHead], source: FeatureSource, train_ids_per
     data_seed = min(int(h.seed) for h in heads) if data_seed is None else int(data_seed)
     rng = np.random.default_rng(data_seed)
     union = sorted(set().union(*trains, map(str, pool or ())))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = dice_ce_loss
     opts, lr_at = [], []
     for h in heads:
         h.validate()
@@ -226,45 +226,53 @@ def _validate(heads: list[GroupedHead], source: FeatureSource, vals: list[list[s
             h._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in h.net_.state_dict().items()})
 
 
-def predict_group(heads: Sequence[GroupedHead], source: FeatureSource, case_id: str) -> list[np.ndarray]:
-    """Label maps (S, H, W) of one case for every head: MONAI sliding_window_inference over the
-    whole volume (windows of crop_slices whole slices, `overlap` along z), each slice encoded
-    once for all heads and all the windows it is in. Logits are blended at the volume's own size."""
-    from monai.inferers import sliding_window_inference
+def z_windows(n_slices: int, size: int, overlap: float) -> list[tuple[int, int]]:
+    """[start, stop) of the windows of `size` whole slices covering a volume of `n_slices`: MONAI's
+    `sliding_window_inference` along z (step int(size * (1 - overlap)), at least 1; the last
+    window ends at the last slice; one window when the volume is no longer than it)."""
+    size = min(int(size), int(n_slices))
+    step = size if size == n_slices else max(1, int(size * (1 - overlap)))
+    count = next(d for d in range(math.ceil(n_slices / step)) if d * step + size >= n_slices) + 1
+    return [(z0, z0 + size) for z0 in (min(i * step, n_slices - size) for i in range(count))]
 
+
+def predict_logits_group(heads: Sequence[GroupedHead], source: FeatureSource, case_id: str) -> list[torch.Tensor]:
+    """Class logits (K, S, H, W) of one case for every head: windows of crop_slices whole slices,
+    `overlap` along z (`z_windows`), logits averaged where windows overlap (MONAI's constant-mode
+    sliding window, bit-equal: tests/test_blocks_losses.py), each slice encoded once for all heads
+    and all the windows it is in. Logits are blended at the volume's own size."""
     heads = list(heads)
     ref = heads[0]
     sample = source.sample(case_id)
-    m, s, h, w = sample.images.shape[:4]
-    x = torch.from_numpy(sample.images.astype(np.float32))[None]  # (1, M, S, H, W)
+    s = sample.images.shape[1]
+    x = torch.from_numpy(sample.images.astype(np.float32))  # (M, S, H, W)
     dev = torch.device(ref.device_)
 
     # Windows overlap along z: the slices a window shares with the previous one are not encoded
     # again (their maps are carried over, by z), so each slice is encoded once per volume and no
     # more than one window's maps are held.
     carry: dict[int, torch.Tensor] = {}
+    sums: list[torch.Tensor] = []
+    count = torch.zeros(s)
+    for z0, z1 in z_windows(s, ref.crop_slices, ref.overlap):
+        pixels = x[:, z0:z1].round().clamp(0, 255).to(torch.uint8).numpy()  # (M, d, H, W)
+        new = [z for z in range(z0, z1) if z not in carry]
+        enc = iter(torch.as_tensor(source.encode(pixels[:, [z - z0 for z in new]])) if new else ())  # type: ignore[attr-defined]
+        carry = {z: carry[z] if z in carry else next(enc) for z in range(z0, z1)}
+        feats = _decoder_input(torch.stack([carry[z] for z in range(z0, z1)]), dev)
+        with torch.no_grad():
+            logits = [upsample_logits(hd.net_.eval()(feats.to(hd.device_)), pixels.shape[1:]).cpu()[0]
+                      for hd in heads]
+        if not sums:
+            sums = [torch.zeros((lg.shape[0], s, *lg.shape[2:])) for lg in logits]
+        for acc, lg in zip(sums, logits, strict=True):
+            acc[:, z0:z1] += lg
+        count[z0:z1] += 1
+    return [acc / count[None, :, None, None] for acc in sums]
 
-    def predictor(win: torch.Tensor, coords: list) -> tuple[torch.Tensor, ...]:
-        nonlocal carry
-        out = []
-        for b in range(win.shape[0]):
-            pixels = win[b].round().clamp(0, 255).to(torch.uint8).numpy()  # (M, d, H, W)
-            zs = range(coords[b][2].start, coords[b][2].start + pixels.shape[1])
-            new = [i for i, z in enumerate(zs) if z not in carry]
-            enc = iter(torch.as_tensor(source.encode(pixels[:, new])) if new else ())  # type: ignore[attr-defined]
-            maps = [carry[z] if z in carry else next(enc) for z in zs]
-            carry = dict(zip(zs, maps, strict=True))
-            feats = _decoder_input(torch.stack(maps), dev)
-            with torch.no_grad():
-                out.append([upsample_logits(hd.net_.eval()(feats.to(hd.device_)), pixels.shape[1:]).cpu()
-                            for hd in heads])
-        return tuple(torch.cat([o[i] for o in out], dim=0) for i in range(len(heads)))
 
-    with torch.no_grad():
-        res = sliding_window_inference(x, roi_size=(min(ref.crop_slices, s), -1, -1), sw_batch_size=1,
-                                       predictor=predictor, overlap=(ref.overlap, 0.0, 0.0), mode="constant",
-                                       with_coord=True)
-    res = res if isinstance(res, tuple) else (res,)
+def predict_group(heads: Sequence[GroupedHead], source: FeatureSource, case_id: str) -> list[np.ndarray]:
+    """Label maps (S, H, W) of one case for every head (argmax of `predict_logits_group`)."""
     # numpy's argmax over the class axis (first maximum on ties, as torch's): torch's argmax along
     # a leading dim of a (C, S, H, W) volume is strided and ~7x slower on CPU (0.2 s a volume).
-    return [r[0].numpy().argmax(axis=0).astype(np.int64) for r in res]
+    return [lg.numpy().argmax(axis=0).astype(np.int64) for lg in predict_logits_group(heads, source, case_id)]
