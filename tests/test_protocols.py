@@ -3,6 +3,7 @@ specifics of kNN (exact reference, limits) and the linear probe (parity with sci
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 
@@ -275,13 +276,13 @@ def test_the_probes_written_out_update_is_torch_optims_bit_for_bit(name, weight_
     written out; on CPU both give identical tensors after every step."""
     import torch
 
-    from tasks.protocols.linear_probe import _SGD_MOMENTUM, adamw_step, sgd_step
+    from tasks.protocols.optim import SGD_MOMENTUM, adamw_step, sgd_step
 
     gen = torch.Generator().manual_seed(0)
     ours = [torch.randn(3, 5, generator=gen), torch.randn(3, generator=gen)]
     ref = [t.clone().requires_grad_() for t in ours]
     opt = (torch.optim.AdamW(ref, lr=0.01, weight_decay=weight_decay) if name == "adamw"
-           else torch.optim.SGD(ref, lr=0.01, momentum=_SGD_MOMENTUM, weight_decay=weight_decay))
+           else torch.optim.SGD(ref, lr=0.01, momentum=SGD_MOMENTUM, weight_decay=weight_decay))
     step_fn, state = (adamw_step if name == "adamw" else sgd_step), [[], []]
     for step in range(1, 26):
         grads = [torch.randn(t.shape, generator=gen) for t in ours]
@@ -292,6 +293,38 @@ def test_the_probes_written_out_update_is_torch_optims_bit_for_bit(name, weight_
         step_fn(tuple(ours), state, step, lr=0.01, weight_decay=weight_decay)
         opt.step()
         assert all(torch.equal(a, b.detach()) for a, b in zip(ours, ref, strict=True)), (name, step)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_the_heads_optimizers_are_torch_optims_bit_for_bit(name):
+    """The heads' AdamW / Adam (tasks/protocols/optim.py) against torch.optim on a small network:
+    a schedule changing lr between steps, a parameter without a gradient on some steps (skipped,
+    keeping its own step count, as torch.optim does), and Adam at lr 1 (ConvexAdam's)."""
+    import torch
+
+    from tasks.protocols.optim import Adam, AdamW
+
+    gen = torch.Generator().manual_seed(3)
+    ours = [torch.randn(4, 3, generator=gen), torch.randn(4, generator=gen), torch.randn(2, 2, generator=gen)]
+    ref = [t.clone().requires_grad_() for t in ours]
+    ours = [t.requires_grad_() for t in ours]
+    if name == "adamw":
+        opt, torch_opt = AdamW(ours, lr=0.01, weight_decay=0.05), torch.optim.AdamW(ref, lr=0.01, weight_decay=0.05)
+    else:
+        opt, torch_opt = Adam(ours, lr=1), torch.optim.Adam(ref, lr=1)
+    for step in range(1, 21):
+        lr = (0.01 if name == "adamw" else 1.0) * (0.5 + 0.5 * math.cos(step / 7))
+        opt.lr = lr
+        for g in torch_opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(), torch_opt.zero_grad()
+        grads = [torch.randn(t.shape, generator=gen) for t in ours]
+        for i, (a, b, g) in enumerate(zip(ours, ref, grads, strict=True)):
+            if i == 2 and step % 3:  # the third parameter gets a gradient on every third step only
+                continue
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step(), torch_opt.step()
+        assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(ours, ref, strict=True)), (name, step)
 
 
 def test_a_probe_fit_and_the_dense_heads_import_neither_torch_dynamo_nor_monai():
@@ -307,10 +340,11 @@ def test_a_probe_fit_and_the_dense_heads_import_neither_torch_dynamo_nor_monai()
             "X = np.random.default_rng(0).normal(size=(64, 8)).astype('float32'); Y = (X[:, :1] > 0).astype(int); "
             "create_protocol('linear_probe', epochs=3).fit(X, Y); "
             "create_protocol('linear_probe', epochs=3, optimizer='sgd').fit(X, Y); "
-            "y = Seg3DNet(1, 2, 4, 3, patch=4, base=4)(torch.randn(1, 8, 2, 2, 2)); "
+            "net = Seg3DNet(1, 2, 4, 3, patch=4, base=4); y = net(torch.randn(1, 8, 2, 2, 2)); "
             "dice_ce_loss(y, torch.zeros(1, 1, 2, 8, 8, dtype=torch.long)).backward(); "
             "z = AdaptiveDecoder2D(4, 2, width=8)(torch.randn(2, 4, 3, 3)); "
             "sigmoid_dice_loss(z, torch.ones_like(z)).backward(); "
+            "from tasks.protocols.optim import AdamW; AdamW(list(net.parameters()), lr=0.1).step(); "
             "print(sorted(m for m in ('torch._dynamo', 'monai') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])

@@ -30,6 +30,7 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from tasks.protocols.base import Protocol, register_protocol
+from tasks.protocols.optim import AdamW
 
 
 class GatedABMIL(nn.Module):
@@ -144,7 +145,7 @@ class ABMIL(Protocol):
                device: torch.device, gen: torch.Generator) -> nn.Module:
         model = GatedABMIL(tb.width, self.embed_dim, self.attn_dim, ty.shape[1], float(self.dropout))
         model.to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         self.loss_curve_: list[float] = []
         self.val_curve_: list[float] = []
         best, best_state, since = np.inf, copy.deepcopy(model.state_dict()), 0

@@ -38,6 +38,7 @@ from scipy import ndimage
 from tasks.dense import FeatureSource, Pair, Sample
 from tasks.protocols.base import register_protocol
 from tasks.protocols.dense_base import Registration, TrainingFreeHead
+from tasks.protocols.optim import Adam
 from tasks.targets.pairs import warp_image, warp_labels
 
 
@@ -128,7 +129,7 @@ def adam_step(ff: torch.Tensor, fm: torch.Tensor, disp: torch.Tensor, lambda_wei
     pf = F.avg_pool3d(ff, g, stride=g)
     pm = F.avg_pool3d(fm, g, stride=g)
     param = torch.nn.Parameter(F.interpolate(disp, size=size, mode="trilinear", align_corners=False).float() / g)
-    opt = torch.optim.Adam([param], lr=1)
+    opt = Adam([param], lr=1)
     grid0 = F.affine_grid(torch.eye(3, 4, device=ff.device).unsqueeze(0), (1, 1, *size), align_corners=False)
     scale = torch.tensor([(s - 1) / 2 for s in size], device=ff.device)
     keep = torch.tensor([1.0, 1.0, 0.0 if planar else 1.0], device=ff.device).view(1, 3, 1, 1, 1)

@@ -36,6 +36,7 @@ from tasks.dense import FeatureSource, as_tensor_features
 from tasks.errors import ConfigError
 from tasks.protocols.base import register_protocol
 from tasks.protocols.dense_base import DenseHead
+from tasks.protocols.optim import Adam
 from tasks.targets.instances import (
     InstancePrediction,
     agglomerate,
@@ -115,7 +116,7 @@ class EMAffinity(DenseHead):
             else:
                 head = torch.nn.Conv2d(2 * c, 3, 1)
         head = head.to(device)
-        opt = torch.optim.Adam(head.parameters(), lr=float(self.lr))
+        opt = Adam(head.parameters(), lr=float(self.lr))
         batches = [(cid, z) for cid, (f, _) in train.items() for z in range(len(f))]
         self.loss_curve_, self.val_loss_curve_ = [], []
         best, best_loss = copy.deepcopy(head.state_dict()), float("inf")

@@ -31,44 +31,14 @@ import torch.nn.functional as F
 from scipy.special import expit, softmax
 
 from tasks.protocols.base import Protocol, register_protocol
+from tasks.protocols.optim import adamw_step, sgd_step
 
 OPTIMIZERS = ("adamw", "sgd")
-_SGD_MOMENTUM = 0.9
 _PREDICT_CHUNK = 65536  # rows per float64 matmul at predict time: bounds memory for 100k x 4096
 
 
-# The probe's two tensors are updated by torch.optim's arithmetic written out (single-tensor path,
-# defaults otherwise: no amsgrad, no nesterov, no dampening), equal to it bit for bit on CPU
-# (tests/test_protocols.py). Why not torch.optim itself: its step imports torch._dynamo (1.1 s of
-# CPU, ~1,700 modules) into every cell process, more than a probe's whole fit on cached features.
-def adamw_step(params: tuple[torch.Tensor, ...], state: list[list[torch.Tensor]], step: int, *, lr: float,
-               weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-    """One torch.optim.AdamW step; `state` is [exp_avgs, exp_avg_sqs], filled on the first step."""
-    b1, b2 = betas
-    if not state[0]:
-        state[0][:] = [torch.zeros_like(p) for p in params]
-        state[1][:] = [torch.zeros_like(p) for p in params]
-    with torch.no_grad():
-        for p, m, v in zip(params, state[0], state[1], strict=True):
-            p.mul_(1 - lr * weight_decay)
-            m.lerp_(p.grad, 1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            denom = (v.sqrt() / (1 - b2 ** step) ** 0.5).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
-
-
-def sgd_step(params: tuple[torch.Tensor, ...], state: list[list[torch.Tensor]], step: int, *, lr: float,
-             weight_decay: float, momentum: float = _SGD_MOMENTUM) -> None:
-    """One torch.optim.SGD step with momentum (coupled weight decay); `state[0]`: the buffers."""
-    with torch.no_grad():
-        grads = [p.grad.add(p, alpha=weight_decay) if weight_decay else p.grad for p in params]
-        if not state[0]:
-            state[0][:] = [torch.clone(g).detach() for g in grads]
-        else:
-            for buf, g in zip(state[0], grads, strict=True):
-                buf.mul_(momentum).add_(g)
-        for p, buf in zip(params, state[0], strict=True):
-            p.add_(buf, alpha=-lr)
+# The probe's two tensors are updated by torch.optim's arithmetic written out (tasks/protocols/optim.py:
+# torch.optim's step imports torch._dynamo, more CPU than a probe's whole fit on cached features).
 
 
 @register_protocol

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tasks.dense import FeatureSource, as_tensor_features, upsample_logits
 from tasks.protocols.dense_base import DenseHead
 from tasks.protocols.losses import dice_ce_loss, sigmoid_dice_loss
+from tasks.protocols.optim import AdamW
 
 LOSSES = ("ce", "dicece")
 
@@ -141,7 +142,7 @@ class Seg2DHead(DenseHead):
             torch.manual_seed(int(self.seed))
             module = self._module(int(source.channels), n_out).to(self.device_)
         y_train, y_val = self._targets(source, train_ids), self._targets(source, val_ids)
-        opt = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         fn = self._loss_fn()
         best, best_state, bad, step = float("inf"), None, 0, 0
         history: list[dict[str, float]] = []

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from tasks.dense import FeatureSource, Sample, upsample_logits
 from tasks.protocols.losses import dice_ce_loss
+from tasks.protocols.optim import AdamW
 
 
 class GroupedHead(Protocol):
@@ -160,7 +161,7 @@ def fit_group(heads: Sequence[GroupedHead], source: FeatureSource, train_ids_per
         h.net_ = h.build(source, first.n_modalities, len(classes) + 1, _patch(source)).to(h.device_)
         warm = h.warmup if h.warmup is not None else float(getattr(ds, "warmup_fraction", 0.0))
         h.warmup_steps_ = int(round(warm * h.steps))
-        opt = torch.optim.AdamW(h.net_.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+        opt = AdamW(h.net_.parameters(), lr=h.lr, weight_decay=h.weight_decay)
         opts.append(opt)
         lr_at.append(_lr_lambda(h.steps, h.warmup_steps_))
         h.loss_curve_, h.val_curve_, h.n_updates_, h.best_step_ = [], [], 0, 0
@@ -178,8 +179,7 @@ def fit_group(heads: Sequence[GroupedHead], source: FeatureSource, train_ids_per
             n_encoded += img.shape[0] * img.shape[1]
             crops.append((cid, feats, torch.from_numpy(tgt)[None, None]))
         for h, opt, lr_f, tr in zip(heads, opts, lr_at, trains, strict=True):
-            for g in opt.param_groups:  # the schedule follows the group's step, updates or not
-                g["lr"] = h.lr * lr_f(step)
+            opt.lr = h.lr * lr_f(step)  # the schedule follows the group's step, updates or not
             mine = [(f, t) for cid, f, t in crops if cid in tr]
             h.trained_cases_.update(cid for cid, _, _ in crops if cid in tr)
             h.net_.train()
