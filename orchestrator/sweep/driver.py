@@ -53,7 +53,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False, ad
     (orchestrator/sweep/adaptive.py) does. Each keeps the identity it has in the full grid, so a
     full sweep resumes from it; runs of the grid's other cells are left alone (never marked
     superseded); the plan and summary.csv are the caller's (it prints one for all its rounds)."""
-    missing_data = _check_data(cfg, allow_missing)
+    missing_data = preflight.check_data(cfg, allow_missing)
     cfg.output_path.mkdir(parents=True, exist_ok=True)
     tracker = open_tracker(cfg)
     cells, skipped = plan_cells(cfg)
@@ -120,16 +120,6 @@ def _subset(cells: list[Cell], only: set[str]) -> tuple[list[Cell], dict[str, st
     if unknown:
         raise ConfigError(f"{len(unknown)} cell(s) to run are not cells of the grid: {', '.join(sorted(unknown)[:5])}")
     return [c for c in cells if c.prefix in only], {}, {c.prefix for c in cells if c.prefix not in only}
-
-
-def _check_data(cfg: SweepConfig, allow_missing: bool) -> dict[str, list[str]]:
-    """The datasets whose roots or index files are missing; a ConfigError unless `allow_missing`."""
-    missing = preflight.missing_data(cfg)
-    if missing and not allow_missing:
-        raise ConfigError(f"data missing for {len(missing)} dataset(s); nothing was run:\n"
-                          f"{preflight.report(missing)}\n(fix the paths under data: in the config, or pass "
-                          "--allow-missing to run the other datasets)")
-    return missing
 
 
 def open_tracker(cfg: SweepConfig) -> Tracker:
