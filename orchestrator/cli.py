@@ -86,13 +86,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _cmd_plan(args)
     cfg = load_config(args.config)
+    adaptive = args.adaptive if args.adaptive is not None else cfg.adaptive is not None
+    if not adaptive and (args.budget is not None or args.budget_hours is not None):
+        raise MedscaleError("--budget and --budget-hours are the budget of an adaptive sweep: add --adaptive")
     check_data(cfg, args.allow_missing)  # a wrong path stops here, before Ray, MLflow and the driver load
     from orchestrator.console.progress import quiet_ray_output
     from orchestrator.sweep.driver import run_sweep
 
-    adaptive = args.adaptive if args.adaptive is not None else cfg.adaptive is not None
-    if not adaptive and (args.budget is not None or args.budget_hours is not None):
-        raise MedscaleError("--budget and --budget-hours are the budget of an adaptive sweep: add --adaptive")
     log = cfg.output_path / "ray.log"
     with quiet_ray_output(log, enabled=not args.verbose):
         try:
