@@ -129,7 +129,7 @@ from orchestrator.extraction.phase import extract_one
 from orchestrator.extraction.shared import extract_group, shared_decode_groups
 from tasks.datasets import get_dataset
 root, out = sys.argv[1], Path(sys.argv[2])
-ray_backend.start("local", num_cpus=2, object_store_memory=200 * 1024**2)
+ray_backend.start()  # joins the session cluster (RAY_ADDRESS), as under `ray job submit`
 cfg = parse_config({"name": "k", "grid": {"encoders": ["dinov3_vits16"], "resolutions": [112],
     "datasets": ["nih14"], "protocols": ["knn"]}, "data": {"nih14": root}, "output": str(out),
     "resources": {"extract_batch_size": 8, "torch_threads": 1}})
@@ -140,12 +140,13 @@ print("FINISHED")
 """
 
 
-def test_killed_extraction_leaves_no_complete_entry(synth_roots, tmp_path):
+def test_killed_extraction_leaves_no_complete_entry(joined_env, synth_roots, tmp_path):
+    """The driver is killed mid-extraction (its Ray job dies with it): no cache entry is complete."""
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(script), str(synth_roots["nih14"]), str(out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=joined_env)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
