@@ -61,17 +61,12 @@ class UnetBasicBlock(nn.Module):
         return self.lrelu(self.norm2(self.conv2(out)))
 
 
-class UnetResBlock(nn.Module):
-    """MONAI `UnetResBlock` at stride 1: two conv-norm stages plus the input (through a 1x1
-    conv + norm when the channel count changes), then leaky ReLU."""
+class UnetResBlock(UnetBasicBlock):
+    """MONAI `UnetResBlock` at stride 1: the basic block's two conv-norm stages plus the input
+    (through a 1x1 conv + norm when the channel count changes), then leaky ReLU."""
 
     def __init__(self, dims: int, c_in: int, c_out: int, kernel_size: int = 3):
-        super().__init__()
-        self.conv1 = conv_only(dims, c_in, c_out, kernel_size)
-        self.conv2 = conv_only(dims, c_out, c_out, kernel_size)
-        self.lrelu = nn.LeakyReLU(negative_slope=0.01, inplace=True)
-        self.norm1 = _INSTANCE[dims](c_out)
-        self.norm2 = _INSTANCE[dims](c_out)
+        super().__init__(dims, c_in, c_out, kernel_size)
         self.downsample = c_in != c_out
         if self.downsample:  # created after norm1/norm2, as MONAI does: the init draws follow its order
             self.conv3 = conv_only(dims, c_in, c_out, 1)
