@@ -194,6 +194,23 @@ def test_ray_backend_imports_no_medscale_code():
     assert not [b for (a, b) in edges if a == "orchestrator.ray_backend"]
 
 
+def test_no_product_module_imports_monai_or_torch_optim():
+    """Each costs seconds of CPU in every trial process (MONAI's package init; torch.optim's step
+    imports torch._dynamo): the heads use tasks/protocols/blocks.py, losses.py and optim.py, tested
+    bit-equal to them. A regression here is silent otherwise: the results would not change."""
+    found = []
+    for name, path in module_files(ROOT).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{name}: {n}" for n in names if n.split(".")[0] == "monai" or n.startswith("torch.optim")]
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
+                    and node.value.attr == "optim" and isinstance(node.value.value, ast.Name) \
+                    and node.value.value.id == "torch":
+                found.append(f"{name}: torch.optim.{node.attr}")
+    assert not found, found
+
+
 def test_orchestrator_layout_limits():
     """At most 8 modules at the top of orchestrator/, none over 400 lines anywhere, and one class
     per name across orchestrator/ (a newcomer never meets two different `Plan`s)."""
