@@ -276,33 +276,35 @@ def test_the_probes_written_out_update_is_torch_optims_bit_for_bit(name, weight_
     written out; on CPU both give identical tensors after every step."""
     import torch
 
-    from tasks.protocols.optim import SGD_MOMENTUM, adamw_step, sgd_step
+    from tasks.protocols.optim import SGD, SGD_MOMENTUM, AdamW
 
     gen = torch.Generator().manual_seed(0)
     ours = [torch.randn(3, 5, generator=gen), torch.randn(3, generator=gen)]
     ref = [t.clone().requires_grad_() for t in ours]
     opt = (torch.optim.AdamW(ref, lr=0.01, weight_decay=weight_decay) if name == "adamw"
            else torch.optim.SGD(ref, lr=0.01, momentum=SGD_MOMENTUM, weight_decay=weight_decay))
-    step_fn, state = (adamw_step if name == "adamw" else sgd_step), [[], []]
+    mine = (AdamW(ours, lr=0.01, weight_decay=weight_decay) if name == "adamw"
+            else SGD(ours, lr=0.01, weight_decay=weight_decay))
     for step in range(1, 26):
         grads = [torch.randn(t.shape, generator=gen) for t in ours]
         for p, g in zip(ours, grads, strict=True):
             p.grad = g.clone()
         for p, g in zip(ref, grads, strict=True):
             p.grad = g.clone()
-        step_fn(tuple(ours), state, step, lr=0.01, weight_decay=weight_decay)
+        mine.step()
         opt.step()
         assert all(torch.equal(a, b.detach()) for a, b in zip(ours, ref, strict=True)), (name, step)
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam"])
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
 def test_the_heads_optimizers_are_torch_optims_bit_for_bit(name):
-    """The heads' AdamW / Adam (tasks/protocols/optim.py) against torch.optim on a small network:
-    a schedule changing lr between steps, a parameter without a gradient on some steps (skipped,
-    keeping its own step count, as torch.optim does), and Adam at lr 1 (ConvexAdam's)."""
+    """The heads' AdamW / Adam / SGD (tasks/protocols/optim.py) against torch.optim on a small
+    network: a schedule changing lr between steps, a parameter without a gradient on some steps
+    (skipped, keeping its own step count and momentum, as torch.optim does), Adam at lr 1
+    (ConvexAdam's)."""
     import torch
 
-    from tasks.protocols.optim import Adam, AdamW
+    from tasks.protocols.optim import SGD, SGD_MOMENTUM, Adam, AdamW
 
     gen = torch.Generator().manual_seed(3)
     ours = [torch.randn(4, 3, generator=gen), torch.randn(4, generator=gen), torch.randn(2, 2, generator=gen)]
@@ -310,10 +312,13 @@ def test_the_heads_optimizers_are_torch_optims_bit_for_bit(name):
     ours = [t.requires_grad_() for t in ours]
     if name == "adamw":
         opt, torch_opt = AdamW(ours, lr=0.01, weight_decay=0.05), torch.optim.AdamW(ref, lr=0.01, weight_decay=0.05)
-    else:
+    elif name == "adam":
         opt, torch_opt = Adam(ours, lr=1), torch.optim.Adam(ref, lr=1)
+    else:
+        opt = SGD(ours, lr=0.01, weight_decay=0.05)
+        torch_opt = torch.optim.SGD(ref, lr=0.01, momentum=SGD_MOMENTUM, weight_decay=0.05)
     for step in range(1, 21):
-        lr = (0.01 if name == "adamw" else 1.0) * (0.5 + 0.5 * math.cos(step / 7))
+        lr = (1.0 if name == "adam" else 0.01) * (0.5 + 0.5 * math.cos(step / 7))
         opt.lr = lr
         for g in torch_opt.param_groups:
             g["lr"] = lr

@@ -31,14 +31,10 @@ import torch.nn.functional as F
 from scipy.special import expit, softmax
 
 from tasks.protocols.base import Protocol, register_protocol
-from tasks.protocols.optim import adamw_step, sgd_step
+from tasks.protocols.optim import SGD, AdamW
 
 OPTIMIZERS = ("adamw", "sgd")
 _PREDICT_CHUNK = 65536  # rows per float64 matmul at predict time: bounds memory for 100k x 4096
-
-
-# The probe's two tensors are updated by torch.optim's arithmetic written out (tasks/protocols/optim.py:
-# torch.optim's step imports torch._dynamo, more CPU than a probe's whole fit on cached features).
 
 
 @register_protocol
@@ -98,9 +94,10 @@ class LinearProbe(Protocol):
         gen = torch.Generator().manual_seed(int(self.seed))
         weight = (torch.randn(C, D, generator=gen) * 0.01).to(device).requires_grad_()
         bias = torch.zeros(C, device=device, requires_grad=True)
-        step_fn = adamw_step if self.optimizer == "adamw" else sgd_step
-        state: list[list[torch.Tensor]] = [[], []]
-        n_steps = 0
+        # torch.optim's arithmetic written out (tasks/protocols/optim.py): its step imports
+        # torch._dynamo, more CPU than a probe's whole fit on cached features.
+        opt = (AdamW([weight, bias], lr=self.lr, weight_decay=self.weight_decay) if self.optimizer == "adamw"
+               else SGD([weight, bias], lr=self.lr, weight_decay=self.weight_decay))
 
         bs = min(int(self.batch_size), n)
         self.loss_curve_: list[float] = []
@@ -116,10 +113,9 @@ class LinearProbe(Protocol):
                     loss = F.cross_entropy(logits, target[idx])
                 else:
                     loss = F.binary_cross_entropy_with_logits(logits, target[idx])
-                weight.grad = bias.grad = None
+                opt.zero_grad()
                 loss.backward()
-                n_steps += 1
-                step_fn((weight, bias), state, n_steps, lr=self.lr, weight_decay=self.weight_decay)
+                opt.step()
                 total += loss.detach() * len(idx)
             self.loss_curve_.append(float(total) / n)  # one sync per epoch, not per step
 

@@ -17,54 +17,13 @@ import torch
 SGD_MOMENTUM = 0.9
 
 
-def adamw_update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, *, lr: float,
-                 weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-    """One AdamW update of `p` in place (`m`, `v`: its moment buffers; `step` counts from 1).
-    With weight_decay 0 it is torch.optim.Adam's update (p * 1.0 is exact)."""
-    b1, b2 = betas
-    with torch.no_grad():
-        p.mul_(1 - lr * weight_decay)
-        m.lerp_(grad, 1 - b1)
-        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (v.sqrt() / (1 - b2 ** step) ** 0.5).add_(eps)
-        p.addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
+class _Optimizer:
+    """What the heads use of torch.optim's interface: `step()`, `zero_grad()` and a settable `lr`
+    (a schedule sets it before each step). As torch.optim, a parameter without a gradient is
+    skipped (and keeps its own step count)."""
 
-
-def adamw_step(params: tuple[torch.Tensor, ...], state: list[list[torch.Tensor]], step: int, *, lr: float,
-               weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-    """One torch.optim.AdamW step of tensors that all have gradients; `state` is [exp_avgs,
-    exp_avg_sqs], filled on the first step."""
-    if not state[0]:
-        state[0][:] = [torch.zeros_like(p) for p in params]
-        state[1][:] = [torch.zeros_like(p) for p in params]
-    for p, m, v in zip(params, state[0], state[1], strict=True):
-        adamw_update(p, p.grad, m, v, step, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-
-
-def sgd_step(params: tuple[torch.Tensor, ...], state: list[list[torch.Tensor]], step: int, *, lr: float,
-             weight_decay: float, momentum: float = SGD_MOMENTUM) -> None:
-    """One torch.optim.SGD step with momentum (coupled weight decay); `state[0]`: the buffers."""
-    with torch.no_grad():
-        grads = [p.grad.add(p, alpha=weight_decay) if weight_decay else p.grad for p in params]
-        if not state[0]:
-            state[0][:] = [torch.clone(g).detach() for g in grads]
-        else:
-            for buf, g in zip(state[0], grads, strict=True):
-                buf.mul_(momentum).add_(g)
-        for p, buf in zip(params, state[0], strict=True):
-            p.add_(buf, alpha=-lr)
-
-
-class AdamW:
-    """The part of torch.optim.AdamW's interface the heads use: `step()`, `zero_grad()`, a
-    settable `lr` (a schedule sets it before each step). As torch.optim, a parameter without a
-    gradient is skipped and keeps its own step count."""
-
-    def __init__(self, params: Iterable[torch.Tensor], lr: float, weight_decay: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.params = list(params)
-        self.lr, self.weight_decay, self.betas, self.eps = float(lr), float(weight_decay), betas, eps
-        self.state: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, params: Iterable[torch.Tensor], lr: float):
+        self.params, self.lr = list(params), float(lr)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -73,16 +32,33 @@ class AdamW:
             elif p.grad is not None:
                 p.grad.zero_()
 
+
+class AdamW(_Optimizer):
+    """torch.optim.AdamW (decoupled weight decay)."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, weight_decay: float = 0.01,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, lr)
+        self.weight_decay, self.betas, self.eps = float(weight_decay), betas, eps
+        self.state: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = {}  # step count, m, v
+
     def step(self) -> None:
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            if i not in self.state:
-                self.state[i] = ([0], torch.zeros_like(p), torch.zeros_like(p))
-            count, m, v = self.state[i]
-            count[0] += 1
-            adamw_update(p, p.grad, m, v, count[0], lr=self.lr, weight_decay=self.weight_decay,
-                         betas=self.betas, eps=self.eps)
+        b1, b2 = self.betas
+        lr = self.lr
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if p.grad is None:
+                    continue
+                if i not in self.state:
+                    self.state[i] = ([0], torch.zeros_like(p), torch.zeros_like(p))
+                count, m, v = self.state[i]
+                count[0] += 1
+                t = count[0]
+                p.mul_(1 - lr * self.weight_decay)  # with weight decay 0 this is Adam's update: p * 1.0 is exact
+                m.lerp_(p.grad, 1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (v.sqrt() / (1 - b2 ** t) ** 0.5).add_(self.eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
 
 
 class Adam(AdamW):
@@ -91,3 +67,26 @@ class Adam(AdamW):
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
         super().__init__(params, lr, weight_decay=0.0, betas=betas, eps=eps)
+
+
+class SGD(_Optimizer):
+    """torch.optim.SGD with momentum (coupled weight decay, no dampening, no nesterov): the linear
+    probe's `optimizer: sgd`."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = SGD_MOMENTUM,
+                 weight_decay: float = 0.0):
+        super().__init__(params, lr)
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def step(self) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if p.grad is None:
+                    continue
+                g = p.grad.add(p, alpha=self.weight_decay) if self.weight_decay else p.grad
+                if i not in self.buffers:  # the first step's buffer is the gradient itself
+                    self.buffers[i] = torch.clone(g).detach()
+                else:
+                    self.buffers[i].mul_(self.momentum).add_(g)
+                p.add_(self.buffers[i], alpha=-self.lr)

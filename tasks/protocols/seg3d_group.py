@@ -150,7 +150,6 @@ def fit_group(heads: Sequence[GroupedHead], source: FeatureSource, train_ids_per
     data_seed = min(int(h.seed) for h in heads) if data_seed is None else int(data_seed)
     rng = np.random.default_rng(data_seed)
     union = sorted(set().union(*trains, map(str, pool or ())))
-    loss_fn = dice_ce_loss
     opts, lr_at = [], []
     for h in heads:
         h.validate()
@@ -185,7 +184,7 @@ def fit_group(heads: Sequence[GroupedHead], source: FeatureSource, train_ids_per
             h.net_.train()
             if mine:
                 opt.zero_grad(set_to_none=True)
-                loss = sum(loss_fn(upsample_logits(h.net_(f.to(h.device_)), t.shape[2:]), t.to(h.device_))
+                loss = sum(dice_ce_loss(upsample_logits(h.net_(f.to(h.device_)), t.shape[2:]), t.to(h.device_))
                            for f, t in mine) / len(mine)
                 loss.backward()
                 opt.step()
@@ -245,7 +244,6 @@ def predict_logits_group(heads: Sequence[GroupedHead], source: FeatureSource, ca
     ref = heads[0]
     sample = source.sample(case_id)
     s = sample.images.shape[1]
-    x = torch.from_numpy(sample.images.astype(np.float32))  # (M, S, H, W)
     dev = torch.device(ref.device_)
 
     # Windows overlap along z: the slices a window shares with the previous one are not encoded
@@ -255,7 +253,7 @@ def predict_logits_group(heads: Sequence[GroupedHead], source: FeatureSource, ca
     sums: list[torch.Tensor] = []
     count = torch.zeros(s)
     for z0, z1 in z_windows(s, ref.crop_slices, ref.overlap):
-        pixels = x[:, z0:z1].round().clamp(0, 255).to(torch.uint8).numpy()  # (M, d, H, W)
+        pixels = sample.images[:, z0:z1]  # uint8 (M, d, H, W)
         new = [z for z in range(z0, z1) if z not in carry]
         enc = iter(torch.as_tensor(source.encode(pixels[:, [z - z0 for z in new]])) if new else ())  # type: ignore[attr-defined]
         carry = {z: carry[z] if z in carry else next(enc) for z in range(z0, z1)}
