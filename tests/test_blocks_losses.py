@@ -9,19 +9,26 @@ import numpy as np
 import pytest
 import torch
 
-monai_blocks = pytest.importorskip("monai.networks.blocks")
-from monai.inferers import sliding_window_inference  # noqa: E402
-from monai.losses import DiceCELoss, DiceLoss  # noqa: E402
-
-from tasks.datasets import dataset_class, get_dataset  # noqa: E402
-from tasks.dense import upsample_logits  # noqa: E402
-from tasks.encoders import create_encoder  # noqa: E402
-from tasks.features import OnlineFeatures  # noqa: E402
-from tasks.protocols import blocks, create_protocol  # noqa: E402
-from tasks.protocols.losses import dice_ce_loss, sigmoid_dice_loss  # noqa: E402
-from tasks.protocols.seg3d_group import _decoder_input, fit_group, predict_logits_group, z_windows  # noqa: E402
+from tasks.datasets import dataset_class, get_dataset
+from tasks.dense import upsample_logits
+from tasks.encoders import create_encoder
+from tasks.features import OnlineFeatures
+from tasks.protocols import blocks, create_protocol
+from tasks.protocols.losses import dice_ce_loss, sigmoid_dice_loss
+from tasks.protocols.seg3d_group import _decoder_input, fit_group, predict_logits_group, z_windows
 
 UP = (1, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def monai():
+    """MONAI (a dev dependency), imported by the tests that use it, not at collection, where every
+    xdist worker would pay its ~5 s of CPU."""
+    import monai.inferers
+    import monai.losses
+    import monai.networks.blocks
+
+    return monai
 
 
 def _built_alike(ours, theirs, seed: int = 0):
@@ -50,24 +57,24 @@ def _same_forward_backward(a, b, *inputs):
 
 
 @pytest.mark.parametrize("c_in,c_out", [(6, 4), (4, 4)])
-def test_unet_res_block_is_monais(c_in, c_out):
+def test_unet_res_block_is_monais(monai, c_in, c_out):
     a, b = _built_alike(lambda: blocks.UnetResBlock(3, c_in, c_out),
-                        lambda: monai_blocks.UnetResBlock(3, c_in, c_out, kernel_size=3, stride=1, norm_name="instance"))
+                        lambda: monai.networks.blocks.UnetResBlock(3, c_in, c_out, kernel_size=3, stride=1, norm_name="instance"))
     _same_forward_backward(a, b, torch.randn(2, c_in, 3, 5, 6))
 
 
-def test_unet_up_and_out_blocks_are_monais():
+def test_unet_up_and_out_blocks_are_monais(monai):
     a, b = _built_alike(lambda: blocks.UnetUpBlock(3, 8, 4, upsample=UP),
-                        lambda: monai_blocks.UnetUpBlock(3, 8, 4, kernel_size=3, stride=1, upsample_kernel_size=UP,
+                        lambda: monai.networks.blocks.UnetUpBlock(3, 8, 4, kernel_size=3, stride=1, upsample_kernel_size=UP,
                                                          norm_name="instance"))
     _same_forward_backward(a, b, torch.randn(1, 8, 2, 3, 4), torch.randn(1, 4, 2, 6, 8))
-    a, b = _built_alike(lambda: blocks.UnetOutBlock(3, 4, 3), lambda: monai_blocks.UnetOutBlock(3, 4, 3))
+    a, b = _built_alike(lambda: blocks.UnetOutBlock(3, 4, 3), lambda: monai.networks.blocks.UnetOutBlock(3, 4, 3))
     _same_forward_backward(a, b, torch.randn(1, 4, 2, 6, 8))
 
 
-def test_conv_norm_act_is_monais_convolution_in_train_and_eval():
+def test_conv_norm_act_is_monais_convolution_in_train_and_eval(monai):
     a, b = _built_alike(lambda: blocks.conv_norm_act(2, 5, 7),
-                        lambda: monai_blocks.Convolution(2, 5, 7, kernel_size=3, norm="batch", act="relu"))
+                        lambda: monai.networks.blocks.Convolution(2, 5, 7, kernel_size=3, norm="batch", act="relu"))
     _same_forward_backward(a, b, torch.randn(3, 5, 6, 9))  # train mode: batch statistics
     assert torch.equal(a.adn.N.running_mean, b.adn.N.running_mean)
     a.eval(), b.eval()
@@ -82,24 +89,24 @@ def test_even_kernels_are_refused():
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 9, 7), (1, 4, 3, 5, 6)])
-def test_dice_ce_loss_is_monais(shape):
+def test_dice_ce_loss_is_monais(monai, shape):
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(shape, generator=g) * 3
     labels = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]), generator=g)
     labels[0, 0, 0] = 0  # a class absent from one case (its Dice is the smoothed 0/0)
     la, lb = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
-    ours, theirs = dice_ce_loss(la, labels), DiceCELoss(to_onehot_y=True, softmax=True)(lb, labels)
+    ours, theirs = dice_ce_loss(la, labels), monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)(lb, labels)
     assert torch.equal(ours, theirs)
     ours.backward(), theirs.backward()
     assert torch.equal(la.grad, lb.grad)
 
 
-def test_sigmoid_dice_loss_is_monais():
+def test_sigmoid_dice_loss_is_monais(monai):
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 3, 8, 5, generator=g)
     target = (torch.rand(2, 3, 8, 5, generator=g) > 0.6).float()
     target[1, 2] = 0  # an empty label
-    assert torch.equal(sigmoid_dice_loss(logits, target), DiceLoss(sigmoid=True)(logits, target))
+    assert torch.equal(sigmoid_dice_loss(logits, target), monai.losses.DiceLoss(sigmoid=True)(logits, target))
     with pytest.raises(ValueError, match="shape"):
         sigmoid_dice_loss(logits, target[:, :2])
 
@@ -113,14 +120,14 @@ def test_loss_inputs_are_checked():
 
 @pytest.mark.parametrize("n", [1, 2, 5, 7, 16, 17, 40])
 @pytest.mark.parametrize("size,overlap", [(3, 0.25), (16, 0.25), (4, 0.5), (5, 0.0), (2, 0.9)])
-def test_z_windows_are_monais(n, size, overlap):
+def test_z_windows_are_monais(monai, n, size, overlap):
     seen: list[tuple[int, int]] = []
 
     def record(win, coords):
         seen.append((coords[0][2].start, coords[0][2].stop))
         return win
 
-    sliding_window_inference(torch.zeros(1, 1, n, 2, 2), roi_size=(min(size, n), -1, -1), sw_batch_size=1,
+    monai.inferers.sliding_window_inference(torch.zeros(1, 1, n, 2, 2), roi_size=(min(size, n), -1, -1), sw_batch_size=1,
                              predictor=record, overlap=(overlap, 0.0, 0.0), mode="constant", with_coord=True)
     windows = z_windows(n, size, overlap)
     assert windows == seen
@@ -130,7 +137,7 @@ def test_z_windows_are_monais(n, size, overlap):
     assert covered.all()
 
 
-def test_group_logits_are_monais_sliding_window(tmp_path, one_torch_thread):
+def test_group_logits_are_monais_sliding_window(monai, tmp_path, one_torch_thread):
     root = tmp_path / "msd"
     dataset_class("msd_spleen").synth(root, n=6, image_size=16, n_slices=7)
     ds = get_dataset("msd_spleen", root)
@@ -153,7 +160,7 @@ def test_group_logits_are_monais_sliding_window(tmp_path, one_torch_thread):
         return tuple(upsample_logits(h.net_.eval()(feats), pixels.shape[1:]) for h in heads)
 
     with torch.no_grad():
-        theirs = sliding_window_inference(x, roi_size=(3, -1, -1), sw_batch_size=1, predictor=predictor,
+        theirs = monai.inferers.sliding_window_inference(x, roi_size=(3, -1, -1), sw_batch_size=1, predictor=predictor,
                                           overlap=(0.25, 0.0, 0.0), mode="constant")
     assert len(ours) == len(theirs) == 2
     for a, b in zip(ours, theirs, strict=True):
