@@ -1,6 +1,6 @@
 """Acceptance: a sweep on synthetic CREMI and AC3/AC4 in their official layouts with the tiny
 encoder: em_affinity cells FINISHED with VOI split/merge, VOI and ARAND, the segmentation as HDF5
-whose scikit-image VOI equals the run's, and the figures."""
+whose scikit-image VOI equals the run's, the figures, and one cached map per volume."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import pytest
 from skimage.metrics import variation_of_information
 
 from orchestrator.grid.config import parse_config
+from orchestrator.store.cache import CacheKey, FeatureCache
+from orchestrator.store.dense_maps import CachedFeatures
 from orchestrator.sweep.driver import run_sweep
 from tasks.datasets import dataset_class, get_dataset
 from tasks.protocols.em_affinity import DEFAULT_SCORING
@@ -59,3 +61,14 @@ def test_em_sweep_cremi_and_ac3ac4(ray_session, tmp_path, one_torch_thread):
         assert m["test_voi"] == pytest.approx(split + merge, abs=1e-9)
         assert (res / "figures" / f"{cid}_montage.png").is_file()
         assert (res / "figures" / f"{cid}_features_pca.png").is_file()
+
+    # Volumes go through the dense pipeline: a case's S slices are one fp16 (S, C, h, w) entry of
+    # the cache, from which the EM head (target kind instances) trained.
+    for name, root in roots.items():
+        ds = get_dataset(name, root)
+        (entry,) = (Path(cfg.cache_root) / "features").glob(f"{name}-cases-*")
+        meta = json.loads((entry / "_medscale.json").read_text())
+        src = CachedFeatures(FeatureCache(cfg.cache_root), CacheKey(**meta["key"]), ds)
+        assert src.case_ids()
+        for cid in src.case_ids():
+            assert src.features(cid).shape == (ds.n_slices(cid), 64, 192 // 16, 192 // 16), cid

@@ -45,13 +45,41 @@ def camelyon(tmp_path_factory) -> tuple[Path, dict[str, Path], Path]:
     return root, bad, c17
 
 
-def test_abmil_sweep_on_slides_learns_and_bad_slides_fail_alone(ray_session, camelyon, tmp_path):
-    root, bad, c17_root = camelyon
+@pytest.fixture(scope="module")
+def first_sweep(ray_session, camelyon, tmp_path_factory):
+    """ABMIL and the linear probe on CAMELYON16 (with its three bad slides), seed 0."""
+    root, _, _ = camelyon
+    tmp = tmp_path_factory.mktemp("wsi-sweep")
     cfg = parse_config(sweep_config(
-        tmp_path, {"camelyon16": root}, grid={"resolutions": [32], "protocols": ["abmil", "linear_probe"]},
+        tmp, {"camelyon16": root}, grid={"resolutions": [32], "protocols": ["abmil", "linear_probe"]},
         protocols={"abmil": {"epochs": 40, "patience": 15, "embed_dim": 32, "attn_dim": 32}},
         dataset_options={"camelyon16": TILING}, resources={"extract_batch_size": 32}))
-    outcome = run_sweep(cfg)
+    return tmp, cfg, run_sweep(cfg)
+
+
+@pytest.fixture(scope="module")
+def second_sweep(first_sweep, camelyon, tmp_path_factory):
+    """Seed 1 in the same store and cache: CAMELYON16's fold 2 of the paper's 5-fold CV with
+    CAMELYON17's unseen centres as its out-of-domain test set, and BCNB's JPEG slides beside it
+    (one sweep: each sweep is a Tune trial process and a Ray Data pipeline more on a CI machine)."""
+    from tasks.datasets import dataset_class
+
+    tmp, _, _ = first_sweep
+    root, _, c17_root = camelyon
+    bcnb = dataset_class("bcnb").synth(tmp_path_factory.mktemp("bcnb") / "bcnb", n=20, seed=0)
+    cfg = parse_config(sweep_config(
+        tmp, {"camelyon16": root, "camelyon17": c17_root, "bcnb": bcnb}, name="t2",
+        grid={"datasets": ["camelyon16", "bcnb"], "resolutions": [32], "protocols": ["abmil", "linear_probe"],
+              "seeds": [1]},
+        protocols={"abmil": {"epochs": 5}},
+        dataset_options={"camelyon16": {**TILING, "cv_folds": 5}, "bcnb": TILING},
+        evaluate_on={"camelyon16": ["camelyon17"]}))
+    return cfg, run_sweep(cfg)
+
+
+def test_abmil_sweep_on_slides_learns_and_bad_slides_fail_alone(first_sweep, second_sweep, camelyon, tmp_path):
+    root, bad, c17_root = camelyon
+    _, cfg, outcome = first_sweep
     prefix = "camelyon16__abmil__test_vit_tiny16__32px__s0"
     cell = next(c for c in outcome.cells if c.startswith(prefix + "__"))  # + the digest of its identity
     assert outcome.cells == {cell: "FINISHED", prefix.replace("abmil", "linear_probe"): "SKIPPED"}
@@ -116,17 +144,13 @@ def test_abmil_sweep_on_slides_learns_and_bad_slides_fail_alone(ray_session, cam
     # unseen centres as the out-of-domain test set: CAMELYON16's bags come from the cache (folds
     # do not re-embed), CAMELYON17 is embedded with CAMELYON16's tiling.
     c17 = get_dataset("camelyon17", c17_root)
-    cfg2 = parse_config(sweep_config(
-        tmp_path, {"camelyon16": root, "camelyon17": c17_root}, name="t2",
-        grid={"datasets": ["camelyon16"], "resolutions": [32], "protocols": ["abmil", "linear_probe"], "seeds": [1]},
-        protocols={"abmil": {"epochs": 5}}, dataset_options={"camelyon16": {**TILING, "cv_folds": 5}},
-        evaluate_on={"camelyon16": ["camelyon17"]}))
-    again = run_sweep(cfg2)
+    cfg2, again = second_sweep
     cell2 = next(c for c in again.cells if c.startswith(prefix.replace("__s0", "__s1") + "__"))
     assert again.cells[cell2] == "FINISHED"
     c17_ex = next(e for e in again.extractions if e.job.dataset == "camelyon17")
-    assert again.n_encoded == c17_ex.n_encoded > 0 and c17_ex.job.options == json.dumps(TILING)
-    run = _runs(cfg2)["run"].iloc[0]
+    assert c17_ex.n_encoded > 0 and c17_ex.job.options == json.dumps(TILING)
+    assert [e.n_encoded for e in again.extractions if e.job.dataset == "camelyon16"] == [0]  # folds: no re-embedding
+    run = _runs(cfg2).set_index("cell").loc[cell2, "run"]
     assert run.data.params["split_scheme"] == "cv fold 2/5" and run.data.params["evaluate_on"] == "camelyon17"
     pred = pd.read_parquet(Path(cfg2.sweep_root) / "cells" / cell2 / "predictions.parquet")
     official = ds.index().set_index("case_id")["split"]
@@ -148,20 +172,15 @@ def test_abmil_sweep_on_slides_learns_and_bad_slides_fail_alone(ray_session, cam
     assert set(preds[run.info.run_id]["case_id"]) == cv_test
 
 
-def test_bcnb_multilabel_abmil_on_jpeg_slides_runs_its_cv_fold(ray_session, tmp_path_factory, tmp_path):
+def test_bcnb_multilabel_abmil_on_jpeg_slides_runs_its_cv_fold(second_sweep):
     """BCNB's slides are plain JPEGs (OpenSlide's ImageSlide, no pyramid, no mpp): five tasks in one
     multilabel ABMIL head, on the fold the seed names (5-fold CV at 7:1:2)."""
-    from tasks.datasets import dataset_class
-
-    root = dataset_class("bcnb").synth(tmp_path_factory.mktemp("bcnb") / "bcnb", n=20, seed=0)
-    cfg = parse_config(sweep_config(
-        tmp_path, {"bcnb": root}, grid={"resolutions": [32], "protocols": ["abmil", "linear_probe"], "seeds": [4]},
-        protocols={"abmil": {"epochs": 20, "embed_dim": 16, "attn_dim": 16}}, dataset_options={"bcnb": TILING}))
-    outcome = run_sweep(cfg)
-    cell = next(c for c in outcome.cells if c.startswith("bcnb__abmil__test_vit_tiny16__32px__s4__"))
+    cfg, outcome = second_sweep
+    cell = next(c for c in outcome.cells if c.startswith("bcnb__abmil__test_vit_tiny16__32px__s1__"))
     assert outcome.cells[cell] == "FINISHED"
-    run = _runs(cfg)["run"].iloc[0]
-    assert run.data.params["split_scheme"] == "cv fold 5/5"
+    assert next(e for e in outcome.extractions if e.job.dataset == "bcnb").n_encoded > 0
+    run = _runs(cfg).set_index("cell").loc[cell, "run"]
+    assert run.data.params["split_scheme"] == "cv fold 2/5"
     pred = pd.read_parquet(Path(cfg.sweep_root) / "cells" / cell / "predictions.parquet")
     assert pred["split"].value_counts().to_dict() == {"test": 4, "val": 2}  # 7:1:2 of 20 patients
     assert {f"score_{c}" for c in ("ALN N+", "ER", "PR", "HER2", "Ki67")} <= set(pred.columns)
