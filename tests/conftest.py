@@ -12,6 +12,11 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Ray's log monitor (one per cluster the tests start, 4-5 in a run) lists the session's log folder
+# on every pass of its loop, ten times a second, while it holds fewer files than this threshold;
+# above it, every 0.5 s (LOG_NAME_UPDATE_INTERVAL_S). Lines of files it already follows are still
+# forwarded as they come; a new worker's file is found within 0.5 s. ~12 s of CPU in a run -> ~3.
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 # One OpenMP/torch thread per process: two xdist workers already fill the two cores, and a trial
 # that asks 2 CPUs would otherwise get OMP_NUM_THREADS=2 from Ray (workers inherit this instead),
 # whose threads spin-wait for a core the other worker holds: the seg3d sweep's trial took 3.5 min
