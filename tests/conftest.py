@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +25,19 @@ os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Sweeps fall back to MLFLOW_TRACKING_URI (a cluster head's server): tests pick their own stores.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+# The test processes allocate millions of objects (imports, pandas, matplotlib, MLflow): Python's
+# default first-generation threshold (700) runs a young collection every few hundred allocations.
+# At 100 000, and with what collection imported frozen out of later full collections, the
+# analysis and fits files take ~7% less CPU (56 -> 52 s, twice each). Only these processes:
+# Ray's workers, the CLI sweeps and the trials keep Python's defaults.
+gc.set_threshold(100_000, 50, 100)
+
+
+def pytest_collection_finish(session):
+    gc.collect()
+    gc.freeze()
+
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "test_vit_tiny16"
