@@ -56,19 +56,18 @@ def test_em_sweep_cremi_and_ac3ac4(ray_session, tmp_path, one_torch_thread):
         with h5py.File(res / "predictions" / f"{cid}_segmentation.h5", "r") as f:
             seg = f["volumes/labels/neuron_ids"][:]
             assert f.attrs["threshold"] in (0.3, 0.5, 0.7)
-        gt = get_dataset(name, root).read_sample(cid).target
+        ds = get_dataset(name, root)
+        gt = ds.read_sample(cid).target
         split, merge = variation_of_information(gt, seg, ignore_labels=(0,))
         assert m["test_voi"] == pytest.approx(split + merge, abs=1e-9)
         assert (res / "figures" / f"{cid}_montage.png").is_file()
         assert (res / "figures" / f"{cid}_features_pca.png").is_file()
-
-    # Volumes go through the dense pipeline: a case's S slices are one fp16 (S, C, h, w) entry of
-    # the cache, from which the EM head (target kind instances) trained.
-    for name, root in roots.items():
-        ds = get_dataset(name, root)
+        # Volumes go through the dense pipeline: a case's S slices are one fp16 (S, C, h, w) entry
+        # of the cache, from which the EM head (target kind instances) trained.
         (entry,) = (Path(cfg.cache_root) / "features").glob(f"{name}-cases-*")
         meta = json.loads((entry / "_medscale.json").read_text())
         src = CachedFeatures(FeatureCache(cfg.cache_root), CacheKey(**meta["key"]), ds)
         assert src.case_ids()
-        for cid in src.case_ids():
-            assert src.features(cid).shape == (ds.n_slices(cid), 64, 192 // 16, 192 // 16), cid
+        for case in src.case_ids():
+            assert src.features(case).shape == (ds.n_slices(case), 64, 192 // 16, 192 // 16), case
+

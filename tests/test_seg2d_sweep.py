@@ -33,7 +33,9 @@ def test_seg2d_sweep_end_to_end(ray_session, roots, tmp_path, one_torch_thread):
     raw = sweep_config(tmp_path, roots, grid={"resolutions": [64], "protocols": list(PROTOCOLS)},
                        resources={"extract_batch_size": 8})
     steps = {"max_steps": 40, "val_every": 10, "batch_size": 4}
-    raw["protocols"] = {"seg2d_linear": steps, "seg2d_decoder": {**steps, "width": 32}}
+    # the linear head trains on targets brought to 64 px on their longest side (EndoVis18's frames
+    # are 80 px wide), the decoder on full-size ones (the default 256 is above every frame)
+    raw["protocols"] = {"seg2d_linear": {**steps, "train_size": 64}, "seg2d_decoder": {**steps, "width": 32}}
     cfg = parse_config(raw)
     outcome = run_sweep(cfg)
     from orchestrator.grid.identity import prefix_of
@@ -57,6 +59,7 @@ def test_seg2d_sweep_end_to_end(ray_session, roots, tmp_path, one_torch_thread):
         assert params["feature_kind"] == "dense" and run.data.metrics["n_failed_cases"] == 0
         assert params["feature_precision"] == "fp32"  # planned (no GPU) and held by cached and online cells
         assert len(test["case_id"].unique()) == m["n_test"] > 0
+        assert params["hp_train_size"] == ("64" if "__seg2d_linear__" in cell else "256"), params
         if cell.startswith("endovis18"):
             # Table 7: binary instrument IoU, scene-class IoU and Dice
             for k in ("test_iou_instrument", "test_miou", "test_mdice", "test_iou_instrument_shaft",
