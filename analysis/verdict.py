@@ -50,7 +50,7 @@ from dataclasses import replace
 import numpy as np
 
 from analysis.bootstrap import CurveReplicates
-from analysis.fits import fit_curve
+from analysis.fits import CurveFit, fit_curve
 from analysis.forms import (
     DECREASING,
     INCREASING,
@@ -126,8 +126,12 @@ def _var_split(parts: Mapping[str, np.ndarray]) -> dict[str, float]:
 
 
 def analyse_curve(curve: CurveReplicates, *, level: float = CI_LEVEL,
-                  min_effect: float = MIN_EFFECT) -> CurveVerdict:
-    """Statistics, the claim and an uncorrected verdict for one curve (a family of one)."""
+                  min_effect: float = MIN_EFFECT, describe: bool = True) -> CurveVerdict:
+    """Statistics, the claim and an uncorrected verdict for one curve (a family of one).
+
+    ``describe=False`` skips what only the report reads (the fitted forms, the replicates' shape
+    shares): the claim, its p-value and the verdict are the same, at a third of the time - for
+    callers that judge many what-if versions of a curve (`analysis.adaptive.policy`)."""
     ok = np.flatnonzero(np.isfinite(curve.x) & np.isfinite(curve.estimate) & (curve.x > 0))
     c = curve.take(ok[np.argsort(curve.x[ok], kind="stable")])
     x, y = c.x, c.estimate
@@ -139,7 +143,8 @@ def analyse_curve(curve: CurveReplicates, *, level: float = CI_LEVEL,
         reps = None
         c = CurveReplicates(x, y, None, "none")
     se = c.se()
-    fit = fit_curve(x, y, se if reps is not None and (se > 0).all() else None)
+    fit = (fit_curve(x, y, se if reps is not None and (se > 0).all() else None) if describe
+           else CurveFit(x, y, None, {}, None, x, ["not described"]))
     n = x.size
     v = CurveVerdict("noisy", "", reps is None, c.method, x, y, c.ci(level), fit, margin=min_effect,
                      var_split=_var_split(parts))
@@ -160,7 +165,8 @@ def analyse_curve(curve: CurveReplicates, *, level: float = CI_LEVEL,
         dr = reps[:, -1] - reps[:, :-1].max(axis=1)
         lo, hi = np.percentile(dr, [50 * (1 - level), 50 * (1 + level)])
         v.gain_top = Effect(d_est, float(lo), float(hi), _pmax(*p_top))
-        _replicate_shape(v, reps, se if (se > 0).all() else None, level)
+        if describe:
+            _replicate_shape(v, reps, se if (se > 0).all() else None, level)
         if n >= 3:
             v.iso_stat, v.iso_p = isotonic_p(y, parts, dfs)
         pair = [_effect(_unit(n, j) - _unit(n, i), y, parts, dfs, level) for i in range(n) for j in range(i + 1, n)]

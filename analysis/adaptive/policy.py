@@ -10,9 +10,11 @@ the ordinary analysis (`analysis.study.build_study`: the same fits, covariance a
  - or its cells are seed-free (seeds repeat one value: an ordering, decided by the points),
  - or every seed of it has run (nothing left to learn).
 "At the full grid's precision": the curve's covariance with each point's seed part scaled by
-seeds-now / seeds-planned, at the current estimates and at ``draws`` predictive draws of the
-full-seed estimates, each judged by `verdict.analyse_curve` at the current family's BH cut-off; every
-one must give the current verdict.
+seeds-now / seeds-planned, at the current estimates, at the estimates moved ``stability_z`` SDs of
+the unseen seeds' mean along each contrast that decides a shape (gain, rise, fall, pairs, top
+slope: a verdict whose margin or sign test is within that of flipping is not settled), and at
+``draws`` predictive draws of the full-seed estimates, each judged by `verdict.analyse_curve` at the
+current family's BH cut-off; every one must give the current verdict.
 
 Open curves ask for cells (`asks`): missing points first, then seeds where they shrink the contrasts
 that decide the shape; asks of curves the projection expects to move count double, those whose
@@ -49,7 +51,7 @@ from analysis.bootstrap import CurveReplicates
 from analysis.curves import CurveKey
 from analysis.data_axis import full_data, has_data_axis
 from analysis.study import Study, build_study
-from analysis.verdict import analyse_curve
+from analysis.verdict import _top_slope_contrast, analyse_curve
 from analysis.verdict_model import ALPHA, DIRECTIONAL
 from analysis.verdict_text import _decide
 
@@ -100,6 +102,7 @@ class AdaptivePolicy:
     interim_alpha: float | None = None
     n_boot: int = 20  # verdicts read analytic tails; replicates only feed shape shares
     draws: int = 6  # predictive draws of the full-seed estimates a settled curve must agree with
+    stability_z: float = 2.0  # SDs of the unseen seeds' mean a settled verdict must survive along each contrast
     family: object = family_of
     frozen: dict = field(default_factory=dict)  # CurveKey -> CurveStatus frozen at an interim look
     first_settled: dict = field(default_factory=dict)  # CurveKey -> the first look that settled it
@@ -256,17 +259,19 @@ class AdaptivePolicy:
         return out
 
     def _projected(self, key: CurveKey, study: Study, now: list[tuple[int, int]]) -> list[str]:
-        """Verdicts the curve would get with every planned seed: first at the current estimates, then
-        at ``draws`` predictive draws of the full-seed estimates (each point moves by
-        N(0, sigma^2 (N - n) / (N n)): the unseen seeds' mean, with the current mean's own error),
-        each with the seed part of the covariance scaled by n / N, at this look's BH cut-off."""
+        """Verdicts the curve would get with every planned seed, each with the seed part of the
+        covariance scaled by n / N, at this look's BH cut-off: first at the current estimates; then
+        moved ``stability_z`` SDs of the unseen seeds' mean along each contrast that decides a shape
+        (`_deciding_contrasts`, both ways); then at ``draws`` predictive draws of the full-seed
+        estimates (each point moves by N(0, sigma^2 (N - n) / (N n)): the unseen seeds' mean, with
+        the current mean's own error). Stops at the first dissent."""
         curve = study.curve(key)
         rep = curve.replicates
         f2 = np.array([n / max(full, 1) for n, full in now], float)  # points and sites share x order
         if rep.no_ci or f2.size != rep.x.size or not rep.parts:
             return ["noisy"]
         seed_var = np.diag(rep.parts.get("seeds", np.zeros((f2.size, f2.size))))  # sigma^2 / n per point
-        move = np.sqrt(seed_var * (1.0 - f2))  # sigma^2 (N - n) / (N n) = (sigma^2 / n) (1 - n / N)
+        move_var = seed_var * (1.0 - f2)  # sigma^2 (N - n) / (N n) = (sigma^2 / n) (1 - n / N)
         f = np.sqrt(f2)
         parts = {k: (p * f[:, None] * f[None, :] if k == "seeds" else p) for k, p in rep.parts.items()}
         p_all = [v.p_adj for v in study.verdicts.values() if np.isfinite(v.p_adj)]
@@ -275,15 +280,39 @@ class AdaptivePolicy:
         # a stable seed (not hash(), which Python salts per process): a resumed live sweep
         # re-derives its rounds in a new process and must draw the same projections
         rng = np.random.default_rng(zlib.crc32(repr(key).encode()))
+        shifts = [np.zeros(f.size)]
+        for c in _deciding_contrasts(rep.x, rep.estimate):
+            sd = float(np.sqrt(np.sum(c**2 * move_var)))
+            if sd > 0 and self.stability_z > 0:  # the likeliest move of the points that shifts c'y by z SDs
+                shifts += [self.stability_z * move_var * c / sd, -self.stability_z * move_var * c / sd]
+        shifts += [rng.normal(size=f.size) * np.sqrt(move_var) for _ in range(self.draws)]
         out = []
-        for d in range(self.draws + 1):
-            est = rep.estimate + (rng.normal(size=f.size) * move if d else 0.0)
+        for shift in shifts:
+            est = rep.estimate + shift
             reps = est + (rep.replicates - rep.estimate) * f
-            proj = analyse_curve(CurveReplicates(rep.x, est, reps, rep.method, parts, rep.dfs), min_effect=curve.margin)
+            proj = analyse_curve(CurveReplicates(rep.x, est, reps, rep.method, parts, rep.dfs),
+                                 min_effect=curve.margin, describe=False)
             out.append(_decide(proj, proj.p_claim * scale if np.isfinite(proj.p_claim) else float("nan")).verdict)
             if out[-1] != out[0]:
-                break  # one dissenting draw is enough to keep the curve open
+                break  # one dissenting projection is enough to keep the curve open
         return out
+
+
+def _deciding_contrasts(x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+    """The contrasts of the points whose sign or size against the margin decides a verdict: total
+    gain, rise to and fall from the best point before the largest x (and that point against its
+    neighbours, which decide where the best is), best minus worst (the widest pair `flat` and `mixed`
+    turn on), and the top slope."""
+    n = y.size
+    if n < 2:
+        return []
+    js = int(np.argmax(y[:-1]))
+    pairs = {(0, n - 1), (0, js), (js, n - 1), tuple(sorted((int(np.argmin(y)), int(np.argmax(y))))),
+             (max(js - 1, 0), js), (js, min(js + 1, n - 1))}
+    e = np.eye(n)
+    out = [e[j] - e[i] for i, j in sorted(pairs) if i != j]
+    slope = _top_slope_contrast(np.asarray(x, float))
+    return out + ([slope] if np.isfinite(slope).all() else [])
 
 
 def _curve_keys(points: pd.DataFrame, candidates: pd.DataFrame):
