@@ -75,7 +75,7 @@ from analysis.verdict_model import (
 )
 from analysis.verdict_text import _decide, verdict_row
 
-__all__ = ["holm", "analyse_curve", "judge_curves", "verdict_row", "monotone_distance", "VERDICTS"]
+__all__ = ["holm", "analyse_curve", "judge_curves", "verdict_row", "monotone_distance", "top_slope_contrast", "VERDICTS"]
 
 
 def monotone_distance(Y: np.ndarray, cov: np.ndarray) -> np.ndarray:
@@ -84,7 +84,7 @@ def monotone_distance(Y: np.ndarray, cov: np.ndarray) -> np.ndarray:
     return _cone_projection(Y, cov)[0]
 
 
-def _top_slope_contrast(x: np.ndarray) -> np.ndarray:
+def top_slope_contrast(x: np.ndarray) -> np.ndarray:
     """c with c'y = least-squares slope of y on log2(x) over the top half of the points (>= 2)."""
     n = x.size
     k = max(2, (n + 1) // 2)
@@ -155,7 +155,7 @@ def analyse_curve(curve: CurveReplicates, *, level: float = CI_LEVEL,
     v.gain_total = _effect(_unit(n, n - 1) - _unit(n, 0), y, parts, dfs, level)
     v.rise_to_best = _effect(_unit(n, js) - _unit(n, 0), y, parts, dfs, level)
     v.drop_after_best = _effect(_unit(n, n - 1) - _unit(n, js), y, parts, dfs, level)
-    v.slope_top = _effect(_top_slope_contrast(x), y, parts, dfs, level)
+    v.slope_top = _effect(top_slope_contrast(x), y, parts, dfs, level)
     v.max_drop = float(np.max(np.maximum.accumulate(y) - y))
     v.peak_x = float(x[np.argmax(y)])
     v.vertex_x = fit.fits["quadratic"].peak_x if "quadratic" in fit.fits else float("nan")

@@ -10,6 +10,8 @@ from analysis.adaptive.cells import axis_ends, candidates_from_points, planned_c
 from analysis.adaptive.policy import OPEN, AdaptivePolicy
 from analysis.adaptive.replay import full_grid_verdicts, replay
 from analysis.adaptive.synthetic import generate_study
+from analysis.study import build_study
+from analysis.verdict import analyse_curve
 
 RES = (224, 1024)
 
@@ -140,9 +142,6 @@ def test_a_verdict_on_a_knife_edge_stays_open():
 def test_undescribed_analysis_decides_as_the_described_one(small):
     """The projections judge curves with ``describe=False`` (no fitted forms, no shape shares): the
     claim, its p-value, flat_ok and the verdict must be those of the full analysis."""
-    from analysis.study import build_study
-    from analysis.verdict import analyse_curve
-
     df, _, _ = small
     study = build_study(df, n_boot=20, every_metric=True)
     checked = 0

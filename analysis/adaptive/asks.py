@@ -15,6 +15,7 @@ import pandas as pd
 from analysis.adaptive.cells import SITE, PlannedCurve, planned_curves, seed_counts, whole_split
 from analysis.curves import CurveKey
 from analysis.study import Study
+from analysis.verdict import top_slope_contrast
 
 
 def rank_asks(status: dict, study: Study, points: pd.DataFrame, candidates: pd.DataFrame, drawn: pd.Series, *,
@@ -89,10 +90,7 @@ def seed_value(v, n: np.ndarray) -> np.ndarray:
     size, y = n.size, v.estimate
     e = np.eye(size)
     js = int(np.argmax(y[:-1]))
-    top = max(2, (size + 1) // 2)
-    u = np.log2(v.x[size - top:])
-    slope = np.zeros(size)
-    slope[size - top:] = (u - u.mean()) / max(float(np.sum((u - u.mean()) ** 2)), 1e-12)
+    slope = np.nan_to_num(top_slope_contrast(v.x))  # the verdict's own top slope (repeated x: none)
     contrasts = {"peaks": [e[js] - e[0], e[-1] - e[js]], "scales": [e[-1] - e[0], slope],
                  "saturates": [e[-1] - e[0], slope], "inverse": [e[-1] - e[0]]}.get(
         v.claim, [e[int(np.argmax(y))] - e[int(np.argmin(y))]])

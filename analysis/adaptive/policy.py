@@ -51,7 +51,7 @@ from analysis.bootstrap import CurveReplicates
 from analysis.curves import CurveKey
 from analysis.data_axis import full_data, has_data_axis
 from analysis.study import Study, build_study
-from analysis.verdict import _top_slope_contrast, analyse_curve
+from analysis.verdict import analyse_curve, top_slope_contrast
 from analysis.verdict_model import ALPHA, DIRECTIONAL
 from analysis.verdict_text import _decide
 
@@ -281,9 +281,9 @@ class AdaptivePolicy:
         # re-derives its rounds in a new process and must draw the same projections
         rng = np.random.default_rng(zlib.crc32(repr(key).encode()))
         shifts = [np.zeros(f.size)]
-        for c in _deciding_contrasts(rep.x, rep.estimate):
+        for c in _deciding_contrasts(rep.x, rep.estimate) if self.stability_z > 0 else []:
             sd = float(np.sqrt(np.sum(c**2 * move_var)))
-            if sd > 0 and self.stability_z > 0:  # the likeliest move of the points that shifts c'y by z SDs
+            if sd > 0:  # the likeliest move of the points that shifts c'y by z SDs
                 shifts += [self.stability_z * move_var * c / sd, -self.stability_z * move_var * c / sd]
         shifts += [rng.normal(size=f.size) * np.sqrt(move_var) for _ in range(self.draws)]
         out = []
@@ -311,7 +311,7 @@ def _deciding_contrasts(x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
              (max(js - 1, 0), js), (js, min(js + 1, n - 1))}
     e = np.eye(n)
     out = [e[j] - e[i] for i, j in sorted(pairs) if i != j]
-    slope = _top_slope_contrast(np.asarray(x, float))
+    slope = top_slope_contrast(np.asarray(x, float))
     return out + ([slope] if np.isfinite(slope).all() else [])
 
 
