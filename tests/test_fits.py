@@ -214,10 +214,12 @@ def test_bootstrap_is_fast_for_1000_replicates_of_5x3x5000():
 
 def test_seed_only_and_means_only_paths():
     vals = [[0.7, 0.71, 0.69], [0.8, np.nan, 0.79], [0.8, 0.81, 0.82]]
-    for parametric, method in ((None, "seeds-parametric"), (False, "seeds")):
+    # the two-way model corrects the middle cell for its missing seed 1 (seed effects -0.005,
+    # +0.005, 0 from the other cells: 0.795 + 0.0025); resampling seeds keeps the plain mean
+    for parametric, method, mid in ((None, "seeds-parametric", 0.7975), (False, "seeds", 0.795)):
         c = bootstrap_seeds(RES[:3], vals, n_boot=50, parametric=parametric)
         assert c.method == method and c.replicates.shape == (50, 3) and not c.no_ci
-        np.testing.assert_allclose(c.estimate, [0.7, 0.795, 0.81])
+        np.testing.assert_allclose(c.estimate, [0.7, mid, 0.81])
     assert bootstrap_seeds(RES[:3], [[0.7], [0.8], [0.81]]).no_ci
     ref = judge_curves({"nih_auc": means_only([21, 86, 300], [0.7788, 0.7833, 0.7865]),  # paper Table 2
                         "peak": means_only([21, 86, 300], [0.80, 0.83, 0.81])})
@@ -244,6 +246,60 @@ def test_three_seed_intervals_cover_the_truth():
             hits[c.method] += lo <= truth[-1] - truth[0] <= hi
     assert hits["seeds-parametric"] >= 180, hits
     assert hits["seeds"] < hits["seeds-parametric"]
+
+
+def test_unequal_seed_sets_are_read_through_the_two_way_model():
+    """Cells that ran different seeds (an adaptive sweep, a failed run): each point is its mean over
+    every seed seen, the shared seed shifts estimated from the cells that ran them - least squares,
+    equal to scikit-learn's on the one-hot design; with one seed set everywhere, the plain means."""
+    from sklearn.linear_model import LinearRegression
+
+    r = np.random.default_rng(3)
+    n, S = 6, 5
+    mu = np.linspace(0.70, 0.80, n)
+    shift = 0.02 * r.normal(size=S)  # large next to the run noise: plain means of unequal seeds differ
+    v = mu[:, None] + shift[None] + 0.002 * r.normal(size=(n, S))
+    balanced = bootstrap_seeds(RES[:n], v, n_boot=50)
+    np.testing.assert_array_equal(balanced.estimate, v.mean(axis=1))
+    np.testing.assert_array_equal(balanced.parts["seeds"], np.diag(np.diag(balanced.parts["seeds"])))
+    v[3, 2:] = np.nan
+    v[5, 1:] = np.nan
+    v[0, 4] = np.nan
+    c = bootstrap_seeds(RES[:n], v, n_boot=4000)
+    ok = np.isfinite(v)
+    rows, seeds = np.nonzero(ok)
+    X = np.zeros((rows.size, n + S))
+    X[np.arange(rows.size), rows] = 1.0
+    X[np.arange(rows.size), n + seeds] = 1.0
+    lr = LinearRegression(fit_intercept=False).fit(X[:, :-1], v[ok])  # the last seed is the baseline
+    np.testing.assert_allclose(c.estimate, lr.coef_[:n] + np.r_[lr.coef_[n:], 0.0].mean(), atol=1e-12)
+    # contrasts recover the truth: the plain means are off by the shifts of the missing seeds
+    d_two_way = np.abs(np.diff(c.estimate) - np.diff(mu)).max()
+    d_plain = np.abs(np.diff(np.nanmean(v, axis=1)) - np.diff(mu)).max()
+    assert d_two_way < 0.006 < d_plain, (d_two_way, d_plain)
+    # the replicates' differences spread as the fit's covariance says (x df / (df - 2): the
+    # variance is drawn from its scaled inverse chi-square); a 1-seed point is the least certain
+    P = c.parts["seeds"]
+    for i, j in ((1, 5), (0, 3), (2, 4)):
+        ratio = np.var(c.replicates[:, i] - c.replicates[:, j]) / (P[i, i] + P[j, j] - 2 * P[i, j])
+        assert 0.85 < ratio < 1.6, (i, j, ratio)
+    assert P[5, 5] > 3 * P[1, 1]
+
+
+def test_unequal_seed_intervals_cover_the_truth():
+    """With the seeds' shifts several times the run noise and points that ran 1-5 seeds, the
+    two-way model's 95% intervals of the end-to-end gain still cover the truth."""
+    truth = np.array([0.70, 0.74, 0.76, 0.77])
+    hits = 0
+    for rep in range(200):
+        r = np.random.default_rng(rep)
+        v = truth[:, None] + 0.01 * r.normal(size=(1, 5)) + 0.003 * r.normal(size=(4, 5))
+        v[0, 1:] = np.nan  # one seed at the first point, two at the last
+        v[3, 2:] = np.nan
+        c = bootstrap_seeds(RES[:4], v, n_boot=400, seed=rep)
+        lo, hi = np.percentile(c.replicates[:, -1] - c.replicates[:, 0], [2.5, 97.5])
+        hits += lo <= truth[-1] - truth[0] <= hi
+    assert 180 <= hits <= 199, hits
 
 
 # --- tests and corrections ---------------------------------------------------------------------
