@@ -154,3 +154,40 @@ def test_undescribed_analysis_decides_as_the_described_one(small):
         assert not light.fit.fits
         checked += bool(full.fit.fits)  # what describe=False skips
     assert checked >= 3
+
+
+def test_priced_by_extraction_pays_each_extraction_once(small):
+    """Features are cached per dataset x weights x encoder x resolution: a site's seeds share one
+    extraction, so the first cell there pays it and the others only their heads."""
+    from analysis.adaptive.cells import cost_of, extractions_of, grid_cost, priced_by_extraction
+
+    df, _, _ = small
+    cells = candidates_from_points(df)
+    priced = priced_by_extraction(cells, head_share=0.05)
+    site = priced[(priced["encoder"] == "dinov3_vitl16") & (priced["resolution"] == 1024)]
+    ext = float(cells.loc[site.index[0], "cost"])
+    assert len(site) == 5 and (site["extraction_cost"] == ext).all()
+    assert cost_of(priced, site.index) == pytest.approx(ext * (1 + 5 * 0.05))
+    assert cost_of(priced, site.index[:1]) == pytest.approx(ext * 1.05)
+    paid = extractions_of(priced, site.index[:1])
+    assert cost_of(priced, site.index[1:], paid) == pytest.approx(ext * 4 * 0.05)  # heads only
+    sites = cells.groupby(["encoder", "resolution"])["cost"].first()
+    assert grid_cost(priced) == pytest.approx(sites.sum() * (1 + 5 * 0.05))
+    assert grid_cost(cells) == pytest.approx(cells["cost"].sum())  # per cell: every run pays in full
+    assert cost_of(cells, site.index[1:], paid) == pytest.approx(4 * ext) and not extractions_of(cells, site.index)
+
+
+def test_replay_priced_by_extraction_spends_within_budget_and_reports_encoding(small):
+    df, _, full = small
+    by_cell = replay(df, AdaptivePolicy(budget=0.5, draws=2), full=full)
+    # per-cell pricing buys seeds at 2/5 of a site's cost, yet every cell touched needs the
+    # site's whole extraction: the encoding it implies is at least the cost share
+    assert by_cell.cost_share <= 0.5 + 1e-9 and by_cell.extraction_share >= by_cell.cost_share
+    res = replay(df, AdaptivePolicy(budget=0.5, draws=2), full=full, pricing="extraction", head_share=0.05)
+    assert res.cost_share <= 0.5 + 1e-9 and res.extraction_share <= 0.5
+    ran = res.cells.groupby(["encoder", "resolution"]).size()
+    assert len(ran) < 6  # half the encoding cannot buy every site of a 3 x 2 grid whose ViT-L@1024 is most of it
+    whole = replay(df, AdaptivePolicy(budget=1.0, round_share=0.5, draws=2), full=full, pricing="extraction")
+    assert whole.cost_share == pytest.approx(1.0) and whole.agreement == 1.0
+    with pytest.raises(ValueError, match="pricing"):
+        replay(df, AdaptivePolicy(budget=0.5), full=full, pricing="seconds")

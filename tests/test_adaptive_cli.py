@@ -31,6 +31,17 @@ def test_replay_cli_writes_every_output_and_prints_agreement_last(tmp_path, caps
     cells = pd.read_csv(out / "cells.csv")
     assert len(cells) == rounds["cells"].sum() and cells["reason"].notna().all()
     assert (out / "summary.json").is_file()
+    text = capsys.readouterr().out
+    assert main(["adaptive", "replay", "--points", str(points), "--out", str(tmp_path / "ext"), "--budget", "0.6",
+                 "--pricing", "extraction"]) == 0
+    text = capsys.readouterr().out
+    # priced as a medscale sweep spends (features once per site, a head 0.05 of it): the grid costs
+    # 1.25 x its encoding (5 seeds per site), and what was spent covers the encoding it needed
+    encoding = float(text.split("extractions the chosen cells need: ")[1].split("%")[0]) / 100
+    cost = float(text.strip().splitlines()[-1].split("cost=")[1])
+    assert 0 < cost <= 0.6 and 0 < encoding <= cost * 1.25 + 1e-3
+    assert main(["adaptive", "replay", "--points", str(points), "--out", str(tmp_path / "x"), "--pricing",
+                 "extraction", "--head-share", "-1"]) == 2
 
 
 def test_replay_cli_rejects_a_bad_budget(tmp_path, capsys):

@@ -55,7 +55,12 @@ def test_candidates_are_every_grid_cell_with_the_plans_cost(tmp_path):
     assert set(cands["train_shots"]) == {0}
     for _, r in cands.iterrows():
         assert r["gflops"] == pytest.approx(get_encoder_spec(TINY).gflops(r["resolution"]), rel=1e-6)
-        assert r["items"] == 200 and r["cost"] == pytest.approx(r["gflops"] * 200)
+        # priced by extraction (the default): the cell's features cost GFLOPs x items, paid once
+        # per extraction; the cell itself, its head, 0.05 of that
+        assert r["items"] == 200 and r["extraction_cost"] == pytest.approx(r["gflops"] * 200)
+        assert r["cost"] == pytest.approx(0.05 * r["gflops"] * 200)
+    by_cell = candidates(cfg, cells, plan, AdaptiveSettings(pricing="cell"))
+    assert "extraction_cost" not in by_cell and list(by_cell["cost"]) == pytest.approx(list(by_cell["gflops"] * 200))
     # round 0 of the policy on it: the corners of the resolution axis with 2 seeds (kNN: its one)
     from analysis.adaptive.policy import AdaptivePolicy
 
@@ -66,10 +71,20 @@ def test_candidates_are_every_grid_cell_with_the_plans_cost(tmp_path):
 def test_budget_hours_convert_by_the_plans_hours_or_say_why_not(tmp_path):
     cfg = _cfg(tmp_path)
     _, plan = _plan(cfg, {"nih14": Counts("image", {"train": 150, "val": 20, "test": 30})})
+    cells, _ = plan_cells(cfg)
     total = sum(e.device_hours for e in plan.extractions)
     assert total > 0
     share, note = budget_share(AdaptiveSettings(budget_hours=total / 4), plan)
     assert share == pytest.approx(0.25) and "device-hours" in note
+    # counted as the cells are priced: each extraction once plus 0.05 of it per cell (its head),
+    # or, priced per cell, each cell's extraction in full (12 cells share 3 extractions)
+    hours = {(e.encoder, e.resolution): e.device_hours for e in plan.extractions}
+    per_cell = sum(hours[(c.encoder, c.resolution)] for c in cells)
+    assert per_cell == pytest.approx(4 * total)
+    for settings, grid in ((AdaptiveSettings(budget_hours=1.0), total + 0.05 * per_cell),
+                           (AdaptiveSettings(budget_hours=1.0, pricing="cell"), per_cell)):
+        cands = candidates(cfg, cells, plan, settings)
+        assert budget_share(settings, plan, cands)[0] == pytest.approx(1.0 / grid)
     assert budget_share(AdaptiveSettings(), plan)[0] == 0.5
     assert budget_share(AdaptiveSettings(budget=0.3), plan)[0] == 0.3
     # without an item count the plan knows no hours (nih14's published size fills in for missing
@@ -153,7 +168,7 @@ def test_the_policy_asks_for_the_interior_point_of_a_grid_with_train_size_column
 
     cfg = _cfg(tmp_path)
     cells, plan = _plan(cfg, {"nih14": Counts("image", {"train": 150, "val": 20, "test": 30})})
-    cands = candidates(cfg, cells, plan)
+    cands = candidates(cfg, cells, plan, AdaptiveSettings(pricing="cell"))
     policy = AdaptivePolicy(budget=0.8)
     r0 = policy.initial_cells(cands).cells
     rows = [{**r[["dataset", "protocol", "weights", "encoder", "resolution", "train_fraction", "train_shots",
@@ -203,17 +218,19 @@ def test_live_adaptive_sweep_runs_fewer_cells_and_settles_as_the_full_grid(ray_s
     from orchestrator.tracking import load_points
 
     # Two resolutions keep it to two extractions: round 0 is the corners (linear probe: 2 of 3
-    # seeds; kNN ignores the seed, so its curves are complete and settle), round 1 a third seed
-    # where a linear-probe curve is open, within the budget (the grid's 3rd seed at 64 px is not).
+    # seeds; kNN ignores the seed, so its curves are complete and settle), paying both extractions
+    # (priced by extraction, the default: 1.15 of their cost with the heads, of the grid's 1.2);
+    # round 1 a third seed where a linear-probe curve is open, within the budget: the head at 32 px
+    # (0.05 x its extraction) fits what 0.98 leaves, the one at 64 px (~4x that) does not.
     roots = {"nih14": synth_roots["nih14"]}
     raw = sweep_config(tmp_path, roots, grid={"resolutions": [32, 64], "seeds": [0, 1, 2]},
-                       adaptive={"budget": 0.9, "max_rounds": 2})
+                       adaptive={"budget": 0.98, "max_rounds": 2})
     cfg = parse_config(raw)
     out = run_adaptive(cfg, accelerator="cpu-2core")
     grid = len(plan_cells(cfg)[0])
     assert out.grid_cells == grid == 8 and out.cells_chosen < grid
     ran = {c for c, s in out.sweep.cells.items() if s == "FINISHED"}
-    assert len(ran) == out.cells_chosen and out.spent_share <= 0.9 + 1e-9
+    assert len(ran) == out.cells_chosen and out.spent_share <= 0.98 + 1e-9
 
     rounds = pd.read_csv(cfg.output_path / "rounds.csv")
     assert list(rounds["round"]) == list(range(len(rounds))) and rounds["cells"].iloc[0] == 6

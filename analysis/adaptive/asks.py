@@ -12,16 +12,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.adaptive.cells import SITE, PlannedCurve, planned_curves, seed_counts, whole_split
+from analysis.adaptive.cells import SITE, PlannedCurve, cost_of, planned_curves, seed_counts, whole_split
 from analysis.curves import CurveKey
 from analysis.study import Study
 from analysis.verdict import top_slope_contrast
 
 
 def rank_asks(status: dict, study: Study, points: pd.DataFrame, candidates: pd.DataFrame, drawn: pd.Series, *,
-          every_curve: bool, new_point_seeds: int) -> list[tuple[list, str]]:
+          every_curve: bool, new_point_seeds: int, paid: set | None = None) -> list[tuple[list, str]]:
     """Asks of the open curves (of every curve with ``every_curve``), as (candidate indices, reason),
-    best value per unit of cost first; a new point comes with ``new_point_seeds`` seeds."""
+    best value per unit of cost first (an extraction in ``paid`` is not priced again); a new point
+    comes with ``new_point_seeds`` seeds."""
     # a curve's point is a whole-split site (`planned_curves`); grouping by the train-size columns
     # too would give keys no curve asks for, and a grid with a data axis would never ask anything
     sites = whole_split(candidates).groupby(SITE, sort=False, dropna=False)
@@ -47,7 +48,7 @@ def rank_asks(status: dict, study: Study, points: pd.DataFrame, candidates: pd.D
         # targeted seeds (`seed_value`) are worth more than a second seed everywhere
         take = list(todo[: (new_point_seeds if n_now == 0 else 1)])
         if take:
-            asks.append((v / max(float(candidates.loc[take, "cost"].sum()), 1e-12), take, why[site]))
+            asks.append((v / max(cost_of(candidates, take, paid), 1e-12), take, why[site]))
     asks.sort(key=lambda a: -a[0])
     return [(take, reason) for _, take, reason in asks]
 

@@ -74,6 +74,47 @@ def with_cost(cells: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+EXTRACTION = ["dataset", "weights", "encoder", "resolution"]  # what one feature extraction serves
+PRICINGS = ("cell", "extraction")
+
+
+def priced_by_extraction(cells: pd.DataFrame, head_share: float) -> pd.DataFrame:
+    """Cells priced as medscale spends: features are embedded once per dataset x weights x encoder
+    x resolution and cached, so a cell's seeds, protocols and train sizes share one extraction.
+    ``extraction_cost`` is that extraction's cost (the cells' GFLOPs x items), paid by the first cell
+    that needs it; ``cost`` becomes the cell's own head, ``head_share`` of it (a head trained on
+    cached features: seconds for a probe or kNN against minutes of encoding)."""
+    out = cells.copy()
+    out["extraction_cost"] = out.groupby(EXTRACTION, dropna=False)["cost"].transform("max")
+    out["cost"] = head_share * out["extraction_cost"]
+    return out
+
+
+def extractions_of(cells: pd.DataFrame, idx) -> set[tuple]:
+    """The extractions the rows ``idx`` need (empty when cells are priced one by one)."""
+    if "extraction_cost" not in cells.columns:
+        return set()
+    return set(map(tuple, cells.loc[list(idx), EXTRACTION].itertuples(index=False)))
+
+
+def cost_of(cells: pd.DataFrame, idx, paid: set[tuple] | None = None) -> float:
+    """What running rows ``idx`` costs: their own cost, plus (priced by extraction) each extraction
+    they need that is not in ``paid`` - once, however many of the rows share it."""
+    rows = cells.loc[list(idx)]
+    own = float(rows["cost"].sum())
+    if "extraction_cost" not in cells.columns or rows.empty:
+        return own
+    first = rows.drop_duplicates(EXTRACTION)
+    keys = list(map(tuple, first[EXTRACTION].itertuples(index=False)))
+    new = [k not in (paid or set()) for k in keys]
+    return own + float(first["extraction_cost"].to_numpy()[np.array(new, bool)].sum())
+
+
+def grid_cost(cells: pd.DataFrame) -> float:
+    """The full grid's cost under the cells' pricing."""
+    return cost_of(cells, cells.index)
+
+
 def family_of(encoder: str) -> str:
     """An encoder's family, for the round-0 ends: the name before its first '_' (dinov3_vitl16 ->
     dinov3), so ends are the smallest and largest model that share a recipe."""

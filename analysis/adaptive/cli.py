@@ -1,4 +1,4 @@
-"""`medscale adaptive replay --points POINTS.csv --out DIR [--budget F]`.
+"""`medscale adaptive replay --points POINTS.csv --out DIR [--budget F] [--pricing cell|extraction]`.
 
 Hooked into the `medscale` command line by `add_parser(subparsers)` and `run(args)`; the heavy
 imports wait until the command runs, so `medscale --help` stays fast.
@@ -24,6 +24,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--max-rounds", type=int, default=8, help="rounds at most, round 0 included (default 8)")
     r.add_argument("--round-share", type=float, default=0.08,
                    help="the most one round may spend, as a share of the full grid's cost (default 0.08)")
+    r.add_argument("--pricing", choices=("cell", "extraction"), default="cell",
+                   help="cell (default): every run pays its GFLOPs x items; extraction: as a medscale sweep "
+                        "spends, features embedded once per dataset x encoder x resolution, each run then "
+                        "paying --head-share of it")
+    r.add_argument("--head-share", type=float, default=0.05,
+                   help="with --pricing extraction: a head's cost as a share of its extraction's (default 0.05)")
     return a
 
 
@@ -36,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--budget {args.budget}: a share of the full grid's cost, > 0")
     if not 0 < args.confidence < 1:
         raise ConfigError(f"--confidence {args.confidence}: must lie in (0, 1)")
+    if not 0 <= args.head_share:
+        raise ConfigError(f"--head-share {args.head_share}: a share of an extraction's cost, >= 0")
     if not 0 < args.round_share <= 1:
         raise ConfigError(f"--round-share {args.round_share}: a share of the full grid's cost, in (0, 1]")
     try:
@@ -43,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                                 round_share=args.round_share)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    result = replay(read_points_csv(args.points), policy)
+    result = replay(read_points_csv(args.points), policy, pricing=args.pricing, head_share=args.head_share)
     paths = write_replay(result, args.out)
     for _, r in result.rounds.iterrows():
         print(f"round {int(r['round'])}: {int(r['cells'])} cells, {r['cost_share']:.1%} of the grid's cost "
@@ -53,5 +61,8 @@ def run(args: argparse.Namespace) -> int:
     for reason, n in open_["reason"].value_counts().head(8).items():
         print(f"  open ({n}): {reason}")
     print(f"written: {', '.join(str(p) for p in paths.values())}")
+    # with features cached, a cell's seeds and protocols share its extraction: the encoding a
+    # medscale sweep of the chosen cells would do, next to the per-run cost share
+    print(f"extractions the chosen cells need: {result.extraction_share:.1%} of the grid's encoder work")
     print(f"agreement={result.agreement:.3f} cost={result.cost_share:.3f}")
     return 0

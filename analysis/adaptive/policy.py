@@ -20,7 +20,8 @@ Open curves ask for cells (`asks`): missing points first, then seeds where they 
 that decide the shape; asks of curves the projection expects to move count double, those whose
 estimates show a peak triple. Asks are summed over curves and metrics (one cell serves many curves)
 and taken greedily by value per unit of cost, up to ``round_share`` of the full grid's cost per
-round and the budget.
+round and the budget. Costs are the candidates' (`cells.cost_of`): per cell, or - priced by
+extraction - each extraction once, by the first chosen cell that needs it, plus each cell's head.
 
 Error control across rounds (docs/analysis.md, "Adaptive sweeps"): a claim frozen at an interim
 look passed BH at ``interim_alpha``; every other claim is decided once, on the final points, by BH
@@ -41,8 +42,11 @@ from analysis.adaptive.asks import rank_asks
 from analysis.adaptive.cells import (
     PlannedCurve,
     axis_ends,
+    cost_of,
     drawn_cells,
+    extractions_of,
     family_of,
+    grid_cost,
     performance_metrics,
     planned_curves,
     seed_counts,
@@ -134,40 +138,49 @@ class AdaptivePolicy:
         """Round 0: the corners of every axis with ``initial_seeds`` seeds, within the budget."""
         self.round, self.frozen, self.first_settled, self.last_status = 0, {}, {}, {}
         ends = axis_ends(candidates, self.initial_seeds, self.family)
-        total = float(candidates["cost"].sum())
-        ends = ends.sort_values("cost")
-        ends = ends[ends["cost"].cumsum() <= self.budget * total + 1e-9 * total]
-        return self._round(ends, ["corner of the grid (round 0)"] * len(ends))
+        room = self.budget * grid_cost(candidates) * (1 + 1e-9)
+        keep, paid, spent = [], set(), 0.0
+        for i in ends.sort_values("cost", kind="stable").index:  # cheapest first, within the budget
+            c = cost_of(candidates, [i], paid)
+            if spent + c <= room:
+                keep.append(i)
+                spent += c
+                paid |= extractions_of(candidates, [i])
+        return self._round(candidates.loc[keep], ["corner of the grid (round 0)"] * len(keep), spent)
 
     def next_cells(self, points: pd.DataFrame, candidates: pd.DataFrame, spent: float | None = None) -> Round:
         """The next round after judging ``points`` (every point of the cells run so far)."""
-        total = float(candidates["cost"].sum())
+        total = grid_cost(candidates)
         drawn = drawn_cells(points, candidates)
-        spent = float(candidates.loc[drawn, "cost"].sum()) if spent is None else spent
+        spent = cost_of(candidates, candidates.index[drawn]) if spent is None else spent
+        paid = extractions_of(candidates, candidates.index[drawn])  # features already cached
         last = self.round + 1 >= self.max_rounds and not self.exhaustive
         # the look after the last round is the final one: it freezes nothing (its level is final_alpha)
         status = self.settled(points, candidates, freeze=not last)
         self.round += 1
         if last:
-            return self._round(candidates.iloc[:0], [])
+            return self._round(candidates.iloc[:0], [], 0.0)
         asks = rank_asks(status, self.judge(points), points, candidates, drawn, every_curve=self.exhaustive,
-                         new_point_seeds=self.interior_seeds)
+                         new_point_seeds=self.interior_seeds, paid=paid)
         room = self.budget * total - spent
         picked, reasons, cost = [], [], 0.0
         for idx, reason in asks:
-            c = float(candidates.loc[idx, "cost"].sum())
+            c = cost_of(candidates, idx, paid)
             if c > room + 1e-9 * total or (picked and cost + c > self.round_share * total):
                 continue
             picked.extend(idx)
             reasons.extend([reason] * len(idx))
             cost, room = cost + c, room - c
+            paid |= extractions_of(candidates, idx)
         if not picked and self.exhaustive:  # every curve settled: the whole grid still runs
             rest = candidates.index[~drawn]
             picked, reasons = list(rest), ["the whole grid was bought (budget >= 1)"] * len(rest)
-        return self._round(candidates.loc[picked], reasons)
+            cost = cost_of(candidates, rest, paid)
+        return self._round(candidates.loc[picked], reasons, cost)
 
-    def _round(self, cells: pd.DataFrame, reasons: list[str]) -> Round:
-        return Round(self.round, cells.assign(reason=reasons), reasons, float(cells["cost"].sum()))
+    def _round(self, cells: pd.DataFrame, reasons: list[str], cost: float) -> Round:
+        """``cost``: what the round adds to the spend (an extraction already paid is not paid again)."""
+        return Round(self.round, cells.assign(reason=reasons), reasons, float(cost))
 
     # -- judging -------------------------------------------------------------------------------
     def judge(self, points: pd.DataFrame) -> Study:

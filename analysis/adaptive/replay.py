@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.adaptive.cells import candidates_from_points, cell_columns, drawn_cells
+from analysis.adaptive.cells import (
+    candidates_from_points,
+    cell_columns,
+    cost_of,
+    drawn_cells,
+    grid_cost,
+    priced_by_extraction,
+)
 from analysis.adaptive.policy import OPEN, AdaptivePolicy
 from analysis.curves import CurveKey
 from analysis.data_axis import full_data, has_data_axis
@@ -32,11 +39,12 @@ class ReplayResult:
     cells: pd.DataFrame  # the cells run, with their round and why
     agreement: float  # share of curves whose adaptive verdict equals the full grid's
     cost_share: float  # cost of the cells run / cost of the full grid
+    extraction_share: float = float("nan")  # encoder work of the extractions they needed / the grid's
 
     def summary(self) -> dict:
         open_ = self.curves[self.curves["status"] == "open"]
         return {"curves": len(self.curves), "agreement": self.agreement, "cost_share": self.cost_share,
-                "rounds": len(self.rounds), "cells_run": len(self.cells),
+                "extraction_share": self.extraction_share, "rounds": len(self.rounds), "cells_run": len(self.cells),
                 "open_curves": len(open_), "open_reasons": open_["reason"].value_counts().to_dict()}
 
 
@@ -47,11 +55,20 @@ def full_grid_verdicts(points: pd.DataFrame, n_boot: int = 20) -> dict[CurveKey,
     return {k: v.verdict for k, v in build_study(main, n_boot=n_boot, every_metric=True).verdicts.items()}
 
 
-def replay(points: pd.DataFrame, policy: AdaptivePolicy, full: dict[CurveKey, str] | None = None) -> ReplayResult:
-    """Run the policy's rounds on ``points``, each round drawing its cells' points from the study."""
+def replay(points: pd.DataFrame, policy: AdaptivePolicy, full: dict[CurveKey, str] | None = None, *,
+           pricing: str = "cell", head_share: float = 0.05) -> ReplayResult:
+    """Run the policy's rounds on ``points``, each round drawing its cells' points from the study.
+
+    ``pricing``: "cell" (the default: every run pays its GFLOPs x items) or "extraction" (features
+    embedded once per dataset x weights x encoder x resolution, each run then paying ``head_share``
+    of it: `cells.priced_by_extraction`, what a medscale sweep spends)."""
     pts = points.assign(weights=points["weights"].fillna("").astype(str) if "weights" in points.columns else "")
     cands = candidates_from_points(pts)
-    total = float(cands["cost"].sum())
+    if pricing == "extraction":
+        cands = priced_by_extraction(cands, head_share)
+    elif pricing != "cell":
+        raise ValueError(f"pricing {pricing!r}: 'cell' or 'extraction'")
+    total = grid_cost(cands)
     key = pts[cell_columns(cands)].merge(cands[cell_columns(cands)].reset_index(), on=cell_columns(cands),
                                          how="left")["index"].to_numpy()
     rnd = policy.initial_cells(cands)
@@ -61,7 +78,7 @@ def replay(points: pd.DataFrame, policy: AdaptivePolicy, full: dict[CurveKey, st
         logs.append(rnd.cells.assign(round=rnd.index))
         drawn = pts[pd.Series(key).isin(run).to_numpy()]
         rounds.append({"round": rnd.index, "cells": len(rnd.cells), "cost": rnd.cost,
-                       "cost_share": rnd.cost / total, "spent_share": float(cands.loc[sorted(run), "cost"].sum()) / total})
+                       "cost_share": rnd.cost / total, "spent_share": cost_of(cands, sorted(run)) / total})
         rnd = policy.next_cells(drawn, cands)
         st = policy.last_status
         rounds[-1] |= {"open_after": sum(not s.settled for s in st.values()),
@@ -82,10 +99,13 @@ def replay(points: pd.DataFrame, policy: AdaptivePolicy, full: dict[CurveKey, st
                      "n_points": s.n_points if s is not None else 0,
                      "planned_points": s.planned_points if s is not None else 0})
     curves = pd.DataFrame(rows, columns=CURVE_COLUMNS)
-    spent = float(cands.loc[drawn_cells(drawn, cands), "cost"].sum())
+    spent = cost_of(cands, cands.index[drawn_cells(drawn, cands)])
     cells = pd.concat(logs) if logs else cands.iloc[:0].assign(round=[], reason=[])
     agreement = float(curves["same"].mean()) if len(curves) else 1.0
-    return ReplayResult(curves, pd.DataFrame(rounds, columns=ROUND_COLUMNS), cells, agreement, spent / total)
+    # what a medscale sweep would have encoded: every extraction any chosen cell needs, once
+    encode = priced_by_extraction(cands, 0.0)
+    ext = cost_of(encode, cands.index[drawn_cells(drawn, cands)]) / max(grid_cost(encode), 1e-300)
+    return ReplayResult(curves, pd.DataFrame(rounds, columns=ROUND_COLUMNS), cells, agreement, spent / total, ext)
 
 
 def write_replay(result: ReplayResult, out: str | Path) -> dict[str, Path]:

@@ -6,6 +6,8 @@ is the same cell a full sweep of the config runs, so either resumes from the oth
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -22,6 +24,14 @@ class AdaptiveSettings(BaseModel):
     round_share: float = Field(default=0.08, gt=0, le=1, description="the most one round after round 0 may "
                                "spend, as a share of the full grid's cost: smaller rounds look more often "
                                "(fewer wasted cells), larger ones wait less on a cluster with room")
+
+    pricing: Literal["extraction", "cell"] = Field(
+        default="extraction", description="extraction: a cell pays its head (head_share of its extraction) and "
+        "the extraction only when no cell chosen before needed it (features are cached); cell: every cell pays "
+        "its extraction in full (what `medscale adaptive replay` counts by default)")
+    head_share: float = Field(default=0.05, ge=0, description="with pricing: extraction, a head's cost as a "
+                              "share of its extraction's (a probe or kNN on cached features: seconds against "
+                              "minutes of encoding; raise it for heads that train long, e.g. seg3d)")
 
     @model_validator(mode="after")
     def _one_budget(self) -> AdaptiveSettings:

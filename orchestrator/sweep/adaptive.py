@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.adaptive.cells import cost_of, grid_cost
 from analysis.adaptive.policy import AdaptivePolicy
 from analysis.adaptive.summary import ADAPTIVE_CURVES, curves_frame, end_lines
 from orchestrator import console
@@ -67,15 +68,16 @@ class _Loop:
     points: pd.DataFrame = field(default_factory=pd.DataFrame)
     rows: list[dict] = field(default_factory=list)
     outcome: SweepOutcome = field(default_factory=SweepOutcome)
+    round_cost: dict[int, float] = field(default_factory=dict)  # what each round added to the spend
 
     def __post_init__(self) -> None:
-        self.total = float(self.cands["cost"].sum())
+        self.total = grid_cost(self.cands)
         self.current = set(config_identities(self.cfg))
         self.logged = {t.get(ROUND_TAG) for t in self.tracker.sweep_runs(ROUND_KIND).values()}
 
     @property
-    def spent(self) -> float:  # failed cells were paid for
-        return float(self.cands.loc[sorted(self.chosen), "cost"].sum())
+    def spent(self) -> float:  # failed cells were paid for; an extraction once (pricing: extraction)
+        return cost_of(self.cands, sorted(self.chosen))
 
     def run(self) -> None:
         rnd = self.policy.initial_cells(self.cands)
@@ -96,11 +98,13 @@ class _Loop:
     def _play(self, k: int, todo: pd.DataFrame) -> None:
         """Run round k's cells (unless rounds.csv says it finished), then read the chosen cells' points."""
         self.log.start(k, todo)
+        before = self.spent
         self.chosen |= set(todo.index)
+        self.round_cost[k] = self.spent - before
         if self.log.finished(k):
             console.note(f"adaptive round {k}: finished before (rounds.csv): {len(todo)} cells")
         else:
-            console.note(f"adaptive round {k}: {len(todo)} cell(s), {todo['cost'].sum() / self.total:.1%} of the "
+            console.note(f"adaptive round {k}: {len(todo)} cell(s), {self.round_cost[k] / self.total:.1%} of the "
                          f"grid's cost; spent with it {self.spent / self.total:.1%}")
             out = self.run_round(set(todo["prefix"]))
             self.outcome.cells.update(out.cells)
@@ -115,7 +119,7 @@ class _Loop:
     def _record(self, k: int, todo: pd.DataFrame) -> None:
         """rounds.csv and the round's MLflow run (each written once, whichever a crash left out)."""
         status = self.policy.last_status
-        row = round_row(k, todo, self.failed, self.total, self.spent, status)
+        row = round_row(k, todo, self.failed, self.total, self.spent, status, self.round_cost[k])
         self.rows.append(row)
         if not self.log.finished(k):
             self.log.finish(row)
@@ -167,9 +171,9 @@ def run_adaptive(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False,
     if not cells:
         raise ConfigError(f"sweep '{cfg.name}': the grid has no cell to run")
     plan = print_plan(cfg, cells, skipped, tracker, accelerator)
-    share, note = budget_share(settings, plan)
+    cands = candidates(cfg, cells, plan, settings)
+    share, note = budget_share(settings, plan, cands)
     console.note(note)
-    cands = candidates(cfg, cells, plan)
     try:
         policy = AdaptivePolicy(budget=share, confidence=settings.confidence, max_rounds=settings.max_rounds,
                                 round_share=settings.round_share)

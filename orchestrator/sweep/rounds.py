@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.adaptive.cells import cell_columns, with_cost
+from analysis.adaptive.cells import cell_columns, priced_by_extraction, with_cost
 from orchestrator.grid.adaptive import AdaptiveSettings
 from orchestrator.grid.cells import Cell
 from orchestrator.grid.config import SweepConfig
@@ -28,11 +28,14 @@ CELL_COLUMNS = ["round", "prefix", "dataset", "protocol", "encoder", "resolution
                 "train_shots", "seed", "cost", "reason"]
 
 
-def candidates(cfg: SweepConfig, cells: list[Cell], plan: Plan | None) -> pd.DataFrame:
+def candidates(cfg: SweepConfig, cells: list[Cell], plan: Plan | None,
+               settings: AdaptiveSettings | None = None) -> pd.DataFrame:
     """Every planned cell as a candidate row of the policy (`analysis.adaptive.cells`), valued as
     `medscale analyze` reads its run back (weights kind, train_shots 0 for "none"), so a point
     finds its cell; cost = the plan's GFLOPs per item x items of the cell's extraction (items
-    unknown: GFLOPs alone, as the replay does). `prefix` names the cell for `run_sweep(only=...)`."""
+    unknown: GFLOPs alone, as the replay does), paid once per extraction under the settings'
+    `pricing: extraction` (the default: features are cached; `cells.priced_by_extraction`).
+    `prefix` names the cell for `run_sweep(only=...)`."""
     from tasks.encoders import get_encoder_spec
     from tasks.weights import parse_weights
 
@@ -47,13 +50,17 @@ def candidates(cfg: SweepConfig, cells: list[Cell], plan: Plan | None) -> pd.Dat
                      "gflops": float(gflops) if gflops is not None else np.nan,
                      "items": float(e.items) if e is not None and e.items is not None else np.nan,
                      "prefix": c.prefix})
-    return with_cost(pd.DataFrame(rows))
+    out = with_cost(pd.DataFrame(rows))
+    settings = settings or AdaptiveSettings()
+    return priced_by_extraction(out, settings.head_share) if settings.pricing == "extraction" else out
 
 
-def budget_share(settings: AdaptiveSettings, plan: Plan | None) -> tuple[float, str]:
+def budget_share(settings: AdaptiveSettings, plan: Plan | None, cands: pd.DataFrame | None = None) -> tuple[float, str]:
     """The policy's budget (a share of the grid's cost) and a line saying where it came from.
     Device-hours convert by the plan's encoder hours for the whole grid (every extraction, cached
-    or not: the share is of the full grid), which it knows only with every dataset's item count."""
+    or not: the share is of the full grid), counted as the candidates ``cands`` are priced: each
+    extraction once and each cell's head at head_share of it, or (pricing: cell) each cell's
+    extraction in full. The plan knows them only with every dataset's item count."""
     if settings.budget_hours is None:
         share = settings.budget if settings.budget is not None else DEFAULT_BUDGET
         return share, f"adaptive budget: {share:.0%} of the full grid's planned cost (GFLOPs x items)"
@@ -61,7 +68,12 @@ def budget_share(settings: AdaptiveSettings, plan: Plan | None) -> tuple[float, 
         raise ConfigError("--budget-hours: the plan could not be made (see above), so device-hours cannot be "
                           "converted to a share of the grid; give the budget as a share (--budget F)")
     unknown = [f"{e.encoder}@{e.resolution}px/{e.dataset}" for e in plan.extractions if e.device_hours is None]
-    total = sum(e.device_hours or 0.0 for e in plan.extractions)
+    hours = {(e.encoder, e.resolution, e.dataset): e.device_hours or 0.0 for e in plan.extractions}
+    total = sum(hours.values())
+    if cands is not None and len(cands):
+        per_cell = cands.apply(lambda r: hours.get((r["encoder"], int(r["resolution"]), r["dataset"]), 0.0), axis=1)
+        total = (total + settings.head_share * float(per_cell.sum()) if settings.pricing == "extraction"
+                 else float(per_cell.sum()))
     if unknown or not total > 0:
         why = (f"the plan does not know the device-hours of {len(unknown)} extraction(s) ({', '.join(unknown[:4])}"
                f"{' ...' if len(unknown) > 4 else ''}: item counts unknown)" if unknown else
@@ -69,8 +81,10 @@ def budget_share(settings: AdaptiveSettings, plan: Plan | None) -> tuple[float, 
         raise ConfigError(f"--budget-hours {settings.budget_hours:g}: {why}; give the budget as a share of the "
                           "grid's cost instead (--budget F or adaptive.budget)")
     share = settings.budget_hours / total
+    how = ("each extraction once, heads at " f"{settings.head_share:g} of it" if settings.pricing == "extraction"
+           else "each cell's extraction in full")
     return share, (f"adaptive budget: {settings.budget_hours:g} device-hours of the full grid's {total:.3g} "
-                   f"(encoder hours on {plan.accelerator}, as planned) = {share:.1%} of its cost")
+                   f"(encoder hours on {plan.accelerator} as planned, {how}) = {share:.1%} of its cost")
 
 
 def points_of(points: pd.DataFrame, cands: pd.DataFrame, chosen: set[int]) -> tuple[pd.DataFrame, set[int]]:
@@ -135,10 +149,9 @@ class RoundLog:
 
 
 def round_row(k: int, todo: pd.DataFrame, failed: set[int], total: float, spent: float,
-              status: dict) -> dict:
-    """A row of rounds.csv: the round's cells and cost, what the rounds spent so far, and the
-    curves settled and open after judging its points."""
-    cost = float(todo["cost"].sum())
+              status: dict, cost: float) -> dict:
+    """A row of rounds.csv: the round's cells and cost (what it added to the spend), what the rounds
+    spent so far, and the curves settled and open after judging its points."""
     return {"round": k, "cells": len(todo), "failed": len(set(todo.index) & failed), "cost": cost,
             "cost_share": cost / total if total else math.nan, "spent_share": spent / total if total else math.nan,
             "settled": sum(s.settled for s in status.values()), "open": sum(not s.settled for s in status.values())}
