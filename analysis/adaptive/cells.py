@@ -82,11 +82,14 @@ def priced_by_extraction(cells: pd.DataFrame, head_share: float) -> pd.DataFrame
     """Cells priced as medscale spends: features are embedded once per dataset x weights x encoder
     x resolution and cached, so a cell's seeds, protocols and train sizes share one extraction.
     ``extraction_cost`` is that extraction's cost (the cells' GFLOPs x items), paid by the first cell
-    that needs it; ``cost`` becomes the cell's own head, ``head_share`` of it (a head trained on
-    cached features: seconds for a probe or kNN against minutes of encoding)."""
+    that needs it; ``cost`` becomes the cell's own head: ``head_share`` of its dataset's mean
+    extraction, since a head trains on cached features for as long as its dataset's items take,
+    whichever encoder made them (a second seed of ViT-L at 1024 px is no dearer than one of ViT-S)."""
     out = cells.copy()
     out["extraction_cost"] = out.groupby(EXTRACTION, dropna=False)["cost"].transform("max")
-    out["cost"] = head_share * out["extraction_cost"]
+    per_site = out.drop_duplicates(EXTRACTION)
+    mean = per_site.groupby("dataset", dropna=False)["extraction_cost"].mean()
+    out["cost"] = head_share * out["dataset"].map(mean).astype(float)
     return out
 
 

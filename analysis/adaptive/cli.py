@@ -27,9 +27,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--pricing", choices=("cell", "extraction"), default="cell",
                    help="cell (default): every run pays its GFLOPs x items; extraction: as a medscale sweep "
                         "spends, features embedded once per dataset x encoder x resolution, each run then "
-                        "paying --head-share of it")
+                        "paying --head-share of its dataset's mean extraction")
     r.add_argument("--head-share", type=float, default=0.05,
-                   help="with --pricing extraction: a head's cost as a share of its extraction's (default 0.05)")
+                   help="with --pricing extraction: a head's cost as a share of its dataset's mean extraction "
+                        "(default 0.05)")
     return a
 
 

@@ -61,11 +61,11 @@ def replay(points: pd.DataFrame, policy: AdaptivePolicy, full: dict[CurveKey, st
 
     ``pricing``: "cell" (the default: every run pays its GFLOPs x items) or "extraction" (features
     embedded once per dataset x weights x encoder x resolution, each run then paying ``head_share``
-    of it: `cells.priced_by_extraction`, what a medscale sweep spends)."""
+    of its dataset's mean extraction: `cells.priced_by_extraction`, what a medscale sweep spends)."""
     pts = points.assign(weights=points["weights"].fillna("").astype(str) if "weights" in points.columns else "")
-    cands = candidates_from_points(pts)
+    cands = base = candidates_from_points(pts)
     if pricing == "extraction":
-        cands = priced_by_extraction(cands, head_share)
+        cands = priced_by_extraction(base, head_share)
     elif pricing != "cell":
         raise ValueError(f"pricing {pricing!r}: 'cell' or 'extraction'")
     total = grid_cost(cands)
@@ -103,7 +103,7 @@ def replay(points: pd.DataFrame, policy: AdaptivePolicy, full: dict[CurveKey, st
     cells = pd.concat(logs) if logs else cands.iloc[:0].assign(round=[], reason=[])
     agreement = float(curves["same"].mean()) if len(curves) else 1.0
     # what a medscale sweep would have encoded: every extraction any chosen cell needs, once
-    encode = priced_by_extraction(cands, 0.0)
+    encode = priced_by_extraction(base, 0.0)
     ext = cost_of(encode, cands.index[drawn_cells(drawn, cands)]) / max(grid_cost(encode), 1e-300)
     return ReplayResult(curves, pd.DataFrame(rounds, columns=ROUND_COLUMNS), cells, agreement, spent / total, ext)
 

@@ -26,12 +26,14 @@ class AdaptiveSettings(BaseModel):
                                "(fewer wasted cells), larger ones wait less on a cluster with room")
 
     pricing: Literal["extraction", "cell"] = Field(
-        default="extraction", description="extraction: a cell pays its head (head_share of its extraction) and "
+        default="extraction", description="extraction: a cell pays its head (head_share of its dataset's mean "
+        "extraction) and "
         "the extraction only when no cell chosen before needed it (features are cached); cell: every cell pays "
         "its extraction in full (what `medscale adaptive replay` counts by default)")
     head_share: float = Field(default=0.05, ge=0, description="with pricing: extraction, a head's cost as a "
-                              "share of its extraction's (a probe or kNN on cached features: seconds against "
-                              "minutes of encoding; raise it for heads that train long, e.g. seg3d)")
+                              "share of its dataset's mean extraction (a probe or kNN on cached features: "
+                              "seconds against minutes of encoding; raise it for heads that train long, e.g. "
+                              "seg3d)")
 
     @model_validator(mode="after")
     def _one_budget(self) -> AdaptiveSettings:

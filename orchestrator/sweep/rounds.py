@@ -59,8 +59,8 @@ def budget_share(settings: AdaptiveSettings, plan: Plan | None, cands: pd.DataFr
     """The policy's budget (a share of the grid's cost) and a line saying where it came from.
     Device-hours convert by the plan's encoder hours for the whole grid (every extraction, cached
     or not: the share is of the full grid), counted as the candidates ``cands`` are priced: each
-    extraction once and each cell's head at head_share of it, or (pricing: cell) each cell's
-    extraction in full. The plan knows them only with every dataset's item count."""
+    extraction once and each cell's head at head_share of its dataset's mean extraction, or
+    (pricing: cell) each cell's extraction in full. The plan knows them only with every dataset's item count."""
     if settings.budget_hours is None:
         share = settings.budget if settings.budget is not None else DEFAULT_BUDGET
         return share, f"adaptive budget: {share:.0%} of the full grid's planned cost (GFLOPs x items)"
@@ -71,9 +71,13 @@ def budget_share(settings: AdaptiveSettings, plan: Plan | None, cands: pd.DataFr
     hours = {(e.encoder, e.resolution, e.dataset): e.device_hours or 0.0 for e in plan.extractions}
     total = sum(hours.values())
     if cands is not None and len(cands):
-        per_cell = cands.apply(lambda r: hours.get((r["encoder"], int(r["resolution"]), r["dataset"]), 0.0), axis=1)
-        total = (total + settings.head_share * float(per_cell.sum()) if settings.pricing == "extraction"
-                 else float(per_cell.sum()))
+        own = cands.apply(lambda r: hours.get((r["encoder"], int(r["resolution"]), r["dataset"]), 0.0), axis=1)
+        if settings.pricing == "cell":
+            total = float(own.sum())
+        else:  # a head: head_share of its dataset's mean extraction (`cells.priced_by_extraction`)
+            per_ext = pd.Series(hours, dtype=float)
+            mean = per_ext.groupby(level=2).mean()  # keys (encoder, resolution, dataset)
+            total += settings.head_share * float(cands["dataset"].map(mean).fillna(0.0).sum())
     if unknown or not total > 0:
         why = (f"the plan does not know the device-hours of {len(unknown)} extraction(s) ({', '.join(unknown[:4])}"
                f"{' ...' if len(unknown) > 4 else ''}: item counts unknown)" if unknown else
@@ -81,8 +85,8 @@ def budget_share(settings: AdaptiveSettings, plan: Plan | None, cands: pd.DataFr
         raise ConfigError(f"--budget-hours {settings.budget_hours:g}: {why}; give the budget as a share of the "
                           "grid's cost instead (--budget F or adaptive.budget)")
     share = settings.budget_hours / total
-    how = ("each extraction once, heads at " f"{settings.head_share:g} of it" if settings.pricing == "extraction"
-           else "each cell's extraction in full")
+    how = (f"each extraction once, a head {settings.head_share:g} of its dataset's mean extraction"
+           if settings.pricing == "extraction" else "each cell's extraction in full")
     return share, (f"adaptive budget: {settings.budget_hours:g} device-hours of the full grid's {total:.3g} "
                    f"(encoder hours on {plan.accelerator} as planned, {how}) = {share:.1%} of its cost")
 
