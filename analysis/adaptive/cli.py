@@ -24,6 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--max-rounds", type=int, default=8, help="rounds at most, round 0 included (default 8)")
     r.add_argument("--round-share", type=float, default=0.08,
                    help="the most one round may spend, as a share of the full grid's cost (default 0.08)")
+    # cells.PRICINGS, written out: importing cells here would slow `medscale --help`
     r.add_argument("--pricing", choices=("cell", "extraction"), default="cell",
                    help="cell (default): every run pays its GFLOPs x items; extraction: as a medscale sweep "
                         "spends, features embedded once per dataset x encoder x resolution, each run then "

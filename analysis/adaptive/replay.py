@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.adaptive.cells import (
+    PRICINGS,
     candidates_from_points,
     cell_columns,
     cost_of,
@@ -66,8 +67,8 @@ def replay(points: pd.DataFrame, policy: AdaptivePolicy, full: dict[CurveKey, st
     cands = base = candidates_from_points(pts)
     if pricing == "extraction":
         cands = priced_by_extraction(base, head_share)
-    elif pricing != "cell":
-        raise ValueError(f"pricing {pricing!r}: 'cell' or 'extraction'")
+    elif pricing not in PRICINGS:
+        raise ValueError(f"pricing {pricing!r}: one of {', '.join(PRICINGS)}")
     total = grid_cost(cands)
     key = pts[cell_columns(cands)].merge(cands[cell_columns(cands)].reset_index(), on=cell_columns(cands),
                                          how="left")["index"].to_numpy()

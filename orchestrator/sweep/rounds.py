@@ -63,7 +63,9 @@ def budget_share(settings: AdaptiveSettings, plan: Plan | None, cands: pd.DataFr
     (pricing: cell) each cell's extraction in full. The plan knows them only with every dataset's item count."""
     if settings.budget_hours is None:
         share = settings.budget if settings.budget is not None else DEFAULT_BUDGET
-        return share, f"adaptive budget: {share:.0%} of the full grid's planned cost (GFLOPs x items)"
+        how = ("each extraction once, heads at " f"{settings.head_share:g} of its dataset's mean"
+               if settings.pricing == "extraction" else "every cell its extraction in full")
+        return share, f"adaptive budget: {share:.0%} of the full grid's planned cost (GFLOPs x items: {how})"
     if plan is None:
         raise ConfigError("--budget-hours: the plan could not be made (see above), so device-hours cannot be "
                           "converted to a share of the grid; give the budget as a share (--budget F)")
@@ -71,9 +73,9 @@ def budget_share(settings: AdaptiveSettings, plan: Plan | None, cands: pd.DataFr
     hours = {(e.encoder, e.resolution, e.dataset): e.device_hours or 0.0 for e in plan.extractions}
     total = sum(hours.values())
     if cands is not None and len(cands):
-        own = cands.apply(lambda r: hours.get((r["encoder"], int(r["resolution"]), r["dataset"]), 0.0), axis=1)
-        if settings.pricing == "cell":
-            total = float(own.sum())
+        if settings.pricing == "cell":  # every cell its extraction's hours
+            total = float(sum(hours.get((e, int(r), d), 0.0)
+                              for e, r, d in cands[["encoder", "resolution", "dataset"]].itertuples(index=False)))
         else:  # a head: head_share of its dataset's mean extraction (`cells.priced_by_extraction`)
             per_ext = pd.Series(hours, dtype=float)
             mean = per_ext.groupby(level=2).mean()  # keys (encoder, resolution, dataset)
