@@ -8,7 +8,7 @@ many seeds (>= ``PARAMETRIC_BELOW_SEEDS``) they are resampled after the cases, o
 across x because seed s of every config is the same run recipe. With the usual 3-5 seeds that
 resampling has too few distinct outcomes (3 seeds: 10) and understates the spread - the
 monotonicity test then rejected a flat curve 10-17% of the time at a 5% level in simulation - so
-the seed level is drawn from the two-way model y[x, s] = mu_x + b_s + e instead (``_seed_level``).
+the seed level is drawn from the two-way model y[x, s] = mu_x + b_s + e instead (`seed_model`).
 Per-case noise that differs between seeds is counted at both levels: conservative.
 
 Speed: a case draw is held as a count matrix C (R, N) - how often each case appears in each
@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from analysis.seed_model import seed_level
 
 CaseMetric = Callable[[np.ndarray, "np.ndarray | None", np.ndarray], np.ndarray]
 """metric(values (N, ...), targets (N, ...) or None, counts (R, N)) -> (R,) one value per replicate."""
@@ -210,8 +212,8 @@ def bootstrap_cases_seeds(x: Sequence[float], predictions, targets, metric: Case
     free = zero_spread(est) | (np.zeros(x.size, bool) if seed_free is None else np.asarray(seed_free, bool))
     point = _seed_mean(est, np.ones((1, n_seeds)))
     reps = _seed_mean(M, np.ones((1, 1, n_seeds)))  # case level, every seed
-    noise, seed_part, df, adjust = _seed_level(est, free, n_boot, rng)
-    point, reps = point + adjust, reps + adjust  # the seeds a cell lacks (`_two_way_unbalanced`)
+    noise, seed_part, df, adjust = seed_level(est, free, n_boot, rng)
+    point, reps = point + adjust, reps + adjust  # the seeds a cell lacks (`seed_model.two_way_unbalanced`)
     parts = {"cases": np.atleast_2d(np.cov(reps[np.isfinite(reps).all(axis=1)], rowvar=False))}
     dfs = {"cases": np.inf}
     if seed_part is not None:
@@ -222,97 +224,6 @@ def bootstrap_cases_seeds(x: Sequence[float], predictions, targets, metric: Case
     return CurveReplicates(x, point, reps if noise is None else reps + noise, "cases+seeds", parts, dfs)
 
 
-def _seed_model(v: np.ndarray) -> tuple[float, float, float]:
-    """Residual variance, its degrees of freedom and the seed-effect variance of the two-way model
-    v[x, s] = mu_x + b_s + e: seed effects shift every x alike, so contrasts between x see only e.
-    Uses the seeds present at every x; without two of them, the pooled within-x variance."""
-    complete = np.isfinite(v).all(axis=0)
-    n, sc = v.shape[0], int(complete.sum())
-    if n >= 2 and sc >= 2:
-        c = v[:, complete]
-        resid = c - c.mean(axis=1, keepdims=True) - c.mean(axis=0, keepdims=True) + c.mean()
-        df = (n - 1) * (sc - 1)
-        var = float((resid**2).sum() / df)
-        return var, float(df), max(0.0, float(np.var(c.mean(axis=0), ddof=1)) - var / n)
-    dev = v - np.nanmean(v, axis=1, keepdims=True)
-    df = float(np.sum(np.maximum(np.isfinite(v).sum(axis=1) - 1, 0)))
-    return (float(np.nansum(dev**2) / df) if df else float("nan")), df, 0.0
-
-
-def _two_way_unbalanced(v: np.ndarray):
-    """Least squares of v[x, s] = mu_x + b_s + e on the cells that ran, when the x ran different
-    seeds (an adaptive sweep adds seeds where they decide; a failed run leaves a hole).
-
-    Why: a point's plain mean over its own seeds carries those seeds' shifts (seed s is one recipe
-    for every cell, so its offset is shared), which cancel between points only when every point
-    ran the same seeds. Here mu_x is each point's mean over *every* seed seen (the b_s sum to zero
-    over them), the shifts estimated from the points that ran them; with one seed set everywhere
-    this is the plain mean. Returns (mu (n,), C (n, n) with Cov(mu) = sigma^2 C, sigma^2, df,
-    seed-effect variance), or None when the design has no residual df or does not link every x
-    through shared seeds (then the caller keeps the plain means)."""
-    ok = np.isfinite(v)
-    seen = np.flatnonzero(ok.any(axis=0))
-    n, S = v.shape[0], seen.size
-    r, c = np.nonzero(ok[:, seen])
-    p = n + S - 1
-    if r.size - p < 1:
-        return None
-    Q = np.vstack([np.eye(S - 1), -np.ones((1, S - 1))])  # sum-to-zero coding of the seed effects
-    X = np.zeros((r.size, p))
-    X[np.arange(r.size), r] = 1.0
-    X[:, n:] = Q[c]
-    XtX = X.T @ X
-    if np.linalg.matrix_rank(XtX) < p:
-        return None
-    inv = np.linalg.inv(XtX)
-    y = v[:, seen][r, c]
-    theta = inv @ (X.T @ y)
-    df = float(r.size - p)
-    var = float(np.sum((y - X @ theta) ** 2) / df)
-    b, cov_b = Q @ theta[n:], Q @ inv[n:, n:] @ Q.T
-    var_seed = max(0.0, float(np.var(b, ddof=1)) - var * float(np.mean(np.diag(cov_b)))) if S >= 2 else 0.0
-    return theta[:n], inv[:n, :n], var, df, var_seed
-
-
-def _seed_level(v: np.ndarray, free: np.ndarray, n_boot: int, rng: np.random.Generator):
-    """Seed-level replicate noise (n_boot, n_x) from the two-way model fitted to the per-seed values
-    v of the cells that vary with the seed: a residual variance drawn from its scaled inverse
-    chi-square (t-like tails, since a variance from 3-5 seeds is itself uncertain), one seed shift
-    common to every x, independent noise per x; none for seed-free cells. Also returns the seed
-    part of the covariance of the point estimates (diagonal: var / seeds; the common shift cancels
-    in every contrast), its df, and what to add to each point's plain mean over its seeds: zero
-    when every x ran the same seeds, else the two-way model's correction for the seeds an x lacks
-    (`_two_way_unbalanced`; the covariance is then that fit's). (None, None, inf, zeros) when v
-    says nothing about seed spread."""
-    n_per_x = np.isfinite(v).sum(axis=1)
-    live = ~free & (n_per_x >= 1)
-    zero = np.zeros(v.shape[0])
-    if (n_per_x[live] < 2).all():
-        return None, None, np.inf, zero
-    ran = np.isfinite(v[live])
-    fit = None if (ran == ran[0]).all() else _two_way_unbalanced(v[live])
-    if fit is None:
-        var, df, var_seed = _seed_model(v[live])
-        if not df or not np.isfinite(var):
-            return None, None, np.inf, zero
-        w = np.where(live, 1.0 / np.maximum(n_per_x, 1), 0.0)
-        var_r = var * df / rng.chisquare(df, size=(n_boot, 1))
-        shift = rng.normal(size=(n_boot, 1)) * np.sqrt(var_seed / n_per_x.max()) * live
-        noise = shift + rng.normal(size=(n_boot, v.shape[0])) * np.sqrt(var_r * w)
-        return noise, np.diag(var * w), float(df), zero
-    mu, C, var, df, var_seed = fit
-    idx = np.flatnonzero(live)
-    part = np.zeros((v.shape[0], v.shape[0]))
-    part[np.ix_(idx, idx)] = var * C
-    var_r = var * df / rng.chisquare(df, size=(n_boot, 1))
-    shift = rng.normal(size=(n_boot, 1)) * np.sqrt(var_seed / n_per_x.max()) * live
-    noise = shift.copy()
-    noise[:, idx] += (rng.normal(size=(n_boot, idx.size)) @ np.linalg.cholesky(C).T) * np.sqrt(var_r)
-    adjust = zero.copy()
-    adjust[idx] = mu - np.nanmean(v[live], axis=1)
-    return noise, part, df, adjust
-
-
 def bootstrap_seeds(x: Sequence[float], values, n_boot: int = 1000, seed: int = 0,
                     parametric: bool | None = None, seed_free=None) -> CurveReplicates:
     """Replicates of a curve known by per-seed values (n_x, n_seeds); NaN marks a missing cell.
@@ -320,7 +231,7 @@ def bootstrap_seeds(x: Sequence[float], values, n_boot: int = 1000, seed: int = 
     Resampling seeds (paired across x) is right with many seeds, but 3 seeds give 10 distinct
     resamples, intervals far too narrow and a covariance too rough for the monotonicity test.
     So below ``PARAMETRIC_BELOW_SEEDS`` seeds (or with ``parametric=True``) the replicates come
-    from the two-way (x + seed) model instead (see ``_seed_level``). A cell whose seeds agree
+    from the two-way (x + seed) model instead (see `seed_model.seed_level`). A cell whose seeds agree
     (`zero_spread`, or ``seed_free``) is one value without seed noise; when no cell varies with
     the seed - or fewer than 2 seeds - there is no CI.
     """
@@ -339,10 +250,10 @@ def bootstrap_seeds(x: Sequence[float], values, n_boot: int = 1000, seed: int = 
         reps = _seed_mean(vv[None], w)
         cov = np.atleast_2d(np.cov(reps, rowvar=False))
         return CurveReplicates(x, est, reps, "seeds", {"seeds": cov}, {"seeds": float(v.shape[1] - 1)})
-    noise, part, df, adjust = _seed_level(v, free, n_boot, rng)
+    noise, part, df, adjust = seed_level(v, free, n_boot, rng)
     if noise is None:
         return CurveReplicates(x, est, None, "none")
-    est = est + adjust  # the seeds a cell lacks (`_two_way_unbalanced`)
+    est = est + adjust  # the seeds a cell lacks (`seed_model.two_way_unbalanced`)
     return CurveReplicates(x, est, est + noise, "seeds-parametric", {"seeds": part}, {"seeds": df})
 
 
