@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.adaptive.cells import cell_columns, priced_by_extraction, with_cost
+from analysis.adaptive.cells import cell_columns, grid_cost, priced_by_extraction, with_cost
 from orchestrator.grid.adaptive import AdaptiveSettings
 from orchestrator.grid.cells import Cell
 from orchestrator.grid.config import SweepConfig
@@ -55,17 +55,21 @@ def candidates(cfg: SweepConfig, cells: list[Cell], plan: Plan | None,
     return priced_by_extraction(out, settings.head_share) if settings.pricing == "extraction" else out
 
 
+def _pricing_words(settings: AdaptiveSettings) -> str:
+    return (f"each extraction once, a head {settings.head_share:g} of its dataset's mean extraction"
+            if settings.pricing == "extraction" else "each cell its extraction in full")
+
+
 def budget_share(settings: AdaptiveSettings, plan: Plan | None, cands: pd.DataFrame | None = None) -> tuple[float, str]:
     """The policy's budget (a share of the grid's cost) and a line saying where it came from.
     Device-hours convert by the plan's encoder hours for the whole grid (every extraction, cached
-    or not: the share is of the full grid), counted as the candidates ``cands`` are priced: each
-    extraction once and each cell's head at head_share of its dataset's mean extraction, or
-    (pricing: cell) each cell's extraction in full. The plan knows them only with every dataset's item count."""
+    or not: the share is of the full grid), priced as the candidates ``cands`` are (the same
+    `grid_cost`, with each cell's extraction in hours instead of GFLOPs x items; without ``cands``,
+    each extraction once). The plan knows them only with every dataset's item count."""
     if settings.budget_hours is None:
         share = settings.budget if settings.budget is not None else DEFAULT_BUDGET
-        how = ("each extraction once, heads at " f"{settings.head_share:g} of its dataset's mean"
-               if settings.pricing == "extraction" else "every cell its extraction in full")
-        return share, f"adaptive budget: {share:.0%} of the full grid's planned cost (GFLOPs x items: {how})"
+        return share, (f"adaptive budget: {share:.0%} of the full grid's planned cost (GFLOPs x items: "
+                       f"{_pricing_words(settings)})")
     if plan is None:
         raise ConfigError("--budget-hours: the plan could not be made (see above), so device-hours cannot be "
                           "converted to a share of the grid; give the budget as a share (--budget F)")
@@ -73,13 +77,11 @@ def budget_share(settings: AdaptiveSettings, plan: Plan | None, cands: pd.DataFr
     hours = {(e.encoder, e.resolution, e.dataset): e.device_hours or 0.0 for e in plan.extractions}
     total = sum(hours.values())
     if cands is not None and len(cands):
-        if settings.pricing == "cell":  # every cell its extraction's hours
-            total = float(sum(hours.get((e, int(r), d), 0.0)
-                              for e, r, d in cands[["encoder", "resolution", "dataset"]].itertuples(index=False)))
-        else:  # a head: head_share of its dataset's mean extraction (`cells.priced_by_extraction`)
-            per_ext = pd.Series(hours, dtype=float)
-            mean = per_ext.groupby(level=2).mean()  # keys (encoder, resolution, dataset)
-            total += settings.head_share * float(cands["dataset"].map(mean).fillna(0.0).sum())
+        in_hours = cands.drop(columns=["extraction_cost"], errors="ignore").assign(cost=[
+            hours.get((e, int(r), d), 0.0) for e, r, d in cands[["encoder", "resolution", "dataset"]].itertuples(index=False)])
+        if settings.pricing == "extraction":
+            in_hours = priced_by_extraction(in_hours, settings.head_share)
+        total = grid_cost(in_hours)
     if unknown or not total > 0:
         why = (f"the plan does not know the device-hours of {len(unknown)} extraction(s) ({', '.join(unknown[:4])}"
                f"{' ...' if len(unknown) > 4 else ''}: item counts unknown)" if unknown else
@@ -87,10 +89,9 @@ def budget_share(settings: AdaptiveSettings, plan: Plan | None, cands: pd.DataFr
         raise ConfigError(f"--budget-hours {settings.budget_hours:g}: {why}; give the budget as a share of the "
                           "grid's cost instead (--budget F or adaptive.budget)")
     share = settings.budget_hours / total
-    how = (f"each extraction once, a head {settings.head_share:g} of its dataset's mean extraction"
-           if settings.pricing == "extraction" else "each cell's extraction in full")
     return share, (f"adaptive budget: {settings.budget_hours:g} device-hours of the full grid's {total:.3g} "
-                   f"(encoder hours on {plan.accelerator} as planned, {how}) = {share:.1%} of its cost")
+                   f"(encoder hours on {plan.accelerator} as planned, {_pricing_words(settings)}) = "
+                   f"{share:.1%} of its cost")
 
 
 def points_of(points: pd.DataFrame, cands: pd.DataFrame, chosen: set[int]) -> tuple[pd.DataFrame, set[int]]:
