@@ -86,17 +86,17 @@ def seed_level(v: np.ndarray, free: np.ndarray, n_boot: int, rng: np.random.Gene
         var, df, var_seed = two_way_balanced(v[live])
         if not df or not np.isfinite(var):
             return None, None, np.inf, zero
+    else:
+        mu, C, var, df, var_seed = fit
+    var_r = var * df / rng.chisquare(df, size=(n_boot, 1))
+    shift = rng.normal(size=(n_boot, 1)) * np.sqrt(var_seed / n_per_x.max()) * live
+    if fit is None:  # independent points, var / seeds each
         w = np.where(live, 1.0 / np.maximum(n_per_x, 1), 0.0)
-        var_r = var * df / rng.chisquare(df, size=(n_boot, 1))
-        shift = rng.normal(size=(n_boot, 1)) * np.sqrt(var_seed / n_per_x.max()) * live
         noise = shift + rng.normal(size=(n_boot, v.shape[0])) * np.sqrt(var_r * w)
         return noise, np.diag(var * w), float(df), zero
-    mu, C, var, df, var_seed = fit
     idx = np.flatnonzero(live)
     part = np.zeros((v.shape[0], v.shape[0]))
     part[np.ix_(idx, idx)] = var * C
-    var_r = var * df / rng.chisquare(df, size=(n_boot, 1))
-    shift = rng.normal(size=(n_boot, 1)) * np.sqrt(var_seed / n_per_x.max()) * live
     noise = shift.copy()
     noise[:, idx] += (rng.normal(size=(n_boot, idx.size)) @ np.linalg.cholesky(C).T) * np.sqrt(var_r)
     adjust = zero.copy()

@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from analysis.adaptive.cells import PRICINGS  # noqa: E402
 from analysis.adaptive.policy import AdaptivePolicy  # noqa: E402
 from analysis.adaptive.replay import full_grid_verdicts, replay, write_replay  # noqa: E402
 from analysis.adaptive.synthetic import generate_study, true_peak_curves  # noqa: E402
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case-sd", type=float, default=0.0015, help="test-set offset per cell (default 0.0015)")
     ap.add_argument("--shift-sd", type=float, default=0.002, help="seed shift shared by a unit's cells (default 0.002)")
     ap.add_argument("--seed-free-knn", action="store_true", help="kNN cells repeat one value under every seed")
-    ap.add_argument("--pricing", choices=("cell", "extraction"), default="cell",
+    ap.add_argument("--pricing", choices=PRICINGS, default="cell",
                     help="extraction: features embedded once per site, a run then costs --head-share of it")
     ap.add_argument("--head-share", type=float, default=0.05)
     ap.add_argument("--uniform", type=int, nargs="*", default=[], metavar="K",

@@ -100,12 +100,13 @@ def replay(points: pd.DataFrame, policy: AdaptivePolicy, full: dict[CurveKey, st
                      "n_points": s.n_points if s is not None else 0,
                      "planned_points": s.planned_points if s is not None else 0})
     curves = pd.DataFrame(rows, columns=CURVE_COLUMNS)
-    spent = cost_of(cands, cands.index[drawn_cells(drawn, cands)])
+    ran = cands.index[drawn_cells(drawn, cands)]
+    spent = cost_of(cands, ran)
     cells = pd.concat(logs) if logs else cands.iloc[:0].assign(round=[], reason=[])
     agreement = float(curves["same"].mean()) if len(curves) else 1.0
     # what a medscale sweep would have encoded: every extraction any chosen cell needs, once
     encode = priced_by_extraction(base, 0.0)
-    ext = cost_of(encode, cands.index[drawn_cells(drawn, cands)]) / max(grid_cost(encode), 1e-300)
+    ext = cost_of(encode, ran) / max(grid_cost(encode), 1e-300)
     return ReplayResult(curves, pd.DataFrame(rounds, columns=ROUND_COLUMNS), cells, agreement, spent / total, ext)
 
 
