@@ -241,6 +241,9 @@ def analyze_data_axis(df: pd.DataFrame, out_dir: str | Path, *, predictions: dic
           "Metric vs the number of training cases (nested, stratified, patient-level subsets of each "
           "cell's training split; validation and test whole). One verdict per curve (their own family, Benjamini-Hochberg; `order: ...` without intervals).", "",
           "| dataset | protocol | metric | encoder @ px | train cases | verdict | reason |", "|---|---|---|---|---|---|---|"]
+    if not curves and ("n_train" not in df.columns or df["n_train"].isna().all()):
+        md += ["", "No data curve: the points give no training-case counts (an `n_train` column or metric "
+               "rows, or a `train_size` column of cases), which are the curves' x."]
     for r in vrows:
         md.append(f"| {r['dataset']} | {r['protocol']} | {r['metric']} | {r['encoder']} @ {r['resolution']} | "
                   f"{r['train_cases']} | **{r['label']}** | {r['reason']} |")

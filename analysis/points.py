@@ -23,7 +23,8 @@ from tasks.errors import ConfigError
 # `params` is the parameter count (not millions); `gflops` is inference GFLOPs per image at the
 # point's resolution and may be empty when unknown.
 POINT_COLUMNS = ["dataset", "protocol", "metric", "encoder", "params", "gflops", "resolution", "seed", "value"]
-OPTIONAL_COLUMNS = ["experiment", "run_id", "weights", "unit", "seed_free"]
+OPTIONAL_COLUMNS = ["experiment", "run_id", "weights", "unit", "seed_free", "train_fraction", "train_shots",
+                    "train_size", "n_train"]
 # `unit` says the scale of a metric's values (percent values get a x100 margin); `seed_free` marks
 # cells whose protocol ignores the seed (kNN, registration): their seeds are one value.
 UNITS = ("", "fraction", "percent", "mm", "px", "bits", "nats")
@@ -158,7 +159,53 @@ def read_points_csv(path: str | Path) -> pd.DataFrame:
         if bad.any():
             raise ConfigError(f"{source}: column 'seed_free' must be true/false; {_bad_rows(bad, raw['seed_free'])}")
         out["seed_free"] = flag.isin(["true", "1", "yes"])
+    _read_train_sizes(raw, out, source)
     return out.reset_index(drop=True)
+
+
+def _read_train_sizes(raw: pd.DataFrame, out: pd.DataFrame, source: str) -> None:
+    """The data axis of a points file, in place (docs/analysis.md, "Inputs"): `train_fraction` (share
+    of the training split; blank = all of it), `train_shots` (labelled cases per class; blank = 0),
+    `train_size` (training cases; a dataset's largest is its whole split; values all <= 1 are
+    shares) and `n_train` (training cases, the data curves' x; else `train_size`, else the cell's
+    `n_train` metric rows). Without them the subsets of a cell would be averaged into its point."""
+    def column(col: str, integer: bool = False) -> pd.Series:
+        v = _numeric(raw, col, source, allow_empty=True)
+        bad = (v < 0) | (v.notna() & (v != v.round()) if integer else False)
+        if bad.any():
+            what = "a whole number >= 0" if integer else "a number >= 0"
+            raise ConfigError(f"{source}: column '{col}' must be {what}; {_bad_rows(bad.fillna(False), raw[col])}")
+        return v
+
+    if "train_size" in raw.columns and "train_fraction" in raw.columns:
+        raise ConfigError(f"{source}: columns 'train_size' and 'train_fraction' both give the train size; keep one")
+    if "train_size" in raw.columns:
+        size = column("train_size")
+        if size.isna().any() or (size <= 0).any():
+            raise ConfigError(f"{source}: column 'train_size' must be > 0; {_bad_rows(size.isna() | (size <= 0), raw['train_size'])}")
+        if (size <= 1).all():  # shares of the split
+            out["train_fraction"] = size
+        else:  # cases: each dataset's largest train size is its whole split
+            out["train_fraction"] = size / size.groupby(out["dataset"]).transform("max")
+            out["n_train"] = size
+    if "train_fraction" in raw.columns:
+        frac = column("train_fraction")
+        if ((frac == 0) | (frac > 1)).any():
+            raise ConfigError(f"{source}: column 'train_fraction' must lie in (0, 1] (a share of the training "
+                              f"split); {_bad_rows((frac == 0) | (frac > 1), raw['train_fraction'])}")
+        out["train_fraction"] = frac.fillna(1.0)
+    if "train_shots" in raw.columns:
+        out["train_shots"] = column("train_shots", integer=True).fillna(0).astype("int64")
+        out["train_fraction"] = out["train_fraction"] if "train_fraction" in out.columns else 1.0
+    if "train_fraction" not in out.columns:
+        return
+    if "n_train" in raw.columns:
+        out["n_train"] = column("n_train")
+    elif "n_train" not in out.columns:  # the cells' own `n_train` rows, onto each of their rows
+        key = [c for c in ("dataset", "protocol", "encoder", "weights", "resolution", "seed", "train_fraction",
+                           "train_shots") if c in out.columns]
+        counts = out[out["metric"] == "n_train"].groupby(key, dropna=False)["value"].mean().rename("n_train")
+        out["n_train"] = out[key].merge(counts.reset_index(), on=key, how="left")["n_train"].to_numpy()
 
 
 def collapse_seed_free(df: pd.DataFrame) -> pd.DataFrame:

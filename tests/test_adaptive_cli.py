@@ -71,3 +71,28 @@ def test_round_share_caps_each_later_round_and_is_checked(tmp_path, capsys):
     assert AdaptiveSettings(round_share=0.3).round_share == 0.3
     with pytest.raises(pydantic.ValidationError):
         AdaptiveSettings(round_share=1.5)
+
+
+def test_replay_of_a_study_with_a_train_size_column_keeps_the_subsets_apart(tmp_path, capsys):
+    df, _ = generate_study(seed=1, n_datasets=1, protocols=("linear_probe",), metrics=("auc",),
+                           resolutions=(224, 1024))
+    # a quarter of the training split: lower and seed-dependent, so averaging it in would show
+    sub = df.assign(value=df["value"].where(df["metric"] != "auc", df["value"] - 0.05 + 0.01 * df["seed"]))
+    paths = {name: tmp_path / f"{name}.csv" for name in ("whole", "both")}
+    df.to_csv(paths["whole"], index=False)
+    pd.concat([df.assign(train_size=400), sub.assign(train_size=100)]).to_csv(paths["both"], index=False)
+    curves = {}
+    for name, path in paths.items():
+        out = tmp_path / name
+        assert main(["adaptive", "replay", "--points", str(path), "--out", str(out), "--budget", "1"]) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1] == "agreement=1.000 cost=1.000"
+        curves[name] = pd.read_csv(out / "curves.csv")
+    # the curves are the whole split's: the same verdicts with or without the subsets beside them
+    assert curves["both"]["full_verdict"].tolist() == curves["whole"]["full_verdict"].tolist()
+    assert main(["adaptive", "replay", "--points", str(paths["both"]), "--out", str(tmp_path / "half"),
+                 "--budget", "0.6"]) == 0
+    cells = pd.read_csv(tmp_path / "half" / "cells.csv")
+    first = cells[cells["round"] == 0]
+    # round 0: both train sizes at each corner (smallest and largest encoder x resolution), 2 seeds
+    assert sorted(first["train_fraction"].unique()) == [0.25, 1.0]
+    assert len(first) == 2 * 4 * 2

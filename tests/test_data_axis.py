@@ -3,6 +3,8 @@ them from cached features (each image embedded once), and the analysis of metric
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -172,3 +174,55 @@ def test_analysis_of_points_compares_two_encoders_data_curves(tmp_path):
     # the large encoder reaches the small one's full-data AUC at 200 / 10**(0.04/0.05) = 32 cases
     assert s["labels_saved"] == pytest.approx(168, abs=15) and s["saved_lo"] <= s["labels_saved"] <= s["saved_hi"]
     assert (tmp_path / "labels_saved.csv").exists() and "cases saved" in res["markdown"]
+
+
+def _subset_rows(train_col: str) -> pd.DataFrame:
+    """Two encoders x 3 seeds x train sizes 40/100/200 cases; the AUC rises with the cases."""
+    rows = []
+    for enc, params in (("vit_s", 2e7), ("vit_l", 3e8)):
+        for n in (40, 100, 200):
+            size = n if train_col == "train_size" else n / 200
+            for seed in range(3):
+                base = {"dataset": "d", "protocol": "linear_probe", "encoder": enc, "params": params, "gflops": "",
+                        "resolution": 224, "seed": seed, train_col: size}
+                rows += [{**base, "metric": "auc", "value": 0.6 + 0.05 * np.log10(n) + 0.001 * seed},
+                         {**base, "metric": "n_train", "value": float(n)}]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("train_col", ["train_size", "train_fraction"])
+def test_a_points_csv_keeps_its_train_sizes_apart(tmp_path, train_col):
+    from analysis.data_axis import analyze_data_axis, full_data, has_data_axis
+    from analysis.points import aggregate, read_points_csv
+
+    path = tmp_path / "points.csv"
+    _subset_rows(train_col).to_csv(path, index=False)
+    df = read_points_csv(path)
+    assert has_data_axis(df)
+    assert df.groupby("train_fraction")["n_train"].first().to_dict() == {0.2: 40.0, 0.5: 100.0, 1.0: 200.0}
+    # the whole-split point is its own seeds' mean, not averaged with the subsets'
+    auc = aggregate(full_data(df)).query("metric == 'auc'")
+    assert np.allclose(auc["mean"], 0.6 + 0.05 * np.log10(200) + 0.001)
+    v = analyze_data_axis(df, tmp_path / "out", n_boot=50)["verdict_table"]
+    assert len(v) == 2 and set(v["verdict"]) == {"scales"}
+    # without counts there is no x: no curve, and the report says why
+    uncounted = df[df["metric"] != "n_train"].drop(columns="n_train")
+    res = analyze_data_axis(uncounted, tmp_path / "none", n_boot=50)
+    assert not res["curves"] and "no training-case counts" in res["markdown"]
+
+
+@pytest.mark.parametrize(("column", "value", "why"), [("train_fraction", "1.5", "in (0, 1]"),
+                                                       ("train_shots", "2.5", "whole number"),
+                                                       ("train_size", "-3", "must be")])
+def test_a_points_csv_with_a_bad_train_size_is_refused_by_file_column_and_row(tmp_path, column, value, why):
+    from analysis.points import read_points_csv
+
+    df = _subset_rows("train_fraction")
+    if column == "train_size":
+        df = df.rename(columns={"train_fraction": "train_size"})
+    df[column] = df[column].astype(object) if column in df.columns else pd.Series(0, index=df.index, dtype=object)
+    df.loc[3, column] = value
+    path = tmp_path / "bad.csv"
+    df.to_csv(path, index=False)
+    with pytest.raises(ConfigError, match=rf"bad.csv: column '{column}'.*{re.escape(why)}.*row 4 \(line 5\)"):
+        read_points_csv(path)
