@@ -37,6 +37,16 @@ def test_round_zero_is_the_corners_with_two_seeds(small):
     assert len(planned_curves(cands)) == 6  # 2 params + 3 resolution + 1 gflops curve per metric
 
 
+@pytest.mark.parametrize("names", [("ViT-S/16", "ViT-B/16", "ViT-L/16"), ("ViTS", "ViTB", "ViTL")])
+def test_round_zero_ends_do_not_depend_on_how_encoders_are_named(small, names):
+    df, _, _ = small
+    renamed = df.assign(encoder=df["encoder"].map(dict(zip(("dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16"),
+                                                           names, strict=True))))
+    ends = axis_ends(candidates_from_points(renamed), 2)
+    # one family (a shared prefix, or no prefix shared at all): its smallest and largest, not all three
+    assert set(ends["encoder"]) == {names[0], names[2]} and len(ends) == 8
+
+
 def test_budget_one_equals_the_full_grid(small):
     df, _, full = small
     policy = AdaptivePolicy(budget=1.0, round_share=0.5, draws=2)

@@ -9,6 +9,7 @@ parameters at each resolution, vs resolution for each encoder, and vs GFLOPs acr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,9 +120,10 @@ def grid_cost(cells: pd.DataFrame) -> float:
 
 
 def family_of(encoder: str) -> str:
-    """An encoder's family, for the round-0 ends: the name before its first '_' (dinov3_vitl16 ->
-    dinov3), so ends are the smallest and largest model that share a recipe."""
-    return encoder.split("_", 1)[0]
+    """An encoder's family, for the round-0 ends: the name before its first '_', '-' or '/'
+    (dinov3_vitl16, dinov3-vitl16 -> dinov3), so ends are the smallest and largest model that share
+    a recipe."""
+    return re.split(r"[_/-]", encoder, maxsplit=1)[0]
 
 
 def axis_ends(candidates: pd.DataFrame, n_seeds: int, family=family_of) -> pd.DataFrame:
@@ -130,6 +132,9 @@ def axis_ends(candidates: pd.DataFrame, n_seeds: int, family=family_of) -> pd.Da
     size] - each with its first ``n_seeds`` seeds."""
     keep = []
     fam = candidates["encoder"].map(family)
+    if fam.nunique() == candidates["encoder"].nunique() > 2:
+        # names with no shared prefix (ViTS, ViTB, ViTL): one family, or every encoder would be an end
+        fam = pd.Series("", index=candidates.index)
     for _, g in candidates.groupby([*UNIT, fam.rename("_family")], sort=False, dropna=False):
         by_size = g.sort_values(["params", "encoder"])
         ends = {by_size["encoder"].iloc[0], by_size["encoder"].iloc[-1]}
