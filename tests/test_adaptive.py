@@ -47,6 +47,16 @@ def test_round_zero_ends_do_not_depend_on_how_encoders_are_named(small, names):
     assert set(ends["encoder"]) == {names[0], names[2]} and len(ends) == 8
 
 
+def test_round_zero_runs_both_ends_of_every_registered_family(small):
+    df, _, _ = small
+    # three domain models of three families (the registry's): each is its own smallest and largest
+    renamed = df.assign(encoder=df["encoder"].map({"dinov3_vits16": "uni", "dinov3_vitb16": "conch",
+                                                   "dinov3_vitl16": "biomedclip"}))
+    ends = axis_ends(candidates_from_points(renamed), 2)
+    assert set(zip(ends["encoder"], ends["resolution"], strict=True)) == {
+        (e, r) for e in ("uni", "conch", "biomedclip") for r in (224, 1024)}
+
+
 def test_budget_one_equals_the_full_grid(small):
     df, _, full = small
     policy = AdaptivePolicy(budget=1.0, round_share=0.5, draws=2)

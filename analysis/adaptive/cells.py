@@ -120,10 +120,19 @@ def grid_cost(cells: pd.DataFrame) -> float:
 
 
 def family_of(encoder: str) -> str:
-    """An encoder's family, for the round-0 ends: the name before its first '_', '-' or '/'
-    (dinov3_vitl16, dinov3-vitl16 -> dinov3), so ends are the smallest and largest model that share
-    a recipe."""
-    return re.split(r"[_/-]", encoder, maxsplit=1)[0]
+    """An encoder's family, for the round-0 ends (the smallest and largest model that share a
+    recipe): the registry's for a registered encoder (uni2_h is uni), else the name before its first
+    '_', '-' or '/' (dinov3-vitl16 -> dinov3)."""
+    from tasks.encoders import ENCODERS
+
+    spec = ENCODERS.get(encoder)
+    return spec.family if spec is not None else re.split(r"[_/-]", encoder, maxsplit=1)[0]
+
+
+def _registered(encoder: str) -> bool:
+    from tasks.encoders import ENCODERS
+
+    return encoder in ENCODERS
 
 
 def axis_ends(candidates: pd.DataFrame, n_seeds: int, family=family_of) -> pd.DataFrame:
@@ -132,8 +141,9 @@ def axis_ends(candidates: pd.DataFrame, n_seeds: int, family=family_of) -> pd.Da
     size] - each with its first ``n_seeds`` seeds."""
     keep = []
     fam = candidates["encoder"].map(family)
-    if fam.nunique() == candidates["encoder"].nunique() > 2:
-        # names with no shared prefix (ViTS, ViTB, ViTL): one family, or every encoder would be an end
+    if fam.nunique() == candidates["encoder"].nunique() > 2 and family is family_of \
+            and not candidates["encoder"].map(_registered).any():
+        # unregistered names with no shared prefix (ViTS, ViTB, ViTL): one family, not one each
         fam = pd.Series("", index=candidates.index)
     for _, g in candidates.groupby([*UNIT, fam.rename("_family")], sort=False, dropna=False):
         by_size = g.sort_values(["params", "encoder"])
