@@ -3,7 +3,10 @@ matched compute" table that answers "does the domain model beat a bigger general
 
 A point's family is the `family` run param the sweep logged (a points CSV may carry a `family`
 column); where it is missing (runs of an older release, a CSV without it) the encoder registry
-says, and an encoder this checkout does not know is a family of its own. Scaling curves along the
+says; an encoder this checkout does not know takes its name before the first `_`, `-` or `/`
+(`vit_small` and `vit_large` are `vit`), and unknown names that share no such prefix with any other
+(`ViTS`, `ViTB`, `ViTL`) are one family, `other` - never one family each, which would leave no
+curve along parameters or GFLOPs (a family of one encoder has no curve). Scaling curves along the
 parameter and GFLOPs axes are drawn per family (`analysis.curves`): a ResNet50 and a ViT-L on one
 parameter axis would be a comparison of designs, not of scale.
 
@@ -19,6 +22,7 @@ beats every bigger generalist the sweep ran.
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pandas as pd
@@ -30,22 +34,43 @@ FAMILY_COLUMNS = ["dataset", "protocol", "metric", "weights", "window", "family"
                   "gflops", "mean", "ci_lo", "ci_hi", "rank", "vs_best_generalist"]
 
 
+UNKNOWN = "other"  # the one family of unknown encoders whose names share no prefix
+
+
 @functools.lru_cache(maxsize=512)
-def family_of(encoder: str) -> str:
+def registered_family(encoder: str) -> str | None:
     from tasks.encoders import ENCODERS
 
     spec = ENCODERS.get(encoder)
-    return spec.family if spec is not None else encoder
+    return spec.family if spec is not None else None
+
+
+def family_of(encoder: str) -> str:
+    """The registry's family, else the name before its first '_', '-' or '/'."""
+    return registered_family(encoder) or re.split(r"[_/-]", encoder, maxsplit=1)[0]
+
+
+def families_of(encoders, logged: dict[str, str] | None = None) -> dict[str, str]:
+    """encoder -> family for a set of encoders (module doc): logged, else `family_of`; unknown names
+    that each got a prefix of their own are pooled into `UNKNOWN` when there are several."""
+    names = sorted({str(e) for e in encoders})
+    out = {e: (logged or {}).get(e) or family_of(e) for e in names}
+    guessed = [e for e in names if not (logged or {}).get(e) and registered_family(e) is None]
+    prefixes = [out[e] for e in guessed]
+    if len(guessed) > 1 and len(set(prefixes)) == len(guessed):
+        out |= dict.fromkeys(guessed, UNKNOWN)
+    return out
 
 
 def with_family(agg: pd.DataFrame, points: pd.DataFrame | None = None) -> pd.DataFrame:
-    """`agg` with a `family` column: the points' logged family per encoder, else the registry's."""
+    """`agg` with a `family` column: the points' logged family per encoder, else `families_of`."""
     logged: dict[str, str] = {}
     if points is not None and "family" in points.columns:
         known = points[points["family"].fillna("").astype(str).str.strip() != ""]
         logged = dict(zip(known["encoder"].astype(str), known["family"].astype(str), strict=True))
     out = agg.copy()
-    out["family"] = [logged.get(str(e)) or family_of(str(e)) for e in out["encoder"]]
+    fam = families_of(out["encoder"], logged)
+    out["family"] = [fam[str(e)] for e in out["encoder"]]
     return out
 
 

@@ -23,7 +23,7 @@ from tasks.errors import ConfigError
 # `params` is the parameter count (not millions); `gflops` is inference GFLOPs per image at the
 # point's resolution and may be empty when unknown.
 POINT_COLUMNS = ["dataset", "protocol", "metric", "encoder", "params", "gflops", "resolution", "seed", "value"]
-OPTIONAL_COLUMNS = ["experiment", "run_id", "weights", "unit", "seed_free", "train_fraction", "train_shots",
+OPTIONAL_COLUMNS = ["experiment", "run_id", "weights", "family", "unit", "seed_free", "train_fraction", "train_shots",
                     "train_size", "n_train"]
 # `unit` says the scale of a metric's values (percent values get a x100 margin); `seed_free` marks
 # cells whose protocol ignores the seed (kNN, registration): their seeds are one value.
@@ -143,7 +143,7 @@ def read_points_csv(path: str | Path) -> pd.DataFrame:
     out["resolution"] = _numeric(raw, "resolution", source, integer=True, positive=True)
     out["seed"] = _numeric(raw, "seed", source, integer=True)
     out["value"] = _numeric(raw, "value", source)
-    for col in ("experiment", "run_id", "weights"):
+    for col in ("experiment", "run_id", "weights", "family"):
         if col in raw.columns:
             out[col] = raw[col].astype(str).str.strip()
     if "unit" in raw.columns:

@@ -68,6 +68,19 @@ def test_budget_one_equals_the_full_grid(small):
     assert len(res.rounds) >= 2  # it still went round by round
 
 
+def test_budget_one_equals_the_full_grid_with_two_encoder_families(small):
+    df, _, _ = small
+    # DINOv3 S and L beside one domain model: parameter and GFLOPs curves are drawn per family,
+    # and the policy must plan (and settle) those same curves
+    mixed = df.assign(encoder=df["encoder"].replace({"dinov3_vitb16": "uni"}))
+    full = full_grid_verdicts(mixed)
+    assert {k.fixed for k in full if k.axis == "params"} == {"224 px, dinov3", "1024 px, dinov3"}
+    assert {(pc.axis, pc.fixed) for pc in planned_curves(candidates_from_points(mixed))} == {
+        (k.axis, k.fixed) for k in full}
+    res = replay(mixed, AdaptivePolicy(budget=1.0, round_share=0.5, draws=2), full=full)
+    assert res.agreement == 1.0 and (res.curves["status"] == "settled").all(), res.curves[~res.curves["same"]]
+
+
 def test_small_budget_reports_open_curves_and_never_guesses(small):
     df, _, full = small
     res = replay(df, AdaptivePolicy(budget=0.15, draws=2), full=full)

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.families import family_of, matched_compute, with_family
-from analysis.points import aggregate
+from analysis.families import UNKNOWN, families_of, family_of, matched_compute, with_family
+from analysis.points import aggregate, read_points_csv
 from analysis.report import analyze_points
 from tasks.encoders import get_encoder_spec
 
@@ -36,7 +36,7 @@ def test_family_comes_from_the_logged_column_else_the_registry():
     pts = family_points(with_family_column=False)
     agg = with_family(aggregate(pts), pts)
     assert dict(zip(agg["encoder"], agg["family"], strict=True))["biomedclip"] == "biomedclip"
-    assert family_of("resnet50_trunc") == "resnet" and family_of("someone_elses_vit") == "someone_elses_vit"
+    assert family_of("resnet50_trunc") == "resnet" and family_of("someone_elses_vit") == "someone"
     logged = pts.assign(family=np.where(pts["encoder"] == "biomedclip", "clip", ""))
     agg = with_family(aggregate(logged), logged)
     fam = dict(zip(agg["encoder"], agg["family"], strict=True))
@@ -100,3 +100,37 @@ def test_hub_and_file_checkpoints_meet_in_one_table_random_init_stays_apart():
     pts.loc[pts["encoder"] == "biomedclip", "weights"] = "random"
     table = matched_compute(with_family(aggregate(pts), pts))
     assert "biomedclip" not in set(table[table["weights"] == "pretrained"]["family"])
+
+
+@pytest.mark.parametrize(("names", "family"), [(("vit_small", "vit_base", "vit_large"), "vit"),
+                                                (("ViT-S/16", "ViT-B/16", "ViT-L/16"), "ViT"),
+                                                (("ViTS", "ViTB", "ViTL"), UNKNOWN)])
+def test_unknown_encoders_make_one_family_and_keep_their_parameter_curves(tmp_path, names, family):
+    from analysis.study import build_study
+
+    rows = []
+    for name, params in zip(names, (2e7, 9e7, 3e8), strict=True):
+        for res in (224, 512):
+            for seed in range(3):
+                rows.append({"dataset": "d", "protocol": "linear_probe", "metric": "auc", "encoder": name,
+                             "params": params, "gflops": "", "resolution": res, "seed": seed,
+                             "value": 0.7 + 0.02 * np.log10(params / 2e7) + 0.01 * (res == 512) + 0.001 * seed})
+    path = tmp_path / "points.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    pts = read_points_csv(path)
+    assert set(families_of(pts["encoder"]).values()) == {family}
+    axes = sorted(k.axis for k in build_study(pts, n_boot=20).verdicts)
+    # one family: a parameter curve per resolution, not none (a family of one encoder has no curve)
+    assert axes == ["params", "params", "resolution", "resolution", "resolution"]
+    # a `family` column names them: two families, and the one of two encoders keeps its curves
+    named = read_points_csv(_with_column(path, tmp_path, "family", ["a" if n != names[1] else "b" for n in pts["encoder"]]))
+    keys = build_study(named, n_boot=20).verdicts
+    assert sorted(k.fixed for k in keys if k.axis == "params") == ["224 px, a", "512 px, a"]
+
+
+def _with_column(path, tmp_path, column, values):
+    df = pd.read_csv(path)
+    df[column] = values
+    out = tmp_path / f"with_{column}.csv"
+    df.to_csv(out, index=False)
+    return out

@@ -9,13 +9,13 @@ parameters at each resolution, vs resolution for each encoder, and vs GFLOPs acr
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from analysis.curves import _slices  # the one definition of which cells make a curve
+from analysis.families import families_of, with_family
 from analysis.points import is_performance_metric
 
 UNIT = ["dataset", "protocol", "weights"]  # the cells one set of curves is sliced from
@@ -57,7 +57,8 @@ def candidates_from_points(points: pd.DataFrame) -> pd.DataFrame:
         cells = cells.merge(per.rename("items").reset_index(), on=cols, how="left")
     else:
         cells["items"] = np.nan
-    return with_cost(cells)
+    # the analysis draws parameter and GFLOPs curves per family: the planned curves must too
+    return with_cost(with_family(cells, d))
 
 
 def with_cost(cells: pd.DataFrame) -> pd.DataFrame:
@@ -119,32 +120,17 @@ def grid_cost(cells: pd.DataFrame) -> float:
     return cost_of(cells, cells.index)
 
 
-def family_of(encoder: str) -> str:
-    """An encoder's family, for the round-0 ends (the smallest and largest model that share a
-    recipe): the registry's for a registered encoder (uni2_h is uni), else the name before its first
-    '_', '-' or '/' (dinov3-vitl16 -> dinov3)."""
-    from tasks.encoders import ENCODERS
-
-    spec = ENCODERS.get(encoder)
-    return spec.family if spec is not None else re.split(r"[_/-]", encoder, maxsplit=1)[0]
-
-
-def _registered(encoder: str) -> bool:
-    from tasks.encoders import ENCODERS
-
-    return encoder in ENCODERS
-
-
-def axis_ends(candidates: pd.DataFrame, n_seeds: int, family=family_of) -> pd.DataFrame:
+def axis_ends(candidates: pd.DataFrame, n_seeds: int, family=None) -> pd.DataFrame:
     """Round 0: per dataset x protocol x weights and encoder family, the corners of the grid -
     smallest and largest encoder x lowest and highest resolution [x smallest and largest train
     size] - each with its first ``n_seeds`` seeds."""
     keep = []
-    fam = candidates["encoder"].map(family)
-    if fam.nunique() == candidates["encoder"].nunique() > 2 and family is family_of \
-            and not candidates["encoder"].map(_registered).any():
-        # unregistered names with no shared prefix (ViTS, ViTB, ViTL): one family, not one each
-        fam = pd.Series("", index=candidates.index)
+    if family is not None:
+        fam = candidates["encoder"].map(family)
+    elif "family" in candidates.columns:
+        fam = candidates["family"].fillna("").astype(str)
+    else:
+        fam = candidates["encoder"].map(families_of(candidates["encoder"]))
     for _, g in candidates.groupby([*UNIT, fam.rename("_family")], sort=False, dropna=False):
         by_size = g.sort_values(["params", "encoder"])
         ends = {by_size["encoder"].iloc[0], by_size["encoder"].iloc[-1]}
@@ -190,8 +176,9 @@ def planned_curves(candidates: pd.DataFrame) -> list[PlannedCurve]:
     d = whole_split(candidates)
     out = []
     for unit, g in d.groupby(UNIT, sort=True, dropna=False):
+        fam = {"family": ("family", "first")} if "family" in g.columns else {}
         sites = (g.groupby(["encoder", "resolution"], sort=False)
-                 .agg(params=("params", "first"), gflops=("gflops", "mean")).reset_index())
+                 .agg(params=("params", "first"), gflops=("gflops", "mean"), **fam).reset_index())
         for axis, fixed, rows, x in _slices(sites):
             pts = tuple((str(sites["encoder"].iloc[i]), int(sites["resolution"].iloc[i])) for i in rows)
             out.append(PlannedCurve(tuple(unit), axis, fixed, pts, tuple(float(v) for v in x)))

@@ -45,7 +45,6 @@ from analysis.adaptive.cells import (
     cost_of,
     drawn_cells,
     extractions_of,
-    family_of,
     grid_cost,
     performance_metrics,
     planned_curves,
@@ -107,7 +106,7 @@ class AdaptivePolicy:
     n_boot: int = 20  # verdicts read analytic tails; replicates only feed shape shares
     draws: int = 6  # predictive draws of the full-seed estimates a settled curve must agree with
     stability_z: float = 2.0  # SDs of the unseen seeds' mean a settled verdict must survive along each contrast
-    family: object = family_of
+    family: object = None  # encoder -> family for the round-0 ends; None: the candidates' (`axis_ends`)
     frozen: dict = field(default_factory=dict)  # CurveKey -> CurveStatus frozen at an interim look
     first_settled: dict = field(default_factory=dict)  # CurveKey -> the first look that settled it
     last_status: dict = field(default_factory=dict)

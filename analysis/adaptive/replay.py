@@ -69,6 +69,8 @@ def replay(points: pd.DataFrame, policy: AdaptivePolicy, full: dict[CurveKey, st
         cands = priced_by_extraction(base, head_share)
     elif pricing not in PRICINGS:
         raise ValueError(f"pricing {pricing!r}: one of {', '.join(PRICINGS)}")
+    # the study judges the families the candidates were planned with (`cells.candidates_from_points`)
+    pts = pts.assign(family=pts["encoder"].map(dict(zip(cands["encoder"], cands["family"], strict=True))))
     total = grid_cost(cands)
     key = pts[cell_columns(cands)].merge(cands[cell_columns(cands)].reset_index(), on=cell_columns(cands),
                                          how="left")["index"].to_numpy()

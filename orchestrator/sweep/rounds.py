@@ -45,7 +45,7 @@ def candidates(cfg: SweepConfig, cells: list[Cell], plan: Plan | None,
         spec, e = get_encoder_spec(c.encoder), ext.get(c.extraction)
         gflops = e.gflops_per_item if e is not None else spec.gflops(c.resolution)
         rows.append({"dataset": c.dataset, "protocol": c.protocol, "weights": parse_weights(cfg.weights_of(c.encoder))[0],
-                     "encoder": c.encoder, "resolution": int(c.resolution), "train_fraction": float(c.train_fraction),
+                     "encoder": c.encoder, "family": spec.family, "resolution": int(c.resolution), "train_fraction": float(c.train_fraction),
                      "train_shots": int(c.train_shots or 0), "seed": int(c.seed), "params": int(spec.params or 0),
                      "gflops": float(gflops) if gflops is not None else np.nan,
                      "items": float(e.items) if e is not None and e.items is not None else np.nan,
