@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.metric_table import METRICS, MetricInfo, is_overlap, lower_is_better_names, metric_info
 from analysis.metric_table import higher_is_better as higher_is_better  # re-exported: its old home
-from analysis.metric_table import is_overlap, lower_is_better_names
 from tasks.errors import ConfigError
 
 # `params` is the parameter count (not millions); `gflops` is inference GFLOPs per image at the
@@ -160,7 +160,25 @@ def read_points_csv(path: str | Path) -> pd.DataFrame:
             raise ConfigError(f"{source}: column 'seed_free' must be true/false; {_bad_rows(bad, raw['seed_free'])}")
         out["seed_free"] = flag.isin(["true", "1", "yes"])
     _read_train_sizes(raw, out, source)
-    return out.reset_index(drop=True)
+    out = out.reset_index(drop=True)
+    out.attrs["percent_metrics"] = _infer_percent(out)
+    return out
+
+
+def _infer_percent(df: pd.DataFrame) -> list[str]:
+    """Known [0, 1] scores (AUC, accuracy, Dice, ...) whose values in a file without a `unit` run
+    above 1 but stay within 100 are percentages: they get `unit` percent (so the x100 margin), in
+    place. Judged at a fraction's margin, 85.3 vs 85.6 would be a difference 60x the margin."""
+    unit = df["unit"] if "unit" in df.columns else pd.Series("", index=df.index)
+    found = []
+    for metric, vals in df.loc[unit.eq(""), "value"].groupby(df["metric"]):
+        info = metric_info(str(metric))
+        known = str(metric) in METRICS or info != MetricInfo(label=str(metric))
+        if known and info.scale == "fraction" and vals.min() >= 0 and 1.0 < vals.max() <= 100.0:
+            found.append(str(metric))
+    if found:
+        df["unit"] = unit.mask(df["metric"].isin(found) & unit.eq(""), "percent")
+    return found
 
 
 def _read_train_sizes(raw: pd.DataFrame, out: pd.DataFrame, source: str) -> None:

@@ -319,3 +319,21 @@ def test_metric_table_is_one_place_for_direction_margin_and_label():
     assert margin_for("voi_split") == 0.05 and margin_for("folding_share") == 0.001
     assert axis_label("hd95", "mm") == "HD95 (mm)  ↓ lower is better"
     assert axis_label("dice", "percent") == "Dice (%)  ↑ higher is better"
+
+
+def test_a_points_csv_in_percent_is_judged_as_the_same_study_in_fractions(tmp_path):
+    from analysis.adaptive.replay import full_grid_verdicts
+    from analysis.adaptive.synthetic import generate_study
+
+    df, _ = generate_study(seed=0, n_datasets=1, protocols=("linear_probe",))
+    pct = df.assign(value=df["value"].where(df["metric"] == "n_test", df["value"] * 100))
+    paths = {name: tmp_path / f"{name}.csv" for name in ("fraction", "percent")}
+    df.to_csv(paths["fraction"], index=False)
+    pct.to_csv(paths["percent"], index=False)
+    frac, per = read_points_csv(paths["fraction"]), read_points_csv(paths["percent"])
+    assert frac.attrs["percent_metrics"] == [] and per.attrs["percent_metrics"] == ["acc", "auc", "f1_macro"]
+    assert set(per.loc[per["metric"] == "n_test", "unit"]) == {""}  # a count is no percentage
+    verdicts = full_grid_verdicts(frac)
+    assert full_grid_verdicts(per) == verdicts and len(verdicts) == 30
+    # judged at a fraction's margin instead, the same study reads differently
+    assert full_grid_verdicts(per.drop(columns="unit")) != verdicts

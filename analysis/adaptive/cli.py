@@ -53,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
                                 round_share=args.round_share)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    result = replay(read_points_csv(args.points), policy, pricing=args.pricing, head_share=args.head_share)
+    points = read_points_csv(args.points)
+    for metric in points.attrs.get("percent_metrics", []):
+        print(f"{args.points}: '{metric}' values run above 1: read as percent (margin x100)")
+    result = replay(points, policy, pricing=args.pricing, head_share=args.head_share)
     paths = write_replay(result, args.out)
     for _, r in result.rounds.iterrows():
         print(f"round {int(r['round'])}: {int(r['cells'])} cells, {r['cost_share']:.1%} of the grid's cost "
