@@ -53,6 +53,11 @@ METRICS: dict[str, MetricInfo] = {
     "loss": MetricInfo(higher=False, label="loss", scale="absolute"),
     "error": MetricInfo(higher=False), "ece": MetricInfo(higher=False, label="ECE"),
     "brier": MetricInfo(higher=False, label="Brier score"),
+    # other names tools give the same scores (read case-blind: AUROC, Accuracy)
+    "accuracy": MetricInfo(label="accuracy"), "balanced_accuracy": MetricInfo(label="balanced accuracy"),
+    "auroc": MetricInfo(label="AUC"), "roc_auc": MetricInfo(label="AUC"), "f1": MetricInfo(label="F1"),
+    "auprc": MetricInfo(label="AUPRC"), "average_precision": MetricInfo(label="average precision"),
+    "sensitivity": MetricInfo(label="sensitivity"), "specificity": MetricInfo(label="specificity"),
 }
 # Families by name: the first matching prefix (or suffix) wins when the exact name is not listed.
 PREFIXES: tuple[tuple[str, str], ...] = (("hd95", "hd95"), ("hd_", "hd"), ("assd", "assd"), ("asd", "asd"),
@@ -63,20 +68,20 @@ LOWER_SUFFIXES = ("_error", "_loss", "_distance")
 
 
 def metric_info(metric: str) -> MetricInfo:
-    m = str(metric)
+    label, m = str(metric), str(metric).lower()  # names are case-blind; labels keep the case
     if m in METRICS:
         return METRICS[m]
     for prefix, name in PREFIXES:
         if m.startswith(prefix):
-            return MetricInfo(**{**METRICS[name].__dict__, "label": m})
+            return MetricInfo(**{**METRICS[name].__dict__, "label": label})
     for name in sorted(METRICS, key=len, reverse=True):  # a qualified name: identity_hd95, val_dice
         if m.endswith("_" + name):
-            return MetricInfo(**{**METRICS[name].__dict__, "label": m})
+            return MetricInfo(**{**METRICS[name].__dict__, "label": label})
     if m.endswith(("_dice", "_iou")):
-        return MetricInfo(label=m, overlap=True)
+        return MetricInfo(label=label, overlap=True)
     if m.endswith(LOWER_SUFFIXES):
-        return MetricInfo(higher=False, label=m, scale="absolute")
-    return MetricInfo(label=m)
+        return MetricInfo(higher=False, label=label, scale="absolute")
+    return MetricInfo(label=label)
 
 
 def higher_is_better(metric: str) -> bool:

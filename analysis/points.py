@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.metric_table import METRICS, MetricInfo, is_overlap, lower_is_better_names, metric_info
+from analysis.metric_table import MetricInfo, is_overlap, lower_is_better_names, metric_info
 from analysis.metric_table import higher_is_better as higher_is_better  # re-exported: its old home
 from tasks.errors import ConfigError
 
@@ -173,7 +173,7 @@ def _infer_percent(df: pd.DataFrame) -> list[str]:
     found = []
     for metric, vals in df.loc[unit.eq(""), "value"].groupby(df["metric"]):
         info = metric_info(str(metric))
-        known = str(metric) in METRICS or info != MetricInfo(label=str(metric))
+        known = info != MetricInfo(label=str(metric))  # listed, or named after a listed one
         if known and info.scale == "fraction" and vals.min() >= 0 and 1.0 < vals.max() <= 100.0:
             found.append(str(metric))
     if found:
