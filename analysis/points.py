@@ -138,7 +138,7 @@ def read_points_csv(path: str | Path) -> pd.DataFrame:
         if text.eq("").any():
             raise ConfigError(f"{source}: column '{col}' is empty; {_bad_rows(text.eq(''), text)}")
         out[col] = text
-    out["params"] = _numeric(raw, "params", source, integer=True, positive=True)
+    out["params"] = _numeric(raw, "params", source, positive=True)
     out["gflops"] = _numeric(raw, "gflops", source, positive=True, allow_empty=True)
     out["resolution"] = _numeric(raw, "resolution", source, integer=True, positive=True)
     out["seed"] = _numeric(raw, "seed", source, integer=True)
@@ -161,7 +161,16 @@ def read_points_csv(path: str | Path) -> pd.DataFrame:
         out["seed_free"] = flag.isin(["true", "1", "yes"])
     _read_train_sizes(raw, out, source)
     out = out.reset_index(drop=True)
+    # what was read another way than the file says outright: the commands print it
+    notes = []
+    if out["params"].max() < 1e4:  # no encoder has under 10k parameters; a 7B one is 7000 million
+        out["params"] *= 1e6
+        notes.append("every 'params' value is below 10,000: read as millions of parameters")
+    out["params"] = out["params"].round().astype("int64")
     out.attrs["percent_metrics"] = _infer_percent(out)
+    notes += [f"'{m}' values run above 1: read as percent (margin x100); a 'unit' column says otherwise"
+              for m in out.attrs["percent_metrics"]]
+    out.attrs["read_as"] = notes
     return out
 
 

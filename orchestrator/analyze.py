@@ -40,9 +40,8 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
 
         df = read_points_csv(points)
         source = points
-        for metric in df.attrs.get("percent_metrics", []):
-            print(f"{points}: '{metric}' values run above 1: read as percent (margin x100); "
-                  "a 'unit' column says otherwise")
+        for note in df.attrs.get("read_as", []):
+            print(f"{points}: {note}")
     elif tracking_uri:
         from orchestrator.tracking import load_points, load_predictions
 

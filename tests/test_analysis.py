@@ -225,6 +225,18 @@ def test_read_points_csv_rejects_bad_files(tmp_path, mutate, column, row):
         assert row in msg
 
 
+def test_read_points_csv_reads_params_in_millions(tmp_path):
+    df = make_points(seeds=(0, 1), metrics=("auc",))
+    path = tmp_path / "millions.csv"
+    df.assign(params=df["params"] / 1e6).to_csv(path, index=False)
+    back = read_points_csv(path)
+    np.testing.assert_array_equal(back["params"], df["params"].round())
+    assert back["params"].dtype == "int64" and "millions" in back.attrs["read_as"][0]
+    counts = tmp_path / "counts.csv"
+    df.to_csv(counts, index=False)
+    assert read_points_csv(counts).attrs["read_as"] == []  # counts are read as they are
+
+
 def test_read_points_csv_allows_empty_gflops_and_rejects_missing_file(tmp_path):
     path = tmp_path / "p.csv"
     make_points(seeds=(0,), metrics=("auc",)).assign(gflops="").drop(columns=["weights"]).to_csv(path, index=False)

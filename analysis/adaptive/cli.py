@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     points = read_points_csv(args.points)
-    for metric in points.attrs.get("percent_metrics", []):
-        print(f"{args.points}: '{metric}' values run above 1: read as percent (margin x100)")
+    for note in points.attrs.get("read_as", []):
+        print(f"{args.points}: {note}")
     result = replay(points, policy, pricing=args.pricing, head_share=args.head_share)
     paths = write_replay(result, args.out)
     for _, r in result.rounds.iterrows():
