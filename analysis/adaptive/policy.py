@@ -264,7 +264,11 @@ class AdaptivePolicy:
             return status(True, v.verdict, f"claim at the interim level (adjusted p {v.p_adj:.1e}), stable at "
                           "the full grid's precision" if claim_ok else f"{v.verdict}, and still {v.verdict} at "
                           "the full grid's precision")
-        out = status(False, v.verdict, f"more seeds decide: '{v.verdict}' now, '{seen[-1]}' with every seed")
+        # seen[0]: the verdict at the full grid's precision at today's estimates; seen[-1]: the
+        # first projection that dissents from it (a move within the unseen seeds' spread)
+        spread = f", '{seen[-1]}' within the unseen seeds' spread" if seen[-1] != seen[0] else ""
+        out = status(False, v.verdict, f"more seeds decide: '{v.verdict}' now, '{seen[0]}' expected with "
+                     f"every seed{spread}")
         out.weight = 2.0 if seen[0] != v.verdict else 1.0  # even the current estimates say it will move
         if v.claim == "peaks":  # the finding that changes a recommendation; its fall is often the smallest contrast
             out.weight *= PEAK_WEIGHT
