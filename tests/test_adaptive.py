@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from analysis.adaptive.cells import axis_ends, candidates_from_points, planned_curves
-from analysis.adaptive.policy import OPEN, AdaptivePolicy
+from analysis.adaptive.policy import CLAIMS, OPEN, AdaptivePolicy
 from analysis.adaptive.replay import full_grid_verdicts, replay
 from analysis.adaptive.synthetic import generate_study
 from analysis.study import build_study
@@ -79,6 +79,22 @@ def test_budget_one_equals_the_full_grid_with_two_encoder_families(small):
         (k.axis, k.fixed) for k in full}
     res = replay(mixed, AdaptivePolicy(budget=1.0, round_share=0.5, draws=2), full=full)
     assert res.agreement == 1.0 and (res.curves["status"] == "settled").all(), res.curves[~res.curves["same"]]
+
+
+def test_a_curve_whose_every_seed_ran_is_frozen_only_with_a_claim_at_the_interim_level():
+    # noisy enough that some claims hold at 5% but not at the interim level (adjusted p ~0.001-0.005)
+    df, _ = generate_study(seed=3, n_datasets=1, protocols=("linear_probe",), metrics=("auc", "acc"),
+                           resolutions=RES, seed_sd=0.006)
+    cands = candidates_from_points(df)
+    policy = AdaptivePolicy(budget=0.5)
+    policy.initial_cells(cands)
+    status, study = policy.settled(df, cands), policy.judge(df)  # every cell and seed has run
+    assert all(s.settled for s in status.values())
+    interim = {k for k, v in study.verdicts.items() if v.verdict in CLAIMS and v.p_adj <= policy.look_alpha}
+    late = {k for k, v in study.verdicts.items() if v.verdict in CLAIMS and k not in interim}
+    assert late, "the study should hold claims short of the interim level"
+    # frozen claims are those that spent interim alpha; the rest wait for the final look's level
+    assert set(policy.frozen) == interim
 
 
 def test_small_budget_reports_open_curves_and_never_guesses(small):

@@ -73,6 +73,7 @@ class CurveStatus:
     planned_points: int
     settled_round: int | None = None
     frozen: bool = False  # settled with a claim at an interim look: no later data changes it
+    freeze: bool = False  # its claim passed the interim level: frozen when this look is an interim one
     weight: float = 1.0  # how much its asks count: 2 when the full grid's precision is expected to change it
 
 
@@ -204,7 +205,7 @@ class AdaptivePolicy:
                 s.settled_round = self.first_settled[k]
         if freeze and not self.exhaustive:
             self.frozen |= {k: replace(s, frozen=True) for k, s in out.items()
-                            if s.settled and s.verdict in CLAIMS and k not in self.frozen}
+                            if s.settled and s.freeze and k not in self.frozen}
         self.last_status = out
         return out
 
@@ -245,7 +246,11 @@ class AdaptivePolicy:
         if not all(have):
             return status(False, v.verdict, f"{len(pc.sites) - n_pts} interior point(s) not run yet")
         if all(n >= full for n, full in now):
-            return status(True, v.verdict, "every cell and seed of the curve has run")
+            # nothing left to buy; frozen only at the interim level (a claim there is spent alpha),
+            # else the final look judges it at the level the interim looks left
+            out = status(True, v.verdict, "every cell and seed of the curve has run")
+            out.freeze = v.verdict in CLAIMS and np.isfinite(v.p_adj) and v.p_adj <= self.look_alpha
+            return out
         if v.verdict == "degenerate":
             return status(True, v.verdict, "degenerate predictions")
         if v.kind == "ordering":
@@ -261,9 +266,12 @@ class AdaptivePolicy:
             return out
         seen = self._projected(key, study, now)
         if all(p == v.verdict for p in seen):
-            return status(True, v.verdict, f"claim at the interim level (adjusted p {v.p_adj:.1e}), stable at "
-                          "the full grid's precision" if claim_ok else f"{v.verdict}, and still {v.verdict} at "
-                          "the full grid's precision")
+            if claim_ok:
+                out = status(True, v.verdict, f"claim at the interim level (adjusted p {v.p_adj:.1e}), stable at "
+                             "the full grid's precision")
+                out.freeze = True
+                return out
+            return status(True, v.verdict, f"{v.verdict}, and still {v.verdict} at the full grid's precision")
         # seen[0]: the verdict at the full grid's precision at today's estimates; seen[-1]: the
         # first projection that dissents from it (a move within the unseen seeds' spread)
         spread = f", '{seen[-1]}' within the unseen seeds' spread" if seen[-1] != seen[0] else ""
