@@ -20,8 +20,8 @@ from analysis.metric_table import MetricInfo, is_overlap, lower_is_better_names,
 from analysis.metric_table import higher_is_better as higher_is_better  # re-exported: its old home
 from tasks.errors import ConfigError
 
-# `params` is the parameter count (not millions); `gflops` is inference GFLOPs per image at the
-# point's resolution and may be empty when unknown.
+# `params` is the parameter count (a file whose values are all below 10,000 gave millions: read so);
+# `gflops` is inference GFLOPs per image at the point's resolution and may be empty when unknown.
 POINT_COLUMNS = ["dataset", "protocol", "metric", "encoder", "params", "gflops", "resolution", "seed", "value"]
 OPTIONAL_COLUMNS = ["experiment", "run_id", "weights", "family", "unit", "seed_free", "train_fraction", "train_shots",
                     "train_size", "n_train"]
