@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.metric_table import MetricInfo, is_overlap, lower_is_better_names, metric_info
+from analysis.metric_table import MetricInfo, is_overlap, lower_is_better_names, metric_info, metric_label
 from analysis.metric_table import higher_is_better as higher_is_better  # re-exported: its old home
 from tasks.errors import ConfigError
 
@@ -62,9 +62,10 @@ def headline_metric(metrics) -> str:
     over classes, then mean IoU, before any per-class score), else
     VOI (instance segmentation), else the first in `metric_order`."""
     ordered = metric_order(metrics)
-    for pick in ("auc", "acc"):
-        if pick in ordered:
-            return pick
+    for pick in ("auc", "acc"):  # under its own name first, else an alias (AUROC, roc_auc, accuracy)
+        named = [m for m in ordered if m == pick] or [m for m in ordered if metric_label(m) == metric_label(pick)]
+        if named:
+            return named[0]
     overlap = [m for m in ordered if is_overlap(m)]
     # A summary overlap before a per-class one: a multi-class segmentation logs `mdice` beside
     # `dice_<class>`, and the first class alphabetically is not the task's score.

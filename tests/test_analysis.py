@@ -355,9 +355,13 @@ def test_a_points_csv_in_percent_is_judged_as_the_same_study_in_fractions(tmp_pa
                                                         ("HD95", False, "HD95"), ("Val_Dice", True, "Val_Dice")])
 def test_metric_names_are_read_case_blind_and_by_their_common_aliases(name, higher, label):
     from analysis.metric_table import margin_for, metric_info
+    from analysis.points import headline_metric
 
     info = metric_info(name)
     assert (info.higher, info.label) == (higher, label)
+    if label in ("AUC", "accuracy"):  # an alias leads a summary as its own name would
+        assert headline_metric(["f1_macro", name, "precision"]) == name
+        assert headline_metric([name, "auc", "acc"]) == "auc"
     # in percent: a fraction score's 0.005 x 100; HD95's 0.5 px is on its own scale, whatever the unit
     assert margin_for(name, "percent") == pytest.approx(0.5)
     assert margin_for(name) == pytest.approx(0.005 if higher else 0.5)
