@@ -53,9 +53,10 @@ def family_of(encoder: str) -> str:
 def families_of(encoders, logged: dict[str, str] | None = None) -> dict[str, str]:
     """encoder -> family for a set of encoders (module doc): logged, else `family_of`; unknown names
     that each got a prefix of their own are pooled into `UNKNOWN` when there are several."""
+    logged = logged or {}
     names = sorted({str(e) for e in encoders})
-    out = {e: (logged or {}).get(e) or family_of(e) for e in names}
-    guessed = [e for e in names if not (logged or {}).get(e) and registered_family(e) is None]
+    out = {e: logged.get(e) or family_of(e) for e in names}
+    guessed = [e for e in names if not logged.get(e) and registered_family(e) is None]
     prefixes = [out[e] for e in guessed]
     if len(guessed) > 1 and len(set(prefixes)) == len(guessed):
         out |= dict.fromkeys(guessed, UNKNOWN)

@@ -53,12 +53,12 @@ METRICS: dict[str, MetricInfo] = {
     "loss": MetricInfo(higher=False, label="loss", scale="absolute"),
     "error": MetricInfo(higher=False), "ece": MetricInfo(higher=False, label="ECE"),
     "brier": MetricInfo(higher=False, label="Brier score"),
-    # other names tools give the same scores (read case-blind: AUROC, Accuracy)
-    "accuracy": MetricInfo(label="accuracy"), "balanced_accuracy": MetricInfo(label="balanced accuracy"),
-    "auroc": MetricInfo(label="AUC"), "roc_auc": MetricInfo(label="AUC"), "f1": MetricInfo(label="F1"),
+    "balanced_accuracy": MetricInfo(label="balanced accuracy"), "f1": MetricInfo(label="F1"),
     "auprc": MetricInfo(label="AUPRC"), "average_precision": MetricInfo(label="average precision"),
     "sensitivity": MetricInfo(label="sensitivity"), "specificity": MetricInfo(label="specificity"),
 }
+# other names tools give the same scores (names are read case-blind: AUROC, Accuracy): one entry each
+METRICS |= {"accuracy": METRICS["acc"], "auroc": METRICS["auc"], "roc_auc": METRICS["auc"]}
 # Families by name: the first matching prefix (or suffix) wins when the exact name is not listed.
 PREFIXES: tuple[tuple[str, str], ...] = (("hd95", "hd95"), ("hd_", "hd"), ("assd", "assd"), ("asd", "asd"),
                                          ("voi_split", "voi_split"), ("voi_merge", "voi_merge"), ("voi", "voi"),

@@ -120,17 +120,13 @@ def grid_cost(cells: pd.DataFrame) -> float:
     return cost_of(cells, cells.index)
 
 
-def axis_ends(candidates: pd.DataFrame, n_seeds: int, family=None) -> pd.DataFrame:
-    """Round 0: per dataset x protocol x weights and encoder family, the corners of the grid -
-    smallest and largest encoder x lowest and highest resolution [x smallest and largest train
-    size] - each with its first ``n_seeds`` seeds."""
+def axis_ends(candidates: pd.DataFrame, n_seeds: int) -> pd.DataFrame:
+    """Round 0: per dataset x protocol x weights and encoder family (the candidates' `family`, else
+    `analysis.families.families_of`), the corners of the grid - smallest and largest encoder x lowest
+    and highest resolution [x smallest and largest train size] - each with its first ``n_seeds`` seeds."""
     keep = []
-    if family is not None:
-        fam = candidates["encoder"].map(family)
-    elif "family" in candidates.columns:
-        fam = candidates["family"].fillna("").astype(str)
-    else:
-        fam = candidates["encoder"].map(families_of(candidates["encoder"]))
+    fam = (candidates["family"].fillna("").astype(str) if "family" in candidates.columns
+           else candidates["encoder"].map(families_of(candidates["encoder"])))
     for _, g in candidates.groupby([*UNIT, fam.rename("_family")], sort=False, dropna=False):
         by_size = g.sort_values(["params", "encoder"])
         ends = {by_size["encoder"].iloc[0], by_size["encoder"].iloc[-1]}

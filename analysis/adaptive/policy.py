@@ -107,7 +107,6 @@ class AdaptivePolicy:
     n_boot: int = 20  # verdicts read analytic tails; replicates only feed shape shares
     draws: int = 6  # predictive draws of the full-seed estimates a settled curve must agree with
     stability_z: float = 2.0  # SDs of the unseen seeds' mean a settled verdict must survive along each contrast
-    family: object = None  # encoder -> family for the round-0 ends; None: the candidates' (`axis_ends`)
     frozen: dict = field(default_factory=dict)  # CurveKey -> CurveStatus frozen at an interim look
     first_settled: dict = field(default_factory=dict)  # CurveKey -> the first look that settled it
     last_status: dict = field(default_factory=dict)
@@ -137,7 +136,7 @@ class AdaptivePolicy:
     def initial_cells(self, candidates: pd.DataFrame) -> Round:
         """Round 0: the corners of every axis with ``initial_seeds`` seeds, within the budget."""
         self.round, self.frozen, self.first_settled, self.last_status = 0, {}, {}, {}
-        ends = axis_ends(candidates, self.initial_seeds, self.family)
+        ends = axis_ends(candidates, self.initial_seeds)
         room = self.budget * grid_cost(candidates) * (1 + 1e-9)
         keep, paid, spent = [], set(), 0.0
         for i in ends.sort_values("cost", kind="stable").index:  # cheapest first, within the budget
@@ -236,21 +235,20 @@ class AdaptivePolicy:
         n_pts = int(sum(have))
         v = study.verdicts.get(key)
 
-        def status(settled: bool, verdict: str, reason: str) -> CurveStatus:
+        def status(settled: bool, verdict: str, reason: str, freeze: bool = False) -> CurveStatus:
             return CurveStatus(key, settled, verdict, reason, n_pts, len(pc.sites),
-                               self.round if settled else None)
+                               self.round if settled else None, freeze=freeze)
         if v is None or n_pts < 2:
             return status(False, OPEN, f"{n_pts} of {len(pc.sites)} points: too few for any verdict")
         if not (have[0] and have[-1]):
             return status(False, OPEN, "an end of the curve has not run: no verdict on the planned range")
         if not all(have):
             return status(False, v.verdict, f"{len(pc.sites) - n_pts} interior point(s) not run yet")
+        claim_ok = v.verdict in CLAIMS and np.isfinite(v.p_adj) and v.p_adj <= self.look_alpha
         if all(n >= full for n, full in now):
             # nothing left to buy; frozen only at the interim level (a claim there is spent alpha),
             # else the final look judges it at the level the interim looks left
-            out = status(True, v.verdict, "every cell and seed of the curve has run")
-            out.freeze = v.verdict in CLAIMS and np.isfinite(v.p_adj) and v.p_adj <= self.look_alpha
-            return out
+            return status(True, v.verdict, "every cell and seed of the curve has run", freeze=claim_ok)
         if v.verdict == "degenerate":
             return status(True, v.verdict, "degenerate predictions")
         if v.kind == "ordering":
@@ -259,7 +257,6 @@ class AdaptivePolicy:
             if max((n for k, (n, _) in seeds.items() if k[:3] == unit), default=0) >= 2:
                 return status(True, v.verdict, "seed-free cells (the seeds repeat one value): decided by the points")
             return status(False, v.verdict, "no interval yet (one seed per cell): more seeds decide")
-        claim_ok = v.verdict in CLAIMS and np.isfinite(v.p_adj) and v.p_adj <= self.look_alpha
         if not claim_ok and v.verdict not in ("noisy", "flat"):
             out = status(False, v.verdict, f"'{v.verdict}' not yet at the interim level: more seeds decide")
             out.weight = PEAK_WEIGHT if v.claim == "peaks" else 1.0
@@ -267,10 +264,8 @@ class AdaptivePolicy:
         seen = self._projected(key, study, now)
         if all(p == v.verdict for p in seen):
             if claim_ok:
-                out = status(True, v.verdict, f"claim at the interim level (adjusted p {v.p_adj:.1e}), stable at "
-                             "the full grid's precision")
-                out.freeze = True
-                return out
+                return status(True, v.verdict, f"claim at the interim level (adjusted p {v.p_adj:.1e}), stable at "
+                              "the full grid's precision", freeze=True)
             return status(True, v.verdict, f"{v.verdict}, and still {v.verdict} at the full grid's precision")
         # seen[0]: the verdict at the full grid's precision at today's estimates; seen[-1]: the
         # first projection that dissents from it (a move within the unseen seeds' spread)
