@@ -2,13 +2,14 @@
 
 For every (dataset, protocol, metric, weights) the cells of one encoder at one resolution form a
 *data curve*: the metric against the number of training cases the cell had (`n_train`, averaged over
-seeds; the subsets are nested, tasks/subsets.py). Replicates come from the same machinery as the
-other axes (`curves.make_group`: test cases and seeds when per-case predictions exist, else seeds),
-with one trick: a cell is keyed by "encoder@resolution" and the train size's rank, so the pairing of
-resampled test cases across a group's cells is kept. All data curves are judged in one
-`judge_curves` call (their own family, corrected like the other axes' - Benjamini-Hochberg -
-beside the model-size and resolution curves; no covariance parts are kept here, so the tests read
-the replicates' covariance with normal tails).
+seeds; the subsets are nested, tasks/subsets.py). Replicates and the covariance of the points come
+from the same machinery as the other axes (`curves.make_group`: test cases and seeds when per-case
+predictions exist, else seeds, with its analytic parts), with one trick: a cell is keyed by
+"encoder@resolution" and the train size's rank, so the pairing of resampled test cases across a
+group's cells is kept. The tests read the covariance parts as the other axes' do (so a verdict does
+not depend on the number of bootstrap replicates), at the margin of the metric in its unit (`unit`
+percent: x100). All data curves are judged in one `judge_curves` call (their own family, corrected
+like the other axes' - Benjamini-Hochberg - beside the model-size and resolution curves).
 
 "How many labels does a larger encoder save?": at each resolution, for each pair of encoders
 (smaller, larger by parameters), the horizontal distance between their data curves at the metric
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.bootstrap import CurveReplicates, means_only
+from analysis.bootstrap import CurveReplicates
 from analysis.curves import CurveKey, cell_intervals, make_group, margin_for
 from analysis.points import aggregate, higher_is_better, is_performance_metric, plotted_metrics
 from analysis.verdict import judge_curves
@@ -35,6 +36,7 @@ from analysis.verdict_model import CI_LEVEL
 from analysis.verdict_text import verdict_row
 
 SIZE_COLUMNS = ("train_fraction", "train_shots", "n_train")
+DATA_AXIS = "train cases"  # the axis of a data curve's key
 
 
 @dataclass
@@ -50,6 +52,8 @@ class DataCurve:
     lo: np.ndarray
     hi: np.ndarray
     sign: int
+    rep: CurveReplicates | None = None  # oriented (higher is better), x = training cases, with covariance parts
+    margin: float = float("nan")  # the metric's margin in its unit
 
 
 def has_data_axis(df: pd.DataFrame) -> bool:
@@ -68,7 +72,8 @@ def full_data(df: pd.DataFrame) -> pd.DataFrame:
     return df[(df["train_fraction"].fillna(1.0) >= 1.0) & (shots == 0)].reset_index(drop=True)
 
 
-def _size_label(fraction: float, shots: int) -> str:
+def size_label(fraction: float, shots: int) -> str:
+    """A train size's name: "k4" (4 cases per class), "f0.1" (a tenth of the split), "all"."""
     return f"k{int(shots)}" if shots else ("all" if fraction >= 1.0 else f"f{fraction:g}")
 
 
@@ -80,7 +85,7 @@ def data_curves(df: pd.DataFrame, predictions: dict | None = None, n_boot: int =
     d["train_shots"] = d["train_shots"].fillna(0).astype(int) if "train_shots" in d.columns else 0
     if "n_train" not in d.columns:  # a points file without counts: no x for a data curve
         d["n_train"] = np.nan
-    d["size"] = [_size_label(f, k) for f, k in zip(d["train_fraction"].fillna(1.0), d["train_shots"], strict=True)]
+    d["size"] = [size_label(f, k) for f, k in zip(d["train_fraction"].fillna(1.0), d["train_shots"], strict=True)]
     d = d[d["metric"].map(is_performance_metric)]
     out: list[DataCurve] = []
     for (ds, proto, w), g in d.groupby(["dataset", "protocol", "weights"], sort=True):
@@ -93,9 +98,11 @@ def data_curves(df: pd.DataFrame, predictions: dict | None = None, n_boot: int =
             keyed = pts.assign(encoder=pts["model"], resolution=pts["size"].map(order))
             cells = aggregate(keyed)
             task = str(pts["task"].iloc[0]) if "task" in pts.columns else ""
-            grp = make_group(cells, keyed, predictions=predictions, task=task, n_boot=n_boot, seed=seed)
+            unit = str(pts["unit"].iloc[0]) if "unit" in pts.columns else ""
+            grp = make_group(cells, keyed, predictions=predictions, task=task, n_boot=n_boot, seed=seed, unit=unit)
             lo, hi = cell_intervals(grp)
             sign = 1 if higher_is_better(metric) else -1
+            whole = grp.replicates_of()
             meta = pts.drop_duplicates("model").set_index("model")
             for model in sorted(set(grp.cells["encoder"]), key=lambda m: (meta.loc[m, "params"], m)):
                 rows = np.flatnonzero(grp.cells["encoder"].to_numpy() == model)
@@ -107,20 +114,20 @@ def data_curves(df: pd.DataFrame, predictions: dict | None = None, n_boot: int =
                 if np.unique(x).size < 2 or not np.all(np.isfinite(x)):
                     continue
                 enc, res = str(meta.loc[model, "encoder"]), int(meta.loc[model, "resolution"])
-                key = CurveKey(str(ds), str(proto), metric, str(w), "train cases", f"{enc} @ {res} px")
+                key = CurveKey(str(ds), str(proto), metric, str(w), DATA_AXIS, f"{enc} @ {res} px")
                 reps = None if grp.replicates is None else grp.replicates[:, rows]
+                r = whole.take(rows, sign)
+                rep = CurveReplicates(x, r.estimate, r.replicates, r.method, r.parts, r.dfs)
                 out.append(DataCurve(key, enc, res, float(meta.loc[model, "params"]), labels, x,
-                                     grp.estimate[rows], reps, lo[rows], hi[rows], sign))
+                                     grp.estimate[rows], reps, lo[rows], hi[rows], sign, rep,
+                                     margin_for(metric, unit)))
     return out
 
 
 def judge_data_curves(curves: list[DataCurve]) -> dict:
-    reps = {}
-    for c in curves:
-        est = c.sign * c.estimate
-        reps[c.key] = (CurveReplicates(c.x, est, c.sign * c.replicates, "bootstrap") if c.replicates is not None
-                       else means_only(c.x, est))
-    margins = {c.key: margin_for(c.key.metric) for c in curves}
+    """Every data curve's verdict, one Benjamini-Hochberg family (module doc)."""
+    reps = {c.key: c.rep if c.rep is not None else CurveReplicates(c.x, c.sign * c.estimate) for c in curves}
+    margins = {c.key: c.margin if np.isfinite(c.margin) else margin_for(c.key.metric) for c in curves}
     return judge_curves(reps, min_effect=margins) if reps else {}
 
 

@@ -24,7 +24,7 @@ from tasks.errors import ConfigError
 # `gflops` is inference GFLOPs per image at the point's resolution and may be empty when unknown.
 POINT_COLUMNS = ["dataset", "protocol", "metric", "encoder", "params", "gflops", "resolution", "seed", "value"]
 OPTIONAL_COLUMNS = ["experiment", "run_id", "weights", "family", "unit", "seed_free", "train_fraction", "train_shots",
-                    "train_size", "n_train"]
+                    "train_size", "n_train", "items"]
 # `unit` says the scale of a metric's values (percent values get a x100 margin); `seed_free` marks
 # cells whose protocol ignores the seed (kNN, registration): their seeds are one value.
 UNITS = ("", "fraction", "percent", "mm", "px", "bits", "nats")
@@ -147,6 +147,8 @@ def read_points_csv(path: str | Path) -> pd.DataFrame:
     for col in ("experiment", "run_id", "weights", "family"):
         if col in raw.columns:
             out[col] = raw[col].astype(str).str.strip()
+    if "items" in raw.columns:  # images / slices / tiles a cell embeds: its cost is GFLOPs x items
+        out["items"] = _numeric(raw, "items", source, positive=True, allow_empty=True)
     if "unit" in raw.columns:
         unit = raw["unit"].astype(str).str.strip().str.lower()
         bad = ~unit.isin(UNITS)

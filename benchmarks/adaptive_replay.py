@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case-sd", type=float, default=0.0015, help="test-set offset per cell (default 0.0015)")
     ap.add_argument("--shift-sd", type=float, default=0.002, help="seed shift shared by a unit's cells (default 0.002)")
     ap.add_argument("--seed-free-knn", action="store_true", help="kNN cells repeat one value under every seed")
+    ap.add_argument("--train-fractions", type=float, nargs="*", default=[],
+                    help="a data axis: every cell also at these shares of its split (data curves join the study)")
     ap.add_argument("--pricing", choices=PRICINGS, default="cell",
                     help="extraction: features embedded once per site, a run then costs --head-share of it")
     ap.add_argument("--head-share", type=float, default=0.05)
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = []
     for seed in range(args.first_seed, args.first_seed + args.studies):
         df, truths = generate_study(seed=seed, n_datasets=args.datasets, seed_sd=args.seed_sd, case_sd=args.case_sd,
-                                    shift_sd=args.shift_sd, seed_free=("knn",) if args.seed_free_knn else ())
+                                    shift_sd=args.shift_sd, seed_free=("knn",) if args.seed_free_knn else (),
+                                    train_fractions=tuple(args.train_fractions))
         t0 = time.perf_counter()
         res = replay(df, AdaptivePolicy(budget=args.budget), pricing=args.pricing, head_share=args.head_share)
         recall, full_recall = peak_recall(res.curves, truths)
@@ -81,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
               f"peak_recall={recall:.3f} (full grid {full_recall:.3f}) rounds={len(res.rounds)} open={open_} "
               f"extractions={res.extraction_share:.3f} "
               f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+        if args.train_fractions:
+            data = res.curves[res.curves["axis"] == "train cases"]
+            print(f"  data curves: {len(data)}, agreement {data['same'].mean():.3f}, "
+                  f"settled {(data['status'] == 'settled').mean():.3f}", flush=True)
         for k in args.uniform:  # what a fixed design of the same kind buys: fewer seeds everywhere
             print(f"  uniform {k} seeds: {uniform_baseline(df, res.curves, k)}", flush=True)
     agree, cost, recall = (min(f[i] for f in figures) for i in range(3))

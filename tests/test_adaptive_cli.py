@@ -87,8 +87,12 @@ def test_replay_of_a_study_with_a_train_size_column_keeps_the_subsets_apart(tmp_
         assert main(["adaptive", "replay", "--points", str(path), "--out", str(out), "--budget", "1"]) == 0
         assert capsys.readouterr().out.strip().splitlines()[-1] == "agreement=1.000 cost=1.000"
         curves[name] = pd.read_csv(out / "curves.csv")
-    # the curves are the whole split's: the same verdicts with or without the subsets beside them
-    assert curves["both"]["full_verdict"].tolist() == curves["whole"]["full_verdict"].tolist()
+    # the other axes are the whole split's: the same verdicts with or without the subsets beside them
+    both = curves["both"]
+    assert both.loc[both["axis"] != "train cases", "full_verdict"].tolist() == curves["whole"]["full_verdict"].tolist()
+    # and a data curve per encoder and resolution (100 -> 400 cases, 0.02-0.05 better with all of them)
+    data = both[both["axis"] == "train cases"]
+    assert len(data) == 3 * 2 and set(data["full_verdict"]) == {"scales"} and data["same"].all()
     assert main(["adaptive", "replay", "--points", str(paths["both"]), "--out", str(tmp_path / "half"),
                  "--budget", "0.6"]) == 0
     cells = pd.read_csv(tmp_path / "half" / "cells.csv")
@@ -96,3 +100,22 @@ def test_replay_of_a_study_with_a_train_size_column_keeps_the_subsets_apart(tmp_
     # round 0: both train sizes at each corner (smallest and largest encoder x resolution), 2 seeds
     assert sorted(first["train_fraction"].unique()) == [0.25, 1.0]
     assert len(first) == 2 * 4 * 2
+
+
+def test_an_items_column_prices_each_cell_and_is_checked(tmp_path):
+    from analysis.adaptive.cells import candidates_from_points
+    from analysis.points import read_points_csv
+    from tasks.errors import ConfigError
+
+    df, _ = generate_study(seed=1, n_datasets=2, protocols=("linear_probe",), metrics=("auc",),
+                           resolutions=(224, 1024))
+    # items as a column instead of n_test rows: ds0 embeds 10x the images of ds1
+    pts = df[df["metric"] != "n_test"].assign(items=lambda d: d["dataset"].map({"ds0": 5000, "ds1": 500}))
+    pts.to_csv(tmp_path / "p.csv", index=False)
+    cands = candidates_from_points(read_points_csv(tmp_path / "p.csv"))
+    assert (cands["cost"] == cands["gflops"] * cands["items"]).all()
+    one = cands[(cands["encoder"] == "dinov3_vits16") & (cands["resolution"] == 224) & (cands["seed"] == 0)]
+    assert one.set_index("dataset")["cost"].pipe(lambda c: c["ds0"] / c["ds1"]) == pytest.approx(10.0)
+    pts.assign(items=pts["items"].where(pts.index != pts.index[3], -3)).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ConfigError, match=r"bad\.csv: column 'items' value must be > 0; row 4"):
+        read_points_csv(tmp_path / "bad.csv")

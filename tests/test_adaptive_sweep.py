@@ -179,6 +179,30 @@ def test_the_policy_asks_for_the_interior_point_of_a_grid_with_train_size_column
     assert not nxt.empty and set(nxt.cells["resolution"]) == {48}
 
 
+def test_a_live_grid_with_train_fractions_plans_and_asks_for_its_data_curves(tmp_path):
+    """Live candidates name the whole split as fraction 1.0 and shots 0 (as runs log it): the data
+    curves (metric vs training cases) must find their sites, and ask for the middle train size."""
+    from analysis.adaptive.cells import planned_data_curves
+    from analysis.adaptive.policy import AdaptivePolicy
+
+    cfg = _cfg(tmp_path, protocols=["linear_probe"], train_fractions=[0.2, 0.5, 1.0])
+    cells, plan = _plan(cfg, {"nih14": Counts("image", {"train": 150, "val": 20, "test": 30})})
+    cands = candidates(cfg, cells, plan, AdaptiveSettings(pricing="cell"))
+    planned = planned_data_curves(cands)
+    assert [pc.x for pc in planned] == [(0.2, 0.5, 1.0)] * 3  # one per resolution (one encoder)
+    policy = AdaptivePolicy(budget=0.8)
+    r0 = policy.initial_cells(cands).cells
+    assert sorted(r0["train_fraction"].unique()) == [0.2, 1.0]
+    rows = [{**r[["dataset", "protocol", "weights", "encoder", "resolution", "train_fraction", "train_shots",
+                  "seed", "params", "gflops"]].to_dict(), "metric": "auc", "n_train": round(150 * r["train_fraction"]),
+             "value": 0.7 + 0.05 * r["train_fraction"] + 0.003 * r["seed"]} for _, r in r0.iterrows()]
+    nxt = policy.next_cells(pd.DataFrame(rows), cands)
+    data = {k: s for k, s in policy.last_status.items() if k.axis == "train cases"}
+    assert {k.fixed for k in data} == {f"{TINY} @ {r} px" for r in RES}
+    asked = nxt.cells[nxt.cells["train_fraction"] == 0.5]
+    assert len(asked) and asked["reason"].str.contains("train cases").all()
+
+
 DERIVE = """
 import sys
 from analysis.adaptive.policy import AdaptivePolicy

@@ -12,36 +12,39 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.adaptive.cells import SITE, PlannedCurve, cost_of, planned_curves, seed_counts, whole_split
-from analysis.curves import CurveKey
-from analysis.study import Study
+from analysis.adaptive.cells import (
+    PlannedCurve,
+    cost_of,
+    planned_curves,
+    planned_data_curves,
+    seed_counts,
+    site_rows,
+)
 from analysis.verdict import top_slope_contrast
 
 
-def rank_asks(status: dict, study: Study, points: pd.DataFrame, candidates: pd.DataFrame, drawn: pd.Series, *,
-          every_curve: bool, new_point_seeds: int, paid: set | None = None) -> list[tuple[list, str]]:
+def rank_asks(status: dict, verdicts: dict, points: pd.DataFrame, candidates: pd.DataFrame, drawn: pd.Series, *,
+              every_curve: bool, new_point_seeds: int, paid: set | None = None) -> list[tuple[list, str]]:
     """Asks of the open curves (of every curve with ``every_curve``), as (candidate indices, reason),
     best value per unit of cost first (an extraction in ``paid`` is not priced again); a new point
-    comes with ``new_point_seeds`` seeds."""
-    # a curve's point is a whole-split site (`planned_curves`); grouping by the train-size columns
-    # too would give keys no curve asks for, and a grid with a data axis would never ask anything
-    sites = whole_split(candidates).groupby(SITE, sort=False, dropna=False)
+    comes with ``new_point_seeds`` seeds. ``verdicts``: the analysis' verdict per curve key."""
+    sites = site_rows(candidates)  # whole-split sites and train-size subsets, keyed as the curves' points
     value: dict[tuple, float] = {}
     why: dict[tuple, str] = {}
-    curves = {(pc.unit, pc.axis, pc.fixed): pc for pc in planned_curves(candidates)}
+    curves = {(pc.unit, pc.axis, pc.fixed): pc for pc in [*planned_curves(candidates), *planned_data_curves(candidates)]}
     seeds = seed_counts(points, candidates)
     for key, s in status.items():
         if s.settled and not every_curve:
             continue
         pc = curves[((key.dataset, key.protocol, key.weights), key.axis, key.fixed)]
-        for site, v, reason in curve_asks(pc, s, seeds, study, key):
+        for site, v, reason in curve_asks(pc, s, seeds, verdicts.get(key)):
             value[site] = value.get(site, 0.0) + v * s.weight
             why.setdefault(site, f"{key.label()}: {reason}")
     asks = []
     for site, v in value.items():
-        if site not in sites.groups:
+        if site not in sites:
             continue
-        rows = candidates.loc[sites.groups[site]]
+        rows = candidates.loc[sites[site]]
         todo = rows.index[~drawn.loc[rows.index]]
         n_now = len(rows) - len(todo)
         # a new point comes with few seeds: the corners already fix the seed variance, and
@@ -53,18 +56,17 @@ def rank_asks(status: dict, study: Study, points: pd.DataFrame, candidates: pd.D
     return [(take, reason) for _, take, reason in asks]
 
 
-def curve_asks(pc: PlannedCurve, s, seeds: dict, study: Study, key: CurveKey):  # s: policy.CurveStatus
+def curve_asks(pc: PlannedCurve, s, seeds: dict, v):  # s: policy.CurveStatus, v: its CurveVerdict or None
     """(site key, value, reason) of one open curve."""
     now = [seeds.get((*pc.unit, *site), (0, 0)) for site in pc.sites]
     have = np.array([n > 0 for n, _ in now])
     keys = [(*pc.unit, *site) for site in pc.sites]
     if not have.all():
         u = np.log(np.asarray(pc.x))
-        v = study.verdicts.get(key)
-        best = None
-        if v is not None and v.x.size >= 2:  # the best point so far: a suspected peak
-            best = int(np.argmin(np.abs(u - np.log(v.x[int(np.argmax(v.estimate))]))))
         idx = np.flatnonzero(have)
+        best = None
+        if v is not None and v.x.size == idx.size >= 2:  # the best point so far: a suspected peak
+            best = int(idx[int(np.argmax(v.estimate))])  # the verdict's points are the sites run, in order
         gaps = np.diff(u[idx]) if idx.size >= 2 else np.array([])
         wide = (idx[int(np.argmax(gaps))], idx[int(np.argmax(gaps)) + 1]) if gaps.size else (0, len(u) - 1)
         for i in np.flatnonzero(~have):
@@ -75,7 +77,6 @@ def curve_asks(pc: PlannedCurve, s, seeds: dict, study: Study, key: CurveKey):  
             else:
                 yield keys[i], 1.0, "interior point"
         return
-    v = study.verdicts.get(key)
     n = np.array([max(k, 1) for k, _ in now], float)
     gain = seed_value(v, n) if v is not None and v.x.size == n.size else np.ones(n.size) / n
     for k, (got, full), g in zip(keys, now, gain, strict=True):

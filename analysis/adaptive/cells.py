@@ -4,7 +4,10 @@ which planned curve each cell lies on.
 A *cell* is one run: dataset x protocol x weights x encoder x resolution [x train size] x seed. It
 yields every metric at once, so metrics are not part of it. A *site* is a cell without its seed
 (what a curve point is made of). The curves are the analysis' own (`analysis.curves`): metric vs
-parameters at each resolution, vs resolution for each encoder, and vs GFLOPs across all cells.
+parameters at each resolution, vs resolution for each encoder, and vs GFLOPs across all cells, on
+the whole training split; and where the grid has a data axis, metric vs training cases for each
+encoder at each resolution (`analysis.data_axis`). A site is keyed (unit, encoder, resolution) on
+the whole split and (unit, encoder, resolution, size) on a subset (size: `data_axis.size_label`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.curves import _slices  # the one definition of which cells make a curve
+from analysis.data_axis import DATA_AXIS, size_label
 from analysis.families import families_of, with_family
 from analysis.points import is_performance_metric
 
@@ -42,8 +46,9 @@ def vit_gflops(params: np.ndarray, resolution: np.ndarray) -> np.ndarray:
 def candidates_from_points(points: pd.DataFrame) -> pd.DataFrame:
     """One row per cell of a finished study (columns: `cell_columns`, params, gflops, items, cost).
 
-    Cost = GFLOPs per image x items: items are the cell's `n_train + n_val + n_test` bookkeeping
-    rows where the study logged them (else 1, i.e. GFLOPs alone)."""
+    Cost = GFLOPs per image x items: items are the file's `items` column where it has one, else the
+    cell's `n_train + n_val + n_test` bookkeeping rows where the study logged them (else 1, i.e.
+    GFLOPs alone)."""
     d = points.copy()
     if "weights" not in d.columns:
         d["weights"] = ""
@@ -52,7 +57,10 @@ def candidates_from_points(points: pd.DataFrame) -> pd.DataFrame:
     cells = (d.groupby(cols, dropna=False, sort=True)
              .agg(params=("params", "first"), gflops=("gflops", "mean")).reset_index())
     items = d[d["metric"].isin(ITEM_METRICS)]
-    if not items.empty:
+    if "items" in d.columns and d["items"].notna().any():
+        per = d.groupby(cols, dropna=False)["items"].mean()
+        cells = cells.merge(per.rename("items").reset_index(), on=cols, how="left")
+    elif not items.empty:
         per = items.groupby([*cols, "metric"], dropna=False)["value"].mean().groupby(cols, dropna=False).sum()
         cells = cells.merge(per.rename("items").reset_index(), on=cols, how="left")
     else:
@@ -167,8 +175,8 @@ class PlannedCurve:
 
 def planned_curves(candidates: pd.DataFrame) -> list[PlannedCurve]:
     """Every curve the full grid would have, per unit (metrics aside: each metric has them all).
-    Only cells on the whole training split make curves, and only known GFLOPs a GFLOPs curve, as in
-    `medscale analyze`."""
+    Only cells on the whole training split make these curves, and only known GFLOPs a GFLOPs
+    curve, as in `medscale analyze`; the data curves are `planned_data_curves`."""
     d = whole_split(candidates)
     out = []
     for unit, g in d.groupby(UNIT, sort=True, dropna=False):
@@ -179,6 +187,49 @@ def planned_curves(candidates: pd.DataFrame) -> list[PlannedCurve]:
             pts = tuple((str(sites["encoder"].iloc[i]), int(sites["resolution"].iloc[i])) for i in rows)
             out.append(PlannedCurve(tuple(unit), axis, fixed, pts, tuple(float(v) for v in x)))
     return out
+
+
+def size_labels(df: pd.DataFrame) -> np.ndarray:
+    """Each row's train size by name ("all" where the frame has no data axis)."""
+    frac = df["train_fraction"].astype(float).fillna(1.0) if "train_fraction" in df.columns else pd.Series(1.0, df.index)
+    shots = df["train_shots"].astype(float).fillna(0.0) if "train_shots" in df.columns else pd.Series(0.0, df.index)
+    return np.array([size_label(f, int(k)) for f, k in zip(frac, shots, strict=True)], dtype=object)
+
+
+def _size_x(label: str) -> tuple[int, float]:
+    """Order of train sizes before any has run (the training cases come with the runs): k-shot
+    subsets by shots, then fractions, then the whole split - nested subsets of one split."""
+    return (0, float(label[1:])) if label[0] == "k" else (1, float(label[1:])) if label[0] == "f" else (2, 1.0)
+
+
+def planned_data_curves(candidates: pd.DataFrame) -> list[PlannedCurve]:
+    """Per unit, encoder and resolution with >= 2 train sizes: the data curve (`analysis.data_axis`),
+    its sites in train-size order; x is the fraction of the split where every size is one (else the
+    rank), since the training cases are known only once a cell has run."""
+    if not any(c in candidates.columns for c in SIZE):
+        return []
+    d = candidates.assign(_size=size_labels(candidates))
+    out = []
+    for unit, g in d.groupby(UNIT, sort=True, dropna=False):
+        for (enc, res), h in g.groupby(["encoder", "resolution"], sort=False):
+            sizes = sorted(set(h["_size"]), key=_size_x)
+            if len(sizes) < 2:
+                continue
+            frac = all(s[0] != "k" for s in sizes)
+            x = tuple(_size_x(s)[1] if frac else float(i + 1) for i, s in enumerate(sizes))
+            sites = tuple((str(enc), int(res)) if s == "all" else (str(enc), int(res), s) for s in sizes)
+            out.append(PlannedCurve(tuple(unit), DATA_AXIS, f"{enc} @ {int(res)} px", sites, x))
+    return out
+
+
+def site_rows(candidates: pd.DataFrame) -> dict[tuple, pd.Index]:
+    """Site key (module doc) -> the candidate rows (its seeds)."""
+    labels = size_labels(candidates)
+    out: dict[tuple, list] = {}
+    for i, lab, key in zip(candidates.index, labels, candidates[SITE].itertuples(index=False), strict=True):
+        k = (*key[:-1], int(key[-1])) if lab == "all" else (*key[:-1], int(key[-1]), lab)
+        out.setdefault(k, []).append(i)
+    return {k: pd.Index(v) for k, v in out.items()}
 
 
 def performance_metrics(points: pd.DataFrame) -> dict[tuple, list[str]]:
@@ -199,9 +250,6 @@ def drawn_cells(points: pd.DataFrame, candidates: pd.DataFrame) -> pd.Series:
 
 
 def seed_counts(points: pd.DataFrame, candidates: pd.DataFrame) -> dict[tuple, tuple[int, int]]:
-    """Site (unit + encoder + resolution) -> (seeds run, seeds planned), whole-split cells only."""
-    whole = whole_split(candidates)
-    drawn = drawn_cells(points, whole)
-    cols = ["dataset", "protocol", "weights", "encoder", "resolution"]
-    g = whole.assign(_d=drawn).groupby(cols, sort=False, dropna=False)["_d"]
-    return {tuple(k): (int(v.sum()), int(v.size)) for k, v in g}
+    """Site key (module doc) -> (seeds run, seeds planned)."""
+    drawn = drawn_cells(points, candidates)
+    return {k: (int(drawn.loc[idx].sum()), len(idx)) for k, idx in site_rows(candidates).items()}

@@ -2,7 +2,9 @@
 
 Round 0 runs the corners of the grid (`cells.axis_ends`). After each round every curve is judged by
 the ordinary analysis (`analysis.study.build_study`: the same fits, covariance and BH family as
-`medscale analyze`). A curve is *settled* when every planned point of it has run and
+`medscale analyze`; data curves - metric vs training cases, where the grid has train sizes - by
+`analysis.data_axis`, their own family, as there). A curve is *settled* when every planned point of
+it has run and
  - its claim passes the interim level (BH-adjusted p <= ``interim_alpha``, a Haybittle-Peto
    boundary) and would stay the same at the full grid's precision, or
  - it is `flat` (every pairwise 95% CI inside the margin) or `noisy`, and would stay so at the full
@@ -48,12 +50,14 @@ from analysis.adaptive.cells import (
     grid_cost,
     performance_metrics,
     planned_curves,
+    planned_data_curves,
     seed_counts,
 )
+from analysis.adaptive.judged import Judged, judge_points
 from analysis.bootstrap import CurveReplicates
 from analysis.curves import CurveKey
-from analysis.data_axis import full_data, has_data_axis
-from analysis.study import Study, build_study
+from analysis.points import plotted_metrics
+from analysis.study import Study
 from analysis.verdict import analyse_curve, top_slope_contrast
 from analysis.verdict_model import ALPHA, DIRECTIONAL
 from analysis.verdict_text import _decide
@@ -159,8 +163,8 @@ class AdaptivePolicy:
         self.round += 1
         if last:
             return self._round(candidates.iloc[:0], [], 0.0)
-        asks = rank_asks(status, self.judge(points), points, candidates, drawn, every_curve=self.exhaustive,
-                         new_point_seeds=self.interior_seeds, paid=paid)
+        asks = rank_asks(status, self.judged(points).verdicts, points, candidates, drawn,
+                         every_curve=self.exhaustive, new_point_seeds=self.interior_seeds, paid=paid)
         room = self.budget * total - spent
         picked, reasons, cost = [], [], 0.0
         for idx, reason in asks:
@@ -183,21 +187,24 @@ class AdaptivePolicy:
 
     # -- judging -------------------------------------------------------------------------------
     def judge(self, points: pd.DataFrame) -> Study:
-        """The ordinary analysis of the points so far (cached for a repeated call on the same points)."""
+        """The ordinary analysis of the points so far (the model size, resolution and GFLOPs curves)."""
+        return self.judged(points).study
+
+    def judged(self, points: pd.DataFrame) -> Judged:
+        """The analysis of the points so far, data curves included (cached for the same points)."""
         key = (len(points), float(points["value"].sum()))
         if self._cache is None or self._cache[0] != key:
-            main = full_data(points) if has_data_axis(points) else points
-            self._cache = (key, build_study(main, n_boot=self.n_boot, every_metric=True))
+            self._cache = (key, judge_points(points, self.n_boot))
         return self._cache[1]
 
     def settled(self, points: pd.DataFrame, candidates: pd.DataFrame,
                 freeze: bool = True) -> dict[CurveKey, CurveStatus]:
         """Status of every planned curve after the points so far; with ``freeze``, settled claims are
         frozen at this look (an interim look: one of at most ``max_rounds - 1``)."""
-        study = self.judge(points)
+        judged = self.judged(points)
         seeds = seed_counts(points, candidates)
-        out = {key: self.frozen.get(key) or self._status(key, pc, study, seeds)
-               for key, pc in _curve_keys(points, candidates)}
+        out = {key: self.frozen.get(key) or self._status(key, pc, judged, seeds)
+               for key, pc in _curve_keys(points, candidates, judged.counts)}
         for k, s in out.items():
             if s.settled:
                 self.first_settled.setdefault(k, self.round)
@@ -211,15 +218,15 @@ class AdaptivePolicy:
     def final(self, points: pd.DataFrame, candidates: pd.DataFrame) -> dict[CurveKey, CurveStatus]:
         """Verdicts at the end: frozen claims as frozen; every other curve from the final points, its
         claim held only at ``final_alpha`` (the level the interim looks left). Nothing is frozen here."""
-        study = self.judge(points)
+        judged = self.judged(points)
         seeds = seed_counts(points, candidates)
         out = {}
-        for key, pc in _curve_keys(points, candidates):
+        for key, pc in _curve_keys(points, candidates, judged.counts):
             if key in self.frozen:
                 out[key] = self.frozen[key]
                 continue
-            s = self._status(key, pc, study, seeds)
-            v = study.verdicts.get(key)
+            s = self._status(key, pc, judged, seeds)
+            v = judged.family(key).get(key)
             if (s.verdict != OPEN and v is not None and v.kind == "ci" and v.verdict in DIRECTIONAL
                     and not v.p_adj < self.final_alpha):
                 s.verdict = _decide(replace(v), v.p_adj * self.alpha / self.final_alpha).verdict
@@ -227,13 +234,13 @@ class AdaptivePolicy:
             out[key] = s
         return out
 
-    def _status(self, key: CurveKey, pc: PlannedCurve, study: Study,
+    def _status(self, key: CurveKey, pc: PlannedCurve, judged: Judged,
                 seeds: dict[tuple, tuple[int, int]]) -> CurveStatus:
         unit = pc.unit
         now = [seeds.get((*unit, *s), (0, 0)) for s in pc.sites]
         have = [n > 0 for n, _ in now]
         n_pts = int(sum(have))
-        v = study.verdicts.get(key)
+        v = judged.family(key).get(key)
 
         def status(settled: bool, verdict: str, reason: str, freeze: bool = False) -> CurveStatus:
             return CurveStatus(key, settled, verdict, reason, n_pts, len(pc.sites),
@@ -261,7 +268,7 @@ class AdaptivePolicy:
             out = status(False, v.verdict, f"'{v.verdict}' not yet at the interim level: more seeds decide")
             out.weight = PEAK_WEIGHT if v.claim == "peaks" else 1.0
             return out
-        seen = self._projected(key, study, now)
+        seen = self._projected(key, judged, now)
         if all(p == v.verdict for p in seen):
             if claim_ok:
                 return status(True, v.verdict, f"claim at the interim level (adjusted p {v.p_adj:.1e}), stable at "
@@ -277,23 +284,22 @@ class AdaptivePolicy:
             out.weight *= PEAK_WEIGHT
         return out
 
-    def _projected(self, key: CurveKey, study: Study, now: list[tuple[int, int]]) -> list[str]:
+    def _projected(self, key: CurveKey, judged: Judged, now: list[tuple[int, int]]) -> list[str]:
         """Verdicts the curve would get with every planned seed, each with the seed part of the
         covariance scaled by n / N, at this look's BH cut-off: first at the current estimates; then
         moved ``stability_z`` SDs of the unseen seeds' mean along each contrast that decides a shape
         (`_deciding_contrasts`, both ways); then at ``draws`` predictive draws of the full-seed
         estimates (each point moves by N(0, sigma^2 (N - n) / (N n)): the unseen seeds' mean, with
         the current mean's own error). Stops at the first dissent."""
-        curve = study.curve(key)
-        rep = curve.replicates
+        rep, margin = judged.replicates(key)
         f2 = np.array([n / max(full, 1) for n, full in now], float)  # points and sites share x order
-        if rep.no_ci or f2.size != rep.x.size or not rep.parts:
+        if rep is None or rep.no_ci or f2.size != rep.x.size or not rep.parts:
             return ["noisy"]
         seed_var = np.diag(rep.parts.get("seeds", np.zeros((f2.size, f2.size))))  # sigma^2 / n per point
         move_var = seed_var * (1.0 - f2)  # sigma^2 (N - n) / (N n) = (sigma^2 / n) (1 - n / N)
         f = np.sqrt(f2)
         parts = {k: (p * f[:, None] * f[None, :] if k == "seeds" else p) for k, p in rep.parts.items()}
-        p_all = [v.p_adj for v in study.verdicts.values() if np.isfinite(v.p_adj)]
+        p_all = [v.p_adj for v in judged.family(key).values() if np.isfinite(v.p_adj)]  # its BH family
         # BH makes one more discovery at p <= alpha * (found + 1) / m
         scale = max(len(p_all), 1) / (sum(q < self.alpha for q in p_all) + 1)
         # a stable seed (not hash(), which Python salts per process): a resumed live sweep
@@ -310,7 +316,7 @@ class AdaptivePolicy:
             est = rep.estimate + shift
             reps = est + (rep.replicates - rep.estimate) * f
             proj = analyse_curve(CurveReplicates(rep.x, est, reps, rep.method, parts, rep.dfs),
-                                 min_effect=curve.margin, describe=False)
+                                 min_effect=margin, describe=False)
             out.append(_decide(proj, proj.p_claim * scale if np.isfinite(proj.p_claim) else float("nan")).verdict)
             if out[-1] != out[0]:
                 break  # one dissenting projection is enough to keep the curve open
@@ -334,8 +340,14 @@ def _deciding_contrasts(x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
     return out + ([slope] if np.isfinite(slope).all() else [])
 
 
-def _curve_keys(points: pd.DataFrame, candidates: pd.DataFrame):
-    """(curve key, its planned curve) for every metric the points hold of every planned curve."""
+def _curve_keys(points: pd.DataFrame, candidates: pd.DataFrame, counts: bool = True):
+    """(curve key, its planned curve) for every metric the points hold of every planned curve; data
+    curves for the metrics `analysis.data_axis` draws them for, and only where the points give
+    training cases (``counts``: a points file without them has no data curve to settle)."""
+    metrics = performance_metrics(points)
     for pc in planned_curves(candidates):
-        for metric in performance_metrics(points).get(pc.unit, []):
+        for metric in metrics.get(pc.unit, []):
+            yield CurveKey(*pc.unit[:2], metric, pc.unit[2], pc.axis, pc.fixed), pc
+    for pc in planned_data_curves(candidates) if counts else []:
+        for metric in plotted_metrics(metrics.get(pc.unit, [])):
             yield CurveKey(*pc.unit[:2], metric, pc.unit[2], pc.axis, pc.fixed), pc

@@ -23,10 +23,10 @@ from analysis.adaptive.cells import (
     grid_cost,
     priced_by_extraction,
 )
+from analysis.adaptive.judged import judge_points
 from analysis.adaptive.policy import OPEN, AdaptivePolicy
 from analysis.curves import CurveKey
-from analysis.data_axis import full_data, has_data_axis
-from analysis.study import KEY_COLUMNS, build_study
+from analysis.study import KEY_COLUMNS
 
 CURVE_COLUMNS = [*KEY_COLUMNS, "full_verdict", "adaptive_verdict", "same", "status", "settled_round",
                  "reason", "n_points", "planned_points"]
@@ -50,10 +50,9 @@ class ReplayResult:
 
 
 def full_grid_verdicts(points: pd.DataFrame, n_boot: int = 20) -> dict[CurveKey, str]:
-    """What `medscale analyze --points` says of every curve (verdicts do not depend on n_boot:
-    the tests read analytic tails; replicates feed only the reported shape shares)."""
-    main = full_data(points) if has_data_axis(points) else points
-    return {k: v.verdict for k, v in build_study(main, n_boot=n_boot, every_metric=True).verdicts.items()}
+    """What `medscale analyze --points` says of every curve, data curves included (verdicts do not
+    depend on n_boot: the tests read analytic tails; replicates feed only the reported shape shares)."""
+    return {k: v.verdict for k, v in judge_points(points, n_boot).verdicts.items()}
 
 
 def replay(points: pd.DataFrame, policy: AdaptivePolicy, full: dict[CurveKey, str] | None = None, *,
