@@ -31,6 +31,10 @@ def test_replay_cli_writes_every_output_and_prints_agreement_last(tmp_path, caps
     cells = pd.read_csv(out / "cells.csv")
     assert len(cells) == rounds["cells"].sum() and cells["reason"].notna().all()
     assert (out / "summary.json").is_file()
+    # the figure: curves settled vs cost per round, and the full grid's verdicts against the adaptive ones
+    from PIL import Image
+
+    assert Image.open(out / "replay.png").size == (1260, 504) and (out / "replay.svg").is_file()
     text = capsys.readouterr().out
     assert main(["adaptive", "replay", "--points", str(points), "--out", str(tmp_path / "ext"), "--budget", "0.6",
                  "--pricing", "extraction"]) == 0

@@ -270,6 +270,7 @@ def test_live_adaptive_sweep_runs_fewer_cells_and_settles_as_the_full_grid(ray_s
     curves = pd.read_csv(cfg.output_path / "adaptive_curves.csv")
     settled = curves[curves["status"] == "settled"]
     assert len(settled) and settled["settled_round"].notna().all()
+    assert (cfg.output_path / "adaptive_rounds.png").stat().st_size > 0  # curves settled vs cost spent
 
     # Resume while the last round was in progress: its record is re-derived, its cells (all
     # finished) are not run again, and the round is recorded once more, in both places.

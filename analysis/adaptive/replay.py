@@ -23,6 +23,7 @@ from analysis.adaptive.cells import (
     grid_cost,
     priced_by_extraction,
 )
+from analysis.adaptive.figures import rounds_figure
 from analysis.adaptive.judged import judge_points
 from analysis.adaptive.policy import OPEN, AdaptivePolicy
 from analysis.curves import CurveKey
@@ -41,6 +42,7 @@ class ReplayResult:
     agreement: float  # share of curves whose adaptive verdict equals the full grid's
     cost_share: float  # cost of the cells run / cost of the full grid
     extraction_share: float = float("nan")  # encoder work of the extractions they needed / the grid's
+    budget: float = float("nan")  # the policy's budget (a share of the grid's cost)
 
     def summary(self) -> dict:
         open_ = self.curves[self.curves["status"] == "open"]
@@ -108,11 +110,13 @@ def replay(points: pd.DataFrame, policy: AdaptivePolicy, full: dict[CurveKey, st
     # what a medscale sweep would have encoded: every extraction any chosen cell needs, once
     encode = priced_by_extraction(base, 0.0)
     ext = cost_of(encode, ran) / max(grid_cost(encode), 1e-300)
-    return ReplayResult(curves, pd.DataFrame(rounds, columns=ROUND_COLUMNS), cells, agreement, spent / total, ext)
+    return ReplayResult(curves, pd.DataFrame(rounds, columns=ROUND_COLUMNS), cells, agreement, spent / total, ext,
+                        policy.budget)
 
 
 def write_replay(result: ReplayResult, out: str | Path) -> dict[str, Path]:
-    """curves.csv, rounds.csv, cells.csv and summary.json in ``out``."""
+    """curves.csv, rounds.csv, cells.csv, summary.json and replay.png / .svg (`figures.rounds_figure`)
+    in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.csv" for name in ("curves", "rounds", "cells")}
@@ -123,4 +127,8 @@ def write_replay(result: ReplayResult, out: str | Path) -> dict[str, Path]:
     result.cells[cols].to_csv(paths["cells"], index=False)
     paths["summary"] = out / "summary.json"
     paths["summary"].write_text(json.dumps(result.summary(), indent=2, default=str) + "\n")
+    rounds = result.rounds.rename(columns={"settled_after": "settled"})
+    paths["figure"] = rounds_figure(rounds, len(result.curves), result.budget, out, "replay", result.curves,
+                                    f"adaptive replay: agreement {result.agreement:.3f}, "
+                                    f"cost {result.cost_share:.3f} of the full grid")[0]
     return paths

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.adaptive.cells import cost_of, grid_cost
+from analysis.adaptive.figures import rounds_figure
 from analysis.adaptive.policy import AdaptivePolicy
 from analysis.adaptive.summary import ADAPTIVE_CURVES, curves_frame, end_lines
 from orchestrator import console
@@ -192,6 +193,8 @@ def run_adaptive(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False,
         raise ConfigError(f"adaptive budget {share:.1%}: it buys no cell of round 0 (the grid's corners)")
     curves = curves_frame(policy.final(loop.points, cands))
     curves.to_csv(cfg.output_path / ADAPTIVE_CURVES, index=False)
+    rounds_figure(pd.DataFrame(loop.rows), len(curves), share, cfg.output_path, "adaptive_rounds",
+                  title=f"adaptive sweep '{cfg.name}': {len(loop.chosen)} of {len(cells)} cells")
     write_summary(cfg, loop.outcome)
     out = AdaptiveOutcome(loop.outcome, pd.DataFrame(loop.rows), curves, len(cells), len(loop.chosen),
                           loop.spent / loop.total if loop.total else float("nan"))
