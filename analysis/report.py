@@ -304,7 +304,7 @@ def build_document(study: Study, figures: list[Plot], out_dir: Path, title: str,
     if adaptive is not None:
         from analysis.adaptive.summary import adaptive_section
 
-        adaptive_section(doc, adaptive)
+        adaptive_section(doc, adaptive, out_dir)
     _results(doc, study)
     family_section(doc, matched_compute(study.agg[study.agg["metric"].map(is_performance_metric)]))
     _fits(doc, study)

@@ -93,14 +93,16 @@ def analyze(*, tracking_uri: str | None = None, experiments: list[str] | None = 
 
 def _adaptive_curves(output: Path):
     """`adaptive_curves.csv` of an adaptive sweep (the round each curve settled at), else None."""
-    from analysis.adaptive.summary import ADAPTIVE_CURVES
+    from analysis.adaptive.summary import ADAPTIVE_CURVES, ROUNDS_FIGURE
 
     path = output / ADAPTIVE_CURVES
     if not path.is_file():
         return None
     import pandas as pd
 
-    return pd.read_csv(path, dtype={"settled_round": "Int64"})
+    curves = pd.read_csv(path, dtype={"settled_round": "Int64"})
+    curves.attrs["figure"] = output / f"{ROUNDS_FIGURE}.png"
+    return curves
 
 
 def _mlflow_runs(df):

@@ -304,3 +304,4 @@ def test_live_adaptive_sweep_runs_fewer_cells_and_settles_as_the_full_grid(ray_s
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
     report = analyze(config=str(tmp_path / "sweep.yaml"), n_boot=0, log=False)["report"].read_text()
     assert "## Adaptive sweep" in report and f"{len(settled)} of {len(curves)} curves settled" in report
+    assert "](../adaptive_rounds.png)" in report  # the rounds' figure, beside the sweep's CSVs

@@ -4,6 +4,9 @@ orchestrator/sweep/adaptive.py), the lines it prints at the end, and the report'
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pandas as pd
 
 from analysis.adaptive.policy import CurveStatus
@@ -12,6 +15,7 @@ from analysis.document import Document
 from analysis.study import KEY_COLUMNS
 
 ADAPTIVE_CURVES = "adaptive_curves.csv"
+ROUNDS_FIGURE = "adaptive_rounds"  # .png / .svg beside it: curves settled vs cost spent per round
 COLUMNS = [*KEY_COLUMNS, "verdict", "status", "settled_round", "reason", "n_points", "planned_points"]
 
 
@@ -49,14 +53,20 @@ def end_lines(curves: pd.DataFrame, limit: int = 12) -> list[str]:
     return lines
 
 
-def adaptive_section(doc: Document, curves: pd.DataFrame) -> None:
-    """The report's "Adaptive sweep" section: per curve, the round at which it settled."""
+def adaptive_section(doc: Document, curves: pd.DataFrame, out_dir: Path | None = None) -> None:
+    """The report's "Adaptive sweep" section: per curve, the round at which it settled (and the
+    rounds' figure, `curves.attrs["figure"]`, where the sweep drew it; linked relative to ``out_dir``)."""
     doc.heading("Adaptive sweep")
     n_open = int((curves["status"] == "open").sum())
     doc.para(f"This sweep ran adaptively (docs/analysis.md, \"Adaptive sweeps\"): {len(curves) - n_open} of "
              f"{len(curves)} curves settled, {n_open} stayed open. The verdict here is the adaptive one "
              "(claims frozen at an interim look, the rest at the final look's level), from `adaptive_curves.csv`; "
              "the sections above judge the same points as an ordinary analysis.")
+    fig = curves.attrs.get("figure")
+    if fig is not None and Path(fig).is_file() and out_dir is not None:
+        rel = os.path.relpath(fig, out_dir)
+        doc.image(Path(fig), "Curves settled against the share of the full grid's cost spent, per round.", rel,
+                  link=str(Path(rel).with_suffix(".svg")))
     rows = [[label(r), str(r["verdict"]), str(r["status"]),
              "-" if pd.isna(r["settled_round"]) else str(int(r["settled_round"])),
              f"{int(r['n_points'])}/{int(r['planned_points'])}", str(r["reason"])]

@@ -26,7 +26,7 @@ import pandas as pd
 from analysis.adaptive.cells import cost_of, grid_cost
 from analysis.adaptive.figures import rounds_figure
 from analysis.adaptive.policy import AdaptivePolicy
-from analysis.adaptive.summary import ADAPTIVE_CURVES, curves_frame, end_lines
+from analysis.adaptive.summary import ADAPTIVE_CURVES, ROUNDS_FIGURE, curves_frame, end_lines
 from orchestrator import console
 from orchestrator.grid.adaptive import AdaptiveSettings
 from orchestrator.grid.cells import config_identities, plan_cells
@@ -193,7 +193,7 @@ def run_adaptive(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False,
         raise ConfigError(f"adaptive budget {share:.1%}: it buys no cell of round 0 (the grid's corners)")
     curves = curves_frame(policy.final(loop.points, cands))
     curves.to_csv(cfg.output_path / ADAPTIVE_CURVES, index=False)
-    rounds_figure(pd.DataFrame(loop.rows), len(curves), share, cfg.output_path, "adaptive_rounds",
+    rounds_figure(pd.DataFrame(loop.rows), len(curves), share, cfg.output_path, ROUNDS_FIGURE,
                   title=f"adaptive sweep '{cfg.name}': {len(loop.chosen)} of {len(cells)} cells")
     write_summary(cfg, loop.outcome)
     out = AdaptiveOutcome(loop.outcome, pd.DataFrame(loop.rows), curves, len(cells), len(loop.chosen),
