@@ -8,7 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.adaptive.cells import candidates_from_points, planned_data_curves, site_rows
+from analysis.adaptive.cells import (
+    axis_ends,
+    candidates_from_points,
+    planned_data_curves,
+    site_rows,
+    size_labels,
+)
 from analysis.adaptive.policy import AdaptivePolicy
 from analysis.adaptive.replay import full_grid_verdicts, replay
 from analysis.adaptive.synthetic import generate_study
@@ -45,6 +51,20 @@ def test_data_curves_are_planned_per_encoder_and_resolution_in_train_size_order(
                          train_fraction=cands["train_fraction"].where(cands["train_fraction"] != 0.1, 1.0))
     pc = next(p for p in planned_data_curves(shots) if p.fixed == "dinov3_vitb16 @ 224 px")
     assert [s[2] if len(s) == 3 else "all" for s in pc.sites] == ["k8", "f0.3", "all"] and pc.x == (1.0, 2.0, 3.0)
+
+
+@pytest.mark.parametrize("layout", ["shots", "blank_whole"])
+def test_round_zero_takes_the_smallest_and_largest_train_size(sized, layout):
+    df, _, _ = sized
+    cands = candidates_from_points(df)
+    if layout == "shots":  # 2 and 8 patients per class beside the whole split (shots 0)
+        cands = cands.assign(train_shots=cands["train_fraction"].map({0.1: 2, 0.3: 8, 1.0: 0}), train_fraction=1.0)
+        want = {"k2", "all"}
+    else:  # the whole split left blank, as a points file may write it: its largest is still the whole
+        cands = cands.assign(train_fraction=cands["train_fraction"].where(cands["train_fraction"] < 1))
+        want = {"f0.1", "all"}
+    r0 = axis_ends(cands, 2)
+    assert set(size_labels(r0)) == want and len(r0) == 4 * 2 * 2  # 4 corners x 2 sizes x 2 seeds
 
 
 def test_budget_one_equals_the_full_grid_with_a_data_axis(sized):

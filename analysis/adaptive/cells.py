@@ -142,10 +142,9 @@ def axis_ends(candidates: pd.DataFrame, n_seeds: int) -> pd.DataFrame:
         for enc in ends:
             e = g[g["encoder"] == enc]
             mask &= (g["encoder"] != enc) | g["resolution"].isin([e["resolution"].min(), e["resolution"].max()])
-        for col in (c for c in SIZE if c in g.columns):
-            v = g[col].astype(float)
-            if v.notna().any():
-                mask &= v.isna() | v.isin([v.min(), v.max()])
+        if any(c in g.columns for c in SIZE):  # the smallest and largest train size (k-shot < fraction < all)
+            order = sorted(set(size_labels(g)), key=_size_x)
+            mask &= np.isin(size_labels(g), [order[0], order[-1]])
         sel = g[mask]
         seeds = sel.groupby(site_columns(sel), dropna=False)["seed"].rank(method="first")
         keep.append(sel[seeds <= n_seeds])
