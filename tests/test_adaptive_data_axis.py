@@ -126,3 +126,16 @@ def test_data_curve_verdicts_read_analytic_tails_at_the_metrics_unit(sized):
     pct = df.assign(value=df["value"].where(~metric, 100 * df["value"]), unit=np.where(metric, "percent", ""))
     c = judge_data_curves(data_curves(pd.DataFrame(pct), n_boot=20))
     assert {k: v.verdict for k, v in c.items()} == {k: v.verdict for k, v in a.items()}
+
+
+def test_a_null_study_with_a_data_axis_gets_no_claim_across_rounds():
+    """FDR across rounds covers the data curves' family too: pure noise at every train size, so any
+    claim is false; the adaptive run, interim looks included, makes none."""
+    df, _ = generate_study(seed=5, n_datasets=1, protocols=("linear_probe",), metrics=("auc",),
+                           resolutions=(224, 1024), train_fractions=FRACTIONS, case_sd=0.0)
+    auc = df["metric"] == "auc"
+    df.loc[auc, "value"] = 0.8 + 0.003 * np.random.default_rng(1).normal(size=int(auc.sum()))
+    res = replay(df, AdaptivePolicy(budget=0.5, draws=2))
+    assert (res.curves["axis"] == DATA_AXIS).sum() == 6
+    claims = res.curves["adaptive_verdict"].isin(["scales", "saturates", "peaks", "inverse", "mixed"])
+    assert claims.sum() == 0, res.curves[claims]
