@@ -277,13 +277,13 @@ def cell_intervals(g: Group, level: float = CI_LEVEL) -> tuple[np.ndarray, np.nd
     return lo, hi
 
 
-def judge(curves: list[Curve], correction: str = "bh") -> dict[CurveKey, CurveVerdict]:
+def judge(curves: list[Curve], correction: str = "bh", describe: bool = True) -> dict[CurveKey, CurveVerdict]:
     """One `judge_curves` call over every curve: one family, each curve with its margin; degenerate
     curves are left out of the family and marked `degenerate`."""
     if not curves:
         return {}
     out = judge_curves({c.key: c.replicates for c in curves}, min_effect={c.key: c.margin for c in curves},
-                       exclude={c.key: c.degenerate for c in curves}, correction=correction)
+                       exclude={c.key: c.degenerate for c in curves}, correction=correction, describe=describe)
     for c in curves:
         if c.degenerate:
             v = out[c.key]

@@ -124,11 +124,11 @@ def data_curves(df: pd.DataFrame, predictions: dict | None = None, n_boot: int =
     return out
 
 
-def judge_data_curves(curves: list[DataCurve]) -> dict:
+def judge_data_curves(curves: list[DataCurve], describe: bool = True) -> dict:
     """Every data curve's verdict, one Benjamini-Hochberg family (module doc)."""
     reps = {c.key: c.rep if c.rep is not None else CurveReplicates(c.x, c.sign * c.estimate) for c in curves}
     margins = {c.key: c.margin if np.isfinite(c.margin) else margin_for(c.key.metric) for c in curves}
-    return judge_curves(reps, min_effect=margins) if reps else {}
+    return judge_curves(reps, min_effect=margins, describe=describe) if reps else {}
 
 
 def cases_to_reach(x: np.ndarray, y: np.ndarray, target: float) -> tuple[float, str]:

@@ -86,8 +86,9 @@ def degenerate_cells(agg: pd.DataFrame, units: dict[tuple[str, str, str], str]) 
 
 def build_study(df: pd.DataFrame, *, predictions: dict[str, pd.DataFrame] | None = None, n_boot: int = 1000,
                 seed: int = 0, reference: bool = False, every_metric: bool | None = None,
-                correction: str = "bh") -> Study:
-    """Aggregate `df`, make each group's replicates, slice curves and judge them all at once."""
+                correction: str = "bh", describe: bool = True) -> Study:
+    """Aggregate `df`, make each group's replicates, slice curves and judge them all at once
+    (``describe=False``: verdicts without fitted forms, for callers that only read verdicts)."""
     d = df.copy()
     d["weights"] = d["weights"].fillna("").astype(str) if "weights" in d.columns else ""
     agg = with_family(aggregate(d), d)  # curves per family; the matched-compute table
@@ -129,7 +130,7 @@ def build_study(df: pd.DataFrame, *, predictions: dict[str, pd.DataFrame] | None
         name = f"{r['dataset']} / {r['protocol']} / {r['metric']}"
         if name not in judged:
             left_out[name] = "no curve: fewer than two encoders at one resolution and no encoder at two resolutions"
-    return Study(d, agg, groups, curves, judge(curves, correction), n_boot, reference, left_out, correction)
+    return Study(d, agg, groups, curves, judge(curves, correction, describe), n_boot, reference, left_out, correction)
 
 
 def verdict_frame(study: Study) -> pd.DataFrame:

@@ -130,8 +130,9 @@ def analyse_curve(curve: CurveReplicates, *, level: float = CI_LEVEL,
     """Statistics, the claim and an uncorrected verdict for one curve (a family of one).
 
     ``describe=False`` skips what only the report reads (the fitted forms, the replicates' shape
-    shares): the claim, its p-value and the verdict are the same, at a third of the time - for
-    callers that judge many what-if versions of a curve (`analysis.adaptive.policy`)."""
+    shares, the top gain's p, the isotonic test where the claim does not use it): the claim, its
+    p-value and the verdict are the same, at a fraction of the time - for callers that judge many
+    what-if versions of a curve (`analysis.adaptive.policy`)."""
     ok = np.flatnonzero(np.isfinite(curve.x) & np.isfinite(curve.estimate) & (curve.x > 0))
     c = curve.take(ok[np.argsort(curve.x[ok], kind="stable")])
     x, y = c.x, c.estimate
@@ -160,14 +161,16 @@ def analyse_curve(curve: CurveReplicates, *, level: float = CI_LEVEL,
     v.peak_x = float(x[np.argmax(y)])
     v.vertex_x = fit.fits["quadratic"].peak_x if "quadratic" in fit.fits else float("nan")
     d_est = float(y[-1] - y[:-1].max())
-    p_top = [_effect(_unit(n, n - 1) - _unit(n, j), y, parts, dfs, level).p_up for j in range(n - 1)]
+    # reported only (the top gain's p): what describe=False skips, with the isotonic test where
+    # the claim does not read it - its Monte Carlo weights are the analysis' slowest part
+    p_top = [_effect(_unit(n, n - 1) - _unit(n, j), y, parts, dfs, level).p_up for j in range(n - 1)] if describe else []
     if reps is not None:
         dr = reps[:, -1] - reps[:, :-1].max(axis=1)
         lo, hi = np.percentile(dr, [50 * (1 - level), 50 * (1 + level)])
-        v.gain_top = Effect(d_est, float(lo), float(hi), _pmax(*p_top))
+        v.gain_top = Effect(d_est, float(lo), float(hi), _pmax(*p_top) if p_top else float("nan"))
         if describe:
             _replicate_shape(v, reps, se if (se > 0).all() else None, level)
-        if n >= 3:
+        if n >= 3 and (describe or _shape(v, m) in ISO_CLAIMS):
             v.iso_stat, v.iso_p = isotonic_p(y, parts, dfs)
         pair = [_effect(_unit(n, j) - _unit(n, i), y, parts, dfs, level) for i in range(n) for j in range(i + 1, n)]
         v.flat_ok = all(e.classify(m) == "negligible" for e in pair)
@@ -183,23 +186,34 @@ def _pmax(*ps: float) -> float:
     return float("nan") if any(not np.isfinite(p) for p in ps) else float(max(ps))
 
 
-def _claim(v: CurveVerdict, m: float) -> None:
-    """The first shape the estimates show, and the p-value of claiming it (module docstring)."""
+def _shape(v: CurveVerdict, m: float) -> str:
+    """The first shape the point estimates show ('' for none); the module docstring's list."""
     n, y = v.x.size, v.estimate
     G, R, D, s = v.gain_total, v.rise_to_best, v.drop_after_best, v.slope_top
     js = int(np.argmax(y[:-1]))
     if n >= 3 and 0 < js < n - 1 and R.estimate >= m and D.estimate <= -m:
-        v.claim, v.p_claim = "peaks", _pmax(v.iso_p, R.p_up, 1 - D.p_up)
-    elif G.estimate <= -m:
-        v.claim, v.p_claim = "inverse", 1 - G.p_up
-    elif n >= 3 and G.estimate >= m and (s.classify(m) == "negligible" if not v.no_ci else abs(s.estimate) < m):
-        v.claim, v.p_claim = "saturates", G.p_up
-    elif G.estimate >= m and (s.estimate > 0 if not v.no_ci else s.estimate >= m):
-        v.claim, v.p_claim = "scales", _pmax(G.p_up, s.p_up)
-    elif n >= 3 and v.max_drop >= m:
-        v.claim, v.p_claim = "mixed", v.iso_p
-    else:
-        v.claim, v.p_claim = "", float("nan")
+        return "peaks"
+    if G.estimate <= -m:
+        return "inverse"
+    if n >= 3 and G.estimate >= m and (s.classify(m) == "negligible" if not v.no_ci else abs(s.estimate) < m):
+        return "saturates"
+    if G.estimate >= m and (s.estimate > 0 if not v.no_ci else s.estimate >= m):
+        return "scales"
+    if n >= 3 and v.max_drop >= m:
+        return "mixed"
+    return ""
+
+
+ISO_CLAIMS = ("peaks", "mixed")  # the claims whose p-value includes the isotonic test
+
+
+def _claim(v: CurveVerdict, m: float) -> None:
+    """The first shape the estimates show, and the p-value of claiming it (module docstring)."""
+    G, R, D, s = v.gain_total, v.rise_to_best, v.drop_after_best, v.slope_top
+    v.claim = _shape(v, m)
+    v.p_claim = {"peaks": lambda: _pmax(v.iso_p, R.p_up, 1 - D.p_up), "inverse": lambda: 1 - G.p_up,
+                 "saturates": lambda: G.p_up, "scales": lambda: _pmax(G.p_up, s.p_up),
+                 "mixed": lambda: v.iso_p}.get(v.claim, lambda: float("nan"))()
 
 
 def _replicate_shape(v: CurveVerdict, reps: np.ndarray, sigma, level: float) -> None:
@@ -236,8 +250,9 @@ def _replicate_shape(v: CurveVerdict, reps: np.ndarray, sigma, level: float) -> 
 
 def judge_curves(curves: Mapping | Sequence[CurveReplicates], *, level: float = CI_LEVEL,
                  min_effect: float | Mapping | Sequence[float] = MIN_EFFECT, correction: str = CORRECTION,
-                 exclude: Mapping | Sequence[bool] | None = None) -> dict | list[CurveVerdict]:
-    """Analyse many curves and decide each with its claim's p-value corrected across all of them.
+                 exclude: Mapping | Sequence[bool] | None = None, describe: bool = True) -> dict | list[CurveVerdict]:
+    """Analyse many curves and decide each with its claim's p-value corrected across all of them
+    (``describe=False``: verdicts only, without what only a report reads - `analyse_curve`).
 
     Accepts a mapping (key -> CurveReplicates; returns key -> CurveVerdict) or a sequence.
     ``min_effect``: one margin, or one per curve (mapping with the same keys, or a sequence):
@@ -258,7 +273,7 @@ def judge_curves(curves: Mapping | Sequence[CurveReplicates], *, level: float = 
         return [default if arg is None else arg] * len(keys)
     margins = [float(m) for m in per_curve(min_effect, MIN_EFFECT, "margins")]
     skip = [bool(e) for e in per_curve(exclude, False, "exclusion flags")]
-    stats_ = [analyse_curve(c, level=level, min_effect=m) for c, m in zip(items, margins, strict=True)]
+    stats_ = [analyse_curve(c, level=level, min_effect=m, describe=describe) for c, m in zip(items, margins, strict=True)]
     fam = [not s.no_ci and not e and s.x.size >= MIN_POINTS for s, e in zip(stats_, skip, strict=True)]
     p = [(s.p_claim if np.isfinite(s.p_claim) else 1.0) if f else float("nan") for s, f in zip(stats_, fam, strict=True)]
     adj = CORRECTIONS[correction](p)

@@ -188,12 +188,17 @@ def test_a_verdict_on_a_knife_edge_stays_open():
             assert all(s.settled == expect for s in peaks), (fall, z, [s.reason for s in peaks])
 
 
-def test_undescribed_analysis_decides_as_the_described_one(small):
-    """The projections judge curves with ``describe=False`` (no fitted forms, no shape shares): the
-    claim, its p-value, flat_ok and the verdict must be those of the full analysis."""
-    df, _, _ = small
+@pytest.mark.parametrize("resolutions", [RES, (224, 384, 512, 768, 1024)])
+def test_undescribed_analysis_decides_as_the_described_one(resolutions):
+    """The policy judges curves with ``describe=False`` (no fitted forms, no shape shares, the
+    isotonic test only for the claims that read it): the claim, its p-value, flat_ok and the verdict
+    must be those of the full analysis, the whole study's BH verdicts included."""
+    # truths flat, power, saturating and (precision) a peak
+    df, _ = generate_study(seed=3, n_datasets=1, protocols=("linear_probe",),
+                           metrics=("auc", "acc", "f1_macro", "precision"), resolutions=resolutions)
     study = build_study(df, n_boot=20, every_metric=True)
-    checked = 0
+    fast = build_study(df, n_boot=20, every_metric=True, describe=False)
+    checked, iso = 0, 0
     for key in study.verdicts:
         c = study.curve(key)
         full = analyse_curve(c.replicates, min_effect=c.margin)
@@ -201,8 +206,11 @@ def test_undescribed_analysis_decides_as_the_described_one(small):
         assert (light.claim, light.verdict, light.flat_ok) == (full.claim, full.verdict, full.flat_ok), key
         assert light.p_claim == full.p_claim or (np.isnan(light.p_claim) and np.isnan(full.p_claim))
         assert not light.fit.fits
+        assert (fast.verdicts[key].verdict, fast.verdicts[key].p_adj) == (study.verdicts[key].verdict,
+                                                                          study.verdicts[key].p_adj), key
         checked += bool(full.fit.fits)  # what describe=False skips
-    assert checked >= 3
+        iso += full.claim in ("peaks", "mixed") and np.isfinite(full.iso_p)
+    assert checked >= 3 and (iso >= 1 or resolutions == RES)  # the 5-px grid has a peak or mixed claim
 
 
 def test_priced_by_extraction_pays_each_extraction_once(small):

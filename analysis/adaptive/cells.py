@@ -168,7 +168,7 @@ class PlannedCurve:
     unit: tuple
     axis: str
     fixed: str
-    sites: tuple[tuple, ...]  # (encoder, resolution) per point
+    sites: tuple[tuple, ...]  # (encoder, resolution) per point; a train-size subset adds its size label
     x: tuple[float, ...]
 
 

@@ -44,10 +44,12 @@ class Judged:
 
 
 def judge_points(points: pd.DataFrame, n_boot: int) -> Judged:
-    """Judge every curve of ``points`` (verdicts read analytic tails: ``n_boot`` feeds only shape shares)."""
+    """Judge every curve of ``points``: verdicts only (no fitted forms - the policy reads none, and
+    the verdicts are the same, `verdict.analyse_curve`); they read analytic tails, so ``n_boot``
+    feeds nothing the policy uses."""
     sized = has_data_axis(points)
     main = full_data(points) if sized else points
     data = {c.key: c for c in data_curves(points, n_boot=n_boot)} if sized else {}
     counts = "n_train" in points.columns and bool(points["n_train"].notna().any())
-    return Judged(build_study(main, n_boot=n_boot, every_metric=True), data,
-                  judge_data_curves(list(data.values())) if data else {}, counts)
+    return Judged(build_study(main, n_boot=n_boot, every_metric=True, describe=False), data,
+                  judge_data_curves(list(data.values()), describe=False) if data else {}, counts)
