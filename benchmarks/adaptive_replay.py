@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--round-share", type=float, default=AdaptivePolicy.round_share)
+    ap.add_argument("--max-rounds", type=int, default=AdaptivePolicy.max_rounds)
     ap.add_argument("--datasets", type=int, default=4)
     ap.add_argument("--seed-sd", type=float, default=0.003, help="noise per run (default 0.003)")
     ap.add_argument("--case-sd", type=float, default=0.0015, help="test-set offset per cell (default 0.0015)")
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                                     shift_sd=args.shift_sd, seed_free=("knn",) if args.seed_free_knn else (),
                                     train_fractions=tuple(args.train_fractions))
         t0 = time.perf_counter()
-        res = replay(df, AdaptivePolicy(budget=args.budget), pricing=args.pricing, head_share=args.head_share)
+        policy = AdaptivePolicy(budget=args.budget, round_share=args.round_share, max_rounds=args.max_rounds)
+        res = replay(df, policy, pricing=args.pricing, head_share=args.head_share)
         recall, full_recall = peak_recall(res.curves, truths)
         if args.out:
             write_replay(res, Path(args.out) / f"seed{seed}")
