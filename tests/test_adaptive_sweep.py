@@ -190,7 +190,7 @@ def test_a_live_grid_with_train_fractions_plans_and_asks_for_its_data_curves(tmp
     cands = candidates(cfg, cells, plan, AdaptiveSettings(pricing="cell"))
     planned = planned_data_curves(cands)
     assert [pc.x for pc in planned] == [(0.2, 0.5, 1.0)] * 3  # one per resolution (one encoder)
-    policy = AdaptivePolicy(budget=0.8)
+    policy = AdaptivePolicy(budget=0.8, round_share=0.5)  # a round large enough to hold every ask
     r0 = policy.initial_cells(cands).cells
     assert sorted(r0["train_fraction"].unique()) == [0.2, 1.0]
     rows = [{**r[["dataset", "protocol", "weights", "encoder", "resolution", "train_fraction", "train_shots",

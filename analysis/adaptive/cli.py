@@ -21,9 +21,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="share of the full grid's cost the policy may spend (default 0.5; 1: the whole grid)")
     r.add_argument("--confidence", type=float, default=0.9995,
                    help="a claim settles at an interim look when its adjusted p <= 1 - confidence (default 0.9995)")
-    r.add_argument("--max-rounds", type=int, default=8, help="rounds at most, round 0 included (default 8)")
-    r.add_argument("--round-share", type=float, default=0.08,
-                   help="the most one round may spend, as a share of the full grid's cost (default 0.08)")
+    r.add_argument("--max-rounds", type=int, default=12, help="rounds at most, round 0 included (default 12)")
+    r.add_argument("--round-share", type=float, default=0.05,
+                   help="the most one round may spend, as a share of the full grid's cost (default 0.05)")
     # cells.PRICINGS, written out: importing cells here would slow `medscale --help`
     r.add_argument("--pricing", choices=("cell", "extraction"), default="cell",
                    help="cell (default): every run pays its GFLOPs x items; extraction: as a medscale sweep "

@@ -105,8 +105,8 @@ class AdaptivePolicy:
     alpha: float = ALPHA
     initial_seeds: int = 2
     interior_seeds: int = 1
-    max_rounds: int = 8
-    round_share: float = 0.08
+    max_rounds: int = 12
+    round_share: float = 0.05  # smaller rounds look more often before spending (docs/analysis.md, "Measured")
     interim_alpha: float | None = None
     n_boot: int = 20  # verdicts read analytic tails; replicates only feed shape shares
     draws: int = 6  # predictive draws of the full-seed estimates a settled curve must agree with

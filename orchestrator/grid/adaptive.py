@@ -20,8 +20,8 @@ class AdaptiveSettings(BaseModel):
                                        "instead of a share (needs item counts for every extraction)")
     confidence: float = Field(default=0.9995, gt=0, lt=1, description="a claim settles at an interim look "
                               "when its BH-adjusted p <= 1 - confidence")
-    max_rounds: int = Field(default=8, ge=1, description="rounds at most, round 0 included")
-    round_share: float = Field(default=0.08, gt=0, le=1, description="the most one round after round 0 may "
+    max_rounds: int = Field(default=12, ge=1, description="rounds at most, round 0 included")
+    round_share: float = Field(default=0.05, gt=0, le=1, description="the most one round after round 0 may "
                                "spend, as a share of the full grid's cost: smaller rounds look more often "
                                "(fewer wasted cells), larger ones wait less on a cluster with room")
 
