@@ -34,7 +34,9 @@ def rounds_figure(rounds: pd.DataFrame, n_curves: int, budget: float, out_dir: P
     ax = fig.add_subplot(1, 2 if both else 1, 1)
     spent = np.r_[0.0, rounds["spent_share"].to_numpy(float)]
     settled = np.r_[0.0, rounds["settled"].to_numpy(float)] / max(n_curves, 1)
-    ax.plot(spent, settled, marker="o", color="#1f4e79", drawstyle="steps-post" if len(spent) < 3 else "default")
+    # a round's curves settle once its cells are paid for: a step at each round's spend
+    ax.step(spent, settled, where="post", color="#1f4e79")
+    ax.plot(spent[1:], settled[1:], "o", color="#1f4e79")
     for r, x, y in zip(rounds["round"], spent[1:], settled[1:], strict=True):
         ax.annotate(f"{int(r)}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
     if np.isfinite(budget) and budget < 1:
