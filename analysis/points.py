@@ -10,6 +10,7 @@ mean / std / n and a 95% t-interval; `analysis.study` replaces that interval by 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,13 @@ def read_points_csv(path: str | Path) -> pd.DataFrame:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ConfigError(f"{source}: not a readable CSV ({e})") from e
-    raw.columns = [str(c).strip() for c in raw.columns]
+    # headers as people write them: "GFLOPs", "Params", "train size", "n-train" name our columns
+    named = [re.sub(r"[\s\-]+", "_", str(c).strip().lower()) for c in raw.columns]
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{source}: more than one column reads as {', '.join(repr(n) for n in twice)} "
+                          "(headers are read case-blind, spaces and '-' as '_'); keep one")
+    raw.columns = named
     missing = [c for c in POINT_COLUMNS if c not in raw.columns]
     if missing:
         raise ConfigError(f"{source}: missing column(s) {', '.join(repr(c) for c in missing)}; "

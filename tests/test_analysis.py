@@ -225,6 +225,19 @@ def test_read_points_csv_rejects_bad_files(tmp_path, mutate, column, row):
         assert row in msg
 
 
+def test_read_points_csv_reads_headers_as_people_write_them(tmp_path):
+    df = make_points(seeds=(0, 1), metrics=("auc",))
+    path = tmp_path / "headers.csv"
+    df.rename(columns={"gflops": "GFLOPs", "params": "Params", "resolution": " Resolution "}).to_csv(path, index=False)
+    back = read_points_csv(path)
+    np.testing.assert_allclose(back["gflops"], df["gflops"])
+    assert list(back.columns[: len(POINT_COLUMNS)]) == POINT_COLUMNS
+    # two headers that read as one column: refused, naming it
+    df.assign(GFLOPS=df["gflops"]).to_csv(path, index=False)
+    with pytest.raises(ConfigError, match=r"headers\.csv: more than one column reads as 'gflops'"):
+        read_points_csv(path)
+
+
 def test_read_points_csv_reads_params_in_millions(tmp_path):
     df = make_points(seeds=(0, 1), metrics=("auc",))
     path = tmp_path / "millions.csv"
