@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pydantic
 import pytest
@@ -30,7 +32,13 @@ def test_replay_cli_writes_every_output_and_prints_agreement_last(tmp_path, caps
     assert abs(rounds["spent_share"].iloc[-1] - float(fields["cost"])) < 1e-3
     cells = pd.read_csv(out / "cells.csv")
     assert len(cells) == rounds["cells"].sum() and cells["reason"].notna().all()
-    assert (out / "summary.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    by_axis = summary["by_axis"]  # per axis: curves, agreement, and how many differing ones stayed open
+    assert set(by_axis) == {"params", "resolution", "gflops"} and sum(a["curves"] for a in by_axis.values()) == 6
+    for axis, a in by_axis.items():
+        rows = curves[curves["axis"] == axis]
+        assert a["agreement"] == pytest.approx(rows["same"].mean()) and a["differ"] == int((~rows["same"]).sum())
+        assert a["differ_open"] == int((~rows["same"] & (rows["status"] == "open")).sum())
     # the figure: curves settled vs cost per round, and the full grid's verdicts against the adaptive ones
     from PIL import Image
 

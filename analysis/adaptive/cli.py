@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"curves: {len(result.curves)}, settled {len(result.curves) - len(open_)}, open {len(open_)}")
     for reason, n in open_["reason"].value_counts().head(8).items():
         print(f"  open ({n}): {reason}")
+    print("agreement by axis:")
+    for axis, a in result.by_axis().items():
+        print(f"  {axis}: {a['curves']} curves, agreement {a['agreement']:.3f}"
+              + (f" ({a['differ']} differ, {a['differ_open']} of them open)" if a["differ"] else ""))
     print(f"written: {', '.join(str(p) for p in paths.values())}")
     # with features cached, a cell's seeds and protocols share its extraction: the encoding a
     # medscale sweep of the chosen cells would do, next to the per-run cost share

@@ -44,11 +44,22 @@ class ReplayResult:
     extraction_share: float = float("nan")  # encoder work of the extractions they needed / the grid's
     budget: float = float("nan")  # the policy's budget (a share of the grid's cost)
 
+    def by_axis(self) -> dict[str, dict]:
+        """Per axis (params, resolution, gflops, train cases): curves, the share that agree, and how
+        many of the differing ones stayed open - where the budget, not the policy, decided."""
+        out = {}
+        for axis, g in self.curves.groupby("axis", sort=True):
+            differ = g[~g["same"].astype(bool)]
+            out[str(axis)] = {"curves": len(g), "agreement": float(g["same"].mean()),
+                              "differ_open": int((differ["status"] == "open").sum()), "differ": len(differ)}
+        return out
+
     def summary(self) -> dict:
         open_ = self.curves[self.curves["status"] == "open"]
         return {"curves": len(self.curves), "agreement": self.agreement, "cost_share": self.cost_share,
                 "extraction_share": self.extraction_share, "rounds": len(self.rounds), "cells_run": len(self.cells),
-                "open_curves": len(open_), "open_reasons": open_["reason"].value_counts().to_dict()}
+                "open_curves": len(open_), "open_reasons": open_["reason"].value_counts().to_dict(),
+                "by_axis": self.by_axis()}
 
 
 def full_grid_verdicts(points: pd.DataFrame, n_boot: int = 20) -> dict[CurveKey, str]:
