@@ -77,15 +77,22 @@ def size_label(fraction: float, shots: int) -> str:
     return f"k{int(shots)}" if shots else ("all" if fraction >= 1.0 else f"f{fraction:g}")
 
 
+def size_labels(df: pd.DataFrame) -> np.ndarray:
+    """Each row's train size by name (blank fraction: the whole split; blank shots: none; "all"
+    where the frame has no data axis)."""
+    frac = df["train_fraction"].astype(float).fillna(1.0) if "train_fraction" in df.columns else pd.Series(1.0, df.index)
+    shots = df["train_shots"].astype(float).fillna(0.0) if "train_shots" in df.columns else pd.Series(0.0, df.index)
+    return np.array([size_label(f, int(k)) for f, k in zip(frac, shots, strict=True)], dtype=object)
+
+
 def data_curves(df: pd.DataFrame, predictions: dict | None = None, n_boot: int = 1000,
                 seed: int = 0) -> list[DataCurve]:
     """Every data curve with >= 2 train sizes (module doc)."""
     d = df.copy()
     d["weights"] = d["weights"].fillna("").astype(str) if "weights" in d.columns else ""
-    d["train_shots"] = d["train_shots"].fillna(0).astype(int) if "train_shots" in d.columns else 0
     if "n_train" not in d.columns:  # a points file without counts: no x for a data curve
         d["n_train"] = np.nan
-    d["size"] = [size_label(f, k) for f, k in zip(d["train_fraction"].fillna(1.0), d["train_shots"], strict=True)]
+    d["size"] = size_labels(d)
     d = d[d["metric"].map(is_performance_metric)]
     out: list[DataCurve] = []
     for (ds, proto, w), g in d.groupby(["dataset", "protocol", "weights"], sort=True):

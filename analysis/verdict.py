@@ -211,9 +211,9 @@ def _claim(v: CurveVerdict, m: float) -> None:
     """The first shape the estimates show, and the p-value of claiming it (module docstring)."""
     G, R, D, s = v.gain_total, v.rise_to_best, v.drop_after_best, v.slope_top
     v.claim = _shape(v, m)
-    v.p_claim = {"peaks": lambda: _pmax(v.iso_p, R.p_up, 1 - D.p_up), "inverse": lambda: 1 - G.p_up,
-                 "saturates": lambda: G.p_up, "scales": lambda: _pmax(G.p_up, s.p_up),
-                 "mixed": lambda: v.iso_p}.get(v.claim, lambda: float("nan"))()
+    p = {"peaks": _pmax(v.iso_p, R.p_up, 1 - D.p_up), "inverse": 1 - G.p_up, "saturates": G.p_up,
+         "scales": _pmax(G.p_up, s.p_up), "mixed": v.iso_p}
+    v.p_claim = p.get(v.claim, float("nan"))
 
 
 def _replicate_shape(v: CurveVerdict, reps: np.ndarray, sigma, level: float) -> None:

@@ -25,6 +25,7 @@ from analysis.adaptive.policy import AdaptivePolicy  # noqa: E402
 from analysis.adaptive.replay import full_grid_verdicts, replay, write_replay  # noqa: E402
 from analysis.adaptive.synthetic import generate_study, true_peak_curves  # noqa: E402
 from analysis.curves import CurveKey  # noqa: E402
+from analysis.data_axis import DATA_AXIS  # noqa: E402
 from analysis.study import KEY_COLUMNS  # noqa: E402
 
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
               f"extractions={res.extraction_share:.3f} "
               f"[{time.perf_counter() - t0:.0f} s]", flush=True)
         if args.train_fractions:
-            data = res.curves[res.curves["axis"] == "train cases"]
+            data = res.curves[res.curves["axis"] == DATA_AXIS]
             print(f"  data curves: {len(data)}, agreement {data['same'].mean():.3f}, "
                   f"settled {(data['status'] == 'settled').mean():.3f}", flush=True)
         for k in args.uniform:  # what a fixed design of the same kind buys: fewer seeds everywhere

@@ -13,12 +13,11 @@ from analysis.adaptive.cells import (
     candidates_from_points,
     planned_data_curves,
     site_rows,
-    size_labels,
 )
 from analysis.adaptive.policy import AdaptivePolicy
 from analysis.adaptive.replay import full_grid_verdicts, replay
 from analysis.adaptive.synthetic import generate_study
-from analysis.data_axis import DATA_AXIS, data_curves, judge_data_curves
+from analysis.data_axis import DATA_AXIS, data_curves, judge_data_curves, size_labels
 
 FRACTIONS = (0.1, 0.3)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.curves import _slices  # the one definition of which cells make a curve
-from analysis.data_axis import DATA_AXIS, size_label
+from analysis.data_axis import DATA_AXIS, size_labels
 from analysis.families import families_of, with_family
 from analysis.points import is_performance_metric
 
@@ -143,8 +143,9 @@ def axis_ends(candidates: pd.DataFrame, n_seeds: int) -> pd.DataFrame:
             e = g[g["encoder"] == enc]
             mask &= (g["encoder"] != enc) | g["resolution"].isin([e["resolution"].min(), e["resolution"].max()])
         if any(c in g.columns for c in SIZE):  # the smallest and largest train size (k-shot < fraction < all)
-            order = sorted(set(size_labels(g)), key=_size_x)
-            mask &= np.isin(size_labels(g), [order[0], order[-1]])
+            labels = size_labels(g)
+            order = sorted(set(labels), key=_size_x)
+            mask &= np.isin(labels, [order[0], order[-1]])
         sel = g[mask]
         seeds = sel.groupby(site_columns(sel), dropna=False)["seed"].rank(method="first")
         keep.append(sel[seeds <= n_seeds])
@@ -186,13 +187,6 @@ def planned_curves(candidates: pd.DataFrame) -> list[PlannedCurve]:
             pts = tuple((str(sites["encoder"].iloc[i]), int(sites["resolution"].iloc[i])) for i in rows)
             out.append(PlannedCurve(tuple(unit), axis, fixed, pts, tuple(float(v) for v in x)))
     return out
-
-
-def size_labels(df: pd.DataFrame) -> np.ndarray:
-    """Each row's train size by name ("all" where the frame has no data axis)."""
-    frac = df["train_fraction"].astype(float).fillna(1.0) if "train_fraction" in df.columns else pd.Series(1.0, df.index)
-    shots = df["train_shots"].astype(float).fillna(0.0) if "train_shots" in df.columns else pd.Series(0.0, df.index)
-    return np.array([size_label(f, int(k)) for f, k in zip(frac, shots, strict=True)], dtype=object)
 
 
 def _size_x(label: str) -> tuple[int, float]:
