@@ -65,11 +65,11 @@ def has_data_axis(df: pd.DataFrame) -> bool:
 
 
 def full_data(df: pd.DataFrame) -> pd.DataFrame:
-    """The points of cells that trained on their whole split (what the other axes compare)."""
-    if "train_fraction" not in df.columns:
+    """The points of cells that trained on their whole split (what the other axes compare): the
+    rows whose train size is "all" (`size_labels`, the one definition of a whole split)."""
+    if "train_fraction" not in df.columns and "train_shots" not in df.columns:
         return df
-    shots = df["train_shots"].fillna(0) if "train_shots" in df.columns else 0
-    return df[(df["train_fraction"].fillna(1.0) >= 1.0) & (shots == 0)].reset_index(drop=True)
+    return df[size_labels(df) == "all"].reset_index(drop=True)
 
 
 def size_label(fraction: float, shots: int) -> str:

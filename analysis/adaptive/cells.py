@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.curves import _slices  # the one definition of which cells make a curve
-from analysis.data_axis import DATA_AXIS, size_labels
+from analysis.data_axis import DATA_AXIS, full_data, size_labels
 from analysis.families import families_of, with_family
 from analysis.points import is_performance_metric
 
@@ -152,16 +152,6 @@ def axis_ends(candidates: pd.DataFrame, n_seeds: int) -> pd.DataFrame:
     return pd.concat(keep).sort_index() if keep else candidates.iloc[:0]
 
 
-def whole_split(cells: pd.DataFrame) -> pd.DataFrame:
-    """Cells trained on their whole split (no train-size subset): the ones the curves are made of."""
-    keep = pd.Series(True, index=cells.index)
-    if "train_fraction" in cells.columns:
-        keep &= cells["train_fraction"].isna() | (cells["train_fraction"].astype(float) >= 1.0)
-    if "train_shots" in cells.columns:
-        keep &= cells["train_shots"].isna() | (cells["train_shots"].astype(float) <= 0)
-    return cells[keep]
-
-
 @dataclass(frozen=True)
 class PlannedCurve:
     """A curve of the full grid: its (axis, fixed) within a unit and the sites it needs, in x order."""
@@ -177,7 +167,7 @@ def planned_curves(candidates: pd.DataFrame) -> list[PlannedCurve]:
     """Every curve the full grid would have, per unit (metrics aside: each metric has them all).
     Only cells on the whole training split make these curves, and only known GFLOPs a GFLOPs
     curve, as in `medscale analyze`; the data curves are `planned_data_curves`."""
-    d = whole_split(candidates)
+    d = full_data(candidates)
     out = []
     for unit, g in d.groupby(UNIT, sort=True, dropna=False):
         fam = {"family": ("family", "first")} if "family" in g.columns else {}
