@@ -15,12 +15,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from analysis.adaptive.policy import AdaptivePolicy
 from orchestrator.grid.adaptive import AdaptiveSettings
 from orchestrator.grid.cells import plan_cells
 from orchestrator.grid.config import parse_config
 from orchestrator.plan.build import build_plan
 from orchestrator.plan.model import Counts
-from orchestrator.sweep.rounds import RoundLog, budget_share, candidates, points_of
+from orchestrator.sweep.rounds import RoundLog, budget_share, candidates, points_of, policy_settings
 from tasks.encoders import get_encoder_spec
 from tasks.errors import ConfigError
 
@@ -142,6 +143,26 @@ def test_the_round_record_resumes_and_refuses_a_different_round(tmp_path):
         again.start(1, cands.iloc[6:8])
     again.clear()
     assert again.rounds.empty and again.cells.empty
+
+
+def test_a_resume_with_other_adaptive_settings_names_them(tmp_path):
+    cfg = _cfg(tmp_path)
+    cells, plan = _plan(cfg, {"nih14": Counts("image", {"train": 150, "val": 20, "test": 30})})
+    cands = candidates(cfg, cells, plan).assign(reason="corner")
+    first = policy_settings(AdaptivePolicy(budget=0.5, max_rounds=8, round_share=0.08), AdaptiveSettings())
+    log = RoundLog(tmp_path)
+    log.check_settings(first)  # no round yet: recorded
+    log.start(0, cands.iloc[:4])
+    log.check_settings(first)  # the same settings: a resume goes on
+    now = policy_settings(AdaptivePolicy(budget=0.5), AdaptiveSettings())  # today's defaults: 12 rounds of 5%
+    with pytest.raises(ConfigError) as e:
+        RoundLog(tmp_path).check_settings(now)
+    assert "max_rounds 8 -> 12" in str(e.value) and "round_share 0.08 -> 0.05" in str(e.value)
+    assert "budget_share" not in str(e.value) and "--rerun" in str(e.value)
+    log.clear()  # --rerun: the rounds start afresh with the settings given now
+    log.check_settings(now)
+    log.start(0, cands.iloc[:4])
+    log.check_settings(now)
 
 
 def test_points_of_the_chosen_cells_in_a_fixed_order(tmp_path):

@@ -34,7 +34,14 @@ from orchestrator.grid.config import SweepConfig
 from orchestrator.sweep.driver import open_tracker, run_sweep
 from orchestrator.sweep.listener import SweepOutcome
 from orchestrator.sweep.planning import print_plan
-from orchestrator.sweep.rounds import RoundLog, budget_share, candidates, points_of, round_row
+from orchestrator.sweep.rounds import (
+    RoundLog,
+    budget_share,
+    candidates,
+    points_of,
+    policy_settings,
+    round_row,
+)
 from orchestrator.sweep.summary import write_summary
 from orchestrator.tracking import Tracker, load_points
 from tasks.errors import ConfigError
@@ -182,6 +189,7 @@ def run_adaptive(cfg: SweepConfig, *, resume: bool = False, rerun: bool = False,
         raise ConfigError(f"adaptive: {e}") from None
     log = RoundLog(cfg.output_path)
     _open_record(log, tracker, resume=resume, rerun=rerun)
+    log.check_settings(policy_settings(policy, settings))
 
     def run_round(only: set[str]) -> SweepOutcome:
         return run_sweep(cfg, resume=resume, rerun=rerun, address=address, ray_init=ray_init,

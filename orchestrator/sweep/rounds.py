@@ -6,6 +6,7 @@ the cells the rounds chose, and the round record on disk (`rounds.csv`, `adaptiv
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from tasks.errors import ConfigError
 DEFAULT_BUDGET = 0.5
 ROUNDS_FILE = "rounds.csv"  # one row per finished round
 CELLS_FILE = "adaptive_cells.csv"  # one row per cell a round runs, written when the round starts
+SETTINGS_FILE = "adaptive_settings.json"  # what the rounds were derived with, written by the first round
 ROUND_COLUMNS = ["round", "cells", "failed", "cost", "cost_share", "spent_share", "settled", "open"]
 CELL_COLUMNS = ["round", "prefix", "dataset", "protocol", "encoder", "resolution", "train_fraction",
                 "train_shots", "seed", "cost", "reason"]
@@ -143,6 +145,24 @@ class RoundLog:
         if not recorded:
             self._append(CELLS_FILE, todo.assign(round=k)[CELL_COLUMNS])
 
+    def check_settings(self, settings: dict) -> None:
+        """Record what the rounds are derived with, or check it against the record of an earlier
+        start: a resumed sweep re-derives its rounds, so a changed setting (a new default, an edited
+        `adaptive:` block, another budget) would ask for other cells and move the alpha spending."""
+        path = self.out / SETTINGS_FILE
+        if not len(self.cells):  # no round has started: these settings are the rounds'
+            path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            return
+        if not path.is_file():  # begun before the settings were recorded: the cells' check remains
+            return
+        before = json.loads(path.read_text())
+        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+        if changed:
+            raise ConfigError(
+                f"{path}: the adaptive rounds began with other settings ({'; '.join(changed)}); to continue "
+                "them, give the values before each arrow again (the config's `adaptive:` block, --budget), "
+                "or pass --rerun to start the rounds afresh (finished cells are not rerun)")
+
     def finish(self, row: dict) -> None:
         self._append(ROUNDS_FILE, pd.DataFrame([row], columns=ROUND_COLUMNS))
 
@@ -151,8 +171,16 @@ class RoundLog:
         rows.to_csv(path, mode="a", header=not path.is_file() or not path.stat().st_size, index=False)
 
     def clear(self) -> None:
-        for name in (ROUNDS_FILE, CELLS_FILE):
+        for name in (ROUNDS_FILE, CELLS_FILE, SETTINGS_FILE):
             (self.out / name).unlink(missing_ok=True)
+
+
+def policy_settings(policy, settings: AdaptiveSettings) -> dict:
+    """What derives the rounds, as `RoundLog.check_settings` records it (the budget as the share it
+    resolved to: device-hours convert through the plan)."""
+    return {"budget_share": round(float(policy.budget), 12), "confidence": policy.confidence,
+            "max_rounds": policy.max_rounds, "round_share": policy.round_share, "pricing": settings.pricing,
+            "head_share": settings.head_share}
 
 
 def round_row(k: int, todo: pd.DataFrame, failed: set[int], total: float, spent: float,
