@@ -236,6 +236,19 @@ def test_priced_by_extraction_pays_each_extraction_once(small):
     assert cost_of(cells, site.index[1:], paid) == pytest.approx(4 * ext) and not extractions_of(cells, site.index)
 
 
+def test_a_head_on_part_of_the_split_costs_its_share():
+    """A head on a tenth of the training cases trains on a tenth of the cached features; a k-shot
+    subset's cases are unknown before it runs, so it is priced as the whole split."""
+    from analysis.adaptive.cells import priced_by_extraction
+
+    cells = pd.DataFrame({"dataset": "d", "weights": "", "encoder": "e", "resolution": 224, "protocol": "p",
+                          "seed": 0, "cost": 100.0, "train_fraction": [1.0, 0.1, 0.3, np.nan, 1.0],
+                          "train_shots": [0, 0, 0, 0, 4]})
+    priced = priced_by_extraction(cells, head_share=0.05)
+    np.testing.assert_allclose(priced["cost"], [5.0, 0.5, 1.5, 5.0, 5.0])
+    assert (priced["extraction_cost"] == 100.0).all()  # one extraction, whatever the heads train on
+
+
 def test_replay_priced_by_extraction_spends_within_budget_and_reports_encoding(small):
     df, _, full = small
     by_cell = replay(df, AdaptivePolicy(budget=0.5, draws=2), full=full)

@@ -94,13 +94,25 @@ def priced_by_extraction(cells: pd.DataFrame, head_share: float) -> pd.DataFrame
     ``extraction_cost`` is that extraction's cost (the cells' GFLOPs x items), paid by the first cell
     that needs it; ``cost`` becomes the cell's own head: ``head_share`` of its dataset's mean
     extraction, since a head trains on cached features for as long as its dataset's items take,
-    whichever encoder made them (a second seed of ViT-L at 1024 px is no dearer than one of ViT-S)."""
+    whichever encoder made them (a second seed of ViT-L at 1024 px is no dearer than one of ViT-S),
+    times the share of the split it trains on (a head on a tenth of the cases trains ~10x faster;
+    a k-shot subset, whose cases are known only once it ran, is priced as the whole split)."""
     out = cells.copy()
     out["extraction_cost"] = out.groupby(EXTRACTION, dropna=False)["cost"].transform("max")
     per_site = out.drop_duplicates(EXTRACTION)
     mean = per_site.groupby("dataset", dropna=False)["extraction_cost"].mean()
-    out["cost"] = head_share * out["dataset"].map(mean).astype(float)
+    out["cost"] = head_share * out["dataset"].map(mean).astype(float) * _train_share(out)
     return out
+
+
+def _train_share(cells: pd.DataFrame) -> np.ndarray:
+    """The share of its split each cell's head trains on: its fraction, 1 for the whole split and
+    for k-shot subsets (`priced_by_extraction`)."""
+    frac = (cells["train_fraction"].astype(float).fillna(1.0).clip(0.0, 1.0).to_numpy()
+            if "train_fraction" in cells.columns else np.ones(len(cells)))
+    if "train_shots" in cells.columns:
+        frac = np.where(cells["train_shots"].astype(float).fillna(0.0).to_numpy() > 0, 1.0, frac)
+    return frac
 
 
 def extractions_of(cells: pd.DataFrame, idx) -> set[tuple]:
