@@ -141,6 +141,18 @@ def synth_roots(tmp_path_factory) -> dict[str, Path]:
     return roots
 
 
+def damaged(roots: dict[str, Path], name: str, tmp_path: Path) -> Path:
+    """A copy of a synthetic dataset to break (the module's roots stay intact for other tests)."""
+    dst = tmp_path / f"{name}_copy"
+    shutil.copytree(roots[name], dst)
+    return dst
+
+
+def problem_paths(problems: list) -> str:
+    """A dataset's check() problems as one text, one per line, to search for a file's message."""
+    return "\n".join(str(p) for p in problems)
+
+
 def sweep_config(tmp: Path, roots: dict[str, Path], **overrides) -> dict:
     """A tiny sweep config (tiny encoder, small images) as a dict, ready for parse_config."""
     cfg = {

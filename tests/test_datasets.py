@@ -19,10 +19,12 @@ from PIL import Image
 
 from orchestrator.cli import main
 from tasks.datasets import DATASETS, dataset_class, get_dataset, list_datasets
-from tasks.datasets.base import INDEX_COLUMNS, SPLITS, Problem, carve_val
+from tasks.datasets.base import INDEX_COLUMNS, SPLITS, carve_val
 from tasks.datasets.nih14 import CLASSES, HEADER
 from tasks.errors import ConfigError, DatasetError
 from tasks.protocols import protocols_for
+
+from .conftest import damaged, problem_paths
 
 TASKS = ("binary", "multilabel", "multiclass")
 SLIDE_LABEL_EDITS = {"camelyon16": ("Normal", "Tumor"), "camelyon17": ("negative", "macro"),
@@ -36,16 +38,6 @@ LABEL_DATASETS = [n for n in list_datasets() if dataset_class(n).target_kind == 
 def roots(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("datasets")
     return {name: dataset_class(name).synth(base / name, n=N, seed=0, image_size=SIZE) for name in list_datasets()}
-
-
-def damaged(roots: dict[str, Path], name: str, tmp_path: Path) -> Path:
-    dst = tmp_path / f"{name}_copy"
-    shutil.copytree(roots[name], dst)
-    return dst
-
-
-def problem_paths(problems: list[Problem]) -> str:
-    return "\n".join(str(p) for p in problems)
 
 
 # -- the contract, for every registered dataset ------------------------------------------------------

@@ -4,7 +4,6 @@ damaged copies. Real files through pydicom; no Ray, CPU only."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,11 @@ import pydicom
 import pytest
 
 from tasks.datasets import dataset_class, get_dataset
-from tasks.datasets.base import SPLITS, Problem, read_dicom
+from tasks.datasets.base import SPLITS, read_dicom
 from tasks.datasets.rsna import FilmWriter, dicom_bytes, film_dataset, film_uids, jpeg_bytes
 from tasks.errors import DatasetError
+
+from .conftest import damaged, problem_paths
 
 N, SIZE = 40, 32  # as tests/test_datasets.py
 
@@ -24,16 +25,6 @@ N, SIZE = 40, 32  # as tests/test_datasets.py
 def roots(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("rsna")
     return {"rsna_pneumonia": dataset_class("rsna_pneumonia").synth(base / "rsna_pneumonia", n=N, seed=0, image_size=SIZE)}
-
-
-def damaged(roots: dict[str, Path], name: str, tmp_path: Path) -> Path:
-    dst = tmp_path / f"{name}_copy"
-    shutil.copytree(roots[name], dst)
-    return dst
-
-
-def problem_paths(problems: list[Problem]) -> str:
-    return "\n".join(str(p) for p in problems)
 
 
 def test_rsna_layout_mgca_splits_and_targets(roots):
