@@ -38,7 +38,7 @@ def rounds_figure(rounds: pd.DataFrame, n_curves: int, budget: float, out_dir: P
     ax.step(spent, settled, where="post", color="#1f4e79")
     ax.plot(spent[1:], settled[1:], "o", color="#1f4e79")
     for r, x, y in zip(rounds["round"], spent[1:], settled[1:], strict=True):
-        ax.annotate(f"{int(r)}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.annotate(f"{int(r)}", (x, y), textcoords="offset points", xytext=(4, -10 if y > 0.05 else 4), fontsize=8)
     if np.isfinite(budget) and budget < 1:
         ax.axvline(budget, color="grey", linestyle="--", linewidth=1)
         ax.text(budget, 0.02, f" budget {budget:.0%}", color="grey", fontsize=8)
