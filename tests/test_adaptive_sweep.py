@@ -158,7 +158,10 @@ def test_a_resume_with_other_adaptive_settings_names_them(tmp_path):
     with pytest.raises(ConfigError) as e:
         RoundLog(tmp_path).check_settings(now)
     assert "max_rounds 8 -> 12" in str(e.value) and "round_share 0.08 -> 0.05" in str(e.value)
-    assert "budget_share" not in str(e.value) and "--rerun" in str(e.value)
+    assert "budget 0.5" not in str(e.value) and "--rerun" in str(e.value)  # only what changed
+    coded = policy_settings(AdaptivePolicy(budget=0.5, stability_z=1.5), AdaptiveSettings())  # a new code default
+    with pytest.raises(ConfigError, match="stability_z 2.0 -> 1.5"):
+        RoundLog(tmp_path).check_settings(coded)
     log.clear()  # --rerun: the rounds start afresh with the settings given now
     log.check_settings(now)
     log.start(0, cands.iloc[:4])

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from analysis.adaptive.cells import cell_columns, grid_cost, priced_by_extraction, with_cost
+from analysis.adaptive.policy import AdaptivePolicy
 from orchestrator.grid.adaptive import AdaptiveSettings
 from orchestrator.grid.cells import Cell
 from orchestrator.grid.config import SweepConfig
@@ -175,12 +176,17 @@ class RoundLog:
             (self.out / name).unlink(missing_ok=True)
 
 
-def policy_settings(policy, settings: AdaptiveSettings) -> dict:
-    """What derives the rounds, as `RoundLog.check_settings` records it (the budget as the share it
-    resolved to: device-hours convert through the plan)."""
-    return {"budget_share": round(float(policy.budget), 12), "confidence": policy.confidence,
-            "max_rounds": policy.max_rounds, "round_share": policy.round_share, "pricing": settings.pricing,
-            "head_share": settings.head_share}
+_POLICY_STATE = {"frozen", "first_settled", "last_status", "round", "_cache"}  # what rounds change
+
+
+def policy_settings(policy: AdaptivePolicy, settings: AdaptiveSettings) -> dict:
+    """What derives the rounds, as `RoundLog.check_settings` records it: every parameter of the
+    policy - the config's and the code's defaults alike (`stability_z`, `draws`, ...), since a new
+    default also asks for other cells - the budget as the share it resolved to (device-hours
+    convert through the plan), and the pricing."""
+    out = {f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in _POLICY_STATE}
+    out["budget"] = round(float(policy.budget), 12)
+    return {**out, "pricing": settings.pricing, "head_share": settings.head_share}
 
 
 def round_row(k: int, todo: pd.DataFrame, failed: set[int], total: float, spent: float,
