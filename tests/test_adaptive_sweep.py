@@ -168,6 +168,27 @@ def test_a_resume_with_other_adaptive_settings_names_them(tmp_path):
     log.check_settings(now)
 
 
+def test_rounds_derived_afresh_drop_the_round_runs_of_the_removed_record(tmp_path):
+    """The way out the settings error names: remove rounds.csv and adaptive_cells.csv, --resume. The
+    MLflow runs of the old rounds would otherwise pass for the new rounds' (a round is logged once)."""
+    from orchestrator.sweep.adaptive import ROUND_KIND, ROUND_TAG, _open_record
+    from orchestrator.tracking import Tracker
+
+    cfg = _cfg(tmp_path)
+    tracker = Tracker(cfg.resolved_tracking_uri, cfg.name)
+    tracker.log_sweep_run("round 0", {"round": 0}, {"cells": 4.0}, kind=ROUND_KIND, tags={ROUND_TAG: "0"})
+    log = RoundLog(cfg.output_path)
+    log.start(0, candidates(cfg, *_plan(cfg, {"nih14": Counts("image", {"train": 150, "val": 20, "test": 30})}))
+              .assign(reason="corner").iloc[:4])
+    with pytest.raises(ConfigError, match="--resume"):
+        _open_record(log, tracker, resume=False, rerun=False)
+    _open_record(log, tracker, resume=True, rerun=False)  # a record: its round runs are kept
+    assert len(tracker.sweep_runs(ROUND_KIND)) == 1
+    log.clear()
+    _open_record(log, tracker, resume=True, rerun=False)
+    assert tracker.sweep_runs(ROUND_KIND) == {}
+
+
 def test_points_of_the_chosen_cells_in_a_fixed_order(tmp_path):
     cfg = _cfg(tmp_path)
     cells, plan = _plan(cfg, {"nih14": Counts("image", {"train": 150, "val": 20, "test": 30})})

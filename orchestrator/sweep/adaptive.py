@@ -159,7 +159,14 @@ def _open_record(log: RoundLog, tracker: Tracker, *, resume: bool, rerun: bool) 
         tracker.delete_runs(tracker.sweep_runs(ROUND_KIND))
         return
     n = len(log.rounds)
-    if (n or len(log.cells)) and not resume:
+    if not n and not len(log.cells):  # no record (or one removed to derive the rounds afresh)
+        stale = tracker.sweep_runs(ROUND_KIND)  # a round's cells are recorded before its MLflow run
+        if stale:
+            tracker.delete_runs(stale)
+            console.note(f"adaptive: {len(stale)} MLflow round run(s) without a record in {log.out} deleted "
+                         "(the rounds are derived afresh)")
+        return
+    if not resume:
         raise ConfigError(f"{log.out}: an earlier adaptive run of this sweep recorded {n} finished round(s); "
                           "pass --resume to continue it (or to report it again when it is complete), "
                           "or --rerun to start over")

@@ -141,8 +141,9 @@ class RoundLog:
         if recorded and recorded != sorted(todo["prefix"]):
             raise ConfigError(
                 f"{self.out / CELLS_FILE}: round {k} was recorded with other cells than the policy derives now "
-                "(the grid, the adaptive settings or the finished cells changed since); remove rounds.csv and "
-                f"{CELLS_FILE} to start the rounds afresh (finished cells are not rerun), or pass --rerun")
+                "(the grid, the adaptive settings or the finished cells changed since); to derive the rounds afresh, "
+                f"remove {ROUNDS_FILE} and {CELLS_FILE} and pass --resume (finished cells are read back, not "
+                "rerun), or pass --rerun to rerun them as well")
         if not recorded:
             self._append(CELLS_FILE, todo.assign(round=k)[CELL_COLUMNS])
 
@@ -161,8 +162,9 @@ class RoundLog:
         if changed:
             raise ConfigError(
                 f"{path}: the adaptive rounds began with other settings ({'; '.join(changed)}); to continue "
-                "them, give the values before each arrow again (the config's `adaptive:` block, --budget), "
-                "or pass --rerun to start the rounds afresh (finished cells are not rerun)")
+                "them, give the values before each arrow again (the config's `adaptive:` block, --budget); to "
+                f"derive the rounds afresh with these, remove {ROUNDS_FILE} and {CELLS_FILE} and pass --resume "
+                "(finished cells are read back, not rerun), or pass --rerun to rerun them as well")
 
     def finish(self, row: dict) -> None:
         self._append(ROUNDS_FILE, pd.DataFrame([row], columns=ROUND_COLUMNS))
