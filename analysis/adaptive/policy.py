@@ -35,7 +35,7 @@ of the whole grid (>= 1) nothing is frozen, no level is spent, and the result is
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -65,6 +65,7 @@ from analysis.verdict_text import _decide
 OPEN = "open"  # the adaptive verdict of a curve with too few points (or no end) for any verdict
 CLAIMS = tuple(v for v in DIRECTIONAL if v != "mixed")
 PEAK_WEIGHT = 3.0  # asks of an open curve whose estimates show a peak count this much more
+STATE = {"state": True}  # field metadata: the rounds' state, not a parameter (`AdaptivePolicy.parameters`)
 
 
 @dataclass
@@ -111,11 +112,17 @@ class AdaptivePolicy:
     n_boot: int = 20  # verdicts read analytic tails; replicates only feed shape shares
     draws: int = 6  # predictive draws of the full-seed estimates a settled curve must agree with
     stability_z: float = 2.0  # SDs of the unseen seeds' mean a settled verdict must survive along each contrast
-    frozen: dict = field(default_factory=dict)  # CurveKey -> CurveStatus frozen at an interim look
-    first_settled: dict = field(default_factory=dict)  # CurveKey -> the first look that settled it
-    last_status: dict = field(default_factory=dict)
-    round: int = 0
-    _cache: tuple | None = None
+    # the rounds' state, not parameters (`parameters()`)
+    frozen: dict = field(default_factory=dict, metadata=STATE)  # CurveKey -> CurveStatus frozen at an interim look
+    first_settled: dict = field(default_factory=dict, metadata=STATE)  # CurveKey -> the first look that settled it
+    last_status: dict = field(default_factory=dict, metadata=STATE)
+    round: int = field(default=0, metadata=STATE)
+    _cache: tuple | None = field(default=None, metadata=STATE)
+
+    def parameters(self) -> dict:
+        """Every parameter that derives the rounds (its fields but the state), e.g. for a resumed
+        sweep to check it derives them as before (`orchestrator.sweep.rounds.policy_settings`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("state")}
 
     @property
     def exhaustive(self) -> bool:

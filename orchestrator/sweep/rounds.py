@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -178,16 +178,12 @@ class RoundLog:
             (self.out / name).unlink(missing_ok=True)
 
 
-_POLICY_STATE = {"frozen", "first_settled", "last_status", "round", "_cache"}  # what rounds change
-
-
 def policy_settings(policy: AdaptivePolicy, settings: AdaptiveSettings) -> dict:
     """What derives the rounds, as `RoundLog.check_settings` records it: every parameter of the
     policy - the config's and the code's defaults alike (`stability_z`, `draws`, ...), since a new
     default also asks for other cells - the budget as the share it resolved to (device-hours
     convert through the plan), and the pricing."""
-    out = {f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in _POLICY_STATE}
-    out["budget"] = round(float(policy.budget), 12)
+    out = {**policy.parameters(), "budget": round(float(policy.budget), 12)}
     return {**out, "pricing": settings.pricing, "head_share": settings.head_share}
 
 
