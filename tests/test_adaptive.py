@@ -247,6 +247,23 @@ def test_a_head_on_part_of_the_split_costs_its_share():
     priced = priced_by_extraction(cells, head_share=0.05)
     np.testing.assert_allclose(priced["cost"], [5.0, 0.5, 1.5, 5.0, 5.0])
     assert (priced["extraction_cost"] == 100.0).all()  # one extraction, whatever the heads train on
+    counted = priced_by_extraction(cells.assign(train_share=[1.0, 0.1, 0.3, np.nan, 0.02]), head_share=0.05)
+    np.testing.assert_allclose(counted["cost"], [5.0, 0.5, 1.5, 5.0, 0.1])  # a sweep's plan counts k-shot cases
+
+
+def test_round_0_under_a_short_budget_buys_the_cheapest_sites_first():
+    """Priced by extraction, a subset's head is cheap on any site; round 0 must still order its
+    corners by what they cost with nothing paid (the site's encoding), not by the head alone."""
+    from analysis.adaptive.cells import EXTRACTION, priced_by_extraction
+
+    df, _ = generate_study(seed=0, n_datasets=2, train_fractions=(0.1,))  # two test-set sizes: two head prices
+    cands = priced_by_extraction(candidates_from_points(df), head_share=0.05)
+    r0 = AdaptivePolicy(budget=0.15).initial_cells(cands)
+    sites = axis_ends(cands, 2).drop_duplicates(EXTRACTION).set_index(EXTRACTION)["extraction_cost"]
+    bought = set(map(tuple, r0.cells[EXTRACTION].itertuples(index=False)))
+    assert 0 < len(bought) < len(sites)  # the budget binds
+    left = sites[[k not in bought for k in sites.index]]
+    assert sites[list(bought)].max() <= left.min()
 
 
 def test_replay_priced_by_extraction_spends_within_budget_and_reports_encoding(small):

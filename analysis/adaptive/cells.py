@@ -95,8 +95,9 @@ def priced_by_extraction(cells: pd.DataFrame, head_share: float) -> pd.DataFrame
     that needs it; ``cost`` becomes the cell's own head: ``head_share`` of its dataset's mean
     extraction, since a head trains on cached features for as long as its dataset's items take,
     whichever encoder made them (a second seed of ViT-L at 1024 px is no dearer than one of ViT-S),
-    times the share of the split it trains on (a head on a tenth of the cases trains ~10x faster;
-    a k-shot subset, whose cases are known only once it ran, is priced as the whole split)."""
+    times the share of the split it trains on (a head on a tenth of the cases trains ~10x faster):
+    a ``train_share`` column where the caller counted the cases (a sweep's plan does), else the
+    train fraction, and a k-shot subset whose cases are unknown is priced as the whole split."""
     out = cells.copy()
     out["extraction_cost"] = out.groupby(EXTRACTION, dropna=False)["cost"].transform("max")
     per_site = out.drop_duplicates(EXTRACTION)
@@ -106,12 +107,15 @@ def priced_by_extraction(cells: pd.DataFrame, head_share: float) -> pd.DataFrame
 
 
 def _train_share(cells: pd.DataFrame) -> np.ndarray:
-    """The share of its split each cell's head trains on: its fraction, 1 for the whole split and
-    for k-shot subsets (`priced_by_extraction`)."""
+    """The share of its split each cell's head trains on (`priced_by_extraction`): ``train_share``
+    where known, else its fraction - 1 for the whole split and for k-shot subsets."""
     frac = (cells["train_fraction"].astype(float).fillna(1.0).clip(0.0, 1.0).to_numpy()
             if "train_fraction" in cells.columns else np.ones(len(cells)))
     if "train_shots" in cells.columns:
         frac = np.where(cells["train_shots"].astype(float).fillna(0.0).to_numpy() > 0, 1.0, frac)
+    if "train_share" in cells.columns:
+        known = cells["train_share"].astype(float).to_numpy()
+        frac = np.where(np.isfinite(known), np.clip(known, 0.0, 1.0), frac)
     return frac
 
 

@@ -150,7 +150,11 @@ class AdaptivePolicy:
         ends = axis_ends(candidates, self.initial_seeds)
         room = self.budget * grid_cost(candidates) * (1 + 1e-9)
         keep, paid, spent = [], set(), 0.0
-        for i in ends.sort_values("cost", kind="stable").index:  # cheapest first, within the budget
+        # cheapest first, within the budget: a cell's cost when nothing is paid yet (priced by
+        # extraction: its site's encoding and its head - the head alone would put a subset's cheap
+        # head on the dearest site first)
+        first = ends["cost"] + (ends["extraction_cost"] if "extraction_cost" in ends.columns else 0.0)
+        for i in first.sort_values(kind="stable").index:
             c = cost_of(candidates, [i], paid)
             if spent + c <= room:
                 keep.append(i)

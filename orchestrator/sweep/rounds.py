@@ -38,11 +38,13 @@ def candidates(cfg: SweepConfig, cells: list[Cell], plan: Plan | None,
     finds its cell; cost = the plan's GFLOPs per item x items of the cell's extraction (items
     unknown: GFLOPs alone, as the replay does), paid once per extraction under the settings'
     `pricing: extraction` (the default: features are cached; `cells.priced_by_extraction`).
-    `prefix` names the cell for `run_sweep(only=...)`."""
+    `prefix` names the cell for `run_sweep(only=...)`; `train_share`, the share of its split the
+    cell's head trains on, where the plan counted its training cases."""
     from tasks.encoders import get_encoder_spec
     from tasks.weights import parse_weights
 
     ext = {(e.encoder, e.resolution, e.dataset): e for e in (plan.extractions if plan else [])}
+    n_train = {p.cell_id: p.n_train for p in (plan.cells if plan else [])}  # known with the datasets' indexes
     rows = []
     for c in cells:
         spec, e = get_encoder_spec(c.encoder), ext.get(c.extraction)
@@ -52,8 +54,11 @@ def candidates(cfg: SweepConfig, cells: list[Cell], plan: Plan | None,
                      "train_shots": int(c.train_shots or 0), "seed": int(c.seed), "params": int(spec.params or 0),
                      "gflops": float(gflops) if gflops is not None else np.nan,
                      "items": float(e.items) if e is not None and e.items is not None else np.nan,
+                     "n_train": float(n_train[c.cell_id]) if n_train.get(c.cell_id) is not None else np.nan,
                      "prefix": c.prefix})
     out = with_cost(pd.DataFrame(rows))
+    # the share of its split a cell's head trains on (k-shot subsets too): its cases over the whole split's
+    out["train_share"] = out["n_train"] / out.groupby("dataset")["n_train"].transform("max")
     settings = settings or AdaptiveSettings()
     return priced_by_extraction(out, settings.head_share) if settings.pricing == "extraction" else out
 
