@@ -251,6 +251,16 @@ def test_a_head_on_part_of_the_split_costs_its_share():
     np.testing.assert_allclose(counted["cost"], [5.0, 0.5, 1.5, 5.0, 0.1])  # a sweep's plan counts k-shot cases
 
 
+def test_a_budget_larger_than_the_rounds_can_spend_at_round_share_widens_them():
+    """Round 1 of 3 with budget 0.9 and round_share 0.05 could spend at most ~0.28 of the grid
+    in all at that pace; each round takes instead what the budget left needs per round left."""
+    df, _ = generate_study(seed=2, n_datasets=1, protocols=("linear_probe",), metrics=("auc",))
+    r = replay(df, AdaptivePolicy(budget=0.9, max_rounds=3, round_share=0.05, draws=2)).rounds
+    first = (0.9 - r["spent_share"].iloc[0]) / 2  # the room after round 0, over the 2 rounds left
+    assert 0.1 < r["cost_share"].iloc[1] <= first + 1e-9
+    assert r["spent_share"].iloc[-1] > 0.4
+
+
 def test_round_0_under_a_short_budget_buys_the_cheapest_sites_first():
     """Priced by extraction, a subset's head is cheap on any site; round 0 must still order its
     corners by what they cost with nothing paid (the site's encoding), not by the head alone."""

@@ -23,7 +23,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a claim settles at an interim look when its adjusted p <= 1 - confidence (default 0.9995)")
     r.add_argument("--max-rounds", type=int, default=12, help="rounds at most, round 0 included (default 12)")
     r.add_argument("--round-share", type=float, default=0.05,
-                   help="the most one round may spend, as a share of the full grid's cost (default 0.05)")
+                   help="the most one round may spend, as a share of the full grid's cost (default 0.05; more "
+                        "when the budget left would not fit in the rounds left at that pace)")
     # cells.PRICINGS, written out: importing cells here would slow `medscale --help`
     r.add_argument("--pricing", choices=("cell", "extraction"), default="cell",
                    help="cell (default): every run pays its GFLOPs x items; extraction: as a medscale sweep "

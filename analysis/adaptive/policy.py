@@ -22,7 +22,7 @@ Open curves ask for cells (`asks`): missing points first, then seeds where they 
 that decide the shape; asks of curves the projection expects to move count double, those whose
 estimates show a peak triple. Asks are summed over curves and metrics (one cell serves many curves)
 and taken greedily by value per unit of cost, up to ``round_share`` of the full grid's cost per
-round and the budget. Costs are the candidates' (`cells.cost_of`): per cell, or - priced by
+round (more when the budget left would not fit in the rounds left at that pace) and the budget. Costs are the candidates' (`cells.cost_of`): per cell, or - priced by
 extraction - each extraction once, by the first chosen cell that needs it, plus each cell's head.
 
 Error control across rounds (docs/analysis.md, "Adaptive sweeps"): a claim frozen at an interim
@@ -177,10 +177,13 @@ class AdaptivePolicy:
         asks = rank_asks(status, self.judged(points).verdicts, points, candidates, drawn,
                          every_curve=self.exhaustive, new_point_seeds=self.interior_seeds, paid=paid)
         room = self.budget * total - spent
+        # at most round_share of the grid - or more, when the budget left would not fit in the
+        # rounds left at that pace (a large budget must be spendable within max_rounds)
+        cap = max(self.round_share * total, room / max(self.max_rounds - self.round, 1))
         picked, reasons, cost = [], [], 0.0
         for idx, reason in asks:
             c = cost_of(candidates, idx, paid)
-            if c > room + 1e-9 * total or (picked and cost + c > self.round_share * total):
+            if c > room + 1e-9 * total or (picked and cost + c > cap):
                 continue
             picked.extend(idx)
             reasons.extend([reason] * len(idx))

@@ -22,7 +22,8 @@ class AdaptiveSettings(BaseModel):
                               "when its BH-adjusted p <= 1 - confidence")
     max_rounds: int = Field(default=12, ge=1, description="rounds at most, round 0 included")
     round_share: float = Field(default=0.05, gt=0, le=1, description="the most one round after round 0 may "
-                               "spend, as a share of the full grid's cost: smaller rounds look more often "
+                               "spend, as a share of the full grid's cost (more when the budget left would not fit "
+                               "in the rounds left at that pace): smaller rounds look more often "
                                "(fewer wasted cells), larger ones wait less on a cluster with room")
 
     pricing: Literal["extraction", "cell"] = Field(
