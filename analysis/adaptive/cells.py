@@ -109,10 +109,7 @@ def priced_by_extraction(cells: pd.DataFrame, head_share: float) -> pd.DataFrame
 def _train_share(cells: pd.DataFrame) -> np.ndarray:
     """The share of its split each cell's head trains on (`priced_by_extraction`): ``train_share``
     where known, else its fraction - 1 for the whole split and for k-shot subsets."""
-    frac = (cells["train_fraction"].astype(float).fillna(1.0).clip(0.0, 1.0).to_numpy()
-            if "train_fraction" in cells.columns else np.ones(len(cells)))
-    if "train_shots" in cells.columns:
-        frac = np.where(cells["train_shots"].astype(float).fillna(0.0).to_numpy() > 0, 1.0, frac)
+    frac = np.clip([1.0 if lab[0] == "k" else _size_x(lab)[1] for lab in size_labels(cells)], 0.0, 1.0)
     if "train_share" in cells.columns:
         known = cells["train_share"].astype(float).to_numpy()
         frac = np.where(np.isfinite(known), np.clip(known, 0.0, 1.0), frac)
